@@ -16,15 +16,18 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-def load_volume(path: str | os.PathLike) -> Volume:
-    """Read a NIfTI file, an NRRD/MHA file or a DICOM series folder as a `Volume`."""
+def load_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volume:
+    """Read a NIfTI file, an NRRD/MHA file or a DICOM series folder as a `Volume`.
+
+    ``series_uid`` picks one series from a DICOM folder that holds several.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
     if path.is_dir():
         from ctp2mri.io.dicom import load_dicom_series
 
-        return load_dicom_series(path)
+        return load_dicom_series(path, series_uid=series_uid)
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         from ctp2mri.io.nifti import load_nifti

@@ -23,6 +23,12 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"output {path} exists and is a file; give a folder")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise InputError(
+            f"cannot create output folder {path}: {blocker} exists and is a file; "
+            "choose another output folder"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".ctp2mri-write-test-"):
@@ -81,7 +87,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # overwriting a file with a folder: rmtree would silently leave it behind
+                old.unlink()
         else:
             os.replace(tmp, path)
     finally:

@@ -46,6 +46,8 @@ def frame_to_sitk(array3d: np.ndarray, affine: np.ndarray) -> sitk.Image:
     """A 3-D (i, j, k) array and RAS+ affine as a SimpleITK image (array is copied)."""
     if array3d.ndim != 3:
         raise InputError(f"expected a 3-D array, got shape {array3d.shape}")
+    if array3d.dtype == np.bool_:  # SimpleITK has no boolean pixel type
+        array3d = array3d.astype(np.uint8)
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array3d, (2, 1, 0))))
     return set_sitk_geometry(image, affine)
 
@@ -95,20 +97,30 @@ def load_itk(path: str | os.PathLike) -> Volume:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"cannot read {path}: the file is damaged or not an image SimpleITK knows ({str(exc).strip().splitlines()[-1]})") from None
-    volume = from_sitk(image, meta={"source": str(path)})
-    return volume
+    frame_times = None
+    if image.GetDimension() == 4:
+        # save_itk keeps the frame interval and first time on the 4th axis
+        step, start = image.GetSpacing()[3], image.GetOrigin()[3]
+        frame_times = start + step * np.arange(image.GetSize()[3])
+    return from_sitk(image, frame_times=frame_times, meta={"source": str(path)})
 
 
 def save_itk(volume: Volume, path: str | os.PathLike) -> Path:
-    """Write a 3-D or 4-D volume as NRRD/MHA (4-D as a 4-D image, time spacing 1)."""
+    """Write a 3-D or 4-D volume as NRRD/MHA (4-D as a 4-D image, time spacing = frame interval)."""
     path = Path(path)
     if volume.is_4d:
-        image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(volume.array, (3, 2, 1, 0))), isVector=False)
+        array = volume.array.astype(np.uint8) if volume.array.dtype == np.bool_ else volume.array
+        image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (3, 2, 1, 0))), isVector=False)
         ref = frame_to_sitk(volume.array[..., 0], volume.affine)
         d4 = np.eye(4)
         d4[:3, :3] = np.asarray(ref.GetDirection()).reshape(3, 3)
-        image.SetSpacing(list(ref.GetSpacing()) + [1.0])
-        image.SetOrigin(list(ref.GetOrigin()) + [0.0])
+        # The time axis holds the frame interval and first frame time (as NIfTI's pixdim[4]
+        # and toffset), so frame times survive a round trip when they are evenly spaced.
+        times = volume.frame_times
+        step = float(np.median(np.diff(times))) if times is not None and times.size > 1 else 1.0
+        start = float(times[0]) if times is not None else 0.0
+        image.SetSpacing(list(ref.GetSpacing()) + [step if step > 0 else 1.0])
+        image.SetOrigin(list(ref.GetOrigin()) + [start])
         image.SetDirection([float(x) for x in d4.ravel()])
     else:
         image = frame_to_sitk(volume.array, volume.affine)

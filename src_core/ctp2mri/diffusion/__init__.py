@@ -1,0 +1,9 @@
+"""Diffusion maths of the conditional LDM: noise schedule (Eq. 1–2, 5) and DDIM sampling.
+
+Knows nothing of the networks: a sampler takes any ``eps_model(z_t, t, cond)`` callable.
+"""
+
+from ctp2mri.diffusion.ddim import EpsModel, ddim_sample
+from ctp2mri.diffusion.schedule import NoiseSchedule
+
+__all__ = ["EpsModel", "NoiseSchedule", "ddim_sample"]

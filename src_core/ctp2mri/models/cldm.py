@@ -1,0 +1,145 @@
+"""Conditional latent diffusion network ε_θ(z_t, t, c̃) (paper §2.1, Eq. 3–4).
+
+The denoiser is MONAI's `DiffusionModelUNet`, the same design as CompVis's
+``openaimodel.UNetModel`` that the official code trains: sinusoidal time embedding →
+MLP, ResNet blocks with GroupNorm/SiLU and the time embedding added in each, self-attention
+at the chosen levels and in the middle block, ``num_res_blocks + 1`` blocks per decoder
+level, zero-initialised output convolution. Its input is ``[z_t, F(c)]`` on channels
+(3 + 15 = 18), F being the trainable `SpatialRescaler`. The network knows nothing of the
+noise schedule (ctp2mri.diffusion does).
+
+Official configuration (configs/latent-diffusion/ldm.yaml): ``model_channels: 224``,
+``channel_mult: [1, 4, 8]``, ``num_res_blocks: 2``, ``num_head_channels: 32``,
+``attention_resolutions: [8, 4, 2]`` — downsampling factors, of which only 2 and 4 exist
+with three levels, i.e. attention at the two lowest resolutions. That is
+``channels=(224, 896, 1792), attention_levels=(False, True, True)`` here, ≈ 739 M parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+from ctp2mri.errors import InputError
+from ctp2mri.models.conditioning import SpatialRescaler
+
+
+class ConditionalLDM(nn.Module):
+    """ε-prediction network of the conditional LDM: UNet on ``[z_t, F(c)]``.
+
+    Parameters
+    ----------
+    latent_channels
+        Channels of z (3).
+    condition_channels
+        CTP frames in c (15); F keeps the count (official ``out_channels: 15``).
+    channels
+        UNet channels per level (``model_channels × channel_mult``).
+    attention_levels
+        Self-attention at each level (the middle block always has one).
+    num_res_blocks
+        ResNet blocks per encoder level.
+    num_head_channels
+        Channels per attention head.
+    norm_num_groups
+        GroupNorm groups; every entry of ``channels`` must be a multiple.
+    rescaler_stages, rescaler_multiplier
+        F's bilinear stages and factor: ``multiplier ** stages`` must be 1 / the
+        autoencoder's downsampling (½, ½ for ×4).
+    use_flash_attention
+        Use ``scaled_dot_product_attention`` (needed for the paper model's memory on GPU).
+    """
+
+    def __init__(
+        self,
+        latent_channels: int = 3,
+        condition_channels: int = 15,
+        channels: Sequence[int] = (224, 896, 1792),
+        attention_levels: Sequence[bool] = (False, True, True),
+        num_res_blocks: int = 2,
+        num_head_channels: int = 32,
+        norm_num_groups: int = 32,
+        rescaler_stages: int = 2,
+        rescaler_multiplier: float = 0.5,
+        use_flash_attention: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = json.loads(
+            json.dumps(
+                dict(
+                    latent_channels=latent_channels,
+                    condition_channels=condition_channels,
+                    channels=list(channels),
+                    attention_levels=list(attention_levels),
+                    num_res_blocks=num_res_blocks,
+                    num_head_channels=num_head_channels,
+                    norm_num_groups=norm_num_groups,
+                    rescaler_stages=rescaler_stages,
+                    rescaler_multiplier=rescaler_multiplier,
+                    use_flash_attention=use_flash_attention,
+                )
+            )
+        )
+        self.latent_channels = latent_channels
+        self.condition_channels = condition_channels
+        # The UNet halves the grid len(channels) - 1 times and concatenates skips, so the
+        # latent size must divide by this.
+        self.size_multiple = 2 ** (len(channels) - 1)
+        self.rescaler = SpatialRescaler(
+            n_stages=rescaler_stages,
+            method="bilinear",
+            multiplier=rescaler_multiplier,
+            in_channels=condition_channels,
+            out_channels=condition_channels,
+            bias=False,
+        )
+        self.unet = DiffusionModelUNet(
+            spatial_dims=2,
+            in_channels=latent_channels + condition_channels,
+            out_channels=latent_channels,
+            num_res_blocks=num_res_blocks,
+            channels=list(channels),
+            attention_levels=list(attention_levels),
+            norm_num_groups=norm_num_groups,
+            num_head_channels=num_head_channels,
+            use_flash_attention=use_flash_attention,
+        )
+
+    def encode_condition(self, c: torch.Tensor) -> torch.Tensor:
+        """c̃ = F(c) for a CTP batch (B, 15, H, W); compute once per DDIM run and reuse."""
+        if c.ndim != 4 or c.shape[1] != self.condition_channels:
+            raise InputError(
+                f"the CTP condition must be shaped (batch, {self.condition_channels} frames, H, W); "
+                f"got {tuple(c.shape)}. Resample the perfusion series to {self.condition_channels} "
+                "time points (ctp2mri preprocess)."
+            )
+        return self.rescaler(c)
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, c_tilde: torch.Tensor) -> torch.Tensor:
+        """ε̂ = ε_θ(z_t, t, c̃) with an already rescaled condition."""
+        if z_t.ndim != 4 or z_t.shape[1] != self.latent_channels:
+            raise InputError(f"z_t must be shaped (batch, {self.latent_channels}, h, w); got {tuple(z_t.shape)}")
+        if c_tilde.shape[0] != z_t.shape[0] or c_tilde.shape[-2:] != z_t.shape[-2:]:
+            raise InputError(
+                f"the rescaled CTP condition {tuple(c_tilde.shape)} does not match the latent "
+                f"{tuple(z_t.shape)}: CTP and DWI/ADC slices must come from the same grid, the "
+                "model's profile."
+            )
+        h, w = z_t.shape[-2:]
+        if h % self.size_multiple or w % self.size_multiple:
+            raise InputError(
+                f"latent size {h}×{w} is not divisible by {self.size_multiple}, which this UNet "
+                "needs; use the slice size of the model's profile."
+            )
+        t = torch.as_tensor(t, device=z_t.device)
+        if t.ndim == 0:
+            t = t.expand(z_t.shape[0])
+        return self.unet(torch.cat([z_t, c_tilde.to(z_t.dtype)], dim=1), t)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """ε̂ for noisy latents z_t (B, 3, h, w), steps t (B,) and raw CTP slices c (B, 15, 4h, 4w)."""
+        return self.predict_noise(z_t, t, self.encode_condition(c))

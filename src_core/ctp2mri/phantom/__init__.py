@@ -1,0 +1,31 @@
+"""Digital stroke phantom: paired CT perfusion and diffusion MRI with known ground truth.
+
+No public CTP/DWI pairs can be downloaded, so the project makes its own from physics
+(/work/shared/phantom.md): MNI152 anatomy warped per case (`anatomy`), an infarct core in a
+larger penumbra within a vascular territory (`lesions`), indicator-dilution CT perfusion
+(`perfusion`) and b0/DWI/ADC with Rician noise (`diffusion`), assembled by `generate`.
+"""
+
+from ctp2mri.phantom.generate import (
+    PHANTOM_VERSION,
+    PhantomCase,
+    case_seed,
+    frame_times,
+    generate_case,
+    generate_dataset,
+    phantom_maps,
+    simulate_case,
+    split_cases,
+)
+
+__all__ = [
+    "PHANTOM_VERSION",
+    "PhantomCase",
+    "case_seed",
+    "frame_times",
+    "generate_case",
+    "generate_dataset",
+    "phantom_maps",
+    "simulate_case",
+    "split_cases",
+]
