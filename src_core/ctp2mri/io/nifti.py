@@ -53,6 +53,8 @@ def load_nifti(path: str | os.PathLike, dtype: np.dtype | None = None) -> Volume
             step *= _TIME_UNIT_TO_S.get(unit, 1.0)
         else:
             step = 1.0
+        if float(header["pixdim"][4]) <= 0 or unit not in _TIME_UNIT_TO_S:
+            # No time step or no unit: frame times are a guess (seconds assumed).
             meta["frame_times_assumed"] = True
         offset = float(header["toffset"]) if "toffset" in header else 0.0
         frame_times = offset + step * np.arange(array.shape[3])

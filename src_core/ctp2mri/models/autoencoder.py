@@ -62,9 +62,9 @@ class VectorQuantizer(nn.Module):
     beta
         Weight of the second loss term (0.25 upstream).
     legacy_loss
-        ``True`` reproduces the official code's default (``legacy=True``):
-        ``‖sg(z_q) − z‖² + β‖z_q − sg(z)‖²``, i.e. β weighs the codebook update; ``False`` is
-        the VQ-VAE paper's ``‖z_q − sg(z)‖² + β‖sg(z_q) − z‖²`` (β weighs commitment).
+        ``True`` reproduces the official code's default (``legacy=True``),
+        ``‖sg(z_q) − z‖² + β‖z_q − sg(z)‖²``: β weighs the codebook update. ``False`` is
+        the VQ-VAE paper's ``‖z_q − sg(z)‖² + β‖sg(z_q) − z‖²``: β weighs commitment.
     """
 
     def __init__(
@@ -87,16 +87,15 @@ class VectorQuantizer(nn.Module):
         code_norm = (codes * codes).sum(1)
         # ‖z‖² is the same for every code, so argmin(‖e‖² − 2 z·e) is the nearest code.
         # float32 even under autocast: bf16 ties would pick wrong codes.
-        return torch.cat(
-            [(code_norm - 2.0 * chunk.float() @ codes.T).argmin(1) for chunk in z_flat.split(_SEARCH_CHUNK)]
-        )
+        chunks = z_flat.split(_SEARCH_CHUNK)
+        return torch.cat([(code_norm - 2.0 * ch.float() @ codes.T).argmin(1) for ch in chunks])
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for an index map (B, H, W) as a latent (B, C, H, W)."""
         return self.embedding(indices).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Quantise ``z`` (B, C, H, W) → (z_q with straight-through gradient, loss, indices (B, H, W))."""
+        """Quantise z (B, C, H, W) → (z_q, straight-through gradient; loss; indices (B, H, W))."""
         b, c, h, w = z.shape
         indices = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, c)).view(b, h, w)
         z_q = self.embed(indices)
@@ -161,11 +160,13 @@ class VQAutoencoder(nn.Module):
     ) -> None:
         super().__init__()
         channels = list(channels)
-        attention_levels = [False] * len(channels) if attention_levels is None else list(attention_levels)
+        if attention_levels is None:
+            attention_levels = [False] * len(channels)
+        attention_levels = list(attention_levels)
         if len(attention_levels) != len(channels):
             raise ValueError("attention_levels needs one entry per entry of channels")
         if any(ch % norm_num_groups for ch in channels):
-            raise ValueError(f"every entry of channels {channels} must be a multiple of {norm_num_groups}")
+            raise ValueError(f"channels {channels} must all be multiples of {norm_num_groups}")
         self.config = _as_json(
             dict(
                 in_channels=in_channels,
@@ -215,7 +216,7 @@ class VQAutoencoder(nn.Module):
 
     @property
     def last_layer(self) -> torch.Tensor:
-        """Weight of the decoder's output convolution (VQGAN's adaptive GAN weight uses its gradients)."""
+        """Decoder output-conv weight (VQGAN's adaptive GAN weight uses its gradients)."""
         return self.decoder.blocks[-1].conv.weight
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -225,8 +226,8 @@ class VQAutoencoder(nn.Module):
     def _check_image(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise InputError(
-                f"the autoencoder takes slices shaped (batch, {self.in_channels}, H, W) (DWI, ADC); "
-                f"got {tuple(x.shape)}. Stack DWI and ADC as channels."
+                f"the autoencoder takes slices shaped (batch, {self.in_channels}, H, W) "
+                f"(DWI, ADC); got {tuple(x.shape)}. Stack DWI and ADC as channels."
             )
         h, w = x.shape[-2:]
         if h % self.downsampling or w % self.downsampling:
@@ -252,7 +253,7 @@ class VQAutoencoder(nn.Module):
         return self.quantizer(z)
 
     def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
-        """Image from a latent; quantises first unless ``quantize=False`` (``force_not_quantize``)."""
+        """Image from a latent; quantises first unless ``quantize=False`` (force_not_quantize)."""
         self._check_latent(z)
         if quantize:
             z = self.quantizer(z)[0]
@@ -290,7 +291,9 @@ class PatchGANDiscriminator(PatchDiscriminator):
             bias=False,
             padding=1,
         )
-        self.config = _as_json(dict(in_channels=in_channels, channels=channels, num_layers=num_layers))
+        self.config = _as_json(
+            dict(in_channels=in_channels, channels=channels, num_layers=num_layers)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Patch logits (B, 1, h, w): >0 real, <0 fake under the hinge loss."""

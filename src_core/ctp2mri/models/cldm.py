@@ -113,16 +113,21 @@ class ConditionalLDM(nn.Module):
         """c̃ = F(c) for a CTP batch (B, 15, H, W); compute once per DDIM run and reuse."""
         if c.ndim != 4 or c.shape[1] != self.condition_channels:
             raise InputError(
-                f"the CTP condition must be shaped (batch, {self.condition_channels} frames, H, W); "
-                f"got {tuple(c.shape)}. Resample the perfusion series to {self.condition_channels} "
-                "time points (ctp2mri preprocess)."
+                "the CTP condition must be shaped "
+                f"(batch, {self.condition_channels} frames, H, W); got {tuple(c.shape)}. "
+                f"Resample the perfusion series to {self.condition_channels} time points "
+                "(ctp2mri preprocess)."
             )
         return self.rescaler(c)
 
-    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, c_tilde: torch.Tensor) -> torch.Tensor:
+    def predict_noise(
+        self, z_t: torch.Tensor, t: torch.Tensor, c_tilde: torch.Tensor
+    ) -> torch.Tensor:
         """ε̂ = ε_θ(z_t, t, c̃) with an already rescaled condition."""
         if z_t.ndim != 4 or z_t.shape[1] != self.latent_channels:
-            raise InputError(f"z_t must be shaped (batch, {self.latent_channels}, h, w); got {tuple(z_t.shape)}")
+            raise InputError(
+                f"z_t must be shaped (batch, {self.latent_channels}, h, w); got {tuple(z_t.shape)}"
+            )
         if c_tilde.shape[0] != z_t.shape[0] or c_tilde.shape[-2:] != z_t.shape[-2:]:
             raise InputError(
                 f"the rescaled CTP condition {tuple(c_tilde.shape)} does not match the latent "
@@ -141,5 +146,5 @@ class ConditionalLDM(nn.Module):
         return self.unet(torch.cat([z_t, c_tilde.to(z_t.dtype)], dim=1), t)
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """ε̂ for noisy latents z_t (B, 3, h, w), steps t (B,) and raw CTP slices c (B, 15, 4h, 4w)."""
+        """ε̂ for noisy latents z_t (B, 3, h, w), steps t (B,), raw CTP slices c (B, 15, 4h, 4w)."""
         return self.predict_noise(z_t, t, self.encode_condition(c))

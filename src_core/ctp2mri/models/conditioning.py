@@ -64,7 +64,9 @@ class SpatialRescaler(nn.Module):
         self.multiplier = multiplier
         self.in_channels = in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
-        self.channel_mapper = None if out_channels is None else nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+        self.channel_mapper = (
+            None if out_channels is None else nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+        )
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         """c (B, in_channels, H, W) → c̃ (B, out_channels, H·m^n, W·m^n)."""

@@ -95,7 +95,7 @@ _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def model_config(profile: str, kind: str = "autoencoder") -> dict[str, Any]:
-    """Constructor arguments of network ``kind`` ("autoencoder", "discriminator", "cldm") for ``profile``."""
+    """Constructor arguments of network ``kind`` (autoencoder, discriminator, cldm), per profile."""
     prof = get_profile(profile)
     if kind not in NETWORK_TYPES:
         raise InputError(f"unknown network kind {kind!r}; choose one of {sorted(NETWORK_TYPES)}")
@@ -135,7 +135,8 @@ def network_type(module: nn.Module) -> str:
         if type(module) is cls:
             return name
     raise TypeError(
-        f"{type(module).__name__} is not a checkpointable ctp2mri network; known: {sorted(NETWORK_TYPES)}"
+        f"{type(module).__name__} is not a checkpointable ctp2mri network; "
+        f"known: {sorted(NETWORK_TYPES)}"
     )
 
 

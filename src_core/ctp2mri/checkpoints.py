@@ -1,0 +1,500 @@
+"""Checkpoints: a folder of ``config.json`` + safetensors files. Loading never unpickles.
+
+Layout (DESIGN.md "Checkpoint" contract)::
+
+    my-model/
+      config.json                   format, version, kind, profile, networks, schedule,
+                                    normalisation, provenance, anything else the trainer adds
+      model.safetensors             one file per network, named as in config["networks"]
+      ema.safetensors               (e.g.) EMA weights of the same architecture
+      training_state.safetensors    optional, for exact resume: optimizer moments, RNG states …
+      training_state.json           … and the non-tensor rest of that state
+
+``config["networks"]`` maps each weight file's name to ``{"type", "config", "bytes"}``:
+the network type (`ctp2mri.models.NETWORK_TYPES`), its constructor arguments exactly
+(the network's ``.config``), and the file size, which catches truncated copies early.
+
+Pickle-based ``.ckpt``/``.pt``/``.pth`` files (PyTorch Lightning, ``torch.save``) are
+refused: unpickling runs arbitrary code from the file. Everything here goes through
+`safetensors.torch.load_file` and `json`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import random
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import ctp2mri
+from ctp2mri.errors import InputError
+from ctp2mri.io.atomic import atomic_dir
+
+FORMAT = "ctp2mri-checkpoint"
+VERSION = 1
+CONFIG_FILE = "config.json"
+TRAINING_STATE = "training_state"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_RESERVED = {"format", "version", "networks", TRAINING_STATE}
+_MAX_LISTED = 12  # keys shown in a shape-mismatch message before "… and N more"
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def git_commit() -> str | None:
+    """Commit of the source tree ctp2mri runs from (``+dirty`` if modified), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def provenance(
+    command: str | None = None, data: Any = None, steps: int | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Provenance block for config.json: when, by which code, from which data, how long."""
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "git_commit": git_commit(),
+        "ctp2mri_version": ctp2mri.__version__,
+        "torch_version": torch.__version__,
+        "data": data,
+        "steps": steps,
+        **extra,
+    }
+
+
+_WRAPPERS = (nn.parallel.DistributedDataParallel, torch.optim.swa_utils.AveragedModel)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel / AveragedModel / torch.compile wrappers."""
+    while True:
+        if isinstance(module, _WRAPPERS):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):  # torch.compile's OptimizedModule
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _tensors_for_file(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors with no two sharing memory (safetensors refuses shared storage).
+
+    Tied weights appear under two names in a state dict; the second copy is cloned, and
+    loading copies both back into the one parameter.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[str, int]] = set()
+    for name, t in tensors.items():
+        t = t.detach()
+        if _storage_key(t) in seen:
+            t = t.clone(memory_format=torch.contiguous_format)
+        elif not t.is_contiguous():
+            t = t.contiguous()
+        seen.add(_storage_key(t))
+        out[name] = t.cpu()
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for the numpy scalars and paths that settings computed with numpy tend to hold."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _config_text(config: Mapping[str, Any]) -> str:
+    return json.dumps(config, indent=2, allow_nan=False, default=_json_default) + "\n"
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    modules: Mapping[str, nn.Module],
+    config: Mapping[str, Any],
+    training_state: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint folder atomically (a crash leaves the old one, never half a new one).
+
+    Parameters
+    ----------
+    path
+        Checkpoint folder to create (or replace, with ``overwrite=True``, e.g. ``latest``).
+    modules
+        Weight-file name → network, e.g. ``{"model": ldm, "ema": ema_ldm}``. Each network
+        must be a `ctp2mri.models` network (it carries ``.config``); DistributedDataParallel,
+        ``AveragedModel`` (EMA) and torch.compile wrappers are unwrapped.
+    config
+        JSON-serialisable settings: ``kind`` and ``profile`` (required), ``schedule``,
+        ``normalisation``, ``provenance`` (see `provenance`; missing fields are filled in)
+        and anything else.
+        The keys ``format``, ``version``, ``networks`` and ``training_state`` are written here.
+    training_state
+        Optional tree of dicts / lists / tuples / scalars / strings / tensors / numpy arrays
+        (optimizer ``state_dict()``s, step, `capture_rng_state`, …), stored without pickle.
+    overwrite
+        Replace an existing non-empty folder.
+
+    Returns
+    -------
+    Path of the checkpoint folder.
+    """
+    from ctp2mri.models.configs import network_type  # models import torch/MONAI: only when saving
+
+    clash = _RESERVED & set(config)
+    if clash:
+        raise ValueError(f"config keys {sorted(clash)} are written by save_checkpoint itself")
+    if not modules:
+        raise ValueError("a checkpoint needs at least one network")
+    if "kind" not in config or "profile" not in config:
+        raise ValueError("config needs 'kind' (e.g. 'autoencoder', 'cldm') and 'profile'")
+    full: dict[str, Any] = {"format": FORMAT, "version": VERSION, **config, "networks": {}}
+    # Caller's provenance (command, data, steps) completed with when/which code.
+    full["provenance"] = {**provenance(), **dict(config.get("provenance") or {})}
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in modules.items():
+        if not _NAME.match(name) or name == TRAINING_STATE:
+            raise ValueError(
+                f"bad network name {name!r}: use letters, digits, '_', '-'; not {TRAINING_STATE}"
+            )
+        net = _unwrap(module)
+        full["networks"][name] = {"type": network_type(net), "config": net.config}
+        files[name] = _tensors_for_file(net.state_dict())
+    _config_text(full)  # fail on a non-JSON setting before writing gigabytes of weights
+    state_json = None
+    if training_state is not None:
+        state_tensors: dict[str, torch.Tensor] = {}
+        state_json = _encode_tree(training_state, state_tensors, "")
+        files[TRAINING_STATE] = _tensors_for_file(state_tensors)
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        for name, tensors in files.items():
+            save_file(tensors, str(tmp / f"{name}.safetensors"), metadata={"format": FORMAT})
+            size = (tmp / f"{name}.safetensors").stat().st_size
+            if name == TRAINING_STATE:
+                (tmp / f"{TRAINING_STATE}.json").write_text(json.dumps(state_json))
+                full["training_state"] = {"bytes": size}
+            else:
+                full["networks"][name]["bytes"] = size
+        (tmp / CONFIG_FILE).write_text(_config_text(full))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _refuse_pickle(path: Path) -> InputError:
+    return InputError(
+        f"{path} is a pickle-based PyTorch checkpoint ({path.suffix}). ctp2mri never loads "
+        "pickles: unpickling can run arbitrary code hidden in the file. Convert it once, from "
+        "a source you trust, with `ctp2mri convert-checkpoint`, and load the resulting folder "
+        "(config.json + .safetensors)."
+    )
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The checkpoint folder for ``path`` (the folder or its config.json), or an `InputError`."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _refuse_pickle(path)
+    if path.is_file() and path.name == CONFIG_FILE:
+        path = path.parent
+    if not path.exists():
+        raise InputError(f"checkpoint folder {path} does not exist; check the model path given")
+    if path.is_file():
+        raise InputError(
+            f"{path} is a file; a ctp2mri checkpoint is a folder holding {CONFIG_FILE} and "
+            ".safetensors weights. Give the folder."
+        )
+    if not (path / CONFIG_FILE).is_file():
+        pickles = sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise _refuse_pickle(pickles[0])
+        raise InputError(
+            f"{path} is not a ctp2mri checkpoint: {CONFIG_FILE} is missing. A checkpoint folder "
+            "holds config.json and .safetensors files written by ctp2mri training."
+        )
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Validated config.json of a checkpoint folder (cheap: no weights are read)."""
+    folder = checkpoint_dir(path)
+    file = folder / CONFIG_FILE
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{file} is not valid JSON ({exc}); the checkpoint is damaged") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise InputError(f"{file} is not a ctp2mri checkpoint config (no \"format\": \"{FORMAT}\")")
+    version = config.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InputError(f"{file} has no valid format version; the checkpoint is damaged")
+    if version > VERSION:
+        raise InputError(
+            f"{folder} uses checkpoint format version {version}, newer than this ctp2mri "
+            f"({ctp2mri.__version__}) reads (version {VERSION}); upgrade napari-ctp2mri."
+        )
+    if version < 1:
+        raise InputError(f"{file} declares unknown checkpoint format version {version}")
+    networks = config.get("networks")
+    if not isinstance(networks, dict) or not networks:
+        raise InputError(f"{file} lists no networks; the checkpoint is damaged")
+    for name, entry in networks.items():
+        ok = _NAME.match(name) and isinstance(entry, dict) and {"type", "config"} <= set(entry)
+        if not ok:
+            raise InputError(f"{file}: networks entry {name!r} is malformed; the file is damaged")
+    return config
+
+
+def _read_safetensors(
+    file: Path, expected_bytes: int | None, map_location: str
+) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise InputError(
+            f"checkpoint file {file.name} is missing from {file.parent}; copy the whole "
+            "checkpoint folder again."
+        )
+    size = file.stat().st_size
+    if expected_bytes is not None and size != expected_bytes:
+        raise InputError(
+            f"{file} has {size} bytes but the checkpoint recorded {expected_bytes}: the file is "
+            "truncated or was replaced. Copy the checkpoint folder again."
+        )
+    try:
+        return load_file(str(file), device=map_location)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{file} is not readable safetensors ({exc}); it is damaged") from None
+
+
+def _check_state_dict(net: nn.Module, state: Mapping[str, torch.Tensor], file: Path) -> None:
+    """Raise one `InputError` listing every missing, unexpected or mis-shaped tensor."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = (
+        [f"shape mismatch {m}" for m in mismatched]
+        + [f"missing {k}" for k in missing]
+        + [f"unexpected {k}" for k in unexpected]
+    )
+    if problems:
+        shown = problems[:_MAX_LISTED]
+        more = len(problems) - len(shown)
+        raise InputError(
+            f"weights in {file} do not fit the network described in config.json "
+            f"({len(mismatched)} shape mismatches, {len(missing)} missing, {len(unexpected)} "
+            "unexpected tensors): " + "; ".join(shown) + (f"; … and {more} more" if more else "")
+            + ". The folder mixes files from different models; use the files saved together."
+        )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    names: list[str] | tuple[str, ...] | None = None,
+    build: bool = True,
+    map_location: str | torch.device = "cpu",
+    kind: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a checkpoint folder: networks (or bare state dicts) and its config.
+
+    Parameters
+    ----------
+    path
+        Checkpoint folder (or its config.json).
+    names
+        Networks to load (default: all in config["networks"]), e.g. ``["ema"]`` for inference.
+    build
+        Build each network from its recorded constructor arguments and load the weights
+        (shapes checked); otherwise return state dicts.
+    map_location
+        Device for the tensors (and built networks).
+    kind
+        When given, refuse a checkpoint whose config "kind" differs (e.g. an autoencoder
+        checkpoint passed where a cLDM is needed).
+
+    Returns
+    -------
+    (networks or state dicts by name, config dict)
+    """
+    from ctp2mri.models.configs import build_network
+
+    folder = checkpoint_dir(path)
+    config = read_config(folder)
+    if kind is not None and config.get("kind") != kind:
+        raise InputError(
+            f"{folder} is a {config.get('kind')!r} checkpoint; this needs a {kind!r} checkpoint"
+        )
+    networks = config["networks"]
+    names = list(networks) if names is None else list(names)
+    absent = [n for n in names if n not in networks]
+    if absent:
+        raise InputError(
+            f"{folder} has no {', '.join(absent)} weights; it holds: {', '.join(networks)}"
+        )
+    device = str(torch.device(map_location))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(
+            "CUDA was requested but this machine has no usable CUDA GPU; load on the CPU instead"
+        )
+    out: dict[str, Any] = {}
+    for name in names:
+        entry = networks[name]
+        file = folder / f"{name}.safetensors"
+        state = _read_safetensors(file, entry.get("bytes"), device)
+        if not build:
+            out[name] = state
+            continue
+        try:
+            with torch.device(device):
+                net = build_network(entry["type"], entry["config"])
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(
+                f"config.json of {folder} describes network {name!r} with settings this ctp2mri "
+                f"cannot build ({exc}); it was written by another version."
+            ) from None
+        _check_state_dict(net, state, file)
+        net.load_state_dict(state)
+        out[name] = net
+    return out, config
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Training state saved with the checkpoint (tensors on CPU), or None if it has none."""
+    folder = checkpoint_dir(path)
+    config = read_config(folder)
+    if "training_state" not in config:
+        return None
+    tensors = _read_safetensors(
+        folder / f"{TRAINING_STATE}.safetensors", config["training_state"].get("bytes"), "cpu"
+    )
+    file = folder / f"{TRAINING_STATE}.json"
+    if not file.is_file():
+        raise InputError(
+            f"checkpoint file {file.name} is missing from {folder}; copy the whole folder again"
+        )
+    try:
+        tree = json.loads(file.read_text())
+        return _decode_tree(tree, tensors)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{file} is damaged ({exc}); resume from another checkpoint") from None
+
+
+# --------------------------------------------------------------------------- state trees
+# A pickle-free codec for training state: JSON for structure and scalars, safetensors for
+# tensors. Dicts with non-string keys (optimizer state is keyed by parameter index) and
+# tuples (Adam's betas, RNG states) are tagged so they come back as they went in.
+
+
+def _encode_tree(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = where or "tensor"
+        while key in tensors:
+            key += "_"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        key = where or "array"
+        while key in tensors:
+            key += "_"
+        # safetensors has no unsigned 32/64-bit torch dtypes to round-trip; widen and record.
+        arr = obj.astype(np.int64) if obj.dtype in (np.uint32, np.uint64) else obj
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(arr))
+        return {"__ndarray__": key, "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode_tree(v, tensors, f"{where}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode_tree(v, tensors, f"{where}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode_tree(v, tensors, f"{where}.{k}".lstrip(".")) for k, v in obj.items()}
+        items = [
+            [_encode_tree(k, tensors, f"{where}.key{i}"), _encode_tree(v, tensors, f"{where}.{k}")]
+            for i, (k, v) in enumerate(obj.items())
+        ]
+        return {"__items__": items}
+    raise TypeError(
+        f"training state at {where or '<root>'!r} is a {type(obj).__name__}, which cannot be "
+        "stored without pickle; convert it to tensors, numbers, strings, lists or dicts"
+    )
+
+
+def _decode_tree(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode_tree(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
+    if "__tuple__" in obj:
+        return tuple(_decode_tree(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode_tree(k, tensors): _decode_tree(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode_tree(v, tensors) for k, v in obj.items()}
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy (legacy global), torch CPU and CUDA generator states, for exact resume."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of `capture_rng_state` (CUDA states only when CUDA is present)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.to(torch.uint8).cpu() for s in state["cuda"]])
