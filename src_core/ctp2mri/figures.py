@@ -12,9 +12,26 @@ from ctp2mri.casefolder import Case
 from ctp2mri.io.atomic import atomic_path
 
 
-def time_to_peak(ctp: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
-    """Time (s) of maximum enhancement per voxel of a 4-D (x, y, z, t) CTP array."""
+def time_to_peak(ctp: np.ndarray, frame_times: np.ndarray, smooth_voxels: float = 0.0) -> np.ndarray:
+    """Time (s) of maximum enhancement per voxel of an (..., t) CTP array.
+
+    CTP is low-SNR (peak tissue enhancement is of the order of the noise), so a spatial
+    Gaussian of ``smooth_voxels`` before the arg-max makes the map readable.
+    """
+    ctp = np.asarray(ctp, dtype=np.float32)
+    if smooth_voxels > 0:
+        from scipy.ndimage import gaussian_filter
+
+        ctp = gaussian_filter(ctp, sigma=[smooth_voxels] * (ctp.ndim - 1) + [0])
     return np.asarray(frame_times)[np.argmax(ctp, axis=-1)]
+
+
+def radiological(image: np.ndarray) -> np.ndarray:
+    """An axial (x, y) RAS slice as rows/columns in radiological view.
+
+    Anterior at the top, the patient's right on the image's left.
+    """
+    return np.asarray(image)[::-1, ::-1].T
 
 
 def _lesion_slice(case: Case) -> int:
@@ -42,7 +59,7 @@ def case_overview(cases: Sequence[Case], path: str | os.PathLike, titles: Sequen
         ctp = case.ctp.array[:, :, k, :].astype(np.float32)
         brain = case.mask.array[:, :, k] > 0 if case.mask is not None else np.ones(ctp.shape[:2], bool)
         peak = int(np.argmax(ctp[brain].mean(axis=0))) if brain.any() else ctp.shape[-1] // 2
-        ttp = np.where(brain, time_to_peak(ctp, case.ctp.frame_times), np.nan)
+        ttp = np.where(brain, time_to_peak(ctp, case.ctp.frame_times, smooth_voxels=1.5), np.nan)
         panels = [
             (ctp[..., peak], dict(cmap="gray", vmin=0, vmax=100)),
             (ttp, dict(cmap="jet")),
@@ -54,11 +71,10 @@ def case_overview(cases: Sequence[Case], path: str | os.PathLike, titles: Sequen
             ax.axis("off")
             if image is None:
                 continue
-            # (x, y) with RAS x → transpose to (y, x), flip so anterior is up
-            shown = ax.imshow(np.flipud(np.asarray(image).T), **style)
+            shown = ax.imshow(radiological(image), **style)
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
             if case.lesion is not None and case.lesion.array[:, :, k].any():
-                ax.contour(np.flipud(case.lesion.array[:, :, k].T), levels=[0.5], colors="r", linewidths=0.8)
+                ax.contour(radiological(case.lesion.array[:, :, k]), levels=[0.5], colors="r", linewidths=0.8)
             if row == 0:
                 ax.set_title(columns[col], fontsize=9)
         label = titles[row] if titles else (case.path.name if case.path else f"case {row}")

@@ -110,8 +110,9 @@ def _load_mni152() -> tuple[dict[str, np.ndarray], np.ndarray]:
         maps = {k: np.asarray(img.dataobj, dtype=np.float32) for k, img in loaded.items()}
         affines = [img.affine for img in loaded.values()]
     affine = affines[0]
-    if any(a.shape != maps["t1"].shape for a in maps.values()) or not all(np.allclose(a, affine) for a in affines):
-        raise RuntimeError("nilearn's MNI152 templates do not share one grid; check the nilearn install")
+    same_grid = all(a.shape == maps["t1"].shape for a in maps.values())
+    if not same_grid or not all(np.allclose(a, affine) for a in affines):
+        raise RuntimeError("nilearn's MNI152 templates do not share one grid; check nilearn")
     if not np.allclose(affine[:3, :3], np.eye(3)):
         raise RuntimeError("expected nilearn's MNI152 templates at 1 mm, axis-aligned RAS")
     return maps, affine
@@ -138,10 +139,20 @@ def tissue_templates(profile: str) -> TissueTemplates:
     wm = np.clip(wm, 0, 1) * mask * free_water
     over = np.maximum(gm + wm, 1.0)  # priors are probabilities; keep fractions ≤ 1
     gm, wm = gm / over, wm / over
+    # The priors are fuzzy: read as partial volumes they put 5–20 % CSF into a quarter of the
+    # parenchyma, which would raise its ADC far above grey matter's 800. Sharpen the CSF share
+    # at 1 mm; the blur below adds back the partial volume the model grid's voxels really have.
+    csf = np.clip((mask - gm - wm - 0.2) / 0.6, 0.0, 1.0) * mask
+    parenchyma = gm + wm
+    keep = np.divide(mask - csf, parenchyma, out=np.zeros_like(parenchyma), where=parenchyma > 1e-6)
+    gm, wm = gm * keep, wm * keep
 
     sigma = np.sqrt(np.maximum(np.asarray(prof.spacing) ** 2 - 1.0, 0.0) / 12.0)
-    out = [np.ascontiguousarray(ndimage.gaussian_filter(a, sigma, mode="constant") if sigma.any() else a,
-                                dtype=np.float32) for a in (mask, gm, wm)]
+    def blur(a: np.ndarray) -> np.ndarray:
+        smooth = ndimage.gaussian_filter(a, sigma, mode="constant") if sigma.any() else a
+        return np.ascontiguousarray(smooth, dtype=np.float32)
+
+    out = [blur(a) for a in (mask, gm, wm)]
     origin = affine[:3, 3] + lo  # 1 mm voxels, identity rotation (checked by the loader)
     return TissueTemplates(*out, origin=origin.astype(np.float64), spacing=1.0)
 
@@ -186,29 +197,42 @@ class Deformation:
     scale: np.ndarray
     translation_mm: np.ndarray
     elastic: np.ndarray  # (3, kx, ky, kz) Gaussian-bump heights in mm
+    elastic_rms_mm: float  # the displacement RMS per axis those heights were drawn for
 
     def knots(self) -> tuple[np.ndarray, ...]:
-        return tuple(np.linspace(lo, hi, n) for lo, hi, n in zip(FIELD_LO, FIELD_HI, self.elastic.shape[1:]))
+        counts = self.elastic.shape[1:]
+        return tuple(np.linspace(lo, hi, n) for lo, hi, n in zip(FIELD_LO, FIELD_HI, counts))
+
+    def elastic_field(self, shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+        """The elastic displacement ``(3, nx, ny, nz)`` (mm) at every voxel of the grid."""
+        axes = grid_axes(shape, affine)
+        knots = self.knots()
+        width = ELASTIC_KNOT_SPACING_MM
+        return np.stack([separable_rbf_field(c, knots, width, axes) for c in self.elastic])
 
     def template_points(
-        self, shape: tuple[int, int, int], affine: np.ndarray, misalignment: Rigid | None = None
+        self,
+        shape: tuple[int, int, int],
+        affine: np.ndarray,
+        misalignment: Rigid | None = None,
+        elastic: np.ndarray | None = None,
     ) -> np.ndarray:
         """MNI coordinates ``(3, nx, ny, nz)`` that every voxel of the grid samples.
 
         ``misalignment`` moves the grid before the deformation (the CT's residual motion); the
         elastic field is evaluated at the unmoved grid, which differs by under a millimetre on a
-        field that varies over centimetres.
+        field that varies over centimetres. Pass ``elastic`` (`elastic_field`) to reuse it.
         """
-        axes = grid_axes(shape, affine)
-        points = np.stack(np.meshgrid(*axes, indexing="ij"))
+        points = np.stack(np.meshgrid(*grid_axes(shape, affine), indexing="ij"))
         if misalignment is not None:
             points = misalignment.apply(points)
-        knots = self.knots()
-        elastic = np.stack([separable_rbf_field(c, knots, ELASTIC_KNOT_SPACING_MM, axes) for c in self.elastic])
+        if elastic is None:
+            elastic = self.elastic_field(shape, affine)
         rot = Rotation.from_euler("xyz", self.rotation_deg, degrees=True).as_matrix()
         matrix = rot / self.scale[None, :]
         centre = BRAIN_CENTRE_MNI.reshape(3, 1, 1, 1)
-        moved = np.tensordot(matrix, points - centre - self.translation_mm.reshape(3, 1, 1, 1), axes=1)
+        shifted = points - centre - self.translation_mm.reshape(3, 1, 1, 1)
+        moved = np.einsum("ij,j...->i...", matrix, shifted)
         return moved + centre + elastic
 
     def describe(self) -> dict:
@@ -216,12 +240,12 @@ class Deformation:
             "rotation_deg": np.round(self.rotation_deg, 3).tolist(),
             "scale": np.round(self.scale, 4).tolist(),
             "translation_mm": np.round(self.translation_mm, 3).tolist(),
-            "elastic_rms_mm": round(float(np.sqrt(np.mean(self.elastic**2))) * _RBF_GAIN, 3),
+            "elastic_rms_mm": round(self.elastic_rms_mm, 3),
         }
 
 
 # Gaussian bumps one knot spacing wide add up to ~2.36× the RMS of their heights in 3-D
-# (√(√π)³); used to turn a wanted displacement RMS into bump heights and back.
+# (√(√π)³); used to turn a wanted displacement RMS into bump heights.
 _RBF_GAIN = float(np.sqrt(np.sqrt(np.pi) ** 3))
 
 
@@ -231,7 +255,9 @@ def random_deformation(
     scale_range: tuple[float, float] = (0.9, 1.1),
     elastic_rms_mm: tuple[float, float] = (1.0, 3.0),
 ) -> Deformation:
-    """Draw one case's deformation: rotation ≤ ±8° per axis, scale 0.9–1.1, a few mm elastic."""
+    """Draw one case's deformation: rotation (yaw ±8°, pitch and roll ±4°), scale 0.9–1.1, a
+    few mm of smooth elastic displacement and a few mm of translation."""
+    # Heads tilt less about x and y than they turn in the axial plane.
     rotation = rng.uniform(-max_rotation_deg, max_rotation_deg, 3) * np.array([0.5, 0.5, 1.0])
     size = rng.uniform(*scale_range)
     scale = size * rng.uniform(0.97, 1.03, 3)  # heads are not all the same shape
@@ -239,7 +265,7 @@ def random_deformation(
     n_knots = tuple(int(n) for n in np.round((FIELD_HI - FIELD_LO) / ELASTIC_KNOT_SPACING_MM) + 1)
     rms = rng.uniform(*elastic_rms_mm)
     elastic = rng.standard_normal((3, *n_knots)) * (rms / _RBF_GAIN)
-    return Deformation(rotation, scale, translation, elastic)
+    return Deformation(rotation, scale, translation, elastic, float(rms))
 
 
 # tissue on the grid ----------------------------------------------------------------------------

@@ -21,6 +21,8 @@ PROTON_DENSITY = np.array([0.8, 0.7, 1.0])
 T2_MS = np.array([100.0, 80.0, 2000.0])
 ADC = np.array([800.0, 720.0, 3000.0])  # 10⁻⁶ mm²/s
 ADC_DISPLAY_MAX = 4000.0  # clip of the derived map: noise in CSF can overshoot
+CLINICAL_CORE_ADC = 620.0  # 10⁻⁶ mm²/s: the usual threshold for segmenting the infarct core
+CORE_EDGE_WEIGHT = 0.9
 SIGNAL_SCALE = 1000.0  # arbitrary scanner units of the b = 0 image
 
 
@@ -34,26 +36,61 @@ class DiffusionParams:
     receive_gain: float
 
     def describe(self) -> dict:
-        return {"b_value": self.b_value, "te_ms": round(self.te_ms, 2), "dwi_snr": round(self.snr, 3),
-                "receive_gain": round(self.receive_gain, 4)}
+        return {
+            "b_value": self.b_value,
+            "te_ms": round(self.te_ms, 2),
+            "dwi_snr": round(self.snr, 3),
+            "receive_gain": round(self.receive_gain, 4),
+        }
 
 
 def draw_diffusion_params(rng: np.random.Generator) -> DiffusionParams:
-    return DiffusionParams(b_value=1000.0, te_ms=rng.uniform(85.0, 95.0), snr=rng.uniform(20.0, 30.0),
-                           receive_gain=rng.uniform(0.8, 1.25))
+    return DiffusionParams(
+        b_value=1000.0,
+        te_ms=rng.uniform(85.0, 95.0),
+        snr=rng.uniform(20.0, 30.0),
+        receive_gain=rng.uniform(0.8, 1.25),
+    )
 
 
 def core_weight(level: np.ndarray) -> np.ndarray:
-    """How far a voxel's diffusion is restricted: 0 outside the core, 0.8 at its edge, 1 inside.
+    """How far a voxel's diffusion is restricted: 0 outside the core, 0.9 at its edge, 1 inside.
 
     A little restriction starts just before the core edge so that the edge is soft like a real
     lesion, yet every voxel of the ground-truth core is below the clinical ADC threshold.
     """
-    return np.interp(level, [CORE - 0.08, CORE, CORE + 0.2], [0.0, 0.8, 1.0])
+    return np.interp(level, [CORE - 0.08, CORE, CORE + 0.1], [0.0, CORE_EDGE_WEIGHT, 1.0])
+
+
+def _compartments(
+    fractions: np.ndarray, weight: np.ndarray, plan: LesionPlan, params: DiffusionParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Noise-free b = 0 and b = b_value signals of voxels restricted by ``weight`` ∈ [0, 1]."""
+    w = np.asarray(weight, dtype=np.float64)[None, :]
+    tissue = np.array([1.0, 1.0, 0.0])[:, None]  # only parenchyma infarcts, CSF stays free water
+    adc = ADC[:, None] * (1.0 - tissue * w * (1.0 - plan.core_adc_factor))
+    t2 = T2_MS[:, None] * (1.0 + tissue * w * (plan.core_t2_factor - 1.0))
+    s0 = SIGNAL_SCALE * params.receive_gain * PROTON_DENSITY[:, None] * np.exp(-params.te_ms / t2)
+    attenuation = np.exp(-params.b_value * adc * 1e-6)
+    return np.sum(fractions * s0, axis=0), np.sum(fractions * s0 * attenuation, axis=0)
+
+
+def core_eligible(fractions: np.ndarray, plan: LesionPlan, params: DiffusionParams) -> np.ndarray:
+    """Voxels whose noise-free ADC, if infarcted, is below the clinical core threshold.
+
+    Evaluated at the weakest restriction inside the core (its edge), so every voxel labelled
+    core is dark on the ADC map whatever its depth.
+    """
+    b0, dwi = _compartments(fractions, np.full(fractions.shape[1], CORE_EDGE_WEIGHT), plan, params)
+    return np.log(b0 / dwi) / params.b_value * 1e6 < CLINICAL_CORE_ADC
 
 
 def diffusion_images(
-    fractions: np.ndarray, level: np.ndarray, plan: LesionPlan, params: DiffusionParams, rng: np.random.Generator
+    fractions: np.ndarray,
+    level: np.ndarray,
+    plan: LesionPlan,
+    params: DiffusionParams,
+    rng: np.random.Generator,
 ) -> tuple[dict[str, np.ndarray], float]:
     """b0, DWI and derived ADC of every brain voxel, plus their noise-free versions.
 
@@ -68,17 +105,12 @@ def diffusion_images(
     -------
     images
         ``b0``, ``dwi`` (noisy magnitude), ``adc`` (from the noisy pair, 10⁻⁶ mm²/s, clipped to
-        [0, 4000]), ``b0_true``, ``dwi_true``, ``adc_true`` (tissue ADC without noise).
+        [0, 4000]), and the noise-free ``b0_true``, ``dwi_true``, ``adc_true`` (with partial
+        volume).
     sigma
         The Gaussian σ of the Rician noise, in image units.
     """
-    w = core_weight(level)[None, :]
-    tissue = np.array([1.0, 1.0, 0.0])[:, None]  # only parenchyma infarcts, CSF stays free water
-    adc = ADC[:, None] * (1.0 - tissue * w * (1.0 - plan.core_adc_factor))
-    t2 = T2_MS[:, None] * (1.0 + tissue * w * (plan.core_t2_factor - 1.0))
-    s0 = SIGNAL_SCALE * params.receive_gain * PROTON_DENSITY[:, None] * np.exp(-params.te_ms / t2)
-    b0_true = np.sum(fractions * s0, axis=0)
-    dwi_true = np.sum(fractions * s0 * np.exp(-params.b_value * adc * 1e-6), axis=0)
+    b0_true, dwi_true = _compartments(fractions, core_weight(level), plan, params)
 
     gm_dwi = SIGNAL_SCALE * params.receive_gain * PROTON_DENSITY[0] * np.exp(
         -params.te_ms / T2_MS[0] - params.b_value * ADC[0] * 1e-6)
@@ -90,5 +122,6 @@ def diffusion_images(
     adc_noisy = np.log(np.maximum(b0, floor) / np.maximum(dwi, floor)) / params.b_value * 1e6
     adc_noisy = np.clip(adc_noisy, 0.0, ADC_DISPLAY_MAX)
     adc_true = np.log(b0_true / dwi_true) / params.b_value * 1e6
-    out = {"b0": b0, "dwi": dwi, "adc": adc_noisy, "b0_true": b0_true, "dwi_true": dwi_true, "adc_true": adc_true}
+    out = {"b0": b0, "dwi": dwi, "adc": adc_noisy,
+           "b0_true": b0_true, "dwi_true": dwi_true, "adc_true": adc_true}
     return {k: v.astype(np.float32) for k, v in out.items()}, float(sigma)

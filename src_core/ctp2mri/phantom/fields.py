@@ -32,7 +32,9 @@ class SmoothField:
         return ndimage.map_coordinates(self.values, index, order=1, mode="nearest")
 
 
-def smooth_field(rng: np.random.Generator, correlation_mm: float, spacing_mm: float = 4.0) -> SmoothField:
+def smooth_field(
+    rng: np.random.Generator, correlation_mm: float, spacing_mm: float = 4.0
+) -> SmoothField:
     """Gaussian-filtered white noise over the MNI box, normalised to unit variance.
 
     Parameters
@@ -53,7 +55,10 @@ def smooth_field(rng: np.random.Generator, correlation_mm: float, spacing_mm: fl
 
 
 def separable_rbf_field(
-    coefficients: np.ndarray, knots: tuple[np.ndarray, ...], width_mm: float, axes: tuple[np.ndarray, ...]
+    coefficients: np.ndarray,
+    knots: tuple[np.ndarray, ...],
+    width_mm: float,
+    axes: tuple[np.ndarray, ...],
 ) -> np.ndarray:
     """Evaluate a sum of Gaussian bumps at the knots on a rectilinear grid.
 
@@ -72,7 +77,8 @@ def separable_rbf_field(
     axes
         Coordinates (mm) of the grid along x, y, z.
     """
-    weights = [np.exp(-0.5 * ((a[:, None] - k[None, :]) / width_mm) ** 2) for a, k in zip(axes, knots)]
+    weights = [np.exp(-0.5 * ((a[:, None] - k[None, :]) / width_mm) ** 2)
+               for a, k in zip(axes, knots)]
     out = np.tensordot(coefficients, weights[2], axes=([2], [1]))  # (kx, ky, nz)
     out = np.tensordot(out, weights[1], axes=([1], [1]))  # (kx, nz, ny)
     out = np.tensordot(weights[0], out, axes=([1], [0]))  # (nx, nz, ny)

@@ -22,17 +22,36 @@ from ctp2mri.casefolder import CASE_INFO, Case, write_case
 from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
 from ctp2mri.io.volume import Volume
-from ctp2mri.phantom.anatomy import model_grid, random_deformation, random_misalignment, sample_tissue, tissue_templates
-from ctp2mri.phantom.diffusion import draw_diffusion_params, diffusion_images
-from ctp2mri.phantom.lesions import CORE, PENUMBRA, calibrate_levels, draw_lesion_plan
-from ctp2mri.phantom.perfusion import arterial_input, ctp_curves, draw_perfusion_params
-from ctp2mri.profiles import get_profile
+from ctp2mri.phantom.anatomy import (
+    Deformation,
+    Rigid,
+    Tissue,
+    model_grid,
+    random_deformation,
+    random_misalignment,
+    sample_tissue,
+    tissue_templates,
+)
+from ctp2mri.phantom.diffusion import (
+    DiffusionParams,
+    core_eligible,
+    diffusion_images,
+    draw_diffusion_params,
+)
+from ctp2mri.phantom.lesions import LesionPlan, calibrate_levels, draw_lesion_plan, lesion_masks
+from ctp2mri.phantom.perfusion import (
+    PerfusionParams,
+    arterial_input,
+    ctp_curves,
+    draw_perfusion_params,
+)
+from ctp2mri.profiles import Profile, get_profile
 from ctp2mri.progress import CancelToken, ProgressCallback
 
 PHANTOM_VERSION = "1.0"
-DEFAULT_FRAME_INTERVAL_S = 3.0
 ACQUISITION_WINDOW_S = 42.0  # the paper scanner's 15 frames, every 3 s from 0 s
 MAX_ACQUISITION_S = 300.0
+MAX_FRAMES = 120  # clinical protocols use 10–60; more only costs memory
 SPLIT_FRACTIONS = {"val": 0.15, "test": 0.15}
 SPLITS_FILE = "splits.json"
 _STREAMS = ("anatomy", "lesion", "perfusion", "diffusion", "misalignment", "ctp_noise", "mri_noise")
@@ -60,16 +79,23 @@ def frame_times(n_frames: int = 15, frame_interval: float | None = None) -> np.n
     that resampling to the model's 15 frames has something real to do.
     """
     if isinstance(n_frames, bool) or not isinstance(n_frames, (int, np.integer)) or n_frames < 2:
-        raise InputError(f"n_frames must be an integer ≥ 2 (CT perfusion needs a time course), got {n_frames!r}")
+        raise InputError(
+            f"n_frames must be an integer ≥ 2 (CT perfusion needs a time course), got {n_frames!r}"
+        )
+    if n_frames > MAX_FRAMES:
+        raise InputError(f"n_frames={n_frames}: the phantom makes at most {MAX_FRAMES} frames")
     if frame_interval is None:
         frame_interval = ACQUISITION_WINDOW_S / (n_frames - 1)
     frame_interval = float(frame_interval)
     if not np.isfinite(frame_interval) or frame_interval <= 0:
-        raise InputError(f"frame_interval must be a positive number of seconds, got {frame_interval!r}")
-    if frame_interval * (n_frames - 1) > MAX_ACQUISITION_S:
         raise InputError(
-            f"{n_frames} frames every {frame_interval:g} s last {frame_interval * (n_frames - 1):g} s; "
-            f"the phantom simulates at most {MAX_ACQUISITION_S:g} s, use fewer frames or a shorter interval"
+            f"frame_interval must be a positive number of seconds, got {frame_interval!r}"
+        )
+    if frame_interval * (n_frames - 1) > MAX_ACQUISITION_S:
+        duration = frame_interval * (n_frames - 1)
+        raise InputError(
+            f"{n_frames} frames every {frame_interval:g} s last {duration:g} s; the phantom "
+            f"simulates at most {MAX_ACQUISITION_S:g} s: use fewer frames or a shorter interval"
         )
     return np.arange(n_frames) * frame_interval
 
@@ -80,91 +106,158 @@ def _check_seed(seed: Any) -> int:
     return int(seed)
 
 
-def simulate_case(
-    seed: int, profile: str = "demo", n_frames: int = 15, frame_interval: float | None = None
-) -> PhantomCase:
-    """Simulate one case and keep the ground-truth maps (see `PhantomCase`)."""
-    seed = _check_seed(seed)
-    prof = get_profile(profile)
-    times = frame_times(n_frames, frame_interval)
+@dataclass
+class _Draws:
+    """Everything one seed decides before any grid is involved, and the noise generators."""
+
+    seed: int
+    deformation: Deformation
+    misalignment: Rigid
+    plan: LesionPlan
+    perfusion: PerfusionParams
+    scanner: DiffusionParams
+    ctp_noise: np.random.Generator
+    mri_noise: np.random.Generator
+
+
+def _draw(seed: int, prof: Profile) -> _Draws:
+    children = np.random.SeedSequence(seed).spawn(len(_STREAMS))
+    rng = {name: np.random.default_rng(child) for name, child in zip(_STREAMS, children)}
+    return _Draws(
+        seed=seed,
+        deformation=random_deformation(rng["anatomy"]),
+        misalignment=random_misalignment(rng["misalignment"], prof.spacing),
+        plan=draw_lesion_plan(rng["lesion"]),
+        perfusion=draw_perfusion_params(rng["perfusion"]),
+        scanner=draw_diffusion_params(rng["diffusion"]),
+        ctp_noise=rng["ctp_noise"],
+        mri_noise=rng["mri_noise"],
+    )
+
+
+@dataclass
+class _Geometry:
+    """The case's tissue and lesion on the MRI grid (the truth) and, optionally, the CT grid."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    voxel_ml: float
+    mri: Tissue
+    level_mri: np.ndarray
+    core: np.ndarray  # per MRI brain voxel
+    penumbra: np.ndarray
+    ctp: Tissue | None = None
+    level_ctp: np.ndarray | None = None
+
+
+def _geometry(draws: _Draws, prof: Profile, with_ctp: bool = True) -> _Geometry:
     shape, affine = model_grid(prof)
     voxel_ml = float(np.prod(prof.spacing)) / 1000.0
     templates = tissue_templates(prof.name)
-    rng = dict(zip(_STREAMS, (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(_STREAMS)))))
+    deformation, plan = draws.deformation, draws.plan
+    elastic = deformation.elastic_field(shape, affine)
+    mri = sample_tissue(templates, deformation.template_points(shape, affine, elastic=elastic))
+    score = plan.score(mri.points)
+    eligible = core_eligible(mri.fractions, plan, draws.scanner)
+    levels = calibrate_levels(plan, score, eligible, mri.gm + mri.wm, voxel_ml)
+    level_mri = levels.level(score)
+    core, penumbra = lesion_masks(level_mri, eligible, mri.gm + mri.wm)
+    geometry = _Geometry(shape, affine, voxel_ml, mri, level_mri, core, penumbra)
+    if with_ctp:  # the CT sees the same head, moved by under a voxel
+        points = deformation.template_points(shape, affine, draws.misalignment, elastic)
+        ctp = sample_tissue(templates, points)
+        geometry.ctp, geometry.level_ctp = ctp, levels.level(plan.score(ctp.points))
+    return geometry
 
-    # Grid-independent draws first.
-    deformation = random_deformation(rng["anatomy"])
-    misalignment = random_misalignment(rng["misalignment"], prof.spacing)
-    plan = draw_lesion_plan(rng["lesion"])
-    perfusion = draw_perfusion_params(rng["perfusion"])
-    scanner = draw_diffusion_params(rng["diffusion"])
 
-    # The MRI grid is the ground truth; the CT sees the same head moved by under a voxel.
-    mri = sample_tissue(templates, deformation.template_points(shape, affine))
-    ctp = sample_tissue(templates, deformation.template_points(shape, affine, misalignment))
-    score_mri = plan.score(mri.points, mri.gm + mri.wm)
-    levels = calibrate_levels(plan, score_mri, voxel_ml)
-    level_mri = levels.level(score_mri)
-    level_ctp = levels.level(plan.score(ctp.points, ctp.gm + ctp.wm))
+def lesion_truth(seed: int, profile: str = "demo") -> dict[str, Volume]:
+    """Core, penumbra and brain masks of case ``seed`` without synthesising its images.
 
-    hu, perf_maps = ctp_curves(ctp, level_ctp, plan, perfusion, times, rng["ctp_noise"])
-    images, dwi_sigma = diffusion_images(mri.fractions, level_mri, plan, scanner, rng["mri_noise"])
+    Equal to the masks `generate_case` writes for the same seed and profile, at a third of the
+    cost; for lesion statistics over many cases.
+    """
+    prof = get_profile(profile)
+    g = _geometry(_draw(_check_seed(seed), prof), prof, with_ctp=False)
+    return {
+        "core": Volume(g.mri.scatter(g.core, dtype=np.uint8), g.affine),
+        "penumbra": Volume(g.mri.scatter(g.penumbra, dtype=np.uint8), g.affine),
+        "mask": Volume(g.mri.brain.astype(np.uint8), g.affine),
+    }
 
-    core = level_mri >= CORE
-    penumbra = (level_mri >= PENUMBRA) & ~core
-    core_grid = mri.scatter(core, dtype=np.uint8)
-    slices_with_core = int(np.count_nonzero(core_grid.any(axis=(0, 1))))
-    slices_with_brain = int(np.count_nonzero(mri.brain.any(axis=(0, 1))))
 
+def simulate_case(
+    seed: int, profile: str = "demo", n_frames: int = 15, frame_interval: float | None = None
+) -> PhantomCase:
+    """Simulate one case and keep the ground-truth maps (see `PhantomCase`).
+
+    Arguments as `generate_case`.
+    """
+    seed = _check_seed(seed)
+    prof = get_profile(profile)
+    times = frame_times(n_frames, frame_interval)
+    draws = _draw(seed, prof)
+    g = _geometry(draws, prof)
+    mri, ctp, plan = g.mri, g.ctp, draws.plan
+
+    hu, perfusion_maps = ctp_curves(ctp, g.level_ctp, plan, draws.perfusion, times, draws.ctp_noise)
+    images, dwi_sigma = diffusion_images(
+        mri.fractions, g.level_mri, plan, draws.scanner, draws.mri_noise
+    )
+    core = mri.scatter(g.core, dtype=np.uint8)
+
+    core_ml = round(float(g.core.sum() * g.voxel_ml), 4)
     info: dict[str, Any] = {
         "generator": "ctp2mri.phantom",
         "phantom_version": PHANTOM_VERSION,
         "seed": seed,
         "profile": prof.name,
         "spacing_mm": list(prof.spacing),
-        "shape": list(shape),
-        "lesion_ml": round(float(core.sum() * voxel_ml), 4),
-        "penumbra_ml": round(float(penumbra.sum() * voxel_ml), 4),
-        "slices_with_lesion": slices_with_core,
-        "slices_with_brain": slices_with_brain,
-        "brain_ml": round(float(mri.brain.sum() * voxel_ml), 2),
+        "shape": list(g.shape),
+        "lesion_ml": core_ml,  # the lesion mask is the core
+        "core_ml": core_ml,
+        "penumbra_ml": round(float(g.penumbra.sum() * g.voxel_ml), 4),
+        "slices_with_lesion": int(np.count_nonzero(core.any(axis=(0, 1)))),
+        "slices_with_brain": int(np.count_nonzero(mri.brain.any(axis=(0, 1)))),
+        "brain_ml": round(float(mri.brain.sum() * g.voxel_ml), 2),
         **plan.describe(),
         "planned_core_ml": round(plan.core_ml, 4),
         "planned_penumbra_ml": round(plan.penumbra_ml, 4),
-        **perfusion.describe(),
+        **draws.perfusion.describe(),
         "frame_times": [round(float(t), 6) for t in times],
-        "aif_hu": [round(float(v), 3) for v in arterial_input(times, perfusion)],
-        **scanner.describe(),
+        "aif_hu": [round(float(v), 3) for v in arterial_input(times, draws.perfusion)],
+        **draws.scanner.describe(),
         "dwi_noise_sigma": round(dwi_sigma, 4),
-        "misalignment": {"shift_mm": np.round(misalignment.shift_mm, 4).tolist(),
-                         "rotation_deg": np.round(misalignment.rotation_deg, 4).tolist()},
-        "deformation": deformation.describe(),
+        "misalignment": {"shift_mm": np.round(draws.misalignment.shift_mm, 4).tolist(),
+                         "rotation_deg": np.round(draws.misalignment.rotation_deg, 4).tolist()},
+        "deformation": draws.deformation.describe(),
     }
 
-    def vol(array: np.ndarray, **meta: Any) -> Volume:
-        return Volume(array, affine.copy(), meta={"source": "ctp2mri phantom", "seed": seed, **meta})
+    def vol(array: np.ndarray, frame_times: np.ndarray | None = None, **meta: Any) -> Volume:
+        meta = {"source": "ctp2mri phantom", "seed": seed, **meta}
+        return Volume(array, g.affine.copy(), frame_times=frame_times, meta=meta)
 
-    ctp_array = ctp.scatter(hu)  # skull-stripped: 0 outside the brain, like the registered paper data
     case = Case(
-        ctp=Volume(ctp_array, affine.copy(), frame_times=times,
-                   meta={"source": "ctp2mri phantom", "seed": seed, "modality": "CTP", "units": "HU"}),
-        dwi=vol(mri.scatter(images["dwi"]), modality="DWI", b_value=scanner.b_value),
+        # Skull-stripped like the paper's registered data: 0 outside the brain.
+        ctp=vol(ctp.scatter(hu), frame_times=times, modality="CTP", units="HU"),
+        dwi=vol(mri.scatter(images["dwi"]), modality="DWI", b_value=draws.scanner.b_value),
         adc=vol(mri.scatter(images["adc"]), modality="ADC", units="1e-6 mm2/s"),
-        lesion=vol(core_grid, modality="lesion"),
+        lesion=vol(core, modality="lesion"),
         mask=vol(mri.brain.astype(np.uint8), modality="brain mask"),
         info=info,
     )
+    ctp_eligible = core_eligible(ctp.fractions, plan, draws.scanner)
+    ctp_penumbra = lesion_masks(g.level_ctp, ctp_eligible, ctp.gm + ctp.wm)[1]
     maps = {
-        "core": vol(core_grid),
-        "penumbra": vol(mri.scatter(penumbra, dtype=np.uint8)),
-        "ischaemia_level": vol(mri.scatter(level_mri.astype(np.float32))),
+        "core": vol(core),
+        "penumbra": vol(mri.scatter(g.penumbra, dtype=np.uint8)),
+        "ischaemia_level": vol(mri.scatter(g.level_mri.astype(np.float32))),
         "gm": vol(mri.scatter(mri.gm)),
         "wm": vol(mri.scatter(mri.wm)),
         "csf": vol(mri.scatter(mri.csf)),
         **{k: vol(mri.scatter(images[k])) for k in ("b0", "b0_true", "dwi_true", "adc_true")},
-        **{k: vol(ctp.scatter(v), geometry="ctp") for k, v in perf_maps.items()},
-        "penumbra_ctp": vol(ctp.scatter((level_ctp >= PENUMBRA) & (level_ctp < CORE), dtype=np.uint8)),
-        "ctp_brain": vol(ctp.brain.astype(np.uint8)),
+        **{k: vol(ctp.scatter(v), geometry="ctp") for k, v in perfusion_maps.items()},
+        "penumbra_ctp": vol(ctp.scatter(ctp_penumbra, dtype=np.uint8), geometry="ctp"),
+        "ctp_brain": vol(ctp.brain.astype(np.uint8), geometry="ctp"),
     }
     return PhantomCase(case, maps)
 
@@ -208,14 +301,15 @@ def phantom_maps(
 # datasets --------------------------------------------------------------------------------------
 def case_seed(seed: int, index: int) -> int:
     """Seed of case ``index`` of a dataset: independent of how many cases are generated."""
-    state = np.random.SeedSequence(_check_seed(seed), spawn_key=(0, int(index))).generate_state(1, np.uint32)
-    return int(state[0])
+    sequence = np.random.SeedSequence(_check_seed(seed), spawn_key=(0, int(index)))
+    return int(sequence.generate_state(1, np.uint32)[0])
 
 
 def split_cases(names: list[str], seed: int) -> dict[str, list[str]]:
     """Deterministic ~70/15/15 train/val/test split; at least one test case from three cases on."""
     n = len(names)
-    order = np.random.default_rng(np.random.SeedSequence(_check_seed(seed), spawn_key=(1,))).permutation(n)
+    rng = np.random.default_rng(np.random.SeedSequence(_check_seed(seed), spawn_key=(1,)))
+    order = rng.permutation(n)
 
     def share(fraction: float, minimum_n: int) -> int:
         return max(1, int(np.floor(fraction * n + 0.5))) if n >= minimum_n else 0
@@ -292,6 +386,8 @@ def generate_dataset(
             "(--overwrite) to replace the phantom dataset in it"
         )
     ensure_writable_dir(out)
+    # splits.json marks a finished dataset; an overwrite in progress is not one.
+    (out / SPLITS_FILE).unlink(missing_ok=True)
 
     width = max(3, len(str(n_cases - 1)))
     names = [f"case_{i:0{width}d}" for i in range(n_cases)]
@@ -307,7 +403,8 @@ def generate_dataset(
 
     if overwrite:  # an earlier, larger phantom run would otherwise leave extra cases behind
         for stale in out.iterdir():
-            if stale.is_dir() and _CASE_NAME.match(stale.name) and stale.name not in seeds and _is_phantom_case(stale):
+            ours = stale.is_dir() and _CASE_NAME.match(stale.name) and _is_phantom_case(stale)
+            if ours and stale.name not in seeds:
                 shutil.rmtree(stale)
 
     splits = {

@@ -2,9 +2,9 @@
 
 A lesion is a smooth random blob: an ellipsoid roughened by a smooth noise field, clipped to
 one hemisphere and one vascular territory (large MCA-type, small deep lacunar, occipital
-PCA-type) and to tissue (no CSF). Its *score* rises towards the blob's centre; thresholds of
-the score picked on the MRI grid make exactly the drawn core and penumbra volumes, and the
-same thresholds turn the score into an *ischaemia level* everywhere:
+PCA-type). Its *score* rises towards the blob's centre; thresholds of the score picked on the
+MRI grid make exactly the drawn core and penumbra volumes (counted in parenchyma only, see
+`lesion_masks`), and the same thresholds turn the score into an *ischaemia level* everywhere:
 
 ====================  =================  ==========================================
 level                 region             meaning
@@ -28,8 +28,8 @@ from scipy.spatial.transform import Rotation
 
 from ctp2mri.phantom.fields import SmoothField, smooth_field
 
-NORMAL, OLIGAEMIA, PENUMBRA, CORE, DEEPEST = 0.0, 0.0, 1.0, 2.0, 3.0
-MIN_TISSUE_FRACTION = 0.75  # lesions sit in parenchyma; mostly-CSF voxels are never infarcted
+NORMAL, PENUMBRA, CORE, DEEPEST = 0.0, 1.0, 2.0, 3.0  # ischaemia levels (table above)
+PENUMBRA_MIN_TISSUE = 0.5  # grey + white matter fraction of a voxel labelled penumbra
 
 
 @dataclass(frozen=True)
@@ -86,24 +86,28 @@ class LesionPlan:
     def has_lesion(self) -> bool:
         return self.territory != "none"
 
-    def score(self, points: np.ndarray, tissue_fraction: np.ndarray) -> np.ndarray:
-        """Lesion score of MNI ``points`` ``(3, n)``; −inf where no lesion may be.
+    def score(self, points: np.ndarray) -> np.ndarray:
+        """Lesion score of MNI ``points`` ``(3, n)``: higher towards the blob's centre, −inf outside
+        its hemisphere and territory.
 
-        ``tissue_fraction`` (grey + white matter) of each point keeps lesions out of CSF.
+        The score depends on position only, so the perfusion deficit is one smooth field that
+        also covers the CSF inside the lesion; tissue enters only the labels (`lesion_masks`).
         """
         if not self.has_lesion:
             return np.full(points.shape[1], -np.inf)
         terr = TERRITORIES[self.territory]
         side = 1.0 if self.hemisphere == "right" else -1.0
         t_centre = np.array(terr.centre) * np.array([side, 1.0, 1.0])
-        in_territory = np.sum(((points - t_centre[:, None]) / np.array(terr.radii)[:, None]) ** 2, axis=0) <= 1.0
-        allowed = in_territory & (side * points[0] > 0) & (tissue_fraction >= MIN_TISSUE_FRACTION)
+        relative = (points - t_centre[:, None]) / np.array(terr.radii)[:, None]
+        in_territory = np.sum(relative**2, axis=0) <= 1.0
+        allowed = in_territory & (side * points[0] > 0)
         local = self.rotation.T @ (points - self.centre[:, None]) / self.axes_mm[:, None]
         distance = np.sqrt(np.sum(local**2, axis=0))
         # Roughen the radius multiplicatively: every level set stays one star-shaped blob, the
         # core compact in the middle, the large outer penumbra the most irregular.
         if self.texture is not None:
-            distance = distance / np.clip(1.0 + self.irregularity * self.texture.at(points), 0.3, None)
+            bumps = 1.0 + self.irregularity * self.texture.at(points)
+            distance = distance / np.clip(bumps, 0.3, None)
         return np.where(allowed, -distance, -np.inf)
 
     def describe(self) -> dict:
@@ -130,7 +134,7 @@ def draw_lesion_plan(rng: np.random.Generator) -> LesionPlan:
         penumbra_cbv=rng.uniform(1.0, 1.25),
         core_tmax_max=rng.uniform(12.0, 16.0),
         core_adc_factor=rng.uniform(0.54, 0.72),  # GM 800 → 430–575, WM 720 → 390–520
-        core_t2_factor=rng.uniform(1.0, 1.12),
+        core_t2_factor=rng.uniform(1.05, 1.2),
         core_hypodensity_hu=rng.uniform(0.0, 3.0),
     )
     kind = rng.random()
@@ -138,12 +142,12 @@ def draw_lesion_plan(rng: np.random.Generator) -> LesionPlan:
     territory = names[rng.choice(len(names), p=np.array(list(TERRITORY_WEIGHTS.values())))]
     hemisphere = "left" if rng.random() < 0.5 else "right"
     terr = TERRITORIES[territory]
-    core = float(np.clip(np.exp(np.log(terr.core_median_ml) + terr.core_log_sd * rng.standard_normal()),
-                         *terr.core_range_ml))
+    log_core = np.log(terr.core_median_ml) + terr.core_log_sd * rng.standard_normal()
+    core = float(np.clip(np.exp(log_core), *terr.core_range_ml))
     penumbra = core * rng.uniform(1.2, 3.0) + rng.uniform(*terr.penumbra_extra_ml)
     if kind < P_NO_HYPOPERFUSION:
-        return LesionPlan("none", "none", 0.0, 0.0, 0.0, np.zeros(3), np.ones(3), np.eye(3), 0.0, None,
-                          **severity)
+        return LesionPlan("none", "none", 0.0, 0.0, 0.0, np.zeros(3), np.ones(3), np.eye(3),
+                          0.0, None, **severity)
     if kind < P_NO_HYPOPERFUSION + P_PENUMBRA_ONLY:
         core = 0.0
         if territory == "lacunar":  # a deep penumbra without core is not a clinical picture
@@ -192,25 +196,56 @@ class IschaemiaLevels:
         return np.interp(np.where(np.isfinite(score), score, xp[0] - 1.0), xp, fp)
 
 
-def calibrate_levels(plan: LesionPlan, score: np.ndarray, voxel_ml: float) -> IschaemiaLevels:
-    """Thresholds so that exactly the planned volumes (in voxels of ``voxel_ml``) are core, penumbra
-    and oligaemia on the grid whose ``score`` is given (the MRI grid: the ground truth).
+def lesion_masks(
+    level: np.ndarray, core_eligible: np.ndarray, tissue_fraction: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Core and penumbra labels of each voxel.
+
+    Parameters
+    ----------
+    level
+        Ischaemia levels.
+    core_eligible
+        Voxels whose ADC would fall below the clinical threshold if infarcted (diffusion.py);
+        CSF partial volume keeps the others above it, and experts, who segment the core on the
+        ADC map, would leave them out.
+    tissue_fraction
+        Grey + white matter fraction; the penumbra is labelled where there is tissue to save.
     """
-    finite = np.sort(score[np.isfinite(score)])[::-1]
-    n = finite.size
-    if not plan.has_lesion or n < 8:
+    core = (level >= CORE) & core_eligible
+    penumbra = (level >= PENUMBRA) & (level < CORE) & (tissue_fraction >= PENUMBRA_MIN_TISSUE)
+    return core, penumbra
+
+
+def calibrate_levels(
+    plan: LesionPlan,
+    score: np.ndarray,
+    core_eligible: np.ndarray,
+    tissue_fraction: np.ndarray,
+    voxel_ml: float,
+) -> IschaemiaLevels:
+    """Thresholds so that `lesion_masks` labels exactly the planned core and penumbra volumes
+    (in voxels of ``voxel_ml``) on the grid whose ``score`` is given (the MRI grid: the truth).
+    """
+    finite = np.isfinite(score)
+    core_candidates = np.sort(score[finite & core_eligible])[::-1]
+    candidates = np.sort(score[finite & (tissue_fraction >= PENUMBRA_MIN_TISSUE)])[::-1]
+    n = candidates.size
+    if not plan.has_lesion or core_candidates.size < 8:
         return IschaemiaLevels(-np.inf, -np.inf, -np.inf, -np.inf, False)
-    # Voxel counts (cumulative: core, core + penumbra, + oligaemia). A territory smaller than the
-    # plan (a small head, a huge infarct) gives up oligaemia first, then penumbra, then core.
+    # A territory smaller than the plan (a small head, a huge infarct) gives up oligaemia first,
+    # then penumbra, then core.
     k_core = max(int(round(plan.core_ml / voxel_ml)), 1) if plan.core_ml > 0 else 0
-    k_core = min(k_core, int(0.45 * n))
-    k_pen = min(k_core + max(int(round(plan.penumbra_ml / voxel_ml)), 1), int(0.9 * n))
-    k_olig = min(k_pen + max(int(round(plan.oligaemia_ml / voxel_ml)), 1), n)
+    k_core = min(k_core, int(0.45 * core_candidates.size))
     has_core = k_core >= 1
-    peak = float(finite[0])
+    peak = float(score[finite].max())
     eps = 1e-6  # keep the interpolation points strictly increasing
-    core = float(finite[k_core - 1]) if has_core else peak + eps
-    penumbra = min(float(finite[max(k_pen - 1, 0)]), core - eps)
-    oligaemia = min(float(finite[max(k_olig - 1, 0)]), penumbra - eps)
+    core = float(core_candidates[k_core - 1]) if has_core else peak + eps
+    # Candidates past the core line that are not core (too much CSF) are not penumbra either.
+    above_core = int(np.count_nonzero(candidates >= core))
+    k_pen = min(above_core + max(int(round(plan.penumbra_ml / voxel_ml)), 1), int(0.9 * n))
+    k_olig = min(k_pen + max(int(round(plan.oligaemia_ml / voxel_ml)), 1), n)
+    penumbra = min(float(candidates[max(k_pen - 1, 0)]), core - eps)
+    oligaemia = min(float(candidates[max(k_olig - 1, 0)]), penumbra - eps)
     deepest = max(peak, core + eps)
     return IschaemiaLevels(oligaemia, penumbra, core, deepest, has_core)

@@ -6,7 +6,7 @@ residue peaks at the tissue's bolus delay, so that delay *is* Tmax. The convolut
 once per case on a 0.1 s grid for a log-spaced table of MTTs; every voxel then reads its
 curve from the table at its own MTT and delay (bilinear), without a per-voxel convolution.
 
-Calibration ``κ``: the phantom's gamma-variate bolus (α ≈ 3, β ≈ 1.5 s, peak 250–350 HU)
+Calibration ``κ``: the phantom's gamma-variate bolus (α ≈ 3, β ≈ 1.5 s, peak 270–330 HU)
 carries about a quarter of the iodine a clinical 40–50 ml bolus does, so with textbook CBF and
 CBV the tissue would enhance only ~6 HU. ``κ`` scales the tissue's share of the bolus so that
 peak enhancement lands at the clinical GM 15–30 HU and WM 5–10 HU (tests check it).
@@ -25,7 +25,7 @@ from ctp2mri.phantom.lesions import CORE, DEEPEST, NORMAL, PENUMBRA, LesionPlan
 
 K_H = 0.73  # large-vessel to capillary haematocrit correction
 RHO = 1.04  # brain density, g/ml
-ENHANCEMENT_CALIBRATION = 3.3  # κ, see the module docstring
+ENHANCEMENT_CALIBRATION = 3.34  # κ, see the module docstring
 NORMAL_CBF = np.array([55.0, 22.0])  # grey, white matter, ml/100 g/min
 NORMAL_CBV = np.array([4.0, 2.0])  # ml/100 g
 FINE_DT = 0.1  # s, grid of the convolution
@@ -69,14 +69,14 @@ def draw_perfusion_params(rng: np.random.Generator) -> PerfusionParams:
     """Draw bolus timing and shape, normal tissue delay, noise, gain/offset, baseline HU."""
     return PerfusionParams(
         bolus_arrival_s=rng.uniform(5.0, 10.0),
-        aif_peak_hu=rng.uniform(250.0, 350.0),
-        aif_alpha=rng.uniform(2.8, 3.2),
-        aif_beta_s=rng.uniform(1.35, 1.65),
+        aif_peak_hu=rng.uniform(270.0, 330.0),
+        aif_alpha=rng.uniform(2.9, 3.1),
+        aif_beta_s=rng.uniform(1.4, 1.6),
         recirculation=rng.uniform(0.05, 0.15),
         recirculation_delay_s=rng.uniform(9.0, 13.0),
         tissue_delay_s=rng.uniform(0.0, 2.0),
         noise_sigma_hu=rng.uniform(5.0, 15.0),
-        gain=rng.uniform(0.97, 1.03),
+        gain=rng.uniform(0.98, 1.02),
         offset_hu=rng.uniform(-3.0, 3.0),
         baseline_hu=(rng.uniform(36.0, 40.0), rng.uniform(27.0, 31.0), rng.uniform(3.0, 8.0)),
         flow_variation=rng.uniform(0.03, 0.08),
@@ -93,9 +93,10 @@ def gamma_variate(t: np.ndarray, t0: float, alpha: float, beta: float, peak: flo
 
 def arterial_input(t: np.ndarray, params: PerfusionParams) -> np.ndarray:
     """Arterial enhancement (HU above baseline): first pass plus a small, broader second pass."""
-    first = gamma_variate(t, params.bolus_arrival_s, params.aif_alpha, params.aif_beta_s, params.aif_peak_hu)
-    second = gamma_variate(t, params.bolus_arrival_s + params.recirculation_delay_s, params.aif_alpha,
-                           2.0 * params.aif_beta_s, params.recirculation * params.aif_peak_hu)
+    p = params
+    first = gamma_variate(t, p.bolus_arrival_s, p.aif_alpha, p.aif_beta_s, p.aif_peak_hu)
+    second = gamma_variate(t, p.bolus_arrival_s + p.recirculation_delay_s, p.aif_alpha,
+                           2.0 * p.aif_beta_s, p.recirculation * p.aif_peak_hu)
     return first + second
 
 
@@ -111,6 +112,7 @@ class ResidueTable:
         t = np.arange(0.0, t_end + dt, dt)
         aif = arterial_input(t, params)
         kernels = np.exp(-t[None, :] / MTT_TABLE[:, None])
+        kernels[:, 0] *= 0.5  # trapezoidal rule: the kernel then integrates to MTT, not MTT + dt/2
         n_fft = 2 * t.size  # zero-padded: a linear, not circular, convolution
         spectrum = np.fft.rfft(aif, n_fft)[None, :] * np.fft.rfft(kernels, n_fft, axis=1)
         return cls(dt * np.fft.irfft(spectrum, n_fft, axis=1)[:, : t.size], dt)
@@ -120,7 +122,8 @@ class ResidueTable:
         row = np.interp(np.log(mtt), np.log(MTT_TABLE), np.arange(MTT_TABLE.size))
         rows = np.broadcast_to(row[:, None], times.shape)
         # mode="nearest" reads the table's first column (0: nothing arrived) for negative times.
-        return ndimage.map_coordinates(self.values, [rows, times / self.dt], order=1, mode="nearest")
+        index = [rows, times / self.dt]
+        return ndimage.map_coordinates(self.values, index, order=1, mode="nearest")
 
 
 def enhancement_scale() -> float:
@@ -128,12 +131,19 @@ def enhancement_scale() -> float:
     return ENHANCEMENT_CALIBRATION * K_H * RHO / 6000.0
 
 
-def ischaemic_parameters(level: np.ndarray, plan: LesionPlan, normal_tmax: float) -> tuple[np.ndarray, ...]:
+def ischaemic_parameters(
+    level: np.ndarray, plan: LesionPlan, normal_tmax: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Relative CBF, relative CBV and Tmax (s) for each ischaemia level (see lesions.py)."""
-    rel_cbf = np.interp(level, [NORMAL, PENUMBRA, CORE, DEEPEST], [1.0, 0.7, 0.3, plan.core_cbf_min])
-    rel_cbv = np.interp(level, [NORMAL, PENUMBRA, PENUMBRA + 0.8, CORE, DEEPEST],
-                        [1.0, plan.penumbra_cbv, plan.penumbra_cbv, 0.75, plan.core_cbv_min])
-    tmax = np.interp(level, [NORMAL, PENUMBRA, CORE, DEEPEST], [normal_tmax, 6.0, 10.0, plan.core_tmax_max])
+    levels = [NORMAL, PENUMBRA, CORE, DEEPEST]
+    rel_cbf = np.interp(level, levels, [1.0, 0.7, 0.3, plan.core_cbf_min])
+    # CBV holds up (collaterals, vasodilation) until autoregulation fails at the core's edge.
+    rel_cbv = np.where(
+        level < CORE,
+        np.interp(level, [NORMAL, PENUMBRA], [1.0, plan.penumbra_cbv]),
+        np.interp(level, [CORE, DEEPEST], [0.75, plan.core_cbv_min]),
+    )
+    tmax = np.interp(level, levels, [normal_tmax, 6.0, 10.0, plan.core_tmax_max])
     return rel_cbf, rel_cbv, tmax
 
 
@@ -162,7 +172,8 @@ def ctp_curves(
     normal_mtt = 60.0 * NORMAL_CBV / NORMAL_CBF
 
     # Normal tissue shares two curves (grey, white); only their amplitude varies.
-    base = table.sample(normal_mtt, np.broadcast_to(frame_times - params.tissue_delay_s, (2, frame_times.size)))
+    delayed = np.broadcast_to(frame_times - params.tissue_delay_s, (2, frame_times.size))
+    base = table.sample(normal_mtt, delayed)
     delta = flow[:, None] * ((fractions * (scale * NORMAL_CBF)[:, None]).T @ base)
 
     rel_cbf, rel_cbv, tmax = ischaemic_parameters(level, plan, params.tissue_delay_s)
