@@ -19,41 +19,84 @@ import nibabel as nib
 import numpy as np
 
 from ctp2mri.io.atomic import atomic_path
+from ctp2mri.io.volume import Volume
 
 # Labels of the synthetic head and their unenhanced HU / peak enhancement (HU).
-_AIR, _SCALP, _SKULL, _GREY, _WHITE, _CSF = range(6)
+AIR, SCALP, SKULL, GREY, WHITE, CSF = range(6)
+BRAIN_LABELS = (GREY, WHITE, CSF)
 _BASE_HU = np.array([-1000, 40, 1000, 40, 30, 5], dtype=np.int16)
 _PEAK_HU = np.array([0, 10, 0, 25, 8, 0], dtype=np.float64)
+_BRAIN_SEMI_AXES_MM = (66.0, 82.0, 58.0)  # brain ellipsoid: 4/3·π·66·82·58 mm³ ≈ 1315 ml
 
 
-def _head_labels(shape: tuple[int, int, int], spacing: tuple[float, float, float], z0: int, z1: int) -> np.ndarray:
-    """Labels of slices z0:z1 of an ellipsoidal head centred in the field of view."""
+def head_labels(shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                z0: int = 0, z1: int | None = None) -> np.ndarray:
+    """Labels of slices z0:z1 of an ellipsoidal head centred in the field of view.
+
+    Brain (grey shell, white core, a ventricle) inside a 7 mm skull and a 5 mm scalp;
+    world coordinates are centred on the volume (see `centred_affine`).
+    """
+    z1 = shape[2] if z1 is None else z1
     axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing)]
     x, y, z = np.meshgrid(axes[0], axes[1], axes[2][z0:z1], indexing="ij", sparse=True)
-    r = np.sqrt((x / 66.0) ** 2 + (y / 82.0) ** 2 + (z / 58.0) ** 2).astype(np.float32)
+    a, b, c = _BRAIN_SEMI_AXES_MM
+    r = np.sqrt((x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2).astype(np.float32)
     ventricles = ((x - 4.0) / 9.0) ** 2 + (y / 24.0) ** 2 + ((z - 8.0) / 11.0) ** 2 < 1.0
-    labels = np.full(r.shape, _AIR, dtype=np.int8)
-    labels[r < 1.17] = _SCALP
-    labels[r < 1.10] = _SKULL
-    labels[r < 1.00] = _GREY
-    labels[r < 0.75] = _WHITE
-    labels[(r < 0.75) & ventricles] = _CSF
+    labels = np.full(r.shape, AIR, dtype=np.int8)
+    labels[r < 1.17] = SCALP
+    labels[r < 1.10] = SKULL
+    labels[r < 1.00] = GREY
+    labels[r < 0.75] = WHITE
+    labels[(r < 0.75) & ventricles] = CSF
     return labels
+
+
+def centred_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
+    """RAS affine with the given spacing and the volume's centre at world (0, 0, 0)."""
+    affine = np.diag(list(spacing) + [1.0])
+    affine[:3, 3] = -np.asarray(spacing) * (np.asarray(shape) - 1) / 2.0
+    return affine
+
+
+def _bolus(frames: int, frame_interval: float) -> np.ndarray:
+    """Gamma-variate bolus (arrival 6 s, α = 3, β = 1.5 s), peak 1."""
+    t = np.maximum(np.arange(frames) * frame_interval - 6.0, 0.0)
+    curve = t**3 * np.exp(-t / 1.5)
+    return curve / curve.max() if curve.max() > 0 else curve
+
+
+def _frame_hu(labels: np.ndarray, bolus_k: float, rng: np.random.Generator,
+              noise: int) -> np.ndarray:
+    frame = (_BASE_HU + np.rint(_PEAK_HU * bolus_k).astype(np.int16))[labels]
+    if noise:
+        frame += rng.integers(-noise, noise + 1, size=frame.shape, dtype=np.int16)
+    return frame
+
+
+def synthetic_ctp(shape: tuple[int, int, int] = (96, 96, 48),
+                  spacing: tuple[float, float, float] = (2.5, 2.5, 4.0), frames: int = 15,
+                  frame_interval: float = 2.0, noise: int = 12, seed: int = 0) -> Volume:
+    """An in-memory head CTP (int16 HU) like `write_synthetic_ctp` writes; labels in meta."""
+    labels = head_labels(shape, spacing)
+    bolus = _bolus(frames, frame_interval)
+    rng = np.random.default_rng(seed)
+    array = np.stack([_frame_hu(labels, b, rng, noise) for b in bolus], axis=-1)
+    return Volume(array, centred_affine(shape, spacing),
+                  frame_times=np.arange(frames) * frame_interval, meta={"labels": labels})
 
 
 def write_synthetic_ctp(path: str | os.PathLike, shape: tuple[int, int, int] = (512, 512, 320),
                         spacing: tuple[float, float, float] = (0.47, 0.47, 1.0), frames: int = 15,
-                        frame_interval: float = 2.0, seed: int = 0) -> Path:
+                        frame_interval: float = 2.0, noise: int = 12, seed: int = 0) -> Path:
     """Write a head-like CTP as uncompressed int16 NIfTI, a slab at a time.
 
-    Air −1000 HU, scalp 40, skull 1000, grey/white matter 40/30, ventricles 5 HU; brain and
-    scalp enhance with a gamma-variate bolus (arrival 6 s); uniform noise ±12 HU. Memory
-    use stays at one slab, whatever the volume size (2.5 GB for the default).
+    Air −1000 HU, scalp 40, skull 1000, grey/white matter 40/30, ventricle 5 HU; brain and
+    scalp enhance with a gamma-variate bolus (arrival 6 s); uniform noise ±``noise`` HU.
+    Memory use stays at one slab whatever the volume size (2.5 GB on disk by default).
     """
     path = Path(path)
     shape = tuple(int(s) for s in shape)
-    affine = np.diag(list(spacing) + [1.0])
-    affine[:3, 3] = -np.asarray(spacing) * (np.asarray(shape) - 1) / 2.0
+    affine = centred_affine(shape, spacing)
     header = nib.Nifti1Header()
     header.set_data_dtype(np.int16)
     header.set_data_shape(shape + (frames,))
@@ -61,9 +104,7 @@ def write_synthetic_ctp(path: str | os.PathLike, shape: tuple[int, int, int] = (
     header.set_xyzt_units("mm", "sec")
     header.set_sform(affine, code=1)
     header.set_qform(affine, code=1)
-    t = np.arange(frames) * frame_interval - 6.0
-    bolus = np.where(t > 0, np.maximum(t, 0) ** 3 * np.exp(-np.maximum(t, 0) / 1.5), 0.0)
-    bolus /= bolus.max() if bolus.max() > 0 else 1.0
+    bolus = _bolus(frames, frame_interval)
     rng = np.random.default_rng(seed)
     slab = max(1, (8 << 20) // (shape[0] * shape[1]))  # ~8 M voxels per slab
     with atomic_path(path) as tmp:
@@ -74,12 +115,9 @@ def write_synthetic_ctp(path: str | os.PathLike, shape: tuple[int, int, int] = (
                          shape=shape + (frames,), order="F")
         for z0 in range(0, shape[2], slab):
             z1 = min(shape[2], z0 + slab)
-            labels = _head_labels(shape, spacing, z0, z1)
+            labels = head_labels(shape, spacing, z0, z1)
             for k in range(frames):
-                lut = _BASE_HU + np.rint(_PEAK_HU * bolus[k]).astype(np.int16)
-                frame = lut[labels]
-                frame += rng.integers(-12, 13, size=frame.shape, dtype=np.int16)
-                data[:, :, z0:z1, k] = frame
+                data[:, :, z0:z1, k] = _frame_hu(labels, bolus[k], rng, noise)
         data.flush()
         del data
         with open(tmp, "rb+") as f:
@@ -143,7 +181,8 @@ class _PeakMemory:
 
 def bench_preprocess(shape: tuple[int, int, int] = (512, 512, 320),
                      spacing: tuple[float, float, float] = (0.47, 0.47, 1.0), frames: int = 15,
-                     profile: str = "paper", workdir: str | os.PathLike | None = None, keep: bool = False,
+                     profile: str = "paper", workdir: str | os.PathLike | None = None,
+                     keep: bool = False,
                      cold: bool = True) -> dict[str, Any]:
     """Time load → brain mask → resampling to the model grid on a synthetic clinical CTP.
 
@@ -197,7 +236,8 @@ def bench_preprocess(shape: tuple[int, int, int] = (512, 512, 320),
             or isinstance(ctp.array, np.memmap),
             "grid_shape": list(ctp_grid.array.shape),
             "mask_ml": brain.meta["brain_mask"]["volume_ml"],
-            "mask_ml_on_grid": round(float(mask_grid.array.sum()) * float(np.prod(ctp_grid.spacing)) / 1000, 1),
+            "mask_ml_on_grid": round(float(mask_grid.array.sum() * np.prod(ctp_grid.spacing))
+                                     / 1000, 1),
             "stages_s": stages,
             "total_s": round(sum(stages.values()), 2),
             "baseline_rss_bytes": memory.baseline_rss,
@@ -220,25 +260,28 @@ def bench_preprocess(shape: tuple[int, int, int] = (512, 512, 320),
 
 def format_bench(result: dict[str, Any]) -> str:
     """Human-readable report of `bench_preprocess` for the CLI."""
-    gb = 1024 ** 3
-    shape = "×".join(str(s) for s in result["shape"])
+    gib = 1024**3
+    r, targets = result, result["targets"]
+    shape = "×".join(str(s) for s in r["shape"])
+    cache = "cold" if r.get("cold_cache") else "warm"
     lines = [
-        f"preprocess benchmark: {shape} × {result['frames']} frames int16 "
-        f"({result['input_bytes'] / gb:.2f} GiB), spacing {tuple(result['spacing'])} mm → "
-        f"{result['profile']} grid {tuple(result['grid_shape'])}, {result['cpu_count']} CPUs, "
-        f"{'cold' if result.get('cold_cache') else 'warm'} page cache"
-        + ("" if result.get("memory_mapped") else ", NOT memory-mapped"),
-        f"  (writing the synthetic input took {result['generate_s']:.1f} s, not counted)",
+        f"preprocess benchmark: {shape} × {r['frames']} frames int16 "
+        f"({r['input_bytes'] / gib:.2f} GiB), spacing {tuple(r['spacing'])} mm → {r['profile']} "
+        f"grid {tuple(r['grid_shape'])}, {r['cpu_count']} CPUs, {cache} page cache"
+        + ("" if r.get("memory_mapped") else ", NOT memory-mapped"),
+        f"  (writing the synthetic input took {r['generate_s']:.1f} s, not counted)",
     ]
-    lines += [f"  {name:<14}{seconds:8.2f} s" for name, seconds in result["stages_s"].items()]
-    ok = "ok" if result["total_s"] < result["targets"]["total_s"] else "over target"
-    lines.append(f"  {'total':<14}{result['total_s']:8.2f} s   (target < {result['targets']['total_s']:g} s: {ok})")
-    ok = "ok" if result["peak_rss_ratio"] < result["targets"]["peak_rss_ratio"] else "over target"
-    lines.append(f"  peak RSS      {result['peak_rss_bytes'] / gb:8.2f} GiB = {result['peak_rss_ratio']:.2f} × input "
-                 f"(target < {result['targets']['peak_rss_ratio']:g}: {ok}; includes mapped input pages)")
-    lines.append(f"  peak anon     {result['peak_anon_bytes'] / gb:8.2f} GiB = {result['peak_anon_ratio']:.2f} × input "
-                 f"(process memory without the mapped file; baseline RSS "
-                 f"{result['baseline_rss_bytes'] / gb:.2f} GiB)")
-    lines.append(f"  brain mask {result['mask_ml']:.0f} ml at input resolution, "
-                 f"{result['mask_ml_on_grid']:.0f} ml on the model grid")
+    lines += [f"  {name:<14}{seconds:8.2f} s" for name, seconds in r["stages_s"].items()]
+    ok = "ok" if r["total_s"] < targets["total_s"] else "over target"
+    lines.append(f"  {'total':<14}{r['total_s']:8.2f} s   "
+                 f"(target < {targets['total_s']:g} s: {ok})")
+    ok = "ok" if r["peak_rss_ratio"] < targets["peak_rss_ratio"] else "over target"
+    lines.append(f"  {'peak RSS':<14}{r['peak_rss_bytes'] / gib:8.2f} GiB = "
+                 f"{r['peak_rss_ratio']:.2f} × input (target < {targets['peak_rss_ratio']:g}: "
+                 f"{ok}; counts mapped input pages)")
+    lines.append(f"  {'peak anon':<14}{r['peak_anon_bytes'] / gib:8.2f} GiB = "
+                 f"{r['peak_anon_ratio']:.2f} × input (without the mapped file; baseline RSS "
+                 f"{r['baseline_rss_bytes'] / gib:.2f} GiB)")
+    lines.append(f"  brain mask {r['mask_ml']:.0f} ml at input resolution, "
+                 f"{r['mask_ml_on_grid']:.0f} ml on the model grid")
     return "\n".join(lines)

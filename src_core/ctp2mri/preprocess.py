@@ -24,8 +24,15 @@ from ctp2mri.io.volume import Volume
 from ctp2mri.profiles import Profile
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.registration import estimate_ctp_to_dwi, register_to_dwi
-from ctp2mri.resample import (as_profile, model_grid, resample_like, resample_to_grid, temporal_reduce,
-                              to_profile, transform_matrix)
+from ctp2mri.resample import (
+    as_profile,
+    model_grid,
+    resample_like,
+    resample_to_grid,
+    temporal_reduce,
+    to_profile,
+    transform_matrix,
+)
 
 __all__ = [
     "CTP_HU_RANGE", "brain_mask_from_ctp", "normalise_ctp", "normalise_mri", "denormalise_mri",
@@ -39,8 +46,9 @@ AIR_HU = -1024.0  # written where a grid lies outside the CTP's field of view
 
 
 # brain mask ------------------------------------------------------------------------------
-def brain_mask_from_ctp(ctp: Volume, hu_window: tuple[float, float] = (10.0, 80.0), reduce: str = "mean",
-                        working_spacing: float | None = 2.0, opening_mm: float = 3.0,
+def brain_mask_from_ctp(ctp: Volume, hu_window: tuple[float, float] = (10.0, 80.0),
+                        reduce: str = "mean", working_spacing: float | None = 2.0,
+                        opening_mm: float = 3.0,
                         min_volume_ml: float = 100.0, max_volume_ml: float | None = 3000.0,
                         progress: ProgressCallback | None = None,
                         cancel: CancelToken | None = None) -> Volume:
@@ -68,16 +76,14 @@ def brain_mask_from_ctp(ctp: Volume, hu_window: tuple[float, float] = (10.0, 80.
     lo, hi = (float(v) for v in hu_window)
     if not lo < hi:
         raise InputError(f"hu_window {hu_window} must be (low, high) with low < high")
-    if ctp.is_4d:
-        ctp.require_finite("CTP")
     image = temporal_reduce(ctp, reduce, working_spacing, progress=progress, cancel=cancel)
     fg = (image.array >= lo) & (image.array <= hi)
     if opening_mm > 0:
         # scipy's opening with a small physical ellipsoid is ~5× faster than ITK's ball
         # opening at the working resolution (measured: 0.2 s vs 1.0 s for 2.6 M voxels).
-        fg = ndimage.binary_opening(fg, _ellipsoid(np.asarray(opening_mm / np.asarray(image.spacing))))
-    labels = sitk.RelabelComponent(sitk.ConnectedComponent(frame_to_sitk(fg.view(np.uint8), image.affine), False),
-                                   sortByObjectSize=True)
+        fg = ndimage.binary_opening(fg, _ellipsoid(opening_mm / np.asarray(image.spacing)))
+    components = sitk.ConnectedComponent(frame_to_sitk(fg.view(np.uint8), image.affine), False)
+    labels = sitk.RelabelComponent(components, sortByObjectSize=True)
     brain = sitk.BinaryFillhole(labels == 1, fullyConnected=False)
     mask = np.transpose(sitk.GetArrayFromImage(brain), (2, 1, 0)).astype(bool)
     # Slice-wise filling: the structure connects neighbours only within the axial plane.
@@ -87,16 +93,17 @@ def brain_mask_from_ctp(ctp: Volume, hu_window: tuple[float, float] = (10.0, 80.
     mask = ndimage.binary_fill_holes(mask, structure)
 
     volume_ml = float(mask.sum() * np.prod(image.spacing) / 1000.0)
-    advice = ("Check that this is a head CT perfusion in HU (brain 20–45 HU, air −1000, bone > 300; "
-              "a rescale slope/intercept may be missing), adjust hu_window, or pass a brain mask "
-              "(--mask).")
+    advice = ("Check that this is a head CT perfusion in HU (brain 20–45 HU, air −1000, "
+              "bone > 300; a rescale slope/intercept may be missing), adjust hu_window, or pass "
+              "a brain mask (--mask).")
     if volume_ml < min_volume_ml:
         raise InputError(f"no brain found in the CTP: the {lo:g}–{hi:g} HU window gives only "
-                         f"{volume_ml:.0f} ml of connected tissue (expected > {min_volume_ml:g} ml). {advice}")
+                         f"{volume_ml:.0f} ml of connected tissue (expected > "
+                         f"{min_volume_ml:g} ml). {advice}")
     if max_volume_ml is not None and volume_ml > max_volume_ml:
-        raise InputError(f"no brain found in the CTP: the {lo:g}–{hi:g} HU window selects {volume_ml:.0f} ml, "
-                         f"more than any brain (> {max_volume_ml:g} ml) — the background is probably inside "
-                         f"the window. {advice}")
+        raise InputError(f"no brain found in the CTP: the {lo:g}–{hi:g} HU window selects "
+                         f"{volume_ml:.0f} ml, more than any brain (> {max_volume_ml:g} ml) — "
+                         f"the background is probably inside the window. {advice}")
     meta = {"source": ctp.meta.get("source"), "brain_mask": {
         "hu_window": [lo, hi], "reduce": reduce, "working_spacing": working_spacing,
         "opening_mm": opening_mm, "volume_ml": round(volume_ml, 1)}}
@@ -116,7 +123,8 @@ def _upsample_mask(mask: np.ndarray, affine: np.ndarray, target_affine: np.ndarr
     geometry = set_sitk_geometry(sitk.Image([1, 1, 1], sitk.sitkUInt8), target_affine)
     coarse = frame_to_sitk(mask.astype(np.uint8) * np.uint8(200), affine)
     fine = sitk.Resample(coarse, [int(n) for n in target_shape], sitk.Transform(), sitk.sitkLinear,
-                         geometry.GetOrigin(), geometry.GetSpacing(), geometry.GetDirection(), 0, sitk.sitkUInt8)
+                         geometry.GetOrigin(), geometry.GetSpacing(), geometry.GetDirection(), 0,
+                         sitk.sitkUInt8)
     fine = sitk.BinaryThreshold(fine, 100, 255, 1, 0)
     return np.transpose(sitk.GetArrayFromImage(fine), (2, 1, 0))
 
@@ -133,8 +141,8 @@ def _ellipsoid(radius_voxels: np.ndarray) -> np.ndarray:
 def _brain(mask: Volume | np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
     m = np.asarray(mask.array if isinstance(mask, Volume) else mask) != 0
     if shape[: m.ndim] != m.shape:
-        raise InputError(f"brain mask of shape {m.shape} does not fit the {what} of shape {shape}; "
-                         "use the mask on the same grid")
+        raise InputError(f"brain mask of shape {m.shape} does not fit the {what} of shape "
+                         f"{shape}; use the mask on the same grid")
     if not m.any():
         raise InputError(f"the brain mask for the {what} is empty (all zero); recompute it "
                          "(ctp2mri preprocess derives one from the CTP)")
@@ -143,7 +151,7 @@ def _brain(mask: Volume | np.ndarray, shape: tuple[int, ...], what: str) -> np.n
 
 def normalise_ctp(array: np.ndarray, mask: Volume | np.ndarray,
                   hu_range: tuple[float, float] = CTP_HU_RANGE) -> np.ndarray:
-    """CTP in HU → [−1, 1] per the contract: clip to ``hu_range``, scale, zero outside the brain.
+    """CTP in HU → [−1, 1] per the contract: clip to ``hu_range``, scale, zero outside brain.
 
     ``mask`` covers the leading (spatial) axes; trailing axes (time) broadcast.
     """
@@ -156,7 +164,8 @@ def normalise_ctp(array: np.ndarray, mask: Volume | np.ndarray,
 
 
 def normalise_mri(array: np.ndarray, mask: Volume | np.ndarray,
-                  quantiles: tuple[float, float] = MRI_QUANTILES) -> tuple[np.ndarray, tuple[float, float]]:
+                  quantiles: tuple[float, float] = MRI_QUANTILES,
+                  ) -> tuple[np.ndarray, tuple[float, float]]:
     """DWI or ADC → [−1, 1] per the contract, with the case's own brain quantiles.
 
     Returns
@@ -169,8 +178,8 @@ def normalise_mri(array: np.ndarray, mask: Volume | np.ndarray,
     m = _brain(mask, a.shape, "MRI")
     lo, hi = (float(q) for q in np.percentile(a[np.broadcast_to(m, a.shape)], quantiles))
     if not hi > lo:
-        raise InputError(f"the image is constant ({lo:g}) inside the brain mask; it cannot be normalised. "
-                         "Check that the right image and mask were given.")
+        raise InputError(f"the image is constant ({lo:g}) inside the brain mask; it cannot be "
+                         "normalised. Check that the right image and mask were given.")
     out = (np.clip(a, lo, hi) - np.float32(lo)) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
     out *= m
     return out, (lo, hi)
@@ -196,9 +205,11 @@ def resample_frames(ctp: Volume, n_frames: int = 15, times: np.ndarray | None = 
     of its two neighbours), so memory stays at the output size.
     """
     if not ctp.is_4d or ctp.n_frames < 2:
-        raise InputError(f"the CTP has a single time point (shape {ctp.array.shape}); cannot resample "
-                         "a single time point in time. Load the whole perfusion series.")
-    src = ctp.frame_times if ctp.frame_times is not None else np.arange(ctp.n_frames, dtype=np.float64)
+        raise InputError(f"the CTP has a single time point (shape {ctp.array.shape}); cannot "
+                         "resample a single time point in time. Load the whole perfusion series.")
+    src = ctp.frame_times
+    if src is None:
+        src = np.arange(ctp.n_frames, dtype=np.float64)
     if np.any(np.diff(src) <= 0):
         raise InputError(f"CTP frame times {np.round(src, 2).tolist()} are not increasing; "
                          "check the series' acquisition times")
@@ -219,7 +230,8 @@ def resample_frames(ctp: Volume, n_frames: int = 15, times: np.ndarray | None = 
     for k, (i, w) in enumerate(zip(left, weight)):
         a, b = ctp.array[..., i], ctp.array[..., i + 1]
         out[..., k] = a if w == 0 else (b if w == 1 else (1 - w) * a.astype(np.float32) + w * b)
-    return Volume(out, ctp.affine, frame_times=times, meta={**ctp.meta, "frames_resampled_from": src.tolist()})
+    meta = {**ctp.meta, "frames_resampled_from": src.tolist()}
+    return Volume(out, ctp.affine, frame_times=times, meta=meta)
 
 
 # the whole case --------------------------------------------------------------------------
@@ -234,7 +246,8 @@ def _check_output(out_dir: Path, overwrite: bool) -> None:
     if out_dir.is_file():
         raise InputError(f"output {out_dir} is a file; give a folder for the case")
     if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
-        raise InputError(f"{out_dir} already exists and is not empty; pass overwrite (--overwrite) to replace it")
+        raise InputError(f"{out_dir} already exists and is not empty; pass overwrite "
+                         "(--overwrite) to replace it")
     parent = out_dir.parent.absolute()
     while not parent.exists():
         parent = parent.parent
@@ -262,12 +275,13 @@ class _Stages:
         def callback(step: int, total: int, info: dict) -> None:
             if self.progress is not None:
                 part = self.weights[name] * min(step, total) // max(total, 1)
-                self.progress(self.done + part, self.total, {**info, "stage": info.get("stage", name)})
+                stage = info.get("stage", name)
+                self.progress(self.done + part, self.total, {**info, "stage": stage})
         return callback
 
     def finish(self, name: str) -> None:
         self.done += self.weights[name]
-        if self.progress is not None:
+        if self.progress is not None and self.weights[name]:
             self.progress(self.done, self.total, {"stage": name})
 
 
@@ -277,7 +291,8 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
                     lesion: str | os.PathLike | Volume | None = None,
                     mask: str | os.PathLike | Volume | None = None, register: bool = False,
                     transform: str = "rigid", n_frames: int = 15, overwrite: bool = False,
-                    progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Path:
+                    progress: ProgressCallback | None = None,
+                    cancel: CancelToken | None = None) -> Path:
     """Bring one CTP (and its MRI) onto the model grid and write a case folder.
 
     Steps: load and validate; brain mask (given on the CTP or DWI grid, or derived from the
@@ -326,9 +341,10 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
             ctp.require_same_grid(brain, "CTP", "brain mask")  # raises, naming both grids
         brain = brain.with_array((brain.array != 0).astype(np.uint8))
         if not brain.array.any():
-            raise InputError(f"the brain mask {sources['mask']} is empty (all zero); leave it out to "
-                             "derive one from the CTP")
-        mask_info: dict[str, Any] = {"origin": f"given ({mask_space} grid)", "path": sources["mask"]}
+            raise InputError(f"the brain mask {sources['mask']} is empty (all zero); leave it "
+                             "out to derive one from the CTP")
+        mask_info: dict[str, Any] = {"origin": f"given ({mask_space} grid)",
+                                     "path": sources["mask"]}
     else:
         brain = brain_mask_from_ctp(ctp, progress=stages("mask"), cancel=cancel)
         mask_space = "ctp"
@@ -337,19 +353,23 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
 
     tx, registration = None, None
     if register:
-        tx, registration = estimate_ctp_to_dwi(
-            ctp, mri["dwi"], transform, ctp_mask=brain if mask_space == "ctp" else None,
-            dwi_mask=brain if mask_space == "mri" else None, progress=stages("register"), cancel=cancel)
+        tx, registration = estimate_ctp_to_dwi(ctp, mri["dwi"], transform,
+                                               progress=stages("register"), cancel=cancel)
     stages.finish("register")
 
     # One interpolation from each source straight onto the model grid; with registration
     # the grid lives in DWI space and the CTP (and a CTP-grid mask) go through the transform.
     space = mri["dwi"] if register else ctp
-    brain_in_space = resample_like(brain, space, "nearest", transform=tx) if register and mask_space == "ctp" else brain
+    mask_tx = tx if mask_space == "ctp" else None
+    brain_in_space = brain
+    if register:
+        brain_in_space = resample_like(brain, space, "nearest", transform=mask_tx)
     grid = model_grid(space, prof, brain_in_space)
-    ctp_g = resample_to_grid(ctp, *grid, "linear", AIR_HU, transform=tx, progress=stages("resample"), cancel=cancel)
-    mask_g = resample_to_grid(brain, *grid, "nearest", transform=tx if mask_space == "ctp" else None)
-    mri_g = {name: resample_to_grid(vol, *grid, "nearest" if name == "lesion" else "linear", 0.0, cancel=cancel)
+    ctp_g = resample_to_grid(ctp, *grid, "linear", AIR_HU, transform=tx,
+                             progress=stages("resample"), cancel=cancel)
+    mask_g = resample_to_grid(brain, *grid, "nearest", transform=mask_tx)
+    mri_g = {name: resample_to_grid(vol, *grid, "nearest" if name == "lesion" else "linear",
+                                    cancel=cancel)
              for name, vol in mri.items()}
     inside = _inside_field_of_view(ctp, grid, tx)
     mask_info["voxels_outside_ctp_fov_removed"] = int((mask_g.array.astype(bool) & ~inside).sum())
@@ -357,7 +377,8 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
     if not mask_g.array.any():
         raise InputError("no brain voxel of the model grid lies inside the CTP's field of view; "
                          "check that CTP and MRI overlap (or use register)")
-    mask_info["volume_ml_on_grid"] = round(float(mask_g.array.sum() * np.prod(prof.spacing) / 1000), 1)
+    brain_ml = float(mask_g.array.sum() * np.prod(prof.spacing) / 1000)
+    mask_info["volume_ml_on_grid"] = round(brain_ml, 1)
     stages.finish("resample")
 
     ctp_t = resample_frames(ctp_g, n_frames)
@@ -369,13 +390,14 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
 
     info = {"preprocess": {
         "ctp2mri_version": __version__, "profile": prof.name,
-        "grid": {"affine": grid[0].tolist(), "shape": list(grid[1]), "spacing_mm": list(prof.spacing)},
+        "grid": {"affine": grid[0].tolist(), "shape": list(grid[1]),
+                 "spacing_mm": list(prof.spacing)},
         "sources": sources,
         "original": {"ctp": _describe(ctp), **{k: _describe(v) for k, v in mri.items()}},
         "frame_times_assumed": bool(ctp.meta.get("frame_times_assumed", False)),
         "mask": mask_info,
-        "registration": registration if register else ("none: CTP and MRI assumed to share world coordinates"
-                                                       if mri else None),
+        "registration": registration if register else (
+            "none: CTP and MRI assumed to share world coordinates" if mri else None),
         "temporal": {"n_frames_in": ctp.n_frames, "n_frames": ctp_t.n_frames,
                      "times_s": np.round(ctp_t.frame_times, 3).tolist()},
         "stored": "CTP in raw HU (int16); normalisation happens at training time (DESIGN.md)",

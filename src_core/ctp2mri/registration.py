@@ -1,10 +1,10 @@
 """CTP → DWI registration for training pairs (Mattes mutual information, SimpleITK).
 
 CT and MR come from different scanners, so their world coordinates need not agree. The
-temporal mean of the CTP (contrast and noise averaged out, brain-masked) is registered to
-the DWI (b0 or b1000, 3-D) and the one transform is then applied to every CTP frame. The
-transform maps DWI (fixed) points to CTP (moving) points, SimpleITK's convention, which is
-what resampling the CTP onto the DWI grid needs.
+temporal mean of the CTP (contrast and noise averaged out) is registered to the DWI (b0 or
+b1000, 3-D) and the one transform is then applied to every CTP frame. The transform maps
+DWI (fixed) points to CTP (moving) points, SimpleITK's convention, which is what
+resampling the CTP onto the DWI grid needs.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.resample import resample_like, resample_to_grid, temporal_reduce, transform_matrix
 
 TRANSFORMS = ("rigid", "affine")
+REGIONS = ("head", "brain")
 _INITIALISERS = {
     "moments": sitk.CenteredTransformInitializerFilter.MOMENTS,
     "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY,
 }
 
 
-def _run(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, *, moving_mask, fixed_mask,
+def _run(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, *,
          shrink: tuple[int, ...], sigmas_mm: tuple[float, ...], iterations: int, sampling: float,
          seed: int, report, cancel: CancelToken | None) -> tuple[sitk.Transform, dict[str, Any]]:
     reg = sitk.ImageRegistrationMethod()
@@ -35,17 +36,15 @@ def _run(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, *, movi
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(sampling, seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations,
-                                                 relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3,
+                                                 numberOfIterations=iterations,
+                                                 relaxationFactor=0.6,
+                                                 gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel(list(shrink))
     reg.SetSmoothingSigmasPerLevel(list(sigmas_mm))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(initial, inPlace=False)
-    if moving_mask is not None:
-        reg.SetMetricMovingMask(moving_mask)
-    if fixed_mask is not None:
-        reg.SetMetricFixedMask(fixed_mask)
 
     def on_iteration() -> None:
         if cancel is not None and cancel.cancelled:
@@ -56,7 +55,8 @@ def _run(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, *, movi
     result = reg.Execute(fixed, moving)
     if cancel is not None and cancel.cancelled:
         raise Cancelled("registration cancelled by the user")
-    return result, {"metric": float(reg.GetMetricValue()), "stop": reg.GetOptimizerStopConditionDescription()}
+    return result, {"metric": float(reg.GetMetricValue()),
+                    "stop": reg.GetOptimizerStopConditionDescription()}
 
 
 def _as_matrix_transform(transform: sitk.Transform) -> sitk.Transform:
@@ -70,14 +70,22 @@ def _as_matrix_transform(transform: sitk.Transform) -> sitk.Transform:
 
 
 def estimate_ctp_to_dwi(ctp: Volume, dwi: Volume, transform: str = "rigid",
-                        ctp_mask: Volume | None = None, dwi_mask: Volume | None = None,
-                        initial: str = "moments", working_spacing: float = 1.5,
+                        region: str = "head", ctp_mask: Volume | None = None,
+                        dwi_mask: Volume | None = None, initial: str = "moments",
+                        working_spacing: float = 1.5,
                         shrink_factors: tuple[int, ...] = (4, 2, 1),
                         smoothing_mm: tuple[float, ...] = (4.0, 2.0, 0.0), iterations: int = 200,
                         sampling: float = 0.25, seed: int = 0,
                         progress: ProgressCallback | None = None,
                         cancel: CancelToken | None = None) -> tuple[sitk.Transform, dict[str, Any]]:
     """Estimate the DWI → CTP transform (see `register_to_dwi`), without resampling.
+
+    ``region="head"`` registers the whole temporal-mean CTP to the whole DWI; ``"brain"``
+    zeroes both outside brain masks first (``ctp_mask``, derived from the CTP when not
+    given, and ``dwi_mask`` if given). On synthetic heads with a known 5.9 mm / 4.7°
+    misalignment the mean error over brain voxels was 0.28 mm (head) vs 0.48 mm (brain)
+    for rigid, and 0.7 mm vs 23 mm for affine: with a brain-only CTP the affine fit shrinks
+    the brain onto the DWI's whole head (scale 0.58), so "head" is the default.
 
     Returns
     -------
@@ -88,36 +96,41 @@ def estimate_ctp_to_dwi(ctp: Volume, dwi: Volume, transform: str = "rigid",
     if transform not in TRANSFORMS:
         raise InputError(f"unknown transform {transform!r}; choose one of {TRANSFORMS}")
     if initial not in _INITIALISERS:
-        raise InputError(f"unknown initialisation {initial!r}; choose one of {sorted(_INITIALISERS)}")
+        raise InputError(f"unknown initialisation {initial!r}; choose one of "
+                         f"{sorted(_INITIALISERS)}")
     ctp.require_4d("CTP").require_finite("CTP")
     dwi.require_3d("DWI").require_finite("DWI")
     if len(shrink_factors) != len(smoothing_mm):
         raise InputError("give one smoothing value per shrink factor (one per resolution level)")
+    if region not in REGIONS:
+        raise InputError(f"unknown region {region!r}; choose one of {REGIONS}")
     mean = temporal_reduce(ctp, "mean", working_spacing, cancel=cancel)
-    if ctp_mask is None:
-        from ctp2mri.preprocess import brain_mask_from_ctp  # preprocess imports this module
+    moving_array = mean.array
+    fixed_array = np.asarray(dwi.array, dtype=np.float32)
+    if region == "brain":
+        if ctp_mask is None:
+            from ctp2mri.preprocess import brain_mask_from_ctp  # preprocess imports this module
 
-        ctp_mask = brain_mask_from_ctp(mean, working_spacing=working_spacing, cancel=cancel)
-    else:
-        ctp_mask.require_3d("CTP brain mask").require_same_grid(ctp, "CTP brain mask", "CTP")
-    mask_w = resample_like(ctp_mask, mean, "nearest").array != 0
-    if not mask_w.any():
-        raise InputError("the CTP brain mask is empty; registration needs the brain to align")
-    # Zero outside the brain so scalp, table and skull (absent in the DWI) don't drive the fit.
-    moving = frame_to_sitk(np.where(mask_w, mean.array, 0.0).astype(np.float32), mean.affine)
-    moving_mask = frame_to_sitk(mask_w.astype(np.uint8), mean.affine)
-    fixed = frame_to_sitk(np.asarray(dwi.array, dtype=np.float32), dwi.affine)
-    fixed_mask = None
-    if dwi_mask is not None:
-        dwi_mask.require_3d("DWI brain mask").require_same_grid(dwi, "DWI brain mask", "DWI")
-        fixed_mask = frame_to_sitk((np.asarray(dwi_mask.array) != 0).astype(np.uint8), dwi.affine)
+            ctp_mask = brain_mask_from_ctp(mean, working_spacing=working_spacing, cancel=cancel)
+        else:
+            ctp_mask.require_3d("CTP brain mask").require_same_grid(ctp, "CTP brain mask", "CTP")
+        inside = resample_like(ctp_mask, mean, "nearest").array != 0
+        if not inside.any():
+            raise InputError("the CTP brain mask is empty; registration needs the brain to align")
+        moving_array = np.where(inside, moving_array, 0.0)
+        if dwi_mask is not None:
+            dwi_mask.require_3d("DWI brain mask").require_same_grid(dwi, "DWI brain mask", "DWI")
+            fixed_array = np.where(np.asarray(dwi_mask.array) != 0, fixed_array, 0.0)
+    moving = frame_to_sitk(moving_array.astype(np.float32), mean.affine)
+    fixed = frame_to_sitk(fixed_array.astype(np.float32), dwi.affine)
 
-    stages = [("rigid", sitk.Euler3DTransform())] + ([("affine", None)] if transform == "affine" else [])
+    stages = ["rigid"] + (["affine"] if transform == "affine" else [])
     total = iterations * len(shrink_factors) * len(stages)
     done = 0
     info: dict[str, Any] = {}
-    current = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), _INITIALISERS[initial])
-    for name, _ in stages:
+    current = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                _INITIALISERS[initial])
+    for name in stages:
         if name == "affine":
             rigid = current
             current = sitk.AffineTransform(3)
@@ -128,10 +141,11 @@ def estimate_ctp_to_dwi(ctp: Volume, dwi: Volume, transform: str = "rigid",
         def report(level: int, iteration: int, metric: float, _stage=name) -> None:
             if progress is not None:
                 step = min(total, done + level * iterations + iteration)
-                progress(step, total, {"stage": f"register ({_stage})", "level": level, "metric": round(metric, 4)})
+                progress(step, total, {"stage": f"register ({_stage})", "level": level,
+                                       "metric": round(metric, 4)})
 
-        result, stage_info = _run(fixed, moving, current, moving_mask=moving_mask, fixed_mask=fixed_mask,
-                                  shrink=shrink_factors, sigmas_mm=smoothing_mm, iterations=iterations,
+        result, stage_info = _run(fixed, moving, current, shrink=shrink_factors,
+                                  sigmas_mm=smoothing_mm, iterations=iterations,
                                   sampling=sampling, seed=seed, report=report, cancel=cancel)
         current = _as_matrix_transform(result)
         info[name] = stage_info
@@ -151,8 +165,9 @@ def transform_to_dict(transform: sitk.Transform) -> dict[str, Any]:
     }
 
 
-def register_to_dwi(ctp: Volume, dwi: Volume, transform: str = "rigid", ctp_mask: Volume | None = None,
-                    dwi_mask: Volume | None = None, default: float = -1024.0,
+def register_to_dwi(ctp: Volume, dwi: Volume, transform: str = "rigid", region: str = "head",
+                    ctp_mask: Volume | None = None, dwi_mask: Volume | None = None,
+                    default: float = -1024.0,
                     progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                     **options: Any) -> tuple[Volume, sitk.Transform]:
     """Register a 4-D CTP to a DWI and resample every frame onto the DWI grid.
@@ -165,9 +180,12 @@ def register_to_dwi(ctp: Volume, dwi: Volume, transform: str = "rigid", ctp_mask
         3-D DWI (b0 or b1000) defining the MRI space (the fixed image).
     transform
         ``"rigid"`` (6 parameters) or ``"affine"`` (a rigid stage, then 12 parameters).
+    region
+        ``"head"`` (whole images, default) or ``"brain"`` (both zeroed outside brain
+        masks); see `estimate_ctp_to_dwi` for the measured difference.
     ctp_mask, dwi_mask
-        Optional brain masks on the CTP / DWI grids; the CTP mask is derived with
-        `brain_mask_from_ctp` when not given.
+        Brain masks on the CTP / DWI grids for ``region="brain"``; the CTP mask is derived
+        with `brain_mask_from_ctp` when not given.
     default
         HU written where the DWI grid lies outside the CTP (air).
     **options
@@ -180,8 +198,9 @@ def register_to_dwi(ctp: Volume, dwi: Volume, transform: str = "rigid", ctp_mask
         The CTP on the DWI grid (float32 HU, frame times kept; ``meta["registration"]``
         describes the fit) and the DWI → CTP transform.
     """
-    tx, info = estimate_ctp_to_dwi(ctp, dwi, transform, ctp_mask, dwi_mask, progress=progress,
-                                   cancel=cancel, **options)
-    moved = resample_to_grid(ctp, dwi.affine, dwi.spatial_shape, "linear", default, transform=tx, cancel=cancel)
+    tx, info = estimate_ctp_to_dwi(ctp, dwi, transform, region, ctp_mask, dwi_mask,
+                                   progress=progress, cancel=cancel, **options)
+    moved = resample_to_grid(ctp, dwi.affine, dwi.spatial_shape, "linear", default, transform=tx,
+                             cancel=cancel)
     moved.meta["registration"] = info
     return moved, tx

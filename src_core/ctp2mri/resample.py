@@ -66,8 +66,10 @@ def transform_matrix(transform: sitk.Transform | None) -> np.ndarray:
     lps[:3, :3] = (mapped[1:] - mapped[0]).T / 100.0
     lps[:3, 3] = mapped[0]
     check = np.array([31.0, -17.0, 53.0])
-    if not np.allclose(transform.TransformPoint(tuple(check)), lps[:3, :3] @ check + lps[:3, 3], atol=1e-4):
-        raise InputError(f"{transform.GetName()} is not an affine transform; only rigid/affine are supported")
+    expected = lps[:3, :3] @ check + lps[:3, 3]
+    if not np.allclose(transform.TransformPoint(tuple(check)), expected, atol=1e-4):
+        raise InputError(f"{transform.GetName()} is not an affine transform; only rigid/affine "
+                         "transforms are supported")
     return _RAS_LPS @ lps @ _RAS_LPS
 
 
@@ -112,7 +114,8 @@ def _plan(in_affine: np.ndarray, in_shape: tuple[int, int, int], out_affine: np.
     lo, hi = np.maximum(lo, 0), np.minimum(hi, in_shape)
     if np.any(hi <= lo):
         return None
-    spans = [_fit_span(int(a), int(b), int(n), int(f)) for a, b, n, f in zip(lo, hi, in_shape, factors)]
+    spans = [_fit_span(int(a), int(b), int(n), int(f))
+             for a, b, n, f in zip(lo, hi, in_shape, factors)]
     factors = np.array([s[2] for s in spans])
     if smooth:  # factors may have shrunk on axes shorter than one block
         sigma = np.maximum(0.0, (ratio / factors - 1.0) / 2.0)
@@ -177,8 +180,9 @@ class _FrameReader:
     def __init__(self, volume: Volume, crop: tuple[slice, ...] = (slice(None),) * 3):
         self.volume, self.crop = volume, crop
         shape = tuple(len(range(*c.indices(n))) for c, n in zip(crop, volume.spatial_shape))
-        dtype = volume.array.dtype
-        dtype = np.dtype(np.uint8) if dtype == np.bool_ else np.dtype(np.float32) if dtype == np.float16 else dtype
+        substitutes = {np.dtype(np.bool_): np.dtype(np.uint8),  # SimpleITK has neither type
+                       np.dtype(np.float16): np.dtype(np.float32)}
+        dtype = substitutes.get(volume.array.dtype, volume.array.dtype)
         self.buffer = np.empty(shape, dtype=dtype.newbyteorder("="), order="F")
 
     def __call__(self, t: int) -> np.ndarray:
@@ -267,19 +271,23 @@ def resample_to_grid(volume: Volume, affine: np.ndarray, shape: tuple[int, int, 
         Called/checked once per frame.
     """
     if interpolation not in INTERPOLATORS:
-        raise InputError(f"unknown interpolation {interpolation!r}; choose one of {sorted(INTERPOLATORS)}")
+        raise InputError(f"unknown interpolation {interpolation!r}; choose one of "
+                         f"{sorted(INTERPOLATORS)}")
     affine = np.asarray(affine, dtype=np.float64)
     shape = tuple(int(s) for s in shape)
     if affine.shape != (4, 4) or len(shape) != 3 or min(shape) < 1:
-        raise InputError(f"target grid needs a 4×4 affine and a 3-D shape, got {affine.shape} and {shape}")
+        raise InputError(f"target grid needs a 4×4 affine and a 3-D shape, got {affine.shape} "
+                         f"and {shape}")
     nearest = interpolation == "nearest"
     in_dtype = np.dtype(np.uint8) if volume.array.dtype == np.bool_ else volume.array.dtype
     out_dtype = in_dtype if nearest else np.dtype(np.float32)
     n_frames = volume.n_frames
-    meta = {**volume.meta, "resampled": {"interpolation": interpolation, "from_shape": list(volume.spatial_shape),
+    meta = {**volume.meta, "resampled": {"interpolation": interpolation,
+                                          "from_shape": list(volume.spatial_shape),
                                           "from_spacing": list(volume.spacing)}}
     frame_times = volume.frame_times if volume.is_4d else None
-    if transform is None and volume.spatial_shape == shape and np.allclose(volume.affine, affine, atol=1e-6):
+    same_grid = volume.spatial_shape == shape and np.allclose(volume.affine, affine, atol=1e-6)
+    if transform is None and same_grid:
         return Volume(np.array(volume.array, dtype=out_dtype), affine, frame_times, meta)
 
     plan = _plan(volume.affine, volume.spatial_shape, affine, shape, antialias and not nearest,
@@ -301,8 +309,10 @@ def resample_to_grid(volume: Volume, affine: np.ndarray, shape: tuple[int, int, 
             frame = block_mean(frame) if block_mean else frame
             image = frame_to_sitk(frame, plan.affine)
             if plan.variance is not None:
-                image = sitk.DiscreteGaussian(sitk.Cast(image, sitk.sitkFloat32), plan.variance, 32, 0.01, True)
-            result = sitk.Resample(image, reference, tx, INTERPOLATORS[interpolation], float(default), pixel)
+                image = sitk.DiscreteGaussian(sitk.Cast(image, sitk.sitkFloat32), plan.variance,
+                                              32, 0.01, True)
+            result = sitk.Resample(image, reference, tx, INTERPOLATORS[interpolation],
+                                   float(default), pixel)
             target[...] = np.transpose(sitk.GetArrayFromImage(result), (2, 1, 0))
         if progress is not None:
             progress(t + 1, n_frames, {"stage": "resample", "frame": t + 1})
@@ -311,18 +321,21 @@ def resample_to_grid(volume: Volume, affine: np.ndarray, shape: tuple[int, int, 
 
 def resample_like(volume: Volume, reference: Volume, interpolation: str = "linear",
                   default: float = 0.0, transform: sitk.Transform | None = None,
-                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Volume:
-    """Resample ``volume`` onto ``reference``'s grid (e.g. a synthesised DWI back onto the input CTP)."""
-    return resample_to_grid(volume, reference.affine, reference.spatial_shape, interpolation, default,
-                            transform, progress=progress, cancel=cancel)
+                  progress: ProgressCallback | None = None,
+                  cancel: CancelToken | None = None) -> Volume:
+    """Resample ``volume`` onto ``reference``'s grid (e.g. a synthesised DWI onto the input CTP)."""
+    return resample_to_grid(volume, reference.affine, reference.spatial_shape, interpolation,
+                            default, transform, progress=progress, cancel=cancel)
 
 
 def to_profile(volume: Volume, profile: str | Profile, mask: Volume | None = None,
                interpolation: str = "linear", default: float = 0.0,
-               progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> Volume:
+               progress: ProgressCallback | None = None,
+               cancel: CancelToken | None = None) -> Volume:
     """Resample ``volume`` onto the profile's model grid (see `model_grid`)."""
     affine, shape = model_grid(volume, profile, mask)
-    return resample_to_grid(volume, affine, shape, interpolation, default, progress=progress, cancel=cancel)
+    return resample_to_grid(volume, affine, shape, interpolation, default, progress=progress,
+                            cancel=cancel)
 
 
 # temporal reduction ----------------------------------------------------------------------
@@ -341,8 +354,10 @@ def temporal_reduce(volume: Volume, how: str = "mean", spacing: float | None = N
     if how not in _REDUCERS:
         raise InputError(f"unknown temporal reduction {how!r}; choose one of {sorted(_REDUCERS)}")
     in_spacing = np.asarray(volume.spacing)
-    factors = (1, 1, 1) if spacing is None else tuple(int(f) for f in np.maximum(1, np.floor(spacing / in_spacing + 0.25)))
-    factors = tuple(f if n >= f else 1 for f, n in zip(factors, volume.spatial_shape))
+    factors = np.ones(3, int)
+    if spacing is not None:
+        factors = np.maximum(1, np.floor(spacing / in_spacing + 0.25)).astype(int)
+    factors = tuple(int(f) if n >= f else 1 for f, n in zip(factors, volume.spatial_shape))
     block_mean = _BlockMean(factors)
     read = _FrameReader(volume)
     acc: np.ndarray | None = None
@@ -365,4 +380,5 @@ def temporal_reduce(volume: Volume, how: str = "mean", spacing: float | None = N
     block = np.eye(4)
     block[:3, :3] = np.diag(factors)
     block[:3, 3] = (np.asarray(factors) - 1) / 2.0
-    return Volume(acc, volume.affine @ block, meta={**volume.meta, "temporal": how, "block": list(factors)})
+    meta = {**volume.meta, "temporal": how, "block": list(factors)}
+    return Volume(acc, volume.affine @ block, meta=meta)
