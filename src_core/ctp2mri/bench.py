@@ -149,6 +149,7 @@ class _PeakMemory:
         self.interval = interval
         self.peak_rss = self.peak_anon = self.baseline_rss = 0
         self.kernel_peak: int | None = None
+        self._reset = False
         self._stop = threading.Event()
 
     def _sample(self) -> None:
@@ -160,11 +161,11 @@ class _PeakMemory:
 
     def __enter__(self) -> "_PeakMemory":
         self.baseline_rss = self._proc.memory_info().rss
-        try:
+        try:  # "5" resets the kernel's peak-RSS counter (Linux ≥ 4.0)
             Path("/proc/self/clear_refs").write_text("5")
             self._reset = True
         except OSError:
-            self._reset = False
+            pass
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self

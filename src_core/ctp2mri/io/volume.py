@@ -123,12 +123,20 @@ class Volume:
         return self
 
     def require_finite(self, name: str = "volume") -> "Volume":
-        bad = ~np.isfinite(self.array) if np.issubdtype(self.array.dtype, np.floating) else None
-        if bad is not None and bad.any():
-            raise InputError(
-                f"{name} contains {int(bad.sum())} NaN/inf voxels (first at index "
-                f"{tuple(int(i) for i in np.argwhere(bad)[0])}); fix or mask them before use"
-            )
+        if not np.issubdtype(self.array.dtype, np.floating):
+            return self  # integer voxels are always finite
+        # Frame by frame: a clinical float CTP would otherwise need a GB-sized boolean copy.
+        frames = range(self.n_frames) if self.is_4d else [None]
+        for t in frames:
+            frame = self.array[..., t] if t is not None else self.array
+            bad = ~np.isfinite(frame)
+            if bad.any():
+                first = tuple(int(i) for i in np.argwhere(bad)[0]) + ((t,) if t is not None else ())
+                where = f" in frame {t}" if t is not None else ""
+                raise InputError(
+                    f"{name} contains {int(bad.sum())} NaN/inf voxels{where} (first at index "
+                    f"{first}); fix or mask them before use"
+                )
         return self
 
     def require_same_grid(self, other: "Volume", name: str, other_name: str) -> "Volume":
