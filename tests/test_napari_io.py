@@ -136,10 +136,11 @@ def test_dicom_folder_is_recognised_by_its_magic(tmp_path):
 
 
 def test_dicom_perfusion_series_opens_with_time_slider(tmp_path):
-    dicom = pytest.importorskip("ctp2mri.io.dicom")
+    from ctp2mri.io.dicom_write import write_dicom_series
+
     hu = np.random.default_rng(5).integers(-20, 120, SHAPE + (3,)).astype(np.int16)
     volume = Volume(hu, LPS_AFFINE, frame_times=[0.0, 2.0, 4.0])
-    folder = dicom.write_dicom_series(volume, tmp_path / "ctp_dicom", modality="CT")
+    folder = write_dicom_series(volume, tmp_path / "ctp_dicom", modality="CT")
     assert get_reader(str(folder)) is _reader.read_paths
     [(data, kwargs, kind)] = read_path(folder)
     assert kind == "image" and kwargs["name"] == "ctp_dicom"
@@ -235,9 +236,6 @@ def test_installed_manifest_is_discovered():
 
 
 def test_sample_data_is_a_phantom_case():
-    phantom = pytest.importorskip("ctp2mri.phantom")
-    if not hasattr(phantom, "generate_case"):
-        pytest.skip("ctp2mri.phantom.generate_case is not written yet")
     from napari_ctp2mri._sample_data import stroke_phantom_case
 
     layers = stroke_phantom_case()

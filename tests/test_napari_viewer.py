@@ -80,9 +80,6 @@ def test_open_edit_save_reopen_case_then_sample(make_napari_viewer, case_dir, tm
     np.testing.assert_allclose(reopened.translate, lesion.translate, atol=1e-6)
 
     # File > Open Sample > Stroke phantom case (demo): the same layers as a case folder
-    phantom = pytest.importorskip("ctp2mri.phantom")
-    if not hasattr(phantom, "generate_case"):
-        pytest.skip("ctp2mri.phantom.generate_case is not written yet")
     viewer.layers.clear()
     viewer.open_sample(PLUGIN, "stroke-phantom")
     assert [layer.name for layer in viewer.layers] == [name for name, _ in CASE_LAYERS_SHOWN]
