@@ -1,0 +1,645 @@
+"""Slice dataset over case folders: normalised axial slices, cached once, with their masks.
+
+A sample is one axial slice of a case on the model grid, laid out channel-first with
+``(H, W) = (X, Y)``: rows run along the array's first axis (left → right in RAS, so a
+left-right flip is a flip of H) and columns along the second (posterior → anterior). That is
+96 × 112 for the ``demo`` profile and 192 × 224 for ``paper`` (`ctp2mri.profiles`):
+
+==========  ===========  =======================================================================
+key         shape        content
+==========  ===========  =======================================================================
+``target``  (2, H, W)    DWI, ADC: clipped to the case's 0.5–99.5 % brain quantiles → [−1, 1],
+                         × brain (DESIGN.md normalisation contract), float32
+``cond``    (T, H, W)    the T = 15 CTP frames: [0, 200] HU → [−1, 1], × brain, float32
+``brain``   (1, H, W)    brain mask, float32 in {0, 1}
+``lesion``  (1, H, W)    lesion (infarct core) mask inside the brain, float32 in {0, 1}
+``case``    str          case name (folder name, or ``case.info["case"]`` for in-memory cases)
+``slice``   int          z index of the slice in the case volume
+==========  ===========  =======================================================================
+
+Only slices holding brain are kept (``min_brain_fraction`` of the slice area), like the
+paper's brain-masked slices. Every case is read and normalised once, at construction, into
+contiguous tensors; nothing is re-read from NIfTI afterwards. Training augmentation (MONAI
+dictionary transforms: a left-right flip and a small affine, masks by nearest neighbour) is a
+pure function of ``(seed, epoch, index)``, so it is reproducible whatever the DataLoader's
+worker count or sample order, and a resumed run sees the same augmented slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ctp2mri.casefolder import CASE_FILES, CASE_INFO, Case, is_case_folder, read_case
+from ctp2mri.errors import InputError
+from ctp2mri.io.volume import Volume
+from ctp2mri.preprocess import CTP_HU_RANGE, MRI_QUANTILES, normalise_ctp, normalise_mri
+from ctp2mri.profiles import PROFILES, Profile, get_profile
+from ctp2mri.progress import CancelToken, ProgressCallback
+
+__all__ = [
+    "DATA_VERSION", "TARGETS", "Augmentation", "CaseSlices", "LesionWeights", "SliceDataset",
+    "lesion_slice_weights", "normalise_case", "resolve_cases",
+]
+
+# Part of every disk-cache key: bump it whenever normalisation or slice selection changes.
+DATA_VERSION = "1"
+TARGETS = ("dwi", "adc")  # target channels, in order
+SPLITS_FILE = "splits.json"
+_TRAINING_NEEDS = ("ctp", "dwi", "adc", "mask")
+_PURPOSE = {"ctp": "the condition", "dwi": "a target channel", "adc": "a target channel",
+            "mask": "the brain mask", "lesion": "the lesion mask (lesion-aware post-training)"}
+
+CaseSource = Union[str, os.PathLike, Case]
+
+
+# one case --------------------------------------------------------------------------------------
+@dataclass
+class CaseSlices:
+    """The kept axial slices of one case, normalised (numpy, channel-first, (H, W) = (X, Y)).
+
+    Attributes
+    ----------
+    name
+        Case name.
+    slices
+        (n,) z indices of the kept slices in the case volume.
+    target, cond
+        (n, 2, H, W) DWI/ADC and (n, T, H, W) CTP, float32 in [−1, 1], 0 outside the brain.
+    brain, lesion
+        (n, 1, H, W) uint8 masks; the lesion is cut to the brain.
+    ranges
+        ``{"dwi": (lo, hi), "adc": (lo, hi)}``: the case's intensities that map to −1 and 1.
+    profile
+        Name of the profile whose grid the case is on.
+    has_lesion_mask
+        False when the case came without a lesion mask (``lesion`` is then all zero).
+    """
+
+    name: str
+    slices: np.ndarray
+    target: np.ndarray
+    cond: np.ndarray
+    brain: np.ndarray
+    lesion: np.ndarray
+    ranges: dict[str, tuple[float, float]]
+    profile: str
+    has_lesion_mask: bool
+
+
+def _grid_problem(case: Case, prof: Profile) -> str | None:
+    """Why the case is not on ``prof``'s model grid, or None when it is."""
+    ctp = case.ctp
+    spacing = np.asarray(ctp.spacing)
+    if tuple(ctp.spatial_shape[:2]) != tuple(prof.shape_xy):
+        return f"{ctp.spatial_shape[0]}×{ctp.spatial_shape[1]} axial slices"
+    if not np.allclose(spacing, prof.spacing, rtol=1e-3, atol=1e-3):
+        return f"{' × '.join(f'{s:g}' for s in np.round(spacing, 3))} mm voxels"
+    if ctp.orientation != "RAS":
+        return f"{ctp.orientation} voxel order"
+    return None
+
+
+def _describe_profile(prof: Profile) -> str:
+    sx, sy, sz = prof.spacing
+    return (f"the {prof.name} profile's model grid ({prof.shape_xy[0]}×{prof.shape_xy[1]} axial slices of "
+            f"{sx:g}×{sy:g} mm, {sz:g} mm apart, RAS)")
+
+
+def _check_case(case: Case, name: str, prof: Profile | None, require_lesion: bool) -> Profile:
+    """Validate a case for the dataset; returns the profile (detected when ``prof`` is None)."""
+    needs = _TRAINING_NEEDS + (("lesion",) if require_lesion else ())
+    for what in needs:
+        if getattr(case, what) is None:
+            raise InputError(f"case {name} has no {CASE_FILES[what]} ({_PURPOSE[what]}); it is required here. "
+                             "Add it to the case folder (ctp2mri preprocess writes it), or leave the case out.")
+    case.validate()
+    if prof is None:
+        prof = next((p for p in PROFILES.values() if _grid_problem(case, p) is None), None)
+        if prof is None:
+            problem = _grid_problem(case, PROFILES["paper"])
+            raise InputError(f"case {name} has {problem}, which matches no model grid "
+                             f"({', '.join(_describe_profile(p) for p in PROFILES.values())}); bring it onto one "
+                             "with `ctp2mri preprocess --profile demo|paper`")
+    problem = _grid_problem(case, prof)
+    if problem is not None:
+        raise InputError(f"case {name} has {problem}, not {_describe_profile(prof)}; bring it onto the model "
+                         f"grid with `ctp2mri preprocess --profile {prof.name}`")
+    if case.ctp.n_frames != prof.n_frames:
+        raise InputError(f"case {name}: its CTP has {case.ctp.n_frames} time points but the model takes "
+                         f"{prof.n_frames}; resample it in time with `ctp2mri preprocess --frames {prof.n_frames}` "
+                         "(the dataset does not resample silently)")
+    return prof
+
+
+def _as_lesion(mask: Volume | np.ndarray, case: Case, name: str) -> Volume:
+    """A supplied lesion mask (e.g. painted in napari) as a binary volume on the case's grid."""
+    if isinstance(mask, Volume):
+        mask.require_3d(f"lesion mask of case {name}")
+        mask.require_same_grid(case.ctp, f"lesion mask of case {name}", f"case {name}'s CTP")
+        array = mask.array
+    else:
+        array = np.asarray(mask)
+        if array.shape != case.ctp.spatial_shape:
+            raise InputError(f"the lesion mask given for case {name} has shape {array.shape}, but the case's "
+                             f"grid is {case.ctp.spatial_shape}; paint or resample it on the case's grid")
+    # Any non-zero label counts: a napari Labels layer may hold several label values.
+    return Volume((np.asarray(array) != 0).astype(np.uint8), case.ctp.affine.copy(), meta={"source": "supplied"})
+
+
+def normalise_case(case: Case, name: str | None = None, profile: str | Profile | None = None,
+                   min_brain_fraction: float = 0.01, require_lesion: bool = False) -> CaseSlices:
+    """Validate one case and cut it into normalised axial slices (the dataset's per-case step).
+
+    Parameters
+    ----------
+    case
+        A case with CTP, DWI, ADC and brain mask on a profile's model grid (lesion optional
+        unless ``require_lesion``; a missing one gives an all-zero lesion mask).
+    name
+        Case name for messages and sample ids (default: ``case.info["case"]`` or the folder).
+    profile
+        The model grid the case must be on; None detects it among `ctp2mri.profiles.PROFILES`.
+    min_brain_fraction
+        Keep the slices whose brain covers at least this fraction of the slice area (always at
+        least one voxel; 0 keeps every slice that touches the brain).
+    require_lesion
+        Refuse a case without lesion mask.
+
+    Raises
+    ------
+    InputError
+        A required image is missing, the case is off the model grid or has ≠ 15 CTP frames
+        (both fixed by ``ctp2mri preprocess``), or no slice has enough brain.
+    """
+    name = name or _case_name(case, 0)
+    prof = _check_case(case, name, get_profile(profile) if isinstance(profile, str) else profile, require_lesion)
+    brain = case.mask.array != 0
+    counts = brain.sum(axis=(0, 1))
+    area = brain.shape[0] * brain.shape[1]
+    need = max(1, math.ceil(float(min_brain_fraction) * area - 1e-9))
+    keep = np.flatnonzero(counts >= need)
+    if keep.size == 0:
+        raise InputError(f"case {name} has no axial slice with at least {min_brain_fraction:.1%} brain "
+                         f"(the largest holds {counts.max() / area:.1%}); check its brain mask or lower "
+                         "min_brain_fraction")
+    ranges: dict[str, tuple[float, float]] = {}
+    target = []
+    for what in TARGETS:
+        try:
+            image, ranges[what] = normalise_mri(getattr(case, what).array, brain)
+        except InputError as exc:
+            raise InputError(f"case {name}, {CASE_FILES[what]}: {exc}") from None
+        # float32 rounding in the scaling may overshoot ±1 by an ulp; the contract is [−1, 1].
+        target.append(np.clip(image[:, :, keep], -1.0, 1.0))
+    # (X, Y, n) per channel → (n, C, X, Y); quantiles above came from the whole brain volume.
+    target_n = np.ascontiguousarray(np.stack(target).transpose(3, 0, 1, 2))
+    cond = np.clip(normalise_ctp(case.ctp.array[:, :, keep, :], brain[:, :, keep]), -1.0, 1.0)
+    cond_n = np.ascontiguousarray(cond.transpose(2, 3, 0, 1))
+    brain_kept = brain[:, :, keep]
+    # The lesion counts inside the brain only: losses and metrics live there.
+    lesion = np.zeros_like(brain_kept) if case.lesion is None else (case.lesion.array[:, :, keep] != 0) & brain_kept
+    brain_n, lesion_n = (np.ascontiguousarray(m.transpose(2, 0, 1)[:, None], dtype=np.uint8)
+                         for m in (brain_kept, lesion))
+    return CaseSlices(name, keep.astype(np.int64), target_n, cond_n, brain_n, lesion_n, ranges, prof.name,
+                      case.lesion is not None)
+
+
+def _case_name(case: Case, index: int) -> str:
+    if isinstance(case.info.get("case"), str) and case.info["case"]:
+        return case.info["case"]
+    if case.path is not None:
+        return Path(case.path).name
+    return f"case_{index:03d}"
+
+
+# which cases -----------------------------------------------------------------------------------
+def resolve_cases(cases: CaseSource | Iterable[CaseSource], split: str | None = None) -> list[Path | Case]:
+    """The case folders (or in-memory cases) a dataset is built from.
+
+    ``cases`` is a data folder (with ``split``: the names listed under that key of its
+    ``splits.json``; without: every case folder in it), one case folder, one `Case`, or a
+    list of case folders and `Case` objects.
+    """
+    if isinstance(cases, Case):
+        items: list[Path | Case] = [cases]
+    elif isinstance(cases, (str, os.PathLike)):
+        root = Path(cases)
+        if not root.is_dir():
+            raise InputError(f"data folder {root} does not exist")
+        if split is not None:
+            return _split_cases(root, split)
+        if is_case_folder(root):
+            return [root]
+        items = sorted(p for p in root.iterdir() if is_case_folder(p))
+        if not items:
+            raise InputError(f"no case folders (sub-folders with {CASE_FILES['ctp']}) found in {root}; "
+                             "make some with `ctp2mri phantom` or `ctp2mri preprocess`")
+        return items
+    else:
+        items = []
+        for item in cases:
+            if isinstance(item, Case):
+                items.append(item)
+            elif not is_case_folder(item):
+                raise InputError(f"{item} is not a case folder (it holds no {CASE_FILES['ctp']})")
+            else:
+                items.append(Path(item))
+    if split is not None:
+        raise InputError("split selects cases from a data folder's splits.json; give the data folder, "
+                         "not a list of cases, or leave split out")
+    if not items:
+        raise InputError("no cases given; pass a data folder, case folders or cases")
+    return items
+
+
+def _split_cases(root: Path, split: str) -> list[Path | Case]:
+    path = root / SPLITS_FILE
+    if not path.is_file():
+        raise InputError(f"{root} has no {SPLITS_FILE}, so split {split!r} is undefined; write one "
+                         '({"train": [case names], "val": [...], "test": [...]}) or pass case folders')
+    try:
+        splits = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc})") from None
+    names = splits.get(split) if isinstance(splits, dict) else None
+    available = sorted(k for k, v in splits.items() if isinstance(v, list)) if isinstance(splits, dict) else []
+    if names is None or not isinstance(names, list):
+        raise InputError(f"{path} has no split {split!r}; it lists {available}")
+    if not names:
+        raise InputError(f"split {split!r} in {path} is empty; there is no case to use")
+    folders = [root / str(n) for n in names]
+    for folder in folders:
+        if not is_case_folder(folder):
+            raise InputError(f"case {folder.name} of split {split!r} has no folder with "
+                             f"{CASE_FILES['ctp']} in {root}; regenerate the data or fix {SPLITS_FILE}")
+    return folders
+
+
+# augmentation ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation: a left-right flip and a small in-plane affine (MONAI transforms).
+
+    Applied jointly to images (bilinear) and masks (nearest), with zero padding (the
+    normalised background), then images and lesion are cut to the moved brain mask again so
+    the "zero outside the brain" contract holds for augmented samples too.
+    """
+
+    flip_prob: float = 0.5  # flip of H, the left-right axis: a stroke may sit in either hemisphere
+    affine_prob: float = 0.5
+    rotate_deg: float = 8.0  # ± in-plane rotation
+    scale: float = 0.05  # zoom within 1 ± scale
+    translate_px: float = 4.0  # ± shift along H and W in pixels
+
+    def __post_init__(self) -> None:
+        for name in ("flip_prob", "affine_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"augmentation {name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("rotate_deg", "scale", "translate_px"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise InputError(f"augmentation {name} must be a non-negative number, got {getattr(self, name)}")
+        if self.scale >= 1:
+            raise InputError(f"augmentation scale must be below 1 (zoom within 1 ± scale), got {self.scale}")
+
+    def transform(self) -> Any:
+        """A fresh MONAI ``Compose`` over the keys ``images`` and ``masks``."""
+        from monai.transforms import Compose, RandAffined, RandFlipd
+
+        keys = ["images", "masks"]
+        return Compose([
+            RandFlipd(keys, prob=self.flip_prob, spatial_axis=0),
+            RandAffined(keys, prob=self.affine_prob, rotate_range=math.radians(self.rotate_deg),
+                        scale_range=(self.scale, self.scale), translate_range=(self.translate_px, self.translate_px),
+                        mode=("bilinear", "nearest"), padding_mode="zeros"),
+        ])
+
+
+# the dataset -----------------------------------------------------------------------------------
+class SliceDataset(Dataset):
+    """Normalised axial slices of a set of cases, held in memory (see the module docstring).
+
+    Parameters
+    ----------
+    cases
+        A data folder (with ``split``: the cases its ``splits.json`` lists under that key;
+        without: all case folders in it), a case folder, a `Case`, or a list of case folders
+        and `Case` objects (e.g. cases open in napari with a lesion the user painted).
+    split
+        ``"train"``, ``"val"``, ``"test"`` (or any list-valued key of ``splits.json``).
+    profile
+        Model grid every case must be on (name or `Profile`); None detects it from the first
+        case. All cases must share one slice shape.
+    min_brain_fraction
+        Keep slices whose brain mask covers at least this fraction of the slice (≥ 1 voxel).
+    augment
+        True (default `Augmentation`), an `Augmentation`, or False; None turns it on for the
+        ``"train"`` split only.
+    seed
+        Seed of the augmentation; None draws one from torch's global generator, so
+        ``monai.utils.set_determinism`` / ``torch.manual_seed`` make it reproducible.
+    require_lesion
+        Refuse cases without lesion mask (lesion-aware post-training needs them); otherwise
+        they get an all-zero lesion and are listed in ``cases_without_lesion``.
+    lesions
+        Lesion masks that replace the cases' own, by case name (a `Volume` or an array on the
+        case's grid; any non-zero voxel is lesion), e.g. a mask painted in napari.
+    cache_dtype
+        Storage type of the image tensors: float16 (default, half the memory; absolute error
+        ≤ 2.5e-4 on [−1, 1]) or float32 (exact). Samples are always float32.
+    cache_dir
+        Optional folder for an on-disk cache of each case folder's normalised slices
+        (``<case>-<key>.safetensors``); the key hashes the case files' paths, sizes and
+        modification times, the settings and `DATA_VERSION`, so a changed case is re-read.
+    progress, cancel
+        Called after / checked before each case.
+
+    Notes
+    -----
+    Memory: per slice H·W·(17·b + 2) bytes with b = 2 (float16) or 4 (float32): demo
+    (96 × 112) 0.39 MB / 0.75 MB, paper (192 × 224) 1.5 MB / 3.0 MB. E.g. 30 demo cases of
+    ~30 slices take ~0.35 GB in float16; the paper's 14 083 training slices ~22 GB. While
+    building, the per-case arrays and the concatenated tensors coexist (peak ≈ 2×).
+    """
+
+    def __init__(self, cases: CaseSource | Iterable[CaseSource], split: str | None = None,
+                 profile: str | Profile | None = None, *, min_brain_fraction: float = 0.01,
+                 augment: bool | Augmentation | None = None, seed: int | None = None,
+                 require_lesion: bool = False, lesions: Mapping[str, Volume | np.ndarray] | None = None,
+                 cache_dtype: torch.dtype | str = torch.float16, cache_dir: str | os.PathLike | None = None,
+                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> None:
+        if isinstance(cache_dtype, str):  # "float16" / "float32" from a command line or config
+            cache_dtype = getattr(torch, cache_dtype, cache_dtype)
+        if cache_dtype not in (torch.float16, torch.float32):
+            raise InputError(f"cache_dtype must be torch.float16 or torch.float32, got {cache_dtype}")
+        if not 0.0 <= float(min_brain_fraction) <= 1.0:
+            raise InputError(f"min_brain_fraction must lie in [0, 1], got {min_brain_fraction}")
+        self.split = split
+        self.min_brain_fraction = float(min_brain_fraction)
+        self.cache_dtype = cache_dtype
+        requested = get_profile(profile) if isinstance(profile, str) else profile
+        sources = resolve_cases(cases, split)
+        names = _unique_names(sources)
+        lesions = dict(lesions or {})
+        unknown = sorted(set(lesions) - set(names))
+        if unknown:
+            raise InputError(f"lesion masks were given for {unknown}, which are not among the cases {names}")
+        cache = Path(cache_dir) if cache_dir is not None else None
+        if cache is not None:
+            from ctp2mri.io.atomic import ensure_writable_dir
+
+            ensure_writable_dir(cache)
+
+        parts: list[CaseSlices] = []
+        for i, (source, name) in enumerate(zip(sources, names)):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            part, from_cache = self._load_case(source, name, requested, require_lesion, lesions.get(name), cache)
+            if parts and part.profile != parts[0].profile:  # only possible when the profile is detected
+                first = parts[0]
+                raise InputError(
+                    f"case {name} has {'×'.join(map(str, part.target.shape[2:]))} axial slices ({part.profile} "
+                    f"grid) but case {first.name} has {'×'.join(map(str, first.target.shape[2:]))} "
+                    f"({first.profile} grid); all cases must share one model grid: run `ctp2mri preprocess` "
+                    "with one --profile on every case")
+            parts.append(part)
+            if progress is not None:
+                progress(i + 1, len(sources), {"case": name, "slices": int(part.slices.size), "cached": from_cache})
+        self.profile: Profile = requested or get_profile(parts[0].profile)
+        self.case_names: list[str] = names
+        self.cases_without_lesion: list[str] = [p.name for p in parts if not p.has_lesion_mask]
+        self._ranges = {p.name: {k: tuple(v) for k, v in p.ranges.items()} for p in parts}
+
+        self.case_index = torch.cat([torch.full((p.slices.size,), i, dtype=torch.int64) for i, p in enumerate(parts)])
+        self.target = _stack(parts, "target")
+        self.cond = _stack(parts, "cond")
+        self.brain = _stack(parts, "brain")
+        self.lesion = _stack(parts, "lesion")
+        self.slice_index = _stack(parts, "slices")
+        self.has_lesion = self.lesion.flatten(1).amax(dim=1) > 0  # bool (N,)
+
+        if augment is None:
+            augment = split == "train"
+        self.augmentation: Augmentation | None = (Augmentation() if augment is True else augment) or None
+        if self.augmentation is not None:
+            # Import MONAI's transforms now (seconds), not in the first training step; forked
+            # DataLoader workers then inherit them.
+            self.augmentation.transform()
+        self.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else int(seed)
+        self.epoch = 0
+
+    # loading -------------------------------------------------------------------------------------
+    def _load_case(self, source: Path | Case, name: str, prof: Profile | None, require_lesion: bool,
+                   lesion: Volume | np.ndarray | None, cache: Path | None) -> tuple[CaseSlices, bool]:
+        cache_file = None
+        if cache is not None and isinstance(source, Path) and lesion is None:
+            cache_file = cache / f"{name}-{self._cache_key(source, prof)}.safetensors"
+            if cache_file.is_file():
+                part = _read_cache(cache_file, name)
+                if part is not None:
+                    if require_lesion and not part.has_lesion_mask:
+                        raise InputError(f"case {name} has no {CASE_FILES['lesion']} ({_PURPOSE['lesion']}); "
+                                         "it is required here")
+                    return part, True
+        if isinstance(source, Path):
+            needs = _TRAINING_NEEDS + (("lesion",) if require_lesion and lesion is None else ())
+            case = read_case(source, require=needs)
+        else:
+            case = source
+        if lesion is not None:
+            case = replace(case, lesion=_as_lesion(lesion, case, name))
+        part = normalise_case(case, name, prof, self.min_brain_fraction, require_lesion)
+        # Held in the storage type from here on: the build's peak stays near 2× the final size.
+        dtype = np.float16 if self.cache_dtype == torch.float16 else np.float32
+        part.target, part.cond = part.target.astype(dtype, copy=False), part.cond.astype(dtype, copy=False)
+        if cache_file is not None:
+            _write_cache(cache_file, part)
+        return part, False
+
+    def _cache_key(self, folder: Path, prof: Profile | None) -> str:
+        digest = hashlib.sha256()
+        settings = {"version": DATA_VERSION, "profile": asdict(prof) if prof else None,
+                    "min_brain_fraction": self.min_brain_fraction, "dtype": str(self.cache_dtype),
+                    "ctp_hu_range": list(CTP_HU_RANGE), "quantiles": list(MRI_QUANTILES),
+                    "folder": str(folder.resolve())}
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        for filename in sorted((*CASE_FILES.values(), CASE_INFO)):
+            path = folder / filename
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{filename}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return digest.hexdigest()[:24]
+
+    # the Dataset protocol ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.target.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"slice {index} out of range for a dataset of {len(self)} slices")
+        images = torch.cat([self.target[index], self.cond[index]]).to(torch.float32)
+        masks = torch.cat([self.brain[index], self.lesion[index]]).to(torch.float32)
+        if self.augmentation is not None:
+            images, masks = self._augment(images, masks, index)
+        return {
+            "target": images[:2], "cond": images[2:], "brain": masks[:1], "lesion": masks[1:],
+            "case": self.case_names[int(self.case_index[index])], "slice": int(self.slice_index[index]),
+        }
+
+    def _augment(self, images: torch.Tensor, masks: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from monai.utils import convert_to_tensor
+
+        # A fresh transform seeded from (seed, epoch, index): the result does not depend on
+        # worker processes, threads or the order samples are drawn in.
+        transform = self.augmentation.transform()
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        transform.set_random_state(seed=int(state))
+        out = transform({"images": images, "masks": masks})
+        images = convert_to_tensor(out["images"], dtype=torch.float32, track_meta=False)
+        masks = convert_to_tensor(out["masks"], dtype=torch.float32, track_meta=False)
+        brain = masks[:1]
+        return (images * brain).contiguous(), torch.cat([brain, masks[1:] * brain])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draw of ``epoch`` (call it at the start of every epoch)."""
+        self.epoch = int(epoch)
+
+    # what the trainer and the checkpoint need --------------------------------------------------
+    def case_ranges(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """Per case, the DWI and ADC intensities mapped to −1 and 1 (lo, hi)."""
+        return {name: dict(r) for name, r in self._ranges.items()}
+
+    def intensity_ranges(self) -> dict[str, Any]:
+        """The typical (median over the dataset's cases) DWI and ADC ranges, for a checkpoint.
+
+        ``denormalise_mri(x, lo, hi)`` with these maps model output back to DWI scanner units
+        and ADC in 10⁻⁶ mm²/s. Build it from the training split.
+        """
+        out: dict[str, Any] = {"statistic": "median over cases", "n_cases": len(self._ranges),
+                               "quantiles": list(MRI_QUANTILES), "ctp_hu_range": list(CTP_HU_RANGE),
+                               "units": {"dwi": "scanner units (b = 1000 s/mm²)", "adc": "1e-6 mm²/s"}}
+        for what in TARGETS:
+            values = np.array([r[what] for r in self._ranges.values()], dtype=np.float64)
+            out[what] = {"lo": float(np.median(values[:, 0])), "hi": float(np.median(values[:, 1]))}
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and settings, for logs and a checkpoint's provenance."""
+        n_lesion = int(self.has_lesion.sum())
+        return {
+            "split": self.split, "profile": self.profile.name, "n_cases": len(self.case_names),
+            "n_slices": len(self), "n_lesion_slices": n_lesion,
+            "lesion_slice_fraction": n_lesion / max(len(self), 1),
+            "cases_without_lesion": list(self.cases_without_lesion),
+            "slice_shape": list(self.target.shape[2:]), "min_brain_fraction": self.min_brain_fraction,
+            "augmentation": asdict(self.augmentation) if self.augmentation else None, "seed": self.seed,
+            "cache_dtype": str(self.cache_dtype).removeprefix("torch."), "cache_bytes": self.nbytes,
+            "data_version": DATA_VERSION,
+        }
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.target, self.cond, self.brain, self.lesion))
+
+    def __repr__(self) -> str:
+        return (f"SliceDataset({len(self.case_names)} cases, {len(self)} slices of "
+                f"{tuple(self.target.shape[2:])}, {int(self.has_lesion.sum())} with lesion, "
+                f"profile={self.profile.name!r}, augment={self.augmentation is not None})")
+
+
+def _stack(parts: list[CaseSlices], attr: str) -> torch.Tensor:
+    """One contiguous tensor of every case's ``attr``, freeing each case's array once copied."""
+    arrays = [getattr(p, attr) for p in parts]
+    out = torch.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), dtype=torch.from_numpy(arrays[0][:0]).dtype)
+    start = 0
+    for part, array in zip(parts, arrays):
+        out[start:start + len(array)] = torch.from_numpy(array)
+        start += len(array)
+        setattr(part, attr, None)
+    del arrays
+    return out
+
+
+def _unique_names(sources: Sequence[Path | Case]) -> list[str]:
+    """Case names; a name used twice (two datasets' case_000) gets its parent folder prefixed."""
+    names = [_case_name(s, i) if isinstance(s, Case) else s.name for i, s in enumerate(sources)]
+    for i, (source, name) in enumerate(zip(sources, names)):
+        if names.count(name) > 1:
+            path = source.path if isinstance(source, Case) else source
+            names[i] = f"{Path(path).parent.name}/{name}" if path is not None else f"{name}#{i}"
+    if len(set(names)) != len(names):
+        raise InputError(f"case names are not unique: {names}; give each case its own name")
+    return names
+
+
+# on-disk cache ---------------------------------------------------------------------------------
+def _write_cache(path: Path, part: CaseSlices) -> None:
+    from safetensors.torch import save_file
+
+    from ctp2mri.io.atomic import atomic_path
+
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(part, k)))
+               for k in ("target", "cond", "brain", "lesion", "slices")}
+    meta = {"name": part.name, "ranges": part.ranges, "profile": part.profile,
+            "has_lesion_mask": part.has_lesion_mask, "data_version": DATA_VERSION}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"case": json.dumps(meta)})
+
+
+def _read_cache(path: Path, name: str) -> CaseSlices | None:
+    """A cached case, or None when the file is unreadable (it is then rebuilt and replaced)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["case"])
+            t = {k: f.get_tensor(k) for k in ("target", "cond", "brain", "lesion", "slices")}
+    except Exception:  # noqa: BLE001 — any damage to a cache file only means a cache miss
+        return None
+    if meta.get("data_version") != DATA_VERSION:
+        return None
+    return CaseSlices(name, t["slices"].numpy(), t["target"].numpy(), t["cond"].numpy(), t["brain"].numpy(),
+                      t["lesion"].numpy(), {k: tuple(v) for k, v in meta["ranges"].items()}, meta["profile"],
+                      bool(meta["has_lesion_mask"]))
+
+
+# sampling --------------------------------------------------------------------------------------
+class LesionWeights(NamedTuple):
+    """Per-sample weights for ``torch.utils.data.WeightedRandomSampler``.
+
+    ``lesion_fraction`` is the share of lesion slices in the dataset, ``effective_fraction``
+    their expected share of the drawn samples.
+    """
+
+    weights: torch.Tensor
+    lesion_fraction: float
+    effective_fraction: float
+
+
+def lesion_slice_weights(dataset: SliceDataset, factor: float) -> LesionWeights:
+    """Weights that draw lesion-containing slices ``factor`` times as often as the others.
+
+    For lesion-aware post-training: the paper's lesions fill ~11 % of slices, so most batches
+    would carry no lesion term. With ``p`` the lesion-slice fraction the drawn share becomes
+    ``factor·p / (factor·p + 1 − p)``, reported as ``effective_fraction``.
+    """
+    factor = float(factor)
+    if not math.isfinite(factor) or factor <= 0:
+        raise InputError(f"the lesion over-sampling factor must be a positive number, got {factor}")
+    lesion = dataset.has_lesion.to(torch.float64)
+    weights = 1.0 + (factor - 1.0) * lesion
+    n = max(len(lesion), 1)
+    return LesionWeights(weights, float(lesion.sum()) / n, float((weights * lesion).sum() / weights.sum()))
