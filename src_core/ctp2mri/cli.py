@@ -98,6 +98,140 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_preprocess)
 
 
+# training --------------------------------------------------------------------------------
+def _rank0_progress(desc: str):
+    """tqdm on rank 0 only: under torchrun every process runs this same command."""
+    import os
+
+    from ctp2mri.progress import noop_progress, tqdm_progress
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return noop_progress, lambda: None
+    return tqdm_progress(desc)
+
+
+def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    from ctp2mri.training import train_autoencoder
+
+    progress, close = _rank0_progress("train-autoencoder")
+    try:
+        out = train_autoencoder(args.data, args.out, profile=args.profile, steps=args.steps,
+                                batch_size=args.batch_size, lr=args.lr, disc_start=args.disc_start,
+                                device=args.device, precision=args.precision, resume=args.resume,
+                                seed=args.seed, num_workers=args.num_workers,
+                                checkpoint_every=args.checkpoint_every, progress=progress)
+    finally:
+        close()
+    print(f"autoencoder checkpoint: {out}")
+    return 0
+
+
+def _cmd_train_ldm(args: argparse.Namespace) -> int:
+    from ctp2mri.training import train_ldm
+
+    progress, close = _rank0_progress("train-ldm")
+    try:
+        out = train_ldm(args.data, args.autoencoder, args.out, steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+                        grad_accum=args.grad_accum, device=args.device, precision=args.precision,
+                        resume=args.resume, seed=args.seed, num_workers=args.num_workers,
+                        checkpoint_every=args.checkpoint_every, progress=progress)
+    finally:
+        close()
+    print(f"cLDM checkpoint: {out}")
+    return 0
+
+
+def _training_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="data folder (case folders + splits.json)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="run folder: the checkpoint (config.json + safetensors) and log.csv")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps in total (default 1000)")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per process (default 16)")
+    p.add_argument("--lr", type=float,
+                   help="learning rate (default: the official base lr × batch × processes, CompVis scaling)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast on CUDA (default fp32)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers (default 1)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+
+
+def _add_training(sub: argparse._SubParsersAction) -> None:
+    ae = sub.add_parser("train-autoencoder", help="train the VQGAN autoencoder on DWI/ADC slices",
+                        description="VQGAN (×4, 3 latent channels, codebook): L1 reconstruction + "
+                        "codebook loss, PatchGAN hinge loss with adaptive weight from --disc-start. "
+                        "Runs under torchrun --nproc_per_node N for DDP.")
+    _training_arguments(ae)
+    ae.add_argument("--profile", choices=["demo", "paper"], default="demo")
+    ae.add_argument("--disc-start", type=int, default=30001,
+                    help="step at which the adversarial loss starts (official 30001)")
+    ae.set_defaults(func=_cmd_train_autoencoder)
+
+    ldm = sub.add_parser("train-ldm", help="train the conditional latent diffusion model (Eq. 4)",
+                         description="cLDM on the frozen autoencoder's latents conditioned on the 15 CTP "
+                         "frames (spatial rescaler, concatenation); ε-prediction, T = 1000, EMA. "
+                         "Runs under torchrun --nproc_per_node N for DDP.")
+    _training_arguments(ldm)
+    ldm.add_argument("--autoencoder", required=True, type=Path, help="trained autoencoder checkpoint")
+    ldm.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default 0.9999)")
+    ldm.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    ldm.set_defaults(func=_cmd_train_ldm)
+
+
+# synthesize ------------------------------------------------------------------------------
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    from ctp2mri.progress import tqdm_progress
+    from ctp2mri.synthesize import run_synthesize
+
+    progress, close = tqdm_progress("synthesize")
+    try:
+        result = run_synthesize(args.ctp, args.model, args.out, series_uid=args.series_uid,
+                                mask=args.mask, ground_truth_lesion=args.ground_truth,
+                                overwrite=args.overwrite, progress=progress,
+                                sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+                                device=args.device, precision=args.precision,
+                                core_threshold=args.core_threshold)
+    finally:
+        close()
+    report = result.report
+    for notice in report.get("notices", []):
+        print(f"note: {notice}")
+    print(f"wrote {args.out}: dwi, adc, core ({report.get('core_volume_ml', float('nan')):.1f} ml)"
+          + (", uncertainty" if result.uncertainty else "") + ", report.json")
+    return 0
+
+
+def _add_synthesize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synthesize", help="CTP in, synthetic DWI/ADC (+ core estimate) out",
+                       description="Synthesise DWI and ADC from a CT-perfusion series with a trained "
+                       "cLDM, on the CTP's own grid; writes dwi, adc, core (ADC < threshold) and, with "
+                       "--samples > 1, per-voxel uncertainty, plus report.json.")
+    p.add_argument("ctp", type=Path, help="4-D CTP: NIfTI, NRRD, MHA or a DICOM series folder")
+    p.add_argument("--model", required=True, type=Path, help="cLDM checkpoint folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--sampler", choices=["ddim", "dpm++2m"], default="dpm++2m",
+                   help="DDIM (the paper's) or DPM-Solver++(2M) (default, fewer steps)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--samples", type=int, default=1, help="samples per slice; >1 adds uncertainty maps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="slices per network call (default: from free memory)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast precision on GPU (CPU always runs fp32)")
+    p.add_argument("--core-threshold", type=float, default=620.0,
+                   help="core = ADC below this (10⁻⁶ mm²/s) inside the brain (default 620)")
+    p.add_argument("--mask", type=Path, help="brain mask on the CTP grid (default: derived)")
+    p.add_argument("--ground-truth", type=Path, help="lesion mask to score the core estimate against")
+    p.add_argument("--series-uid", help="pick one series from a DICOM folder holding several")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_synthesize)
+
+
 # bench -----------------------------------------------------------------------------------
 def _cmd_bench_preprocess(args: argparse.Namespace) -> int:
     from ctp2mri.bench import bench_preprocess, format_bench
@@ -105,6 +239,25 @@ def _cmd_bench_preprocess(args: argparse.Namespace) -> int:
     result = bench_preprocess(shape=tuple(args.shape), spacing=tuple(args.spacing),
                               frames=args.frames, profile=args.profile, workdir=args.workdir)
     print(format_bench(result))
+    return 0
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from ctp2mri.bench import bench_train, format_bench_train
+
+    print(format_bench_train(bench_train(profile=args.profile, kind=args.kind,
+                                         batch_size=args.batch_size, steps=args.steps,
+                                         device=args.device, precision=args.precision)))
+    return 0
+
+
+def _cmd_bench_synthesize(args: argparse.Namespace) -> int:
+    from ctp2mri.bench import bench_synthesize, format_bench_synthesize
+
+    print(format_bench_synthesize(bench_synthesize(
+        model=args.model, profile=args.profile, steps=tuple(args.steps),
+        samplers=tuple(args.samplers), device=args.device, precision=args.precision,
+        naive=not args.no_naive, peak_tflops=args.peak_tflops, threads=args.threads)))
     return 0
 
 
@@ -121,6 +274,84 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--profile", choices=["demo", "paper"], default="paper")
     b.add_argument("--workdir", type=Path, help="where to write the synthetic input (default: temp)")
     b.set_defaults(func=_cmd_bench_preprocess)
+    t = bench.add_parser("train", help="training steps/s and peak memory",
+                         description="Times optimiser steps of the profile's networks on random slices "
+                         "(no data needed).")
+    t.add_argument("--profile", choices=["demo", "paper"], default="demo")
+    t.add_argument("--kind", choices=["ldm", "autoencoder"], default="ldm")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on CUDA, fp32 elsewhere")
+    t.set_defaults(func=_cmd_bench_train)
+    s = bench.add_parser("synthesize", help="seconds per volume and slices/s of synthesis",
+                         description="Times synthesis of one phantom volume per (sampler, steps) pair, "
+                         "batched and one slice at a time (same network and steps), with peak memory. "
+                         "Without --model a randomly initialised model of the profile is used: "
+                         "timings do not depend on the weights.")
+    s.add_argument("--model", type=Path, help="cLDM checkpoint (default: random weights)")
+    s.add_argument("--profile", choices=["demo", "paper"], default="demo")
+    s.add_argument("--samplers", nargs="+", default=["ddim", "dpm++2m"], choices=["ddim", "dpm++2m"])
+    s.add_argument("--steps", type=int, nargs="+", default=[50, 20], help="steps for each sampler")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    s.add_argument("--no-naive", action="store_true", help="skip the one-slice-at-a-time loop")
+    s.add_argument("--peak-tflops", type=float, help="device peak, to report the achieved fraction")
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.set_defaults(func=_cmd_bench_synthesize)
+
+
+# evaluate --------------------------------------------------------------------------------
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from ctp2mri.evaluate import FID_WEIGHTS_ENV
+
+    p = sub.add_parser("evaluate", help="score a trained cLDM on a split (Table 1 metrics)",
+                       description="Synthesise DWI/ADC for every case of a split with DDIM and report "
+                       "MAE, lesion MAE, PSNR and MS-SSIM per channel inside the brain (normalised "
+                       "space, as the paper's Table 1) and the infarct-core Dice; one CSV row per case.")
+    p.add_argument("--model", required=True, type=Path, help="cLDM checkpoint folder")
+    p.add_argument("--data", required=True, type=Path, help="data folder with case folders and splits.json")
+    p.add_argument("--split", default="test", help="split of splits.json (default test)")
+    p.add_argument("--steps", type=int, default=200, help="DDIM steps (default 200, as the paper)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per batch (default 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--out", type=Path, help="per-case CSV to write")
+    p.add_argument("--figure", type=Path, help="PNG of a few test slices (CTP, true/synthetic DWI, ADC)")
+    p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
+    p.add_argument("--no-ema", action="store_true", help="sample with the raw, not the EMA, weights")
+    p.add_argument("--fid-weights", type=Path,
+                   help=f"local Inception-v3 weights for FID (or ${FID_WEIGHTS_ENV}); never downloaded")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ctp2mri.devices import resolve_device_with_notice
+    from ctp2mri.evaluate import evaluate, fid_status, format_report
+    from ctp2mri.progress import tqdm_progress
+
+    _, notice = resolve_device_with_notice(args.device)
+    if notice:
+        print(f"ctp2mri evaluate: {notice}")
+    fid_message = fid_status(args.fid_weights)
+    progress, close = tqdm_progress("evaluate", unit="slice-step")
+    try:
+        rows, summary = evaluate(args.model, args.data, split=args.split, n_steps=args.steps,
+                                 eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+                                 device=args.device, out_csv=args.out, progress=progress,
+                                 max_cases=args.max_cases, figure=args.figure,
+                                 use_ema=not args.no_ema, fid_weights=args.fid_weights)
+    finally:
+        close()
+    print(format_report(summary, rows, n_steps=args.steps, eta=args.eta, seed=args.seed,
+                        split=args.split, fid_message=fid_message))
+    if args.out:
+        print(f"per-case results: {args.out}")
+    if args.figure:
+        print(f"figure: {args.figure}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"ctp2mri {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_phantom, _add_preprocess, _add_bench):
+    for add in (_add_phantom, _add_preprocess, _add_training, _add_synthesize, _add_evaluate,
+                _add_bench):
         add(sub)
     return parser
 

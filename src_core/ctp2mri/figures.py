@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -81,6 +82,83 @@ def case_overview(cases: Sequence[Case], path: str | os.PathLike, titles: Sequen
         axes[row, 0].text(-0.05, 0.5, f"{label}\nslice {k}", transform=axes[row, 0].transAxes,
                           ha="right", va="center", fontsize=8)
     fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+@dataclass
+class EvaluationSlice:
+    """One axial slice of an evaluated case, in physical units, for `evaluation_figure`.
+
+    All images are (x, y) RAS slices of the case grid. ``ctp`` is one CTP frame in HU
+    (e.g. the peak of the brain's mean curve); ``dwi_*`` in scanner units and ``adc_*`` in
+    10⁻⁶ mm²/s (the synthetic ones mapped back from [−1, 1]); ``lesion`` the true core
+    mask, ``pred_core`` the core thresholded from the synthetic ADC; ``dwi_range`` the
+    display window of both DWIs (the case's normalisation range).
+    """
+
+    name: str
+    z: int
+    ctp: np.ndarray
+    dwi_true: np.ndarray
+    adc_true: np.ndarray
+    dwi_pred: np.ndarray
+    adc_pred: np.ndarray
+    lesion: np.ndarray | None = None
+    pred_core: np.ndarray | None = None
+    dwi_range: tuple[float, float] | None = None
+    model: str = ""
+
+
+def evaluation_figure(slices: Sequence[EvaluationSlice], path: str | os.PathLike,
+                      adc_window: tuple[float, float] = (0.0, 2000.0)) -> Path:
+    """One row per slice: CTP frame, true DWI, synthetic DWI, true ADC, synthetic ADC.
+
+    True and synthetic images share one window per channel so their contrast compares
+    directly. The true core is outlined in red on every panel; the core thresholded from
+    the synthetic ADC in cyan on the synthetic ADC. Radiological view (patient's right on
+    the image's left). Written atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not slices:
+        raise ValueError("evaluation_figure needs at least one slice")
+    columns = ["CTP frame (HU)", "DWI true", "DWI synthetic", "ADC true (10⁻⁶ mm²/s)", "ADC synthetic"]
+    fig, axes = plt.subplots(len(slices), 5, figsize=(13, 2.9 * len(slices)), squeeze=False)
+    for row, s in enumerate(slices):
+        lo, hi = s.dwi_range if s.dwi_range is not None else (
+            float(np.min(s.dwi_true)), float(np.max(s.dwi_true)))
+        panels = [
+            (s.ctp, {"vmin": 0, "vmax": 100}),
+            (s.dwi_true, {"vmin": lo, "vmax": hi}),
+            (s.dwi_pred, {"vmin": lo, "vmax": hi}),
+            (s.adc_true, {"vmin": adc_window[0], "vmax": adc_window[1]}),
+            (s.adc_pred, {"vmin": adc_window[0], "vmax": adc_window[1]}),
+        ]
+        for col, (image, style) in enumerate(panels):
+            ax = axes[row, col]
+            ax.axis("off")
+            shown = ax.imshow(radiological(image), cmap="gray", **style)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)  # on all: panels keep one size
+            if s.lesion is not None and np.any(s.lesion):
+                ax.contour(radiological(s.lesion.astype(np.float32)), levels=[0.5], colors="r",
+                           linewidths=0.8)
+            if col == 4 and s.pred_core is not None and np.any(s.pred_core):
+                ax.contour(radiological(s.pred_core.astype(np.float32)), levels=[0.5], colors="c",
+                           linewidths=0.8)
+            if row == 0:
+                ax.set_title(columns[col], fontsize=9)
+        label = f"{s.name}\nslice {s.z}" + (f"\n{s.model}" if s.model else "")
+        axes[row, 0].text(-0.05, 0.5, label, transform=axes[row, 0].transAxes, ha="right",
+                          va="center", fontsize=8)
+    fig.text(0.5, 0.002, "red: true core (lesion mask); cyan: core from the synthetic ADC "
+             "(< 620 × 10⁻⁶ mm²/s)", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)

@@ -1,0 +1,348 @@
+"""`ctp2mri evaluate`: sample a split's cases with a trained cLDM and score them as Table 1.
+
+For every case of the split: normalise it as the training data (`ctp2mri.data.normalise_case`,
+every axial slice that holds brain), synthesise DWI/ADC with DDIM (`ctp2mri.inference`),
+and compare with the ground truth **in the normalised space** ([−1, 1], brain-masked), as the
+paper does: MAE, lesion MAE, PSNR and MS-SSIM per channel inside the brain
+(`ctp2mri.metrics.channel_metrics`). One row per case (and model) goes to a CSV; the
+summary is the mean ± SD over cases, printed in the shape of the paper's Table 1.
+
+Infarct core: the synthetic ADC is mapped back to 10⁻⁶ mm²/s with the **case's own** ADC
+quantile range (the one its ground truth was normalised with) and thresholded
+(`core_mask_from_adc`); Dice and volumes against the case's lesion mask. Using the ground
+truth's range isolates what the model gets right in normalised space, which is what the
+paper's evaluation measures; a new patient has no ground truth, so the synthesis engine
+maps output back with the model's stored training ranges instead, and its core volumes
+carry that extra error. For reference, the same threshold on the *true* ADC gives
+``core_gt_adc_dice``: the ceiling of the threshold rule on that case.
+
+FID needs an Inception-v3 network and its weights; ctp2mri downloads nothing, so FID is
+reported as skipped unless both are available locally (see `fid_status`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctp2mri.casefolder import CASE_FILES, read_case
+from ctp2mri.data import TARGETS, CaseSlices, normalise_case, resolve_cases
+from ctp2mri.errors import InputError
+from ctp2mri.inference import LoadedModel, load_model, sample_slices, slice_seed
+from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
+from ctp2mri.io.nifti import load_nifti
+from ctp2mri.metrics import (
+    Summary,
+    channel_metrics,
+    core_comparison,
+    core_mask_from_adc,
+    flat_metrics,
+    format_table1,
+    summarise,
+    volume_ml,
+)
+from ctp2mri.preprocess import denormalise_mri
+from ctp2mri.progress import CancelToken, ProgressCallback
+
+__all__ = [
+    "CHANNELS",
+    "FID_WEIGHTS_ENV",
+    "case_seed",
+    "evaluate",
+    "fid_status",
+    "format_report",
+    "write_rows",
+]
+
+CHANNELS = ("DWI", "ADC")  # Table 1's channel names, in the order of TARGETS
+FID_WEIGHTS_ENV = "CTP2MRI_FID_WEIGHTS"
+FIGURE_ROWS = 4  # test slices shown in the evaluation figure
+_CORE_KEYS = ("dice", "pred_ml", "true_ml", "volume_diff_ml", "abs_volume_diff_ml")
+
+
+# FID ---------------------------------------------------------------------------------------
+def fid_status(fid_weights: str | os.PathLike | None = None) -> str:
+    """Why FID is not computed (the message printed with the results).
+
+    FID compares Inception-v3 features of real and synthetic slices. ctp2mri has no
+    Inception network of its own and never downloads weights, so FID is skipped unless a
+    local weight file is given (``--fid-weights`` or ``$CTP2MRI_FID_WEIGHTS``) *and* an
+    Inception implementation is installed; with neither, it says so.
+
+    Raises
+    ------
+    InputError
+        A weight file was named but does not exist.
+    """
+    weights = fid_weights or os.environ.get(FID_WEIGHTS_ENV) or None
+    if weights is not None and not Path(weights).is_file():
+        raise InputError(f"FID weight file {weights} does not exist; give the path of a local "
+                         f"Inception-v3 weight file, or leave --fid-weights / ${FID_WEIGHTS_ENV} unset")
+    if weights is None:
+        return ("FID skipped: Inception weights not available offline (give --fid-weights FILE or "
+                f"set ${FID_WEIGHTS_ENV}; nothing is downloaded)")
+    return ("FID skipped: Inception weights not available offline: a weight file was given, but no "
+            "Inception-v3 implementation (pytorch-fid) is installed to use it")
+
+
+# one case ------------------------------------------------------------------------------------
+def case_seed(seed: int, case: str) -> int:
+    """The seed of one case's slices: the run seed mixed with a stable hash of the case name,
+    so a case gets the same noise whichever other cases are evaluated with it."""
+    return slice_seed(seed, zlib.crc32(case.encode("utf-8")))
+
+
+def _normalise(case_dir: Path, name: str, profile: str, model_label: str) -> tuple[Any, CaseSlices]:
+    case = read_case(case_dir, require=("ctp", "dwi", "adc", "mask"))
+    try:
+        # min_brain_fraction 0: every slice with brain, so metrics cover the whole brain
+        part = normalise_case(case, name, profile, min_brain_fraction=0.0)
+    except InputError as exc:
+        raise InputError(f"model {model_label} works on the {profile!r} profile's grid, but: {exc}") from None
+    return case, part
+
+
+def _pred_adc_volume(pred: np.ndarray, part: CaseSlices, shape: tuple[int, ...]) -> np.ndarray:
+    """Synthetic ADC in 10⁻⁶ mm²/s on the case grid, from the case's own ADC range."""
+    lo, hi = part.ranges["adc"]
+    adc = np.zeros(shape, dtype=np.float32)
+    adc[:, :, part.slices] = np.moveaxis(denormalise_mri(pred[:, 1], lo, hi), 0, -1)
+    return adc
+
+
+def _score_case(name: str, label: str, case: Any, part: CaseSlices, pred: np.ndarray,
+                settings: Mapping[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+    """One CSV row (metrics in normalised space, core in units) and the predicted core mask."""
+    brain = part.brain[:, 0] > 0
+    lesion = part.lesion[:, 0] > 0 if part.has_lesion_mask else None
+    nested = channel_metrics(pred, part.target, brain, lesion, channel_names=CHANNELS,
+                             layout="slices")
+    row: dict[str, Any] = {"case": name, "model": label, "n_slices": len(part.slices),
+                           "lesion_voxels": int(lesion.sum()) if lesion is not None else 0,
+                           **flat_metrics(nested)}
+    spacing = tuple(float(s) for s in case.ctp.spacing)
+    brain_vol = case.mask.array > 0
+    pred_core = core_mask_from_adc(_pred_adc_volume(pred, part, brain_vol.shape), brain_vol,
+                                   spacing=spacing)
+    if case.lesion is not None:
+        truth = (case.lesion.array > 0) & brain_vol
+        cmp = core_comparison(pred_core, truth, spacing)
+        gt_core = core_mask_from_adc(case.adc.array, brain_vol, spacing=spacing)
+        row.update({f"core_{k}": cmp[k] for k in _CORE_KEYS})
+        row["core_gt_adc_dice"] = core_comparison(gt_core, truth, spacing)["dice"]
+    else:
+        row.update({f"core_{k}": math.nan for k in _CORE_KEYS})
+        row["core_pred_ml"] = volume_ml(pred_core, spacing)  # no truth to compare with
+        row["core_gt_adc_dice"] = math.nan
+    row.update(settings)
+    return row, pred_core
+
+
+def _count_brain_slices(case_dir: Path) -> int:
+    """Slices the case will be sampled on, read from its brain mask alone (for progress)."""
+    mask_file = case_dir / CASE_FILES["mask"]
+    if not mask_file.is_file():
+        raise InputError(f"case {case_dir.name} has no {CASE_FILES['mask']} (the brain mask); "
+                         "evaluation needs it (ctp2mri preprocess writes one)")
+    return int(np.count_nonzero(load_nifti(mask_file).array.any(axis=(0, 1))))
+
+
+def _scaled(progress: ProgressCallback | None, base: int, weight: int, total: int,
+            info: dict[str, Any]) -> ProgressCallback | None:
+    """Map one sampling run's (step, n_steps) onto the evaluation's slice-steps."""
+    if progress is None:
+        return None
+
+    def report(step: int, n_total: int, _: dict[str, Any]) -> None:
+        progress(base + round(step / n_total * weight), total, info)
+
+    return report
+
+
+# the evaluation --------------------------------------------------------------------------------
+def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
+             split: str | None = "test", n_steps: int = 200, eta: float = 0.0, seed: int = 0,
+             batch_size: int = 16, device: str | torch.device = "auto",
+             out_csv: str | os.PathLike | None = None, progress: ProgressCallback | None = None,
+             cancel: CancelToken | None = None,
+             models: Mapping[str, str | os.PathLike] | None = None, *,
+             max_cases: int | None = None, figure: str | os.PathLike | None = None,
+             use_ema: bool = True, fid_weights: str | os.PathLike | None = None,
+             ) -> tuple[list[dict[str, Any]], Summary]:
+    """Synthesise every case of a split and score it against its ground truth.
+
+    Parameters
+    ----------
+    model_path
+        cLDM checkpoint folder (reported as model ``"cLDM"``); may be None when ``models``
+        is given.
+    data_dir
+        Data folder of case folders with a ``splits.json`` (``ctp2mri phantom`` writes one).
+    split
+        Which split of ``splits.json`` (``"test"``); None takes every case folder.
+    n_steps, eta, seed, batch_size
+        DDIM settings (paper: 200 steps, η = 0), the run seed (per-slice noise from
+        ``(seed, case, z)``, see `ctp2mri.inference.sample_slices`) and slices per batch.
+    device
+        ``auto``, ``cpu``, ``cuda[:i]``, ``mps``.
+    out_csv
+        Per-case CSV to write (atomically, only when the whole evaluation finished).
+    progress
+        ``progress(done, total, info)`` in slice-steps (one DDIM step of one slice), over all
+        cases and models; ``info`` names the case and model.
+    cancel
+        Checked before every DDIM step; a cancelled run writes nothing.
+    models
+        ``{name: checkpoint}`` to compare several models on the same cases (Table 1 rows);
+        ``model_path``, when also given, is added as ``"cLDM"``.
+    max_cases
+        Evaluate only the first N cases of the split (a quick look).
+    figure
+        PNG path: a few cases' lesion slices, CTP, true and synthetic DWI/ADC (first model).
+    use_ema
+        Sample with EMA weights (default) or the raw training weights.
+    fid_weights
+        Local Inception weight file for FID (see `fid_status`; never downloaded).
+
+    Returns
+    -------
+    (rows, summary)
+        One dict per case and model: ``case``, ``model``, ``n_slices``, ``lesion_voxels``,
+        ``{DWI,ADC}_{mae,lesion_mae,psnr,ms_ssim}``, ``core_{dice,pred_ml,true_ml,
+        volume_diff_ml,abs_volume_diff_ml}``, ``core_gt_adc_dice`` and the sampler settings;
+        and ``summarise(rows)``: mean ± SD per model (`format_report` prints it).
+
+    Raises
+    ------
+    InputError
+        No model given; a checkpoint is missing or damaged; the data folder has no cases or
+        no such split; a case lacks an image or is on another profile's grid than a model
+        (run ``ctp2mri preprocess --profile``).
+    ctp2mri.errors.Cancelled
+        When ``cancel`` is set (no CSV or figure is left behind).
+    """
+    named: dict[str, str | os.PathLike] = dict(models or {})
+    if model_path is not None:
+        if "cLDM" in named:
+            raise InputError("a model named 'cLDM' was given twice (model_path and models); rename one")
+        named = {"cLDM": model_path, **named}
+    if not named:
+        raise InputError("no model to evaluate: give a cLDM checkpoint folder (--model)")
+    if out_csv is not None:
+        ensure_writable_dir(Path(out_csv).parent)
+    if figure is not None:
+        ensure_writable_dir(Path(figure).parent)
+    fid_status(fid_weights)  # a named but absent weight file is an error before hours of sampling
+    case_dirs = [Path(p) for p in resolve_cases(data_dir, split)]
+    if max_cases is not None:
+        if int(max_cases) < 1:
+            raise InputError(f"--max-cases must be at least 1, got {max_cases}")
+        case_dirs = case_dirs[: int(max_cases)]
+    loaded: dict[str, LoadedModel] = {label: load_model(path, device, use_ema=use_ema)
+                                      for label, path in named.items()}
+    settings = {"split": split or "all", "sampler": "ddim", "steps": int(n_steps), "eta": float(eta),
+                "seed": int(seed), "weights": "ema" if use_ema else "model"}
+
+    counts = [_count_brain_slices(d) for d in case_dirs]
+    steps = {label: len(m.schedule.ddim_timesteps(n_steps)) for label, m in loaded.items()}
+    total = sum(counts) * sum(steps.values())
+    done = 0
+    rows: list[dict[str, Any]] = []
+    shown: list[Any] = []  # figures.EvaluationSlice (matplotlib is imported only for a figure)
+    for case_dir in case_dirs:
+        name = case_dir.name
+        parts: dict[str, tuple[Any, CaseSlices]] = {}
+        for label, model in loaded.items():
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            if model.profile not in parts:
+                parts[model.profile] = _normalise(case_dir, name, model.profile, label)
+            case, part = parts[model.profile]
+            n = len(part.slices)
+            report = _scaled(progress, done, n * steps[label], total,
+                             {"case": name, "model": label, "slices": n})
+            pred = sample_slices(model, torch.from_numpy(np.asarray(part.cond, dtype=np.float32)),
+                                 n_steps=n_steps, eta=eta, seed=case_seed(seed, name),
+                                 batch_size=batch_size, ids=part.slices.tolist(),
+                                 progress=report, cancel=cancel).numpy()
+            pred *= part.brain  # the contract: zero outside the brain
+            done += n * steps[label]
+            row, pred_core = _score_case(name, label, case, part, pred, settings)
+            rows.append(row)
+            if figure is not None and label == next(iter(loaded)) and len(shown) < FIGURE_ROWS:
+                shown.append(_figure_slice(name, label, case, part, pred, pred_core))
+    summary = summarise(rows)
+    if out_csv is not None:
+        write_rows(rows, out_csv)
+    if figure is not None:
+        from ctp2mri.figures import evaluation_figure
+
+        evaluation_figure(shown, figure)
+    return rows, summary
+
+
+def write_rows(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Per-case rows as CSV (atomically), columns in first-seen order; NaN as ``nan``."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in columns})
+    return Path(path)
+
+
+def _figure_slice(name: str, label: str, case: Any, part: CaseSlices, pred: np.ndarray,
+                  pred_core: np.ndarray) -> Any:
+    """The case's slice with the most core (else the most brain), in units, for the figure."""
+    from ctp2mri.figures import EvaluationSlice
+
+    lesion_per_slice = part.lesion[:, 0].sum(axis=(1, 2))
+    per_slice = lesion_per_slice if lesion_per_slice.any() else part.brain[:, 0].sum(axis=(1, 2))
+    row = int(np.argmax(per_slice))
+    z = int(part.slices[row])
+    brain = case.mask.array[:, :, z] > 0
+    ctp = case.ctp.array[:, :, z, :].astype(np.float32)
+    peak = int(np.argmax(ctp[brain].mean(axis=0)))  # the frame where the brain enhances most
+    synthetic = {what: denormalise_mri(pred[row, i], *part.ranges[what], mask=brain)
+                 for i, what in enumerate(TARGETS)}
+    return EvaluationSlice(
+        name=name, z=z, ctp=ctp[..., peak], dwi_true=case.dwi.array[:, :, z],
+        adc_true=case.adc.array[:, :, z], dwi_pred=synthetic["dwi"], adc_pred=synthetic["adc"],
+        lesion=case.lesion.array[:, :, z] > 0 if case.lesion is not None else None,
+        pred_core=pred_core[:, :, z], dwi_range=part.ranges["dwi"], model=label)
+
+
+# report ----------------------------------------------------------------------------------------
+def format_report(summary: Summary, rows: Sequence[Mapping[str, Any]], *, n_steps: int, eta: float,
+                  seed: int, split: str | None, fid_message: str | None = None) -> str:
+    """The printed result: a header with the sampler settings, Table 1, and the core numbers."""
+    n_cases = len({r["case"] for r in rows})
+    header = (f"Evaluation on split {split or 'all'!r} ({n_cases} case{'s' * (n_cases != 1)}): "
+              f"DDIM, {n_steps} steps, eta = {eta:g}, seed {seed}; metrics in the normalised "
+              "[-1, 1] space inside the brain (mean ± SD over cases)")
+    lines = [header, "", format_table1(summary)]
+    core_lines = []
+    for model, stats in summary.items():
+        dice = stats.get("core_dice", {})
+        if dice.get("n", 0):
+            diff = stats.get("core_abs_volume_diff_ml", {})
+            ref = stats.get("core_gt_adc_dice", {})
+            core_lines.append(f"  {model}: Dice {dice['mean']:.3f}, |volume difference| "
+                              f"{diff.get('mean', math.nan):.2f} ml over {dice['n']} cases "
+                              f"(same threshold on the true ADC: Dice {ref.get('mean', math.nan):.3f})")
+    if core_lines:
+        title = ("Infarct core (synthetic ADC < 620 × 10⁻⁶ mm²/s, ADC mapped back with each "
+                 "case's own range) vs the lesion masks:")
+        lines += ["", title, *core_lines]
+    if fid_message:
+        lines += ["", fid_message]
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Training objectives, one function per equation or term.
+
+Latent diffusion (paper §2.1)
+    `latent_loss` — Eq. 4.
+
+Post-training (paper §2.2, Eq. 6–8)
+    Added by the post-training issue next to Eq. 4 (image loss, lesion loss, total).
+
+VQGAN first stage (Esser et al. 2021; the official ``VQLPIPSWithDiscriminator`` with the
+paper's configs/autoencoder/VQGAN.yaml: ``perceptual_weight: 0.0``, ``codebook_weight: 1.0``,
+``disc_weight: 0.2``, ``disc_start: 30001``, hinge loss)
+    `reconstruction_loss` (L1; with the perceptual weight 0 no LPIPS/VGG term exists),
+    `hinge_discriminator_loss`, `generator_adversarial_loss`, `adaptive_gan_weight`,
+    `discriminator_factor` (the adversarial terms switched on after ``disc_start``) and
+    `autoencoder_loss`, which assembles them as the official code does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "adaptive_gan_weight", "autoencoder_loss", "discriminator_factor", "generator_adversarial_loss",
+    "hinge_discriminator_loss", "latent_loss", "reconstruction_loss",
+]
+
+
+# latent diffusion ------------------------------------------------------------------------------
+def latent_loss(eps: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
+    """L_latent = E‖ε − ε_θ(z_t, t, c̃)‖² (paper Eq. 4), the ε-prediction objective.
+
+    The mean over every element (batch, channel, pixel), as CompVis LDM's ``loss_simple``
+    with ``loss_type: l2`` (``l_simple_weight`` 1, ``original_elbo_weight`` 0). Computed in
+    float32 even under autocast.
+    """
+    return F.mse_loss(eps_hat.float(), eps.float())
+
+
+# VQGAN ---------------------------------------------------------------------------------------
+def reconstruction_loss(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error |x − x̂| over every element: the VQGAN's reconstruction ("nll") term.
+
+    Upstream it is ``|x − x̂| + perceptual_weight · LPIPS(x, x̂)``; the official configuration
+    sets ``perceptual_weight: 0.0`` (LPIPS is also meaningless on 2-channel DWI/ADC), leaving L1.
+    """
+    return (x.float() - x_rec.float()).abs().mean()
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the PatchGAN critic: ½ (E[relu(1 − D(x))] + E[relu(1 + D(x̂))])."""
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def generator_adversarial_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's adversarial term: −E[D(x̂)] (the generator side of the hinge GAN)."""
+    return -logits_fake.float().mean()
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                        disc_weight: float = 0.2, max_weight: float = 1e4) -> torch.Tensor:
+    """VQGAN's adaptive weight λ = ‖∇_L rec‖ / (‖∇_L g‖ + 1e-4) · disc_weight (Esser et al., Eq. 7).
+
+    ∇_L are the gradients with respect to the decoder's last layer (``last_layer``), so the
+    adversarial term never dominates the reconstruction term whatever their scales. λ is
+    clamped to [0, ``max_weight``] before ``disc_weight`` is applied and detached, as upstream.
+    Both losses must still have their graphs (they are differentiated with ``retain_graph``).
+    """
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = torch.linalg.vector_norm(rec_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + 1e-4)
+    return torch.clamp(weight, 0.0, max_weight).detach() * disc_weight
+
+
+def discriminator_factor(step: int, disc_start: int, factor: float = 1.0) -> float:
+    """The weight of both adversarial terms: 0 before step ``disc_start``, ``factor`` from it on.
+
+    Upstream ``adopt_weight(disc_factor, global_step, threshold=disc_start)``.
+    """
+    return factor if step >= disc_start else 0.0
+
+
+def autoencoder_loss(x: torch.Tensor, x_rec: torch.Tensor, codebook_loss: torch.Tensor,
+                     logits_fake: torch.Tensor | None, last_layer: torch.Tensor | None, step: int,
+                     disc_start: int, disc_weight: float = 0.2, codebook_weight: float = 1.0,
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The autoencoder's (generator's) total loss and its parts, as the official VQGAN:
+
+    L = |x − x̂|₁ + λ_adapt · f(step) · (−E[D(x̂)]) + codebook_weight · L_codebook
+
+    ``logits_fake`` (D(x̂) with x̂ attached to the autoencoder's graph) and ``last_layer``
+    may be None before ``disc_start``, where f(step) = 0 and the term is skipped (the
+    official code computes it and multiplies by 0; the gradient is the same).
+    """
+    rec = reconstruction_loss(x, x_rec)
+    total = rec + codebook_weight * codebook_loss.float().mean()
+    parts = {"rec_loss": float(rec.detach()), "codebook_loss": float(codebook_loss.detach().float().mean())}
+    factor = discriminator_factor(step, disc_start)
+    if factor > 0 and logits_fake is not None:
+        g_loss = generator_adversarial_loss(logits_fake)
+        weight = adaptive_gan_weight(rec, g_loss, last_layer, disc_weight)
+        total = total + weight * factor * g_loss
+        parts.update(g_loss=float(g_loss.detach()), d_weight=float(weight))
+    return total, parts

@@ -1,0 +1,221 @@
+"""Training the VQGAN first stage (paper §2.1; official configs/autoencoder/VQGAN.yaml).
+
+Each step, as the official ``VQModel.training_step`` with its two optimisers:
+
+1. autoencoder: x̂, L_codebook = AE(x); L = |x − x̂|₁ + λ_adapt·f(step)·(−E[D(x̂)]) + L_codebook
+   (`ctp2mri.losses.autoencoder_loss`), Adam(β = 0.5, 0.9);
+2. discriminator, from ``disc_start`` on: f(step)·hinge(D(x), D(sg(x̂))), its own Adam.
+
+Before ``disc_start`` both adversarial terms are multiplied by 0 upstream; here they are not
+computed at all (same gradients, half the cost).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ctp2mri.checkpoints import load_checkpoint
+from ctp2mri.errors import InputError
+from ctp2mri.losses import autoencoder_loss, discriminator_factor, hinge_discriminator_loss
+from ctp2mri.models import PatchGANDiscriminator, VQAutoencoder, model_config
+from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.training import loop
+from ctp2mri.training.distributed import init_distributed, shutdown
+
+__all__ = ["AE_BASE_LR", "train_autoencoder"]
+
+AE_BASE_LR = 4.5e-6  # base_learning_rate of the official VQGAN.yaml
+LOG_COLUMNS = ("step", "epoch", "loss", "rec_loss", "codebook_loss", "g_loss", "d_weight", "d_loss", "lr", "seconds")
+
+
+def train_autoencoder(
+    data: Any,
+    out: str | os.PathLike,
+    profile: str = "demo",
+    steps: int = 1000,
+    batch_size: int = 16,
+    lr: float | None = None,
+    base_lr: float = AE_BASE_LR,
+    scale_lr: bool = True,
+    disc_start: int = 30001,
+    disc_weight: float = 0.2,
+    codebook_weight: float = 1.0,
+    grad_clip: float | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: bool = False,
+    seed: int = 0,
+    num_workers: int = 1,
+    checkpoint_every: int = 500,
+    log_every: int = 10,
+    autoencoder_config: dict[str, Any] | None = None,
+    discriminator_config: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> Path:
+    """Train (or resume training) the VQGAN autoencoder; the run folder ``out`` is its checkpoint.
+
+    Parameters
+    ----------
+    data
+        Data folder with ``splits.json`` (its ``train`` split is used) or a `SliceDataset`.
+    out
+        Run folder: new or empty, or (``resume``) a run saved before. It ends up holding the
+        checkpoint (``kind="autoencoder"``, networks ``model`` and ``discriminator``) and log.csv.
+    profile
+        Model grid and default network sizes (`ctp2mri.models.model_config`).
+    steps
+        Total optimiser steps of the run (a resumed run continues to this count).
+    batch_size
+        Slices per step and process.
+    lr, base_lr, scale_lr
+        Learning rate ``lr``; when None, ``base_lr × batch_size × processes`` (taming's scaling)
+        or ``base_lr`` alone with ``scale_lr=False``.
+    disc_start, disc_weight, codebook_weight
+        The official loss settings: adversarial terms from step ``disc_start`` (30001 in the
+        paper; a short demo run needs it lower), adaptive-weight factor, codebook loss weight.
+    grad_clip
+        Clip each network's gradient norm to this (off by default, as upstream).
+    device, precision
+        `ctp2mri.devices.resolve_device` spec; ``fp32``, or ``bf16``/``fp16`` autocast on CUDA.
+    resume
+        Continue the run in ``out`` exactly (weights, optimisers, data position, RNGs); refused if
+        a setting that changes the computation differs.
+    seed
+        Seed of initialisation, data order and augmentation.
+    num_workers
+        DataLoader worker processes per training process.
+    checkpoint_every, log_every
+        Steps between checkpoints (and at the end) and between log.csv appends.
+    autoencoder_config, discriminator_config
+        Network constructor arguments overriding the profile's (e.g. tiny networks for tests).
+    progress, cancel
+        ``progress(step, steps, {"loss", …})`` after each step; a cancel saves a resumable
+        checkpoint, then raises `ctp2mri.errors.Cancelled`.
+
+    Returns
+    -------
+    Path of the run folder / checkpoint.
+    """
+    info = init_distributed(device)
+    try:
+        return _train(info, data, Path(out), profile, int(steps), int(batch_size), lr, base_lr, scale_lr,
+                      int(disc_start), float(disc_weight), float(codebook_weight), grad_clip, precision, resume,
+                      int(seed), int(num_workers), int(checkpoint_every), int(log_every), autoencoder_config,
+                      discriminator_config, progress, cancel)
+    finally:
+        shutdown(info)
+
+
+def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, disc_start, disc_weight,
+           codebook_weight, grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every,
+           ae_config, d_config, progress, cancel) -> Path:
+    dev = info.device
+    precision = loop.check_precision(precision, dev)
+    out = loop.prepare_out_dir(out, resume) if info.is_main else out
+    loop.barrier(info)
+    dataset = loop.load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
+    ae_config = dict(ae_config or model_config(profile, "autoencoder"))
+    d_config = dict(d_config or model_config(profile, "discriminator"))
+    lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, 1, scale_lr, lr)
+    settings = {
+        "profile": profile, "steps": steps, "batch_size": batch_size, "world_size": info.world_size,
+        "base_lr": base_lr, "scale_lr": scale_lr, "lr": lr_value, "optimizer": "Adam", "betas": [0.5, 0.9],
+        "disc_start": disc_start, "disc_weight": disc_weight, "codebook_weight": codebook_weight,
+        "disc_loss": "hinge", "perceptual_weight": 0.0, "reconstruction": "l1", "grad_clip": grad_clip,
+        "precision": precision, "seed": seed, "num_workers": num_workers, "device": str(dev),
+        "checkpoint_every": checkpoint_every, "log_every": log_every, "data": loop.data_identity(dataset),
+        "autoencoder": ae_config, "discriminator": d_config,
+    }
+
+    loop.seed_everything(seed)
+    ae = VQAutoencoder(**ae_config).to(dev)
+    disc = PatchGANDiscriminator(**d_config).to(dev)
+    opt_ae = torch.optim.Adam(ae.parameters(), lr=lr_value, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=lr_value, betas=(0.5, 0.9))
+    scaler = loop.make_grad_scaler(precision)
+    generator = loop.noise_generator(seed, info)  # unused by the AE step; kept for a uniform state
+    step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(LOG_COLUMNS)
+    if resume:
+        _, state = loop.resume_state(out, settings)
+        nets, _ = load_checkpoint(out, names=["model", "discriminator"], build=False, map_location=dev)
+        ae.load_state_dict(nets["model"])
+        disc.load_state_dict(nets["discriminator"])
+        opt_ae.load_state_dict(state["optimizers"]["autoencoder"])
+        opt_d.load_state_dict(state["optimizers"]["discriminator"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, position, log = int(state["step"]), state["position"], loop.RunLog.from_state(state["log"])
+        loop.rng_restore(state["rng"], info, generator)
+    if step >= steps:
+        raise InputError(f"the run in {out} has already trained {step} steps (≥ --steps {steps}); "
+                         "give a larger --steps to continue it")
+
+    ae_train = DDP(ae, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else ae
+    d_train = DDP(disc, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else disc
+    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, **position)
+    run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
+    ae.train()
+    disc.train()
+
+    def save() -> None:
+        config = loop.base_config("autoencoder", profile, settings, dataset, step, data)
+        state = {"step": step, "position": stream.position(),
+                 "optimizers": {"autoencoder": opt_ae.state_dict(), "discriminator": opt_d.state_dict()},
+                 "scaler": scaler.state_dict() if scaler is not None else None}
+        run.save({"model": ae, "discriminator": disc}, config, state, loop.rng_snapshot(generator))
+
+    batches = iter(stream)
+    while step < steps:
+        x = next(batches)["target"].to(dev, non_blocking=True)
+        # Lightning's global_step: the index of this step, starting at 0.
+        use_gan = discriminator_factor(step, disc_start) > 0
+        with loop.autocast(precision, dev):
+            x_rec, codebook = ae_train(x)
+            logits_fake = None
+            if use_gan:
+                # D scores x̂ for the generator; its own weights get no gradient from this term.
+                disc.requires_grad_(False)
+                logits_fake = disc(x_rec)
+                disc.requires_grad_(True)
+        loss, parts = autoencoder_loss(x, x_rec, codebook, logits_fake, ae.last_layer, step, disc_start,
+                                       disc_weight, codebook_weight)
+        _optimise(opt_ae, loss, ae, scaler, grad_clip)
+        values = {"loss": float(loss.detach()), "epoch": stream.epoch, "lr": lr_value, **parts}
+        if use_gan:
+            with loop.autocast(precision, dev):
+                # Real and reconstructed slices in one forward: DDP allows one forward per backward.
+                logits = d_train(torch.cat([x, x_rec.detach()]))
+            logits_real, logits_rec = logits.split(x.shape[0])
+            d_loss = discriminator_factor(step, disc_start) * hinge_discriminator_loss(logits_real, logits_rec)
+            _optimise(opt_d, d_loss, disc, scaler, grad_clip)
+            values["d_loss"] = float(d_loss.detach())
+        if scaler is not None:
+            scaler.update()
+        step += 1
+        cancelled = run.end_step(step, values)
+        run.finish_step(step, cancelled, save)
+    return out
+
+
+def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, net: torch.nn.Module,
+              scaler: torch.amp.GradScaler | None, grad_clip: float | None) -> None:
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    scaler.step(opt)
+
+

@@ -1,0 +1,234 @@
+"""Training the conditional LDM (paper §2.1, Eq. 2 and 4; official configs/latent-diffusion/ldm.yaml).
+
+Each step, as CompVis ``LatentDiffusion.p_losses`` with the frozen first stage:
+
+    z_0 = E(x)                      (unquantised, ``VQModelInterface.encode``)
+    t ~ U{0, …, T−1},  ε ~ N(0, I)
+    z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε   (Eq. 2, `NoiseSchedule.q_sample`)
+    L = ‖ε − ε_θ(z_t, t, F(c))‖²    (Eq. 4, `ctp2mri.losses.latent_loss`)
+
+AdamW over the UNet and the spatial rescaler F, lr = accumulation × processes × batch ×
+2·10⁻⁶ (CompVis ``scale_lr``), EMA of the weights (``LitEma``, decay 0.9999) after every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ctp2mri.checkpoints import load_checkpoint
+from ctp2mri.diffusion import NoiseSchedule
+from ctp2mri.errors import InputError
+from ctp2mri.losses import latent_loss
+from ctp2mri.models import ConditionalLDM, model_config
+from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.training import loop
+from ctp2mri.training.distributed import init_distributed, shutdown
+from ctp2mri.training.ema import EMA
+
+__all__ = ["LDM_BASE_LR", "train_ldm"]
+
+LDM_BASE_LR = 2e-6  # base_learning_rate of the official ldm.yaml (and the paper)
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "seconds")
+
+
+def train_ldm(
+    data: Any,
+    autoencoder: str | os.PathLike,
+    out: str | os.PathLike,
+    steps: int = 1000,
+    batch_size: int = 16,
+    lr: float | None = None,
+    base_lr: float = LDM_BASE_LR,
+    scale_lr: bool = True,
+    grad_accum: int = 1,
+    weight_decay: float = 0.01,
+    ema_decay: float = 0.9999,
+    grad_clip: float | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: bool = False,
+    seed: int = 0,
+    num_workers: int = 1,
+    checkpoint_every: int = 500,
+    log_every: int = 10,
+    cldm_config: dict[str, Any] | None = None,
+    schedule: NoiseSchedule | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> Path:
+    """Train (or resume training) the conditional LDM on a frozen autoencoder.
+
+    Parameters
+    ----------
+    data
+        Data folder with ``splits.json`` (its ``train`` split) or a `SliceDataset`, on the
+        autoencoder's profile.
+    autoencoder
+        Checkpoint folder of a trained autoencoder (``ctp2mri train-autoencoder``).
+    out
+        Run folder: new or empty, or (``resume``) a run saved before. It ends up holding the
+        cLDM checkpoint — networks ``model``, ``ema`` (use for synthesis) and ``autoencoder``,
+        so the one folder synthesises — and log.csv.
+    steps
+        Total optimiser steps of the run (a resumed run continues to this count).
+    batch_size, grad_accum
+        Slices per forward and process; forwards accumulated per optimiser step.
+    lr, base_lr, scale_lr
+        Learning rate ``lr``; when None, ``grad_accum × processes × batch_size × base_lr``
+        (CompVis ``scale_lr``), or ``base_lr`` alone with ``scale_lr=False``. The paper's
+        2·10⁻⁶ is tuned for hundreds of thousands of GPU steps; a short CPU demo run needs a
+        larger ``lr`` (e.g. 1e-4 … 2e-4).
+    weight_decay
+        AdamW weight decay (torch's default 0.01, which CompVis uses).
+    ema_decay
+        Decay of the weight EMA (0.9999 upstream; lower it for short runs).
+    grad_clip
+        Clip the gradient norm to this (off by default, as upstream).
+    device, precision
+        `ctp2mri.devices.resolve_device` spec; ``fp32``, or ``bf16``/``fp16`` autocast on CUDA.
+    resume
+        Continue the run in ``out`` exactly (weights, optimiser, EMA, data position, RNGs);
+        refused if a setting that changes the computation differs.
+    seed
+        Seed of initialisation, data order, augmentation, timesteps and noise.
+    num_workers
+        DataLoader worker processes per training process.
+    checkpoint_every, log_every
+        Steps between checkpoints (and at the end) and between log.csv appends.
+    cldm_config
+        `ConditionalLDM` constructor arguments overriding the profile's (tiny models in tests).
+    schedule
+        Noise schedule (default: the paper's, T = 1000, linear 0.0015 → 0.0195).
+    progress, cancel
+        ``progress(step, steps, {"loss", "lr", …})`` after each step; a cancel saves a
+        resumable checkpoint, then raises `ctp2mri.errors.Cancelled`.
+
+    Returns
+    -------
+    Path of the run folder / checkpoint.
+    """
+    info = init_distributed(device)
+    try:
+        return _train(info, data, Path(autoencoder), Path(out), int(steps), int(batch_size), lr, base_lr, scale_lr,
+                      int(grad_accum), float(weight_decay), float(ema_decay), grad_clip, precision, resume,
+                      int(seed), int(num_workers), int(checkpoint_every), int(log_every), cldm_config,
+                      schedule or NoiseSchedule(), progress, cancel)
+    finally:
+        shutdown(info)
+
+
+def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum, weight_decay, ema_decay,
+           grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every, cldm_config, schedule,
+           progress, cancel) -> Path:
+    dev = info.device
+    precision = loop.check_precision(precision, dev)
+    if grad_accum < 1:
+        raise InputError(f"gradient accumulation must be at least 1 forward per step, got {grad_accum}")
+    nets, ae_cfg = load_checkpoint(ae_dir, names=["model"], map_location=dev, kind="autoencoder")
+    autoencoder = nets["model"].eval().requires_grad_(False)
+    profile = ae_cfg["profile"]
+    out = loop.prepare_out_dir(out, resume) if info.is_main else out
+    loop.barrier(info)
+    dataset = loop.load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
+    cldm_config = dict(cldm_config or model_config(profile, "cldm"))
+    if cldm_config["latent_channels"] != autoencoder.embedding_dim:
+        raise InputError(f"the cLDM models {cldm_config['latent_channels']} latent channels but the autoencoder "
+                         f"in {ae_dir} makes {autoencoder.embedding_dim}")
+    lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, grad_accum, scale_lr, lr)
+    settings = {
+        "profile": profile, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
+        "world_size": info.world_size, "base_lr": base_lr, "scale_lr": scale_lr, "lr": lr_value,
+        "optimizer": "AdamW", "weight_decay": weight_decay, "ema_decay": ema_decay, "ema_warmup": True,
+        "grad_clip": grad_clip, "precision": precision, "seed": seed, "num_workers": num_workers,
+        "device": str(dev), "checkpoint_every": checkpoint_every, "log_every": log_every,
+        "parameterization": "eps", "loss": "l2 (Eq. 4)", "data": loop.data_identity(dataset),
+        "cldm": cldm_config, "schedule": schedule.config(),
+        "autoencoder": {"config": autoencoder.config, "git_commit": ae_cfg.get("provenance", {}).get("git_commit"),
+                        "steps": ae_cfg.get("provenance", {}).get("steps")},
+    }
+
+    loop.seed_everything(seed)
+    model = ConditionalLDM(**cldm_config).to(dev)
+    ema = EMA(model, ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=weight_decay)
+    scaler = loop.make_grad_scaler(precision)
+    generator = loop.noise_generator(seed, info)
+    step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(LOG_COLUMNS)
+    if resume:
+        _, state = loop.resume_state(out, settings)
+        saved, _ = load_checkpoint(out, names=["model", "ema"], build=False, map_location=dev)
+        model.load_state_dict(saved["model"])
+        ema.load(saved["ema"], state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, position, log = int(state["step"]), state["position"], loop.RunLog.from_state(state["log"])
+        loop.rng_restore(state["rng"], info, generator)
+    if step >= steps:
+        raise InputError(f"the run in {out} has already trained {step} steps (≥ --steps {steps}); "
+                         "give a larger --steps to continue it")
+
+    schedule = schedule.to(dev)
+    model_train = DDP(model, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else model
+    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, **position)
+    run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
+    model.train()
+    ae_source = {"source": str(ae_dir), "provenance": ae_cfg.get("provenance")}
+
+    def save() -> None:
+        config = loop.base_config("cldm", profile, settings, dataset, step, data,
+                                  {"schedule": schedule.config(), "autoencoder_source": ae_source,
+                                   "inference_network": "ema"})
+        state = {"step": step, "position": stream.position(), "optimizer": opt.state_dict(),
+                 "ema": ema.state(), "scaler": scaler.state_dict() if scaler is not None else None}
+        run.save({"model": model, "ema": ema.module, "autoencoder": autoencoder}, config, state,
+                 loop.rng_snapshot(generator))
+
+    batches = iter(stream)
+    while step < steps:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(grad_accum):
+            batch = next(batches)
+            x = batch["target"].to(dev, non_blocking=True)
+            c = batch["cond"].to(dev, non_blocking=True)
+            with torch.no_grad(), loop.autocast(precision, dev):
+                z0 = autoencoder.encode(x).float()  # unquantised latent, as CompVis
+            t = torch.randint(0, schedule.n_timesteps, (z0.shape[0],), generator=generator, device=dev)
+            eps = torch.randn(z0.shape, generator=generator, device=dev)
+            z_t = schedule.q_sample(z0, t, eps)  # Eq. 2
+            # Gradients are all-reduced on the last micro-batch only.
+            sync = contextlib.nullcontext() if not info.distributed or micro == grad_accum - 1 \
+                else model_train.no_sync()
+            with sync:
+                with loop.autocast(precision, dev):
+                    eps_hat = model_train(z_t, t, c)
+                loss = latent_loss(eps, eps_hat)  # Eq. 4
+                _backward(loss / grad_accum, scaler)
+            total += float(loss.detach()) / grad_accum
+        if scaler is not None:
+            if grad_clip:
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+        ema.update(model)
+        step += 1
+        cancelled = run.end_step(step, {"loss": total, "epoch": stream.epoch, "lr": lr_value})
+        run.finish_step(step, cancelled, save)
+    return out
+
+
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+

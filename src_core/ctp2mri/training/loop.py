@@ -1,0 +1,388 @@
+"""What both training loops share: batches, learning rate, precision, logging, checkpoints, resume.
+
+A training run owns one output folder, which *is* its checkpoint (``config.json`` +
+safetensors, `ctp2mri.checkpoints`) plus ``log.csv``. The folder is replaced atomically at
+every checkpoint, so it always holds the last complete one; ``log.csv`` is then rewritten
+from the loss history stored in the checkpoint's training state and appended to between
+checkpoints. A resumed run restarts from the checkpoint's step with the model, optimiser(s),
+EMA, data position and every RNG as they were, so it retraces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from ctp2mri.checkpoints import (
+    capture_rng_state,
+    checkpoint_dir,
+    load_training_state,
+    provenance,
+    read_config,
+    restore_rng_state,
+    save_checkpoint,
+)
+from ctp2mri.errors import Cancelled, InputError
+from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
+from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.training.distributed import DistInfo, all_gather_objects, barrier, mean_over_ranks
+
+__all__ = [
+    "LOG_FILE", "PRECISIONS", "BatchStream", "Run", "RunLog", "autocast", "base_config", "check_precision",
+    "check_resume_config", "command_line", "data_identity", "effective_lr", "load_dataset", "make_grad_scaler",
+    "noise_generator", "prepare_out_dir", "resume_state", "rng_restore", "rng_snapshot", "seed_everything",
+]
+
+LOG_FILE = "log.csv"
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Settings that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = {"steps", "num_workers", "device", "checkpoint_every", "log_every"}
+
+
+def command_line() -> str:
+    """The command that started this process, for provenance."""
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (network initialisation draws from torch's global RNG)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def effective_lr(base_lr: float, batch_size: int, world_size: int, accumulate: int = 1,
+                 scale_lr: bool = True, lr: float | None = None) -> float:
+    """The learning rate used: ``lr`` if given, else CompVis/taming's ``scale_lr`` rule.
+
+    ``accumulate · world_size · batch_size · base_lr`` (main.py of CompVis LDM and taming),
+    or ``base_lr`` unscaled with ``scale_lr=False``.
+    """
+    if lr is not None:
+        value = float(lr)
+    else:
+        value = float(base_lr) * (accumulate * world_size * batch_size if scale_lr else 1)
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"the learning rate must be a positive number, got {value}")
+    return value
+
+
+# precision -------------------------------------------------------------------------------------
+def check_precision(precision: str, device: torch.device) -> str:
+    precision = str(precision).lower()
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and device.type != "cuda":
+        raise InputError(f"--precision {precision} (mixed-precision autocast) needs a CUDA GPU, but training "
+                         f"runs on {device}; use --precision fp32 on the CPU")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA; a no-op context for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(precision: str) -> torch.amp.GradScaler | None:
+    """Loss scaling for fp16 (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+
+# data ------------------------------------------------------------------------------------------
+def load_dataset(data: Any, profile: str, seed: int, split: str = "train",
+                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None):
+    """The training `SliceDataset` for ``data`` (a data folder, or a dataset built already)."""
+    from ctp2mri.data import SliceDataset
+
+    if isinstance(data, SliceDataset):
+        if data.profile.name != profile:
+            raise InputError(f"the dataset is on the {data.profile.name} grid but the {profile} profile was asked for")
+        return data
+    return SliceDataset(data, split=split, profile=profile, seed=seed, progress=progress, cancel=cancel)
+
+
+def data_identity(dataset: Any) -> dict[str, Any]:
+    """What identifies the training data for a resume check (not its path: folders move)."""
+    return {"split": dataset.split, "profile": dataset.profile.name, "cases": list(dataset.case_names),
+            "n_slices": len(dataset), "augmentation": dataset.summary()["augmentation"]}
+
+
+class BatchStream:
+    """An endless stream of batches, epoch after epoch, that can start mid-epoch.
+
+    The order of epoch ``e`` is ``DistributedSampler(seed, epoch=e)`` (this rank's share of a
+    seeded permutation; one process is world size 1), the augmentation that of
+    ``dataset.set_epoch(e)``; both are pure functions of (seed, epoch), so a stream rebuilt at
+    (epoch, batch) yields what the original stream would have from there. Only full batches
+    are used. DataLoader workers get their own generator, so starting them never touches the
+    global torch RNG.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, info: DistInfo, seed: int, num_workers: int = 0,
+                 epoch: int = 0, batch_in_epoch: int = 0) -> None:
+        if batch_size < 1:
+            raise InputError(f"the batch size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise InputError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.info = info
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                          seed=self.seed, drop_last=True)
+        self.batches_per_epoch = self.sampler.num_samples // self.batch_size
+        if self.batches_per_epoch == 0:
+            raise InputError(f"the training data has {len(dataset)} slices, fewer than one batch of "
+                             f"{batch_size} per process × {info.world_size} process(es); lower --batch-size "
+                             "or add cases")
+        self.epoch = int(epoch)
+        self.batch_in_epoch = int(batch_in_epoch)
+
+    def position(self) -> dict[str, int]:
+        """(epoch, batches of it consumed): where a resumed stream must start."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            if self.batch_in_epoch >= self.batches_per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.sampler.set_epoch(self.epoch)
+            self.dataset.set_epoch(self.epoch)  # before the workers copy the dataset
+            indices = list(self.sampler)[self.batch_in_epoch * self.batch_size:
+                                         self.batches_per_epoch * self.batch_size]
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True,
+                                num_workers=self.num_workers, pin_memory=self.info.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+
+
+# output folder, resume -------------------------------------------------------------------------
+def prepare_out_dir(out: str | os.PathLike, resume: bool) -> Path:
+    """The run's folder: new (absent or empty) unless resuming, then an existing checkpoint."""
+    out = Path(out)
+    if resume:
+        if not (out / "config.json").is_file():
+            raise InputError(f"cannot resume: {out} holds no checkpoint (config.json); start a new run "
+                             "without --resume")
+        checkpoint_dir(out)
+        return out
+    if out.exists() and out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise InputError(f"output folder {out} is not empty; pass --resume to continue the run saved there, "
+                         "or choose a new folder")
+    return ensure_writable_dir(out)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(tree, tuple):
+        tree = list(tree)
+    return {prefix: tree}
+
+
+def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
+    """Refuse to resume when a setting that changes the computation differs from the saved run.
+
+    Compares the flattened ``saved`` and ``current`` settings (model configuration, training
+    hyper-parameters, data identity), except `RESUMABLE_CHANGES`.
+    """
+    a, b = _flatten(saved), _flatten(current)
+    differ = sorted(k for k in set(a) | set(b)
+                    if k.split(".")[-1] not in RESUMABLE_CHANGES and a.get(k, "<absent>") != b.get(k, "<absent>"))
+    if differ:
+        shown = "; ".join(f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}" for k in differ[:10])
+        more = f"; … and {len(differ) - 10} more" if len(differ) > 10 else ""
+        raise InputError(f"cannot resume the run in {where} with different settings ({shown}{more}). Resume with "
+                         "the original settings, or start a new run in another folder")
+
+
+# log -------------------------------------------------------------------------------------------
+@dataclass
+class RunLog:
+    """Per-step numbers of a run: kept in memory (and in the checkpoint), mirrored to log.csv."""
+
+    columns: Sequence[str]
+    rows: list[list[float]] = field(default_factory=list)
+    _written: int = 0  # rows already in log.csv
+
+    def add(self, values: Mapping[str, float]) -> None:
+        self.rows.append([float(values.get(c, float("nan"))) for c in self.columns])
+
+    def state(self) -> dict[str, Any]:
+        rows = torch.tensor(self.rows, dtype=torch.float64).reshape(len(self.rows), len(self.columns))
+        return {"columns": list(self.columns), "rows": rows}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> RunLog:
+        return cls(list(state["columns"]), state["rows"].tolist())
+
+    def values(self, column: str) -> list[float]:
+        i = list(self.columns).index(column)
+        return [r[i] for r in self.rows]
+
+    def _lines(self, rows: Sequence[Sequence[float]]) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        for row in rows:
+            writer.writerow(["" if math.isnan(v) else (int(v) if c in ("step", "epoch") else repr(v))
+                             for c, v in zip(self.columns, row)])
+        return buf.getvalue()
+
+    def rewrite(self, out: Path) -> None:
+        """Write log.csv afresh, atomically (after a checkpoint replaced the folder)."""
+        with atomic_path(out / LOG_FILE) as tmp:
+            tmp.write_text(",".join(self.columns) + "\n" + self._lines(self.rows))
+        self._written = len(self.rows)
+
+    def append(self, out: Path) -> None:
+        """Append the rows not yet in log.csv (whole lines, flushed)."""
+        if self._written == len(self.rows):
+            return
+        if not (out / LOG_FILE).is_file():
+            self.rewrite(out)
+            return
+        with open(out / LOG_FILE, "a") as f:
+            f.write(self._lines(self.rows[self._written:]))
+        self._written = len(self.rows)
+
+
+# the run ---------------------------------------------------------------------------------------
+class Run:
+    """Checkpointing, logging, progress and cancellation of one training run (all ranks).
+
+    Parameters
+    ----------
+    out
+        The run's folder.
+    info
+        Distributed context; only rank 0 writes and reports progress.
+    total_steps
+        Optimiser steps to reach.
+    log, checkpoint_every, log_every
+        Loss history and intervals (steps).
+    progress, cancel
+        Contract callback and token; a cancel on any rank stops all ranks at the same step.
+    """
+
+    def __init__(self, out: Path, info: DistInfo, total_steps: int, log: RunLog, checkpoint_every: int,
+                 log_every: int, progress: ProgressCallback | None, cancel: CancelToken | None) -> None:
+        if total_steps < 1:
+            raise InputError(f"the number of training steps must be at least 1, got {total_steps}")
+        if checkpoint_every < 1 or log_every < 1:
+            raise InputError("checkpoint and log intervals must be at least 1 step")
+        self.out, self.info, self.total_steps, self.log = out, info, int(total_steps), log
+        self.checkpoint_every, self.log_every = int(checkpoint_every), int(log_every)
+        self.progress, self.cancel = progress, cancel
+        self.started = time.perf_counter()
+
+    def end_step(self, step: int, values: dict[str, float]) -> bool:
+        """Record a finished step (rank-averaged numbers); True when the run must stop (cancelled)."""
+        flag = 1.0 if self.cancel is not None and self.cancel.cancelled else 0.0
+        values = mean_over_ranks({**values, "_cancel": flag}, self.info)
+        cancelled = values.pop("_cancel") > 0
+        values.update(step=step, seconds=time.perf_counter() - self.started)
+        self.log.add(values)
+        if self.info.is_main:
+            if step % self.log_every == 0:
+                self.log.append(self.out)
+            if self.progress is not None:
+                self.progress(step, self.total_steps, {k: v for k, v in values.items() if k not in ("step",)})
+        return cancelled
+
+    def save(self, modules: Mapping[str, torch.nn.Module], config: Mapping[str, Any],
+             training_state: dict[str, Any], rng_state: dict[str, Any]) -> None:
+        """Checkpoint the run into its folder (rank 0), with every rank's RNG states."""
+        rng_states = all_gather_objects(_portable(rng_state), self.info)
+        if self.info.is_main:
+            state = {**training_state, "rng": rng_states, "log": self.log.state()}
+            save_checkpoint(self.out, modules, config, state, overwrite=True)
+            self.log.rewrite(self.out)
+        barrier(self.info)
+
+    def finish_step(self, step: int, cancelled: bool, save: Callable[[], None]) -> None:
+        """Checkpoint when due (interval, last step, cancel); raise `Cancelled` after saving."""
+        if cancelled or step % self.checkpoint_every == 0 or step >= self.total_steps:
+            save()
+        if cancelled:
+            raise Cancelled(f"training cancelled at step {step}; the checkpoint in {self.out} resumes it "
+                            "(run the same command with --resume)")
+
+
+def _portable(state: Any) -> Any:
+    """RNG states as CPU tensors / plain values (they travel between ranks, then into safetensors)."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _portable(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_portable(v) for v in state)
+    return state
+
+
+def rng_snapshot(generator: torch.Generator) -> dict[str, Any]:
+    """This rank's RNGs: Python, NumPy, torch (global, CUDA) and the run's noise generator."""
+    return {"global": capture_rng_state(), "generator": generator.get_state()}
+
+
+def rng_restore(states: Sequence[Mapping[str, Any]], info: DistInfo, generator: torch.Generator) -> None:
+    if len(states) != info.world_size:
+        raise InputError(f"the checkpoint was written by {len(states)} training process(es) but this run has "
+                         f"{info.world_size}; resume with the same number of processes")
+    mine = states[info.rank]
+    restore_rng_state(mine["global"])
+    generator.set_state(mine["generator"].to(torch.uint8).cpu())
+
+
+def noise_generator(seed: int, info: DistInfo) -> torch.Generator:
+    """The run's generator for diffusion timesteps and noise; each rank draws its own stream."""
+    gen = torch.Generator(device=info.device)
+    gen.manual_seed(int(np.random.SeedSequence([seed, info.rank, 7]).generate_state(1)[0]))
+    return gen
+
+
+def resume_state(out: Path, current_settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The saved config and training state of ``out``, after checking the settings match."""
+    config = read_config(out)
+    check_resume_config(config.get("training", {}), current_settings, out)
+    state = load_training_state(out)
+    if state is None:
+        raise InputError(f"{out} holds a finished model without training state; it cannot be resumed")
+    return config, state
+
+
+def base_config(kind: str, profile: str, settings: Mapping[str, Any], dataset: Any, step: int,
+                data_source: Any, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """config.json of a training checkpoint (the trainer adds kind-specific blocks)."""
+    return {
+        "kind": kind, "profile": profile,
+        "normalisation": dataset.intensity_ranges(),
+        "training": dict(settings),
+        "provenance": provenance(command=command_line(), data={"source": str(data_source), **dataset.summary()},
+                                 steps=step),
+        **(extra or {}),
+    }

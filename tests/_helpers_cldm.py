@@ -1,0 +1,58 @@
+"""A tiny, randomly initialised cLDM checkpoint in the trainer's format, for inference tests."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from ctp2mri.checkpoints import save_checkpoint
+from ctp2mri.diffusion import NoiseSchedule
+from ctp2mri.models.autoencoder import VQAutoencoder
+from ctp2mri.models.cldm import ConditionalLDM
+
+# demo-profile phantom ranges (median over a few cases), the shape SliceDataset.intensity_ranges gives
+NORMALISATION = {"statistic": "median over cases", "n_cases": 2, "quantiles": [0.5, 99.5],
+                 "ctp_hu_range": [0.0, 200.0],
+                 "units": {"dwi": "scanner units (b = 1000 s/mm²)", "adc": "1e-6 mm²/s"},
+                 "dwi": {"lo": 50.0, "hi": 220.0}, "adc": {"lo": 420.0, "hi": 2890.0}}
+
+
+def tiny_networks(seed: int = 0) -> tuple[ConditionalLDM, ConditionalLDM, VQAutoencoder]:
+    """(model, ema, autoencoder) small enough to sample 96×112 slices in milliseconds."""
+    torch.manual_seed(seed)
+    cldm = ConditionalLDM(channels=(8, 8), attention_levels=(False, False), num_res_blocks=1,
+                          num_head_channels=8, norm_num_groups=8)
+    # MONAI zero-initialises the UNet's output conv (ε̂ ≡ 0 until trained); give it weights
+    # so the network's output depends on z_t and the condition, as a trained one does.
+    for p in cldm.unet.out.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ema = ConditionalLDM(**cldm.config)
+    ema.load_state_dict(cldm.state_dict())
+    with torch.no_grad():  # EMA ≠ model, so a test can tell which weights were loaded
+        for p in ema.unet.out.parameters():
+            p.mul_(-1.0)
+    autoencoder = VQAutoencoder(channels=(4, 4, 4), num_res_blocks=0, num_embeddings=32,
+                                mid_attention=False, norm_num_groups=4)
+    return cldm, ema, autoencoder
+
+
+def save_tiny_cldm(path: Path, profile: str = "demo", seed: int = 0) -> Path:
+    """A real cLDM checkpoint folder (config.json + safetensors) with tiny random networks."""
+    cldm, ema, autoencoder = tiny_networks(seed)
+    config = {"kind": "cldm", "profile": profile, "schedule": NoiseSchedule().config(),
+              "normalisation": NORMALISATION, "training": {"steps": 0},
+              "provenance": {"command": "tests/_helpers_cldm.py", "steps": 0}}
+    return save_checkpoint(path, {"model": cldm, "ema": ema, "autoencoder": autoencoder}, config)
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one thread: the tiny networks' convolutions take ~1 ms, and on a busy
+    2-core machine the intra-op thread pool's synchronisation made them ~20× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

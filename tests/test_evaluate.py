@@ -1,0 +1,233 @@
+"""`ctp2mri evaluate`: per-case CSV, Table-1 summary, core estimate, figure, cancel, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from _helpers_cldm import one_thread, save_tiny_cldm
+from ctp2mri.casefolder import read_case
+from ctp2mri.data import normalise_case
+from ctp2mri.errors import Cancelled, InputError
+from ctp2mri.evaluate import (
+    _score_case,
+    case_seed,
+    evaluate,
+    fid_status,
+    format_report,
+)
+from ctp2mri.inference import load_model, sample_slices
+from ctp2mri.metrics import METRICS, channel_metrics, core_mask_from_adc, dice, flat_metrics
+from ctp2mri.phantom import generate_dataset
+from ctp2mri.progress import CancelToken
+
+STEPS = 2
+CASES = ["case_000", "case_001"]  # both phantom cases of seed 7 have a core
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate") / "phantom"
+    generate_dataset(root, 2, seed=7)
+    # two cases all go to "train" by default; make them the test split
+    splits = json.loads((root / "splits.json").read_text())
+    splits.update(train=[], test=CASES)
+    (root / "splits.json").write_text(json.dumps(splits))
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_cldm(tmp_path_factory.mktemp("evaluate-model") / "cldm")
+
+
+@pytest.fixture(scope="module")
+def result(data, checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate-out")
+    calls = []
+    rows, summary = evaluate(checkpoint, data, "test", n_steps=STEPS, seed=3, batch_size=8, device="cpu",
+                             out_csv=out / "results.csv", figure=out / "figure.png",
+                             progress=lambda step, total, info: calls.append((step, total, info)))
+    return rows, summary, out, calls
+
+
+def test_csv_has_one_row_per_case_with_the_table1_columns(result):
+    rows, _, out, _ = result
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["case"] for r in table] == CASES and [r["model"] for r in table] == ["cLDM"] * 2
+    expected = {f"{ch}_{m}" for ch in ("DWI", "ADC") for m in METRICS}
+    expected |= {"core_dice", "core_pred_ml", "core_true_ml", "core_volume_diff_ml", "core_gt_adc_dice",
+                 "n_slices", "lesion_voxels", "steps", "eta", "seed", "sampler"}
+    assert expected <= set(table[0])
+    for written, row in zip(table, rows):
+        for key in expected - {"sampler"}:
+            assert math.isclose(float(written[key]), float(row[key]), rel_tol=1e-12), key
+    assert table[0]["steps"] == str(STEPS) and table[0]["seed"] == "3"
+    assert not [p for p in out.iterdir() if p.name not in ("results.csv", "figure.png")]  # no temp files
+
+
+def test_numbers_equal_a_direct_recomputation(result, data, checkpoint):
+    rows, summary, _, _ = result
+    # one case resampled and scored by hand, as a (2, X, Y, Z) volume (the paper's per-case layout)
+    name = CASES[1]
+    model = load_model(checkpoint, "cpu")
+    case = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
+    part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
+    # every slice holding brain is scored
+    assert list(part.slices) == list(np.flatnonzero(case.mask.array.any(axis=(0, 1))))
+    pred = sample_slices(model, torch.from_numpy(part.cond), n_steps=STEPS, seed=case_seed(3, name),
+                         batch_size=32, ids=part.slices.tolist()).numpy() * part.brain
+    vol = np.zeros((2, *case.mask.array.shape), np.float32)
+    gt = np.zeros_like(vol)
+    vol[:, :, :, part.slices] = pred.transpose(1, 2, 3, 0)
+    gt[:, :, :, part.slices] = part.target.transpose(1, 2, 3, 0)
+    lesion = (case.lesion.array > 0) & (case.mask.array > 0)
+    direct = flat_metrics(channel_metrics(vol, gt, case.mask.array, lesion, layout="volume"))
+    for key, value in direct.items():
+        assert math.isclose(rows[1][key], value, rel_tol=1e-6, abs_tol=1e-9), key
+    # the summary is mean ± SD (ddof 1) over the two cases' rows
+    for key in [*direct, "core_dice", "core_abs_volume_diff_ml"]:
+        values = np.array([r[key] for r in rows], dtype=float)
+        assert math.isclose(summary["cLDM"][key]["mean"], values.mean(), rel_tol=1e-9), key
+        assert math.isclose(summary["cLDM"][key]["std"], values.std(ddof=1), rel_tol=1e-9), key
+        assert summary["cLDM"][key]["n"] == 2
+
+
+def test_core_of_a_perfect_prediction_is_the_true_adc_core(data):
+    """Scored with the ground truth as prediction: zero error, and the core from the ADC mapped
+    back with the case's range is the core of the true ADC (the range round trip is exact)."""
+    name = CASES[0]
+    case = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
+    part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
+    row, core = _score_case(name, "oracle", case, part, part.target.copy(), {})
+    assert row["DWI_mae"] == 0 and row["ADC_lesion_mae"] == 0 and row["ADC_psnr"] == math.inf
+    assert row["DWI_ms_ssim"] == pytest.approx(1.0, abs=1e-6)
+    true_core = core_mask_from_adc(case.adc.array, case.mask.array, spacing=case.ctp.spacing)
+    assert dice(core, true_core) > 0.99
+    assert row["core_dice"] == pytest.approx(row["core_gt_adc_dice"], abs=0.01)
+    assert row["core_dice"] > 0.8  # the phantom's core is where its ADC is low
+    assert row["core_true_ml"] == pytest.approx(case.lesion.array.sum() * np.prod(case.ctp.spacing) / 1000)
+
+
+def test_case_without_lesion_mask_has_no_lesion_scores(data):
+    name = CASES[1]
+    case = replace(read_case(data / name, require=("ctp", "dwi", "adc", "mask")), lesion=None)
+    part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
+    pred = part.target.copy()
+    pred[:, 1] = -1.0 * part.brain[:, 0]  # the lowest ADC everywhere in the brain: all core
+    row, core = _score_case(name, "m", case, part, pred, {})
+    assert math.isnan(row["DWI_lesion_mae"]) and math.isnan(row["core_dice"])
+    brain_ml = case.mask.array.sum() * np.prod(case.ctp.spacing) / 1000
+    assert row["core_pred_ml"] == pytest.approx(brain_ml, rel=1e-6) and core.sum() == case.mask.array.sum()
+
+
+def test_progress_covers_every_slice_step(result):
+    rows, _, _, calls = result
+    total = sum(r["n_slices"] for r in rows) * STEPS
+    steps = [c[0] for c in calls]
+    assert steps == sorted(steps) and steps[-1] == total and {c[1] for c in calls} == {total}
+    assert {c[2]["case"] for c in calls} == set(CASES)
+
+
+def test_figure_is_a_png_with_a_row_per_case(result):
+    import matplotlib.image
+
+    _, _, out, _ = result
+    image = matplotlib.image.imread(out / "figure.png")
+    assert image.ndim == 3 and image.shape[1] > image.shape[0] > 300  # 2 rows of 5 panels
+    assert image[..., :3].std() > 0.05
+
+
+def test_report_is_table1_shaped_and_states_the_sampler(result):
+    rows, summary, _, _ = result
+    text = format_report(summary, rows, n_steps=STEPS, eta=0.0, seed=3, split="test",
+                         fid_message=fid_status())
+    assert f"DDIM, {STEPS} steps, eta = 0, seed 3" in text and "2 cases" in text
+    assert "| cLDM |" in text and "DWI Lesion MAE↓" in text and "ADC MS-SSIM↑" in text
+    assert "FID skipped: Inception weights not available offline" in text
+    assert "Infarct core" in text
+
+
+def test_several_models_share_cases_and_seeds(data, checkpoint):
+    rows, summary = evaluate(None, data, "test", n_steps=1, device="cpu", max_cases=1,
+                             models={"a": checkpoint, "b": checkpoint})
+    assert [(r["case"], r["model"]) for r in rows] == [("case_000", "a"), ("case_000", "b")]
+    assert rows[0]["DWI_mae"] == rows[1]["DWI_mae"]  # same weights, same noise
+    assert set(summary) == {"a", "b"}
+
+
+def test_cancel_leaves_no_output(data, checkpoint, tmp_path):
+    token = CancelToken()
+
+    def progress(step, total, info):
+        if info["case"] == CASES[1]:
+            token.cancel()  # during the second case, after the first was scored
+
+    with pytest.raises(Cancelled):
+        evaluate(checkpoint, data, "test", n_steps=STEPS, device="cpu", out_csv=tmp_path / "r.csv",
+                 figure=tmp_path / "f.png", progress=progress, cancel=token)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_prints_the_table_and_writes_the_csv(data, checkpoint, tmp_path, capsys):
+    from ctp2mri.cli import main
+
+    assert main(["evaluate", "--model", str(checkpoint), "--data", str(data), "--steps", "1",
+                 "--device", "cpu", "--max-cases", "1", "--out", str(tmp_path / "r.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "| cLDM |" in printed and "FID skipped" in printed and "DDIM, 1 steps" in printed
+    assert len((tmp_path / "r.csv").read_text().strip().splitlines()) == 2
+
+
+# bad input ---------------------------------------------------------------------------------------
+def test_data_folder_without_cases_or_split(checkpoint, data, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="splits.json"):
+        evaluate(checkpoint, empty, "test", n_steps=1, device="cpu")
+    with pytest.raises(InputError, match="no case folders"):
+        evaluate(checkpoint, empty, None, n_steps=1, device="cpu")
+    with pytest.raises(InputError, match="no split 'holdout'"):
+        evaluate(checkpoint, data, "holdout", n_steps=1, device="cpu")
+    with pytest.raises(InputError, match="split 'train' .* is empty"):
+        evaluate(checkpoint, data, "train", n_steps=1, device="cpu")
+    with pytest.raises(InputError, match="no model"):
+        evaluate(None, data, "test")
+
+
+def test_model_of_another_profile_asks_for_preprocess(data, tmp_path):
+    paper = save_tiny_cldm(tmp_path / "paper-model", profile="paper")
+    with pytest.raises(InputError, match=r"'paper' profile.*ctp2mri preprocess --profile paper"):
+        evaluate(paper, data, "test", n_steps=1, device="cpu", out_csv=tmp_path / "r.csv")
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_checkpoint_missing_a_file(data, checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "ema.safetensors").unlink()
+    with pytest.raises(InputError, match="ema.safetensors is missing"):
+        evaluate(broken, data, "test", n_steps=1, device="cpu")
+
+
+def test_fid_weights_named_but_absent(data, checkpoint, tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="does not exist"):
+        evaluate(checkpoint, data, "test", n_steps=1, device="cpu", fid_weights=tmp_path / "inception.pt")
+    monkeypatch.delenv("CTP2MRI_FID_WEIGHTS", raising=False)
+    assert fid_status().startswith("FID skipped: Inception weights not available offline")
+    weights = tmp_path / "inception.safetensors"
+    weights.write_bytes(b"x")
+    assert "pytorch-fid" in fid_status(weights)

@@ -1,0 +1,313 @@
+"""Training loops: exact resume, refusal of changed settings, cancel, DDP, overfit sanity."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctp2mri.checkpoints import load_checkpoint, load_training_state, read_config
+from ctp2mri.data import SliceDataset
+from ctp2mri.diffusion import NoiseSchedule
+from ctp2mri.errors import Cancelled, InputError
+from ctp2mri.losses import latent_loss
+from ctp2mri.models import ConditionalLDM
+from ctp2mri.phantom import generate_dataset
+from ctp2mri.progress import CancelToken
+from ctp2mri.training import train_autoencoder, train_ldm
+from ctp2mri.training.distributed import DistInfo
+from ctp2mri.training.loop import BatchStream
+
+# Networks far smaller than the demo profile's: the loops, not the models, are under test.
+TINY_AE = {"in_channels": 2, "out_channels": 2, "channels": [8, 16, 16], "num_res_blocks": 1, "embedding_dim": 3,
+               "num_embeddings": 64, "attention_levels": [False, False, False], "mid_attention": False, "norm_num_groups": 8}
+TINY_D = {"in_channels": 2, "channels": 8, "num_layers": 2}
+TINY_CLDM = {"latent_channels": 3, "condition_channels": 15, "channels": [16, 16], "attention_levels": [False, True],
+                 "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 8}
+COMMON = {"device": "cpu", "num_workers": 0, "seed": 3, "log_every": 2}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantom")
+    generate_dataset(root, 3, seed=5)  # demo profile; train split: 2 cases
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir) -> SliceDataset:
+    return SliceDataset(data_dir, split="train", seed=3)
+
+
+@pytest.fixture(scope="module")
+def plain(data_dir) -> SliceDataset:
+    """The same slices without augmentation (cheaper where augmentation is not under test)."""
+    return SliceDataset(data_dir, split="train", seed=3, augment=False)
+
+
+@pytest.fixture(scope="module")
+def ae_dir(plain, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "ae"
+    return train_autoencoder(plain, out, steps=2, batch_size=4, lr=1e-3, disc_start=1,
+                             autoencoder_config=TINY_AE, discriminator_config=TINY_D, **COMMON)
+
+
+def _losses(out: Path, column: str = "loss") -> list[float]:
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))  # one row per step, none twice
+    return [float(r[column]) if r[column] else math.nan for r in rows]
+
+
+def _cancel_at(step: int) -> tuple[CancelToken, callable]:
+    token = CancelToken()
+
+    def progress(s, total, info):
+        if s == step:
+            token.cancel()
+
+    return token, progress
+
+
+def _no_partial_files(folder: Path) -> None:
+    leftovers = [p.name for p in folder.parent.iterdir() if ".partial" in p.name or p.name.endswith(".old")]
+    leftovers += [p.name for p in folder.iterdir() if ".partial" in p.name]
+    assert leftovers == []
+
+
+# --------------------------------------------------------------------------- data stream
+def test_batch_stream_restarts_mid_epoch_where_it_left_off(dataset):
+    """Same slices, same augmentation draws: what exact resume relies on (augmented data)."""
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    full = BatchStream(dataset, 16, info, seed=1)
+    it = iter(full)
+    first = [next(it) for _ in range(4)]  # 58 slices → 3 batches per epoch: crosses an epoch
+    resumed = BatchStream(dataset, 16, info, seed=1, epoch=0, batch_in_epoch=2)
+    it2 = iter(resumed)
+    again = [next(it2) for _ in range(2)]
+    for a, b in zip(first[2:], again):
+        assert a["slice"].tolist() == b["slice"].tolist() and a["case"] == b["case"]
+        assert torch.equal(a["target"], b["target"]) and torch.equal(a["cond"], b["cond"])
+    assert resumed.position() == {"epoch": 1, "batch_in_epoch": 1}
+    assert not torch.equal(first[0]["target"], first[3]["target"])  # epochs differ
+
+
+def test_batch_stream_refuses_a_batch_larger_than_the_data(dataset):
+    with pytest.raises(InputError, match="fewer than one batch"):
+        BatchStream(dataset, len(dataset) + 1, DistInfo(0, 1, 0, torch.device("cpu")), seed=0)
+
+
+# --------------------------------------------------------------------------- exact resume
+def test_autoencoder_resume_retraces_the_uninterrupted_run(plain, tmp_path):
+    kwargs = dict(steps=5, batch_size=4, lr=1e-3, disc_start=2, checkpoint_every=2,
+                  autoencoder_config=TINY_AE, discriminator_config=TINY_D, **COMMON)
+    train_autoencoder(plain, tmp_path / "full", **kwargs)
+    token, progress = _cancel_at(2)
+    with pytest.raises(Cancelled):
+        train_autoencoder(plain, tmp_path / "cut", progress=progress, cancel=token, **kwargs)
+    assert load_training_state(tmp_path / "cut")["step"] == 3  # cancelled at the next step boundary
+    _no_partial_files(tmp_path / "cut")
+    train_autoencoder(plain, tmp_path / "cut", resume=True, **kwargs)
+    for column in ("loss", "rec_loss", "d_loss"):  # d_loss: the discriminator resumed too
+        full, cut = _losses(tmp_path / "full", column), _losses(tmp_path / "cut", column)
+        assert len(full) == 5
+        assert torch.allclose(torch.tensor(cut), torch.tensor(full), atol=1e-6, rtol=0, equal_nan=True), column
+    a, _ = load_checkpoint(tmp_path / "full", build=False)
+    b, _ = load_checkpoint(tmp_path / "cut", build=False)
+    for name in ("model", "discriminator"):
+        assert all(torch.allclose(a[name][k], b[name][k], atol=1e-6) for k in a[name])
+
+
+def test_ldm_resume_retraces_the_uninterrupted_run(plain, ae_dir, tmp_path):
+    # (that augmentation restarts identically is tested on the BatchStream above)
+    # 58 slices, 7 batches of 8 per epoch: the resumed run crosses an epoch boundary
+    kwargs = dict(steps=9, batch_size=8, lr=1e-3, ema_decay=0.9, checkpoint_every=4, cldm_config=TINY_CLDM,
+                  **COMMON)
+    train_ldm(plain, ae_dir, tmp_path / "full", **kwargs)
+    token, progress = _cancel_at(5)
+    with pytest.raises(Cancelled, match="--resume"):
+        train_ldm(plain, ae_dir, tmp_path / "cut", progress=progress, cancel=token, **kwargs)
+    _no_partial_files(tmp_path / "cut")
+    # what was cancelled is a complete, loadable checkpoint of step 6
+    assert read_config(tmp_path / "cut")["provenance"]["steps"] == 6
+    assert len(_losses(tmp_path / "cut")) == 6
+    train_ldm(plain, ae_dir, tmp_path / "cut", resume=True, **kwargs)
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert len(full) == 9 and _losses(tmp_path / "full", "epoch")[-1] == 1
+    assert torch.allclose(torch.tensor(cut), torch.tensor(full), atol=1e-6, rtol=0)
+    a, _ = load_checkpoint(tmp_path / "full", names=["model", "ema"], build=False)
+    b, _ = load_checkpoint(tmp_path / "cut", names=["model", "ema"], build=False)
+    for name in ("model", "ema"):
+        assert all(torch.allclose(a[name][k], b[name][k], atol=1e-6) for k in a[name]), name
+
+
+def test_ldm_checkpoint_is_one_self_contained_folder(plain, ae_dir, tmp_path):
+    out = train_ldm(plain, ae_dir, tmp_path / "ldm", steps=2, batch_size=4, lr=1e-3, cldm_config=TINY_CLDM,
+                    **COMMON)
+    nets, config = load_checkpoint(out, kind="cldm")
+    assert set(nets) == {"model", "ema", "autoencoder"}
+    assert config["schedule"] == NoiseSchedule().config()
+    assert set(config["normalisation"]) >= {"dwi", "adc"}
+    assert config["training"]["lr"] == 1e-3 and config["provenance"]["steps"] == 2
+    assert config["training"]["data"]["cases"] == plain.case_names
+    ae_nets, _ = load_checkpoint(ae_dir, names=["model"])
+    for k, v in ae_nets["model"].state_dict().items():  # the frozen autoencoder, unchanged
+        assert torch.equal(v, nets["autoencoder"].state_dict()[k])
+
+
+# --------------------------------------------------------------------------- refusals
+def test_resume_with_changed_settings_is_refused_naming_them(plain, ae_dir, tmp_path):
+    kwargs = dict(steps=2, batch_size=4, cldm_config=TINY_CLDM, **COMMON)
+    out = train_ldm(plain, ae_dir, tmp_path / "ldm", lr=1e-3, **kwargs)
+    with pytest.raises(InputError, match=r"lr: saved 0.001, now 0.002"):
+        train_ldm(plain, ae_dir, out, lr=2e-3, resume=True, **{**kwargs, "steps": 4})
+    bigger = {**TINY_CLDM, "channels": [16, 32]}
+    with pytest.raises(InputError, match=r"cldm\.channels"):
+        train_ldm(plain, ae_dir, out, lr=1e-3, resume=True, **{**kwargs, "steps": 4, "cldm_config": bigger})
+    with pytest.raises(InputError, match="already trained 2 steps"):
+        train_ldm(plain, ae_dir, out, lr=1e-3, resume=True, **kwargs)
+    # more steps, other workers and logging: allowed
+    train_ldm(plain, ae_dir, out, lr=1e-3, resume=True, **{**kwargs, "steps": 3, "log_every": 1})
+    assert len(_losses(out)) == 3
+
+
+def test_new_run_refuses_a_used_folder_and_resume_needs_a_checkpoint(plain, ae_dir, tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="--resume"):
+        train_ldm(plain, ae_dir, used, steps=1, batch_size=4, cldm_config=TINY_CLDM, **COMMON)
+    with pytest.raises(InputError, match="no checkpoint"):
+        train_ldm(plain, ae_dir, tmp_path / "empty", steps=1, batch_size=4, resume=True, cldm_config=TINY_CLDM,
+                  **COMMON)
+    assert (used / "notes.txt").read_text() == "mine"
+
+
+def test_ldm_refuses_a_cldm_checkpoint_as_autoencoder_and_mixed_precision_on_cpu(plain, ae_dir, tmp_path):
+    out = train_ldm(plain, ae_dir, tmp_path / "ldm", steps=1, batch_size=4, cldm_config=TINY_CLDM, **COMMON)
+    with pytest.raises(InputError, match="'autoencoder' checkpoint"):
+        train_ldm(plain, out, tmp_path / "x", steps=1, batch_size=4, cldm_config=TINY_CLDM, **COMMON)
+    with pytest.raises(InputError, match="CUDA"):
+        train_ldm(plain, ae_dir, tmp_path / "y", steps=1, precision="bf16", cldm_config=TINY_CLDM, **COMMON)
+
+
+# --------------------------------------------------------------------------- learning
+def test_ldm_training_lowers_the_eq4_loss_on_a_fixed_batch(plain, ae_dir, tmp_path):
+    dataset = plain
+    out = train_ldm(dataset, ae_dir, tmp_path / "ldm", steps=20, batch_size=4, lr=3e-3, ema_decay=0.5,
+                    checkpoint_every=20, cldm_config=TINY_CLDM, **COMMON)
+    nets, _ = load_checkpoint(out)
+    torch.manual_seed(3)
+    untrained = ConditionalLDM(**TINY_CLDM)  # the run's initial weights (same seed, same constructor)
+    batch = [dataset[i] for i in range(0, len(dataset), 4)][:12]
+    x = torch.stack([b["target"] for b in batch])
+    c = torch.stack([b["cond"] for b in batch])
+    schedule = NoiseSchedule()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z0 = nets["autoencoder"].encode(x)
+        t = torch.randint(0, 1000, (4, len(x)), generator=gen)
+        eps = torch.randn((4, *z0.shape), generator=gen)
+
+        def loss(model):
+            return sum(latent_loss(e, model(schedule.q_sample(z0, tt, e), tt, c)) for tt, e in zip(t, eps)) / 4
+
+        before, after = float(loss(untrained)), float(loss(nets["model"].eval()))
+    print(f"Eq. 4 loss on a fixed batch: {before:.3f} untrained, {after:.3f} after 20 steps")
+    assert before == pytest.approx(1.0, abs=0.1)  # zero-initialised output: ε̂ = 0, loss = E[ε²]
+    assert after < 0.8 * before
+
+
+def test_autoencoder_training_lowers_the_reconstruction_loss(plain, tmp_path):
+    out = train_autoencoder(plain, tmp_path / "ae", steps=8, batch_size=4, lr=3e-3, disc_start=100,
+                            autoencoder_config=TINY_AE, discriminator_config=TINY_D, **COMMON)
+    rec = _losses(out, "rec_loss")
+    assert sum(rec[-2:]) / 2 < 0.7 * sum(rec[:2]) / 2
+    assert all(math.isnan(v) for v in _losses(out, "d_loss"))  # discriminator not started
+
+
+# --------------------------------------------------------------------------- DDP
+DDP_SCRIPT = """
+import sys
+import torch.distributed as dist
+from ctp2mri.training import train_autoencoder, train_ldm
+data, out = sys.argv[1], sys.argv[2]
+tiny_ae, tiny_d, tiny_cldm = {ae!r}, {d!r}, {cldm!r}
+# One process group for both runs (as a caller embedding the trainers would): re-creating the
+# default group in one torchrun job can meet the previous group's keys in torchrun's store.
+dist.init_process_group("gloo")
+train_autoencoder(data, out + "/ae", steps=1, batch_size=2, lr=1e-3, disc_start=0, autoencoder_config=tiny_ae,
+                  discriminator_config=tiny_d, device="cpu", num_workers=0, seed=3)
+train_ldm(data, out + "/ae", out + "/ldm", steps=2, batch_size=2, lr=1e-3, cldm_config=tiny_cldm,
+          device="cpu", num_workers=0, seed=3)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_write_the_single_process_checkpoint_format(data_dir, ae_dir, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(ae=TINY_AE, d=TINY_D, cldm=TINY_CLDM)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", str(script), str(data_dir), str(tmp_path)],
+                              check=False, capture_output=True, text=True, timeout=150, env=env)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"torchrun did not finish in 150 s; its output: {str(exc.stderr)[-3000:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = train_ldm(data_dir, ae_dir, tmp_path / "single", steps=2, batch_size=2, lr=1e-3,
+                       cldm_config=TINY_CLDM, **COMMON)
+    for kind, ddp_out, one_out in (("cldm", tmp_path / "ldm", single), ("autoencoder", tmp_path / "ae", ae_dir)):
+        ddp_nets, ddp_cfg = load_checkpoint(ddp_out, build=False, kind=kind)
+        one_nets, one_cfg = load_checkpoint(one_out, build=False, kind=kind)
+        assert set(ddp_nets) == set(one_nets)
+        for name in one_nets:  # same keys and shapes: no "module." prefix from the DDP wrapper
+            assert {k: v.shape for k, v in ddp_nets[name].items()} == {k: v.shape for k, v in one_nets[name].items()}
+        assert ddp_cfg["training"]["world_size"] == 2 and one_cfg["training"]["world_size"] == 1
+        assert len(load_training_state(ddp_out)["rng"]) == 2  # every rank's RNG state, for exact resume
+    assert len(_losses(tmp_path / "ldm")) == 2
+
+
+# --------------------------------------------------------------------------- benchmark
+@pytest.mark.parametrize("kind", ["ldm", "autoencoder"])
+def test_bench_train_reports_speed_and_memory(kind):
+    from ctp2mri.bench import bench_train, format_bench_train
+
+    result = bench_train("demo", kind, batch_size=1, steps=1, warmup=0, device="cpu")
+    assert result["steps_per_s"] > 0 and result["seconds_per_step"] == pytest.approx(1 / result["steps_per_s"])
+    assert result["peak_memory_bytes"] > 50 * 2**20  # a torch process holds more than 50 MiB
+    assert result["slice_shape"] == [96, 112] and result["precision"] == "fp32"
+    assert "steps/s" in format_bench_train(result)
+    with pytest.raises(InputError, match="CUDA"):
+        bench_train("demo", kind, device="cpu", precision="bf16")
+
+
+def test_ema_follows_litema_with_warmup_and_lr_scaling_follows_compvis():
+    from ctp2mri.training import EMA, effective_lr
+
+    net = torch.nn.Linear(2, 1)
+    ema = EMA(net, decay=0.9)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)  # first update: d = min(0.9, (1 + 1) / (10 + 1))
+    d = 2 / 11
+    assert torch.allclose(ema.module.weight, d * start + (1 - d) * net.weight)
+    ema.num_updates = 1000
+    before = ema.module.weight.clone()
+    ema.update(net)  # warm: d = 0.9
+    assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * net.weight)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    assert effective_lr(2e-6, 48, 1) == pytest.approx(9.6e-5)  # the paper: batch 48, one GPU
+    assert effective_lr(4.5e-6, 2, 4, accumulate=2) == pytest.approx(7.2e-5)
+    assert effective_lr(2e-6, 48, 1, scale_lr=False) == 2e-6 and effective_lr(2e-6, 48, 1, lr=1e-4) == 1e-4
+    with pytest.raises(InputError):
+        effective_lr(2e-6, 48, 1, lr=-1.0)
