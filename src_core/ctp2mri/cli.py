@@ -310,7 +310,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                        description="Synthesise DWI/ADC for every case of a split with DDIM and report "
                        "MAE, lesion MAE, PSNR and MS-SSIM per channel inside the brain (normalised "
                        "space, as the paper's Table 1) and the infarct-core Dice; one CSV row per case.")
-    p.add_argument("--model", required=True, type=Path, help="cLDM checkpoint folder")
+    p.add_argument("--model", required=True, type=Path,
+                   help="cLDM checkpoint folder (an autoencoder checkpoint: reconstruction metrics)")
     p.add_argument("--data", required=True, type=Path, help="data folder with case folders and splits.json")
     p.add_argument("--split", default="test", help="split of splits.json (default test)")
     p.add_argument("--steps", type=int, default=200, help="DDIM steps (default 200, as the paper)")
@@ -328,7 +329,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ctp2mri.checkpoints import read_config
     from ctp2mri.devices import resolve_device_with_notice
+
+    if read_config(args.model).get("kind") == "autoencoder":
+        from ctp2mri.evaluate_autoencoder import evaluate_autoencoder, format_autoencoder_report
+
+        print(format_autoencoder_report(evaluate_autoencoder(
+            args.model, args.data, split=args.split, batch_size=args.batch_size, device=args.device)))
+        return 0
     from ctp2mri.evaluate import evaluate, fid_status, format_report
     from ctp2mri.progress import tqdm_progress
 
