@@ -13,6 +13,7 @@ from monai.metrics.regression import compute_ssim_and_cs
 from scipy import ndimage
 
 from ctp2mri import metrics as M
+from ctp2mri import tables as T
 from ctp2mri.errors import InputError
 
 
@@ -284,7 +285,7 @@ def test_summarise_skips_nan_and_groups_by_model(no_warnings):
         {"case": "c", "model": "cLDM", "DWI_mae": 0.2, "DWI_lesion_mae": nan, "DWI_psnr": 27.0},
         {"case": "a", "model": "cLDM-PT", "DWI_mae": 0.05, "DWI_lesion_mae": nan},
     ]
-    s = M.summarise(rows)
+    s = T.summarise(rows)
     assert list(s) == ["cLDM", "cLDM-PT"]
     assert s["cLDM"]["DWI_mae"]["mean"] == pytest.approx(0.2)
     assert s["cLDM"]["DWI_mae"]["std"] == pytest.approx(np.std([0.1, 0.3, 0.2], ddof=1))
@@ -308,7 +309,7 @@ def test_format_table1_shape_and_best_marks():
                         "ms_ssim": 0.85 + quality / 10}
                    for ch in ("DWI", "ADC")}
             rows.append({"case": str(case), "model": model, **M.flat_metrics(out)})
-    table = M.format_table1(M.summarise(rows), ["cLDM", "cLDM-PT"])
+    table = T.format_table1(T.summarise(rows), ["cLDM", "cLDM-PT"])
     lines = table.splitlines()
     assert len(lines) == 2 + 2
     assert all(line.count("|") == 1 + 1 + 8 for line in lines)
@@ -318,4 +319,4 @@ def test_format_table1_shape_and_best_marks():
     assert lines[3].startswith("| cLDM-PT |") and lines[3].count("**") == 2 * 8  # best everywhere
     assert "±" in lines[2] and "**" not in lines[2]
     with pytest.raises(InputError, match="Pix2Pix"):
-        M.format_table1(M.summarise(rows), ["Pix2Pix"])
+        T.format_table1(T.summarise(rows), ["Pix2Pix"])

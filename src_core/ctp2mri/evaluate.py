@@ -40,17 +40,15 @@ from ctp2mri.inference import LoadedModel, load_model, sample_slices, slice_seed
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
 from ctp2mri.io.nifti import load_nifti
 from ctp2mri.metrics import (
-    Summary,
     channel_metrics,
     core_comparison,
     core_mask_from_adc,
     flat_metrics,
-    format_table1,
-    summarise,
     volume_ml,
 )
 from ctp2mri.preprocess import denormalise_mri
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.tables import Summary, format_table1, summarise
 
 __all__ = [
     "CHANNELS",
