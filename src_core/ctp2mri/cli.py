@@ -142,6 +142,25 @@ def _cmd_train_ldm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_post_train(args: argparse.Namespace) -> int:
+    from ctp2mri.training import post_train
+
+    progress, close = _rank0_progress("post-train")
+    try:
+        out = post_train(args.data, args.from_, args.out, lambda_image=args.lambda_image,
+                         lambda_lesion=args.lambda_lesion, target=args.target, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
+                         ema_decay=args.ema_decay, lesion_oversample=args.lesion_oversample,
+                         gradient_checkpointing=args.gradient_checkpointing, init=args.init,
+                         device=args.device, precision=args.precision, resume=args.resume,
+                         seed=args.seed, num_workers=args.num_workers,
+                         checkpoint_every=args.checkpoint_every, progress=progress)
+    finally:
+        close()
+    print(f"post-trained cLDM checkpoint: {out}")
+    return 0
+
+
 def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="data folder (case folders + splits.json)")
     p.add_argument("--out", required=True, type=Path,
@@ -179,6 +198,26 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     ldm.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default 0.9999)")
     ldm.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     ldm.set_defaults(func=_cmd_train_ldm)
+
+    pt = sub.add_parser("post-train", help="lesion-aware post-training of a cLDM (Eq. 5–8)",
+                        description="Continue a base cLDM with L = L_latent + λ_image·‖x − D(ẑ0)‖² + "
+                        "λ_lesion·‖M⊙(x − D(ẑ0))‖² through the frozen decoder (paper Eq. 5–8). "
+                        "Writes a new cLDM checkpoint recording the base, λs and target.")
+    _training_arguments(pt)
+    pt.add_argument("--from", dest="from_", required=True, type=Path, help="base cLDM checkpoint")
+    pt.add_argument("--lambda-image", type=float, default=0.01, help="λ_image (paper's best 0.01)")
+    pt.add_argument("--lambda-lesion", type=float, default=0.02, help="λ_lesion (paper's best 0.02)")
+    pt.add_argument("--target", choices=["input", "reconstruction"], default="input",
+                    help="x as the paper writes it (input) or D(z0) as the official code does")
+    pt.add_argument("--lesion-oversample", type=float,
+                    help="draw lesion-containing slices this many times more often")
+    pt.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute decoder activations in backward to save memory")
+    pt.add_argument("--init", choices=["model", "ema"], default="model",
+                    help="start from the base's raw (official) or EMA weights")
+    pt.add_argument("--ema-decay", type=float, default=0.9999)
+    pt.add_argument("--grad-accum", type=int, default=1)
+    pt.set_defaults(func=_cmd_post_train)
 
 
 # synthesize ------------------------------------------------------------------------------

@@ -4,7 +4,14 @@ Latent diffusion (paper §2.1)
     `latent_loss` — Eq. 4.
 
 Post-training (paper §2.2, Eq. 6–8)
-    Added by the post-training issue next to Eq. 4 (image loss, lesion loss, total).
+    `image_loss` — Eq. 6, `lesion_loss` — Eq. 7, `total_loss` — Eq. 8. The decoded one-step
+    estimate x̂ = D(ẑ_0) comes from Eq. 5, `ctp2mri.diffusion.NoiseSchedule.predict_z0`.
+    Both image-space terms are squared errors summed over the image channels (DWI, ADC) and
+    divided by the number of mask voxels in the batch, as the official ``ddpm_ft.p_losses``
+    (``sum / mask.sum()`` and ``sum / lesion.sum()``), whose λ values (Table 2) assume that
+    scale. Unlike upstream, a batch without lesion voxel gives a lesion loss of exactly 0
+    (upstream divides 0 by 0), and the image term counts only brain voxels (the normalised
+    images are 0 outside the brain, and synthesis masks its output with the brain).
 
 VQGAN first stage (Esser et al. 2021; the official ``VQLPIPSWithDiscriminator`` with the
 paper's configs/autoencoder/VQGAN.yaml: ``perceptual_weight: 0.0``, ``codebook_weight: 1.0``,
@@ -17,12 +24,15 @@ paper's configs/autoencoder/VQGAN.yaml: ``perceptual_weight: 0.0``, ``codebook_w
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "adaptive_gan_weight", "autoencoder_loss", "discriminator_factor", "generator_adversarial_loss",
-    "hinge_discriminator_loss", "latent_loss", "reconstruction_loss",
+    "hinge_discriminator_loss", "image_loss", "latent_loss", "lesion_loss", "masked_squared_error",
+    "reconstruction_loss", "total_loss",
 ]
 
 
@@ -35,6 +45,72 @@ def latent_loss(eps: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
     float32 even under autocast.
     """
     return F.mse_loss(eps_hat.float(), eps.float())
+
+
+# lesion-aware post-training -------------------------------------------------------------------
+def masked_squared_error(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ M ⊙ (x − x̂)² / Σ M over the batch, channels summed; exactly 0 when M is empty.
+
+    ``x`` and ``x_hat`` are (B, C, H, W); ``mask`` is binary, (B, 1, H, W) (one mask for all
+    channels) or (B, C, H, W). The denominator counts mask *voxels* (not voxel × channel),
+    as the official code. When the mask holds no voxel the numerator is 0 and the
+    denominator is clamped to 1, so the value and its gradient are exactly 0, never NaN.
+    Computed in float32.
+    """
+    if x.shape != x_hat.shape:
+        raise ValueError(f"x {tuple(x.shape)} and x̂ {tuple(x_hat.shape)} differ in shape")
+    mask = mask.float()
+    if mask.ndim != 4 or mask.shape[0] != x.shape[0] or mask.shape[2:] != x.shape[2:] \
+            or mask.shape[1] not in (1, x.shape[1]):
+        raise ValueError(f"mask {tuple(mask.shape)} does not fit images {tuple(x.shape)}")
+    squared = (x.float() - x_hat.float()).square()
+    return (squared * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def image_loss(x: torch.Tensor, x_hat: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """L_image = ‖x − D(ẑ_0)‖² (paper Eq. 6), inside the brain, per brain voxel.
+
+    Parameters
+    ----------
+    x
+        Target images (B, 2, H, W): the input x (paper) or its reconstruction D(z_0) (the
+        official code's target).
+    x_hat
+        D(ẑ_0), the decoded one-step estimate (Eq. 5), attached to the graph.
+    brain
+        Brain mask (B, 1, H, W); the sum runs over it and is divided by its voxel count.
+    """
+    return masked_squared_error(x, x_hat, brain)
+
+
+def lesion_loss(x: torch.Tensor, x_hat: torch.Tensor, lesion: torch.Tensor) -> torch.Tensor:
+    """L_lesion = ‖M_lesion ⊙ (x − D(ẑ_0))‖² (paper Eq. 7), per lesion voxel of the batch.
+
+    ``lesion`` is the binary lesion mask (B, 1, H, W) (inside the brain). A batch without any
+    lesion voxel contributes exactly 0 (value and gradient), where upstream's 0/0 is NaN.
+    """
+    return masked_squared_error(x, x_hat, lesion)
+
+
+def total_loss(latent: torch.Tensor, image: torch.Tensor | None = None, lesion: torch.Tensor | None = None,
+               lambda_image: float = 0.01, lambda_lesion: float = 0.02) -> torch.Tensor:
+    """L_total = L_latent + λ_image · L_image + λ_lesion · L_lesion (paper Eq. 8).
+
+    The paper's best weights are λ_image = 0.01, λ_lesion = 0.02 (Table 2). A term whose λ
+    is 0 is left out rather than multiplied by 0 (it may then be None, i.e. not computed),
+    so λ = 0/0 returns ``latent`` itself: the base model's Eq. 4 objective, bit for bit.
+    """
+    total = latent
+    for weight, term, name in ((lambda_image, image, "image"), (lambda_lesion, lesion, "lesion")):
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"λ_{name} must be a finite number ≥ 0, got {weight}")
+        if weight == 0:
+            continue
+        if term is None:
+            raise ValueError(f"λ_{name} = {weight} but no {name} loss was given")
+        total = total + weight * term
+    return total
 
 
 # VQGAN ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Training loops: VQGAN autoencoder and conditional LDM, one process or DDP under torchrun.
+"""Training loops: VQGAN autoencoder, conditional LDM and its lesion-aware post-training.
 
-`train_autoencoder` and `train_ldm` each drive a whole run (data, model, optimiser, EMA,
+`train_autoencoder`, `train_ldm` and `post_train` each drive a whole run (data, model, optimiser, EMA,
 precision, checkpoints into the run folder, log.csv, progress/cancel, exact resume) and run
 unchanged under ``torchrun --nproc_per_node N``.
 """
@@ -9,5 +9,7 @@ from ctp2mri.training.autoencoder import AE_BASE_LR, train_autoencoder
 from ctp2mri.training.ema import EMA
 from ctp2mri.training.ldm import LDM_BASE_LR, train_ldm
 from ctp2mri.training.loop import LOG_FILE, effective_lr
+from ctp2mri.training.post_train import post_train, post_training_loss
 
-__all__ = ["AE_BASE_LR", "EMA", "LDM_BASE_LR", "LOG_FILE", "effective_lr", "train_autoencoder", "train_ldm"]
+__all__ = ["AE_BASE_LR", "EMA", "LDM_BASE_LR", "LOG_FILE", "effective_lr", "post_train", "post_training_loss",
+           "train_autoencoder", "train_ldm"]

@@ -9,12 +9,17 @@ Each step, as CompVis ``LatentDiffusion.p_losses`` with the frozen first stage:
 
 AdamW over the UNet and the spatial rescaler F, lr = accumulation × processes × batch ×
 2·10⁻⁶ (CompVis ``scale_lr``), EMA of the weights (``LitEma``, decay 0.9999) after every step.
+
+`diffuse` (the Eq. 2 draw), `optimise` (the step loop) and `restore_run` (exact resume) are
+shared with lesion-aware post-training (`ctp2mri.training.post_train`), which adds loss terms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,7 @@ from ctp2mri.training import loop
 from ctp2mri.training.distributed import init_distributed, shutdown
 from ctp2mri.training.ema import EMA
 
-__all__ = ["LDM_BASE_LR", "train_ldm"]
+__all__ = ["LDM_BASE_LR", "diffuse", "optimise", "restore_run", "train_ldm"]
 
 LDM_BASE_LR = 2e-6  # base_learning_rate of the official ldm.yaml (and the paper)
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "seconds")
@@ -161,15 +166,7 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
     generator = loop.noise_generator(seed, info)
     step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(LOG_COLUMNS)
     if resume:
-        _, state = loop.resume_state(out, settings)
-        saved, _ = load_checkpoint(out, names=["model", "ema"], build=False, map_location=dev)
-        model.load_state_dict(saved["model"])
-        ema.load(saved["ema"], state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, position, log = int(state["step"]), state["position"], loop.RunLog.from_state(state["log"])
-        loop.rng_restore(state["rng"], info, generator)
+        step, position, log = restore_run(out, settings, model, ema, opt, scaler, generator, info)
     if step >= steps:
         raise InputError(f"the run in {out} has already trained {step} steps (≥ --steps {steps}); "
                          "give a larger --steps to continue it")
@@ -181,7 +178,7 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
     model.train()
     ae_source = {"source": str(ae_dir), "provenance": ae_cfg.get("provenance")}
 
-    def save() -> None:
+    def save(step: int) -> None:
         config = loop.base_config("cldm", profile, settings, dataset, step, data,
                                   {"schedule": schedule.config(), "autoencoder_source": ae_source,
                                    "inference_network": "ema"})
@@ -190,28 +187,67 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
         run.save({"model": model, "ema": ema.module, "autoencoder": autoencoder}, config, state,
                  loop.rng_snapshot(generator))
 
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        _, t, eps, z_t = diffuse(autoencoder, schedule, batch["target"].to(dev, non_blocking=True), generator,
+                                 precision)
+        with loop.autocast(precision, dev):
+            eps_hat = model_train(z_t, t, batch["cond"].to(dev, non_blocking=True))
+        return latent_loss(eps, eps_hat), {}  # Eq. 4
+
+    optimise(info, model, model_train, ema, opt, scaler, stream, run, step, steps, grad_accum, grad_clip,
+             lr_value, loss_fn, save)
+    return out
+
+
+# shared with post-training ---------------------------------------------------------------------
+def restore_run(out: Path, settings: dict[str, Any], model: torch.nn.Module, ema: EMA,
+                opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, generator: torch.Generator,
+                info: Any) -> tuple[int, dict[str, int], loop.RunLog]:
+    """Load a saved run's model, EMA, optimiser, scaler and RNGs; (step, data position, log)."""
+    _, state = loop.resume_state(out, settings)
+    saved, _ = load_checkpoint(out, names=["model", "ema"], build=False, map_location=info.device)
+    model.load_state_dict(saved["model"])
+    ema.load(saved["ema"], state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    loop.rng_restore(state["rng"], info, generator)
+    return int(state["step"]), state["position"], loop.RunLog.from_state(state["log"])
+
+
+def diffuse(autoencoder: torch.nn.Module, schedule: NoiseSchedule, x: torch.Tensor, generator: torch.Generator,
+            precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_0, t, ε, z_t) for a batch of target images: z_0 = E(x), t ~ U{0…T−1}, z_t by Eq. 2."""
+    with torch.no_grad(), loop.autocast(precision, x.device):
+        z0 = autoencoder.encode(x).float()  # unquantised latent, as CompVis
+    t = torch.randint(0, schedule.n_timesteps, (z0.shape[0],), generator=generator, device=x.device)
+    eps = torch.randn(z0.shape, generator=generator, device=x.device)
+    return z0, t, eps, schedule.q_sample(z0, t, eps)
+
+
+def optimise(info: Any, model: torch.nn.Module, model_train: torch.nn.Module, ema: EMA,
+             opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, stream: loop.BatchStream,
+             run: loop.Run, step: int, steps: int, grad_accum: int, grad_clip: float | None, lr_value: float,
+             loss_fn: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, float]]],
+             save: Callable[[int], None]) -> int:
+    """The optimisation loop from ``step`` to ``steps``: accumulation, DDP sync, clipping, EMA,
+    logging (``loss`` and the parts ``loss_fn`` returns, averaged over micro-batches),
+    checkpoints and cancellation. Returns the last step."""
     batches = iter(stream)
     while step < steps:
         opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total, parts = 0.0, {}
         for micro in range(grad_accum):
             batch = next(batches)
-            x = batch["target"].to(dev, non_blocking=True)
-            c = batch["cond"].to(dev, non_blocking=True)
-            with torch.no_grad(), loop.autocast(precision, dev):
-                z0 = autoencoder.encode(x).float()  # unquantised latent, as CompVis
-            t = torch.randint(0, schedule.n_timesteps, (z0.shape[0],), generator=generator, device=dev)
-            eps = torch.randn(z0.shape, generator=generator, device=dev)
-            z_t = schedule.q_sample(z0, t, eps)  # Eq. 2
             # Gradients are all-reduced on the last micro-batch only.
             sync = contextlib.nullcontext() if not info.distributed or micro == grad_accum - 1 \
                 else model_train.no_sync()
             with sync:
-                with loop.autocast(precision, dev):
-                    eps_hat = model_train(z_t, t, c)
-                loss = latent_loss(eps, eps_hat)  # Eq. 4
+                loss, extra = loss_fn(batch)
                 _backward(loss / grad_accum, scaler)
             total += float(loss.detach()) / grad_accum
+            for k, v in extra.items():
+                parts[k] = parts.get(k, 0.0) + float(v) / grad_accum
         if scaler is not None:
             if grad_clip:
                 scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
@@ -224,9 +260,9 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
             opt.step()
         ema.update(model)
         step += 1
-        cancelled = run.end_step(step, {"loss": total, "epoch": stream.epoch, "lr": lr_value})
-        run.finish_step(step, cancelled, save)
-    return out
+        cancelled = run.end_step(step, {"loss": total, **parts, "epoch": stream.epoch, "lr": lr_value})
+        run.finish_step(step, cancelled, functools.partial(save, step))
+    return step
 
 
 def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ctp2mri.checkpoints import (
@@ -134,11 +134,12 @@ class BatchStream:
     ``dataset.set_epoch(e)``; both are pure functions of (seed, epoch), so a stream rebuilt at
     (epoch, batch) yields what the original stream would have from there. Only full batches
     are used. DataLoader workers get their own generator, so starting them never touches the
-    global torch RNG.
+    global torch RNG. With per-slice ``weights`` (lesion over-sampling in post-training) each
+    epoch is instead a seeded weighted draw with replacement, equally reproducible.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, info: DistInfo, seed: int, num_workers: int = 0,
-                 epoch: int = 0, batch_in_epoch: int = 0) -> None:
+                 epoch: int = 0, batch_in_epoch: int = 0, weights: torch.Tensor | None = None) -> None:
         if batch_size < 1:
             raise InputError(f"the batch size must be at least 1, got {batch_size}")
         if num_workers < 0:
@@ -148,6 +149,9 @@ class BatchStream:
         self.info = info
         self.seed = int(seed)
         self.num_workers = int(num_workers)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights is not None and self.weights.shape != (len(dataset),):
+            raise InputError(f"{len(dataset)} slices but {tuple(self.weights.shape)} sampling weights")
         self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                           seed=self.seed, drop_last=True)
         self.batches_per_epoch = self.sampler.num_samples // self.batch_size
@@ -162,14 +166,27 @@ class BatchStream:
         """(epoch, batches of it consumed): where a resumed stream must start."""
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
+    def _epoch_order(self) -> list[int]:
+        """This rank's slice order for the current epoch: a seeded permutation, or, with
+        ``weights``, draws with replacement by ``WeightedRandomSampler`` (the same epoch
+        length; ranks take interleaved shares of one seeded draw)."""
+        if self.weights is None:
+            return list(self.sampler)
+        world = self.info.world_size
+        n = self.sampler.num_samples * world
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, 11])
+                                                .generate_state(1)[0]))
+        drawn = list(WeightedRandomSampler(self.weights, n, replacement=True, generator=gen))
+        return drawn[self.info.rank::world]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
             if self.batch_in_epoch >= self.batches_per_epoch:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self.sampler.set_epoch(self.epoch)
             self.dataset.set_epoch(self.epoch)  # before the workers copy the dataset
-            indices = list(self.sampler)[self.batch_in_epoch * self.batch_size:
-                                         self.batches_per_epoch * self.batch_size]
+            indices = self._epoch_order()[self.batch_in_epoch * self.batch_size:
+                                          self.batches_per_epoch * self.batch_size]
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True,
                                 num_workers=self.num_workers, pin_memory=self.info.device.type == "cuda",
                                 generator=torch.Generator().manual_seed(self.seed + self.epoch))

@@ -1,0 +1,304 @@
+"""Lesion-aware post-training of a conditional LDM (paper §2.2, Eq. 5–8).
+
+Starting from a trained cLDM checkpoint (networks ``model``, ``ema``, ``autoencoder``; its
+normalisation and noise schedule), each step is the LDM step of `ctp2mri.training.ldm` plus
+two image-space terms:
+
+    z_0 = E(x),  z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε                 (Eq. 2)
+    ε̂ = ε_θ(z_t, t, F(c))
+    ẑ_0 = (z_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t                         (Eq. 5, `NoiseSchedule.predict_z0`)
+    x̂ = D(ẑ_0)                                                 frozen decoder, gradients pass through
+    L = ‖ε − ε̂‖² + λ_image ‖x − x̂‖²_brain + λ_lesion ‖M ⊙ (x − x̂)‖²   (Eq. 4, 6, 7, 8)
+
+The decoder's weights are frozen (``requires_grad_(False)``, eval mode, not in the
+optimiser), but x̂ stays on the autograd graph, so the image terms reach the UNet and the
+spatial rescaler through D and the straight-through quantiser. ``target="input"`` compares
+x̂ with x (the paper); ``target="reconstruction"`` with D(z_0) (the official code; one more
+decode per step, without gradient). The optimisation loop, EMA, checkpoints, log, resume
+and cancel are those of `train_ldm` (`ctp2mri.training.ldm.optimise`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+from ctp2mri.checkpoints import load_checkpoint
+from ctp2mri.diffusion import NoiseSchedule
+from ctp2mri.errors import InputError
+from ctp2mri.io.volume import Volume
+from ctp2mri.losses import image_loss, latent_loss, lesion_loss, total_loss
+from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.training import loop
+from ctp2mri.training.distributed import init_distributed, shutdown
+from ctp2mri.training.ema import EMA
+from ctp2mri.training.ldm import LDM_BASE_LR, diffuse, optimise, restore_run
+
+__all__ = ["POST_TRAIN_LOG_COLUMNS", "TARGETS", "post_train", "post_training_loss"]
+
+TARGETS = ("input", "reconstruction")
+INITS = ("model", "ema")
+POST_TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "latent_loss", "image_loss", "lesion_loss", "lesion_voxels",
+                          "lesion_slices", "lr", "seconds")
+_log = logging.getLogger(__name__)
+
+
+def post_train(
+    data: Any,
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    lambda_image: float = 0.01,
+    lambda_lesion: float = 0.02,
+    target: str = "input",
+    steps: int = 1000,
+    batch_size: int = 16,
+    lr: float | None = None,
+    base_lr: float = LDM_BASE_LR,
+    scale_lr: bool = True,
+    grad_accum: int = 1,
+    weight_decay: float = 0.01,
+    ema_decay: float = 0.9999,
+    grad_clip: float | None = None,
+    lesion_oversample: float | None = None,
+    gradient_checkpointing: bool = False,
+    init: str = "model",
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: bool = False,
+    seed: int = 0,
+    num_workers: int = 1,
+    checkpoint_every: int = 500,
+    log_every: int = 10,
+    lesions: Mapping[str, Volume | np.ndarray] | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> Path:
+    """Post-train a cLDM checkpoint with the lesion-aware image-space objectives (Eq. 8).
+
+    Parameters
+    ----------
+    data
+        Data folder with ``splits.json`` (its ``train`` split) or a `SliceDataset` on the base
+        model's profile. With ``lambda_lesion > 0`` every case needs a lesion mask (its
+        ``lesion.nii.gz`` or one in ``lesions``).
+    base
+        Checkpoint folder of a trained cLDM (``ctp2mri train-ldm``, or an earlier post-training).
+    out
+        Run folder: new or empty, or (``resume``) a post-training run saved before. It ends up a
+        cLDM checkpoint like the base's (``model``, ``ema``, ``autoencoder``; the base's
+        normalisation and schedule) whose config also records the base, λs, target and
+        sampling under ``post_training``; plus log.csv.
+    lambda_image, lambda_lesion
+        λ_image and λ_lesion of Eq. 8 (paper's best: 0.01, 0.02). 0 and 0 is plain Eq. 4
+        training continued from the base (no decode at all).
+    target
+        ``"input"``: x (paper Eq. 6–7); ``"reconstruction"``: D(z_0) (official code).
+    steps, batch_size, grad_accum, lr, base_lr, scale_lr, weight_decay, ema_decay, grad_clip
+        As `ctp2mri.training.train_ldm` (``steps`` counts post-training steps only).
+    lesion_oversample
+        Draw slices containing lesion this many times as often as the others
+        (``WeightedRandomSampler``); the resulting expected share of lesion slices is logged,
+        and recorded in the config. None: uniform, as the paper.
+    gradient_checkpointing
+        Recompute the decoder's activations in the backward pass instead of storing them
+        (less memory, one more decoder forward per step).
+    init
+        Start the trained weights from the base's ``"model"`` (as the official code's
+        ``ckpt_path``) or its ``"ema"`` weights; the new EMA starts from the base's EMA.
+    device, precision, resume, seed, num_workers, checkpoint_every, log_every
+        As `train_ldm`.
+    lesions
+        Lesion masks replacing the cases' own, by case name (e.g. painted in napari); only
+        with a data folder (a `SliceDataset` brings its masks along).
+    progress, cancel
+        ``progress(step, steps, {"loss", "latent_loss", "image_loss", "lesion_loss", …})``
+        after each step; a cancel saves a resumable checkpoint, then raises `Cancelled`.
+
+    Returns
+    -------
+    Path of the run folder / checkpoint.
+    """
+    if target not in TARGETS:
+        raise InputError(f"unknown post-training target {target!r}; choose one of {', '.join(TARGETS)}")
+    if init not in INITS:
+        raise InputError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    for name, value in (("lambda-image", lambda_image), ("lambda-lesion", lambda_lesion)):
+        if not (np.isfinite(float(value)) and float(value) >= 0):
+            raise InputError(f"--{name} must be a finite number ≥ 0, got {value}")
+    if lesion_oversample is not None and not (np.isfinite(float(lesion_oversample)) and lesion_oversample > 0):
+        raise InputError(f"--lesion-oversample must be a positive factor, got {lesion_oversample}")
+    info = init_distributed(device)
+    try:
+        return _post_train(info, data, Path(base), Path(out), float(lambda_image), float(lambda_lesion), target,
+                           int(steps), int(batch_size), lr, base_lr, scale_lr, int(grad_accum), float(weight_decay),
+                           float(ema_decay), grad_clip, lesion_oversample, bool(gradient_checkpointing), init,
+                           precision, resume, int(seed), int(num_workers), int(checkpoint_every), int(log_every),
+                           lesions, progress, cancel)
+    finally:
+        shutdown(info)
+
+
+def _dataset(data: Any, profile: str, seed: int, need_lesion: bool, lesions, progress, cancel):
+    from ctp2mri.data import SliceDataset
+
+    if isinstance(data, SliceDataset):
+        if lesions:
+            raise InputError("lesion masks can only be supplied with a data folder; a SliceDataset brings its own "
+                             "(build it with lesions=...)")
+        dataset = loop.load_dataset(data, profile, seed)
+        if need_lesion and dataset.cases_without_lesion:
+            raise InputError(f"cases {dataset.cases_without_lesion} have no lesion mask, which the lesion loss "
+                             "needs; add lesion.nii.gz (or paint one), or set --lambda-lesion 0")
+    else:
+        dataset = SliceDataset(data, split="train", profile=profile, seed=seed, require_lesion=need_lesion,
+                               lesions=lesions, progress=progress, cancel=cancel)
+    if need_lesion and not bool(dataset.has_lesion.any()):
+        raise InputError("the training data hold no lesion voxel, so the lesion loss would always be 0; "
+                         "use data with lesion masks, or set --lambda-lesion 0")
+    return dataset
+
+
+def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, steps, batch_size, lr, base_lr,
+                scale_lr, grad_accum, weight_decay, ema_decay, grad_clip, lesion_oversample, gradient_checkpointing,
+                init, precision, resume, seed, num_workers, checkpoint_every, log_every, lesions, progress,
+                cancel) -> Path:
+    from ctp2mri.data import lesion_slice_weights
+
+    dev = info.device
+    precision = loop.check_precision(precision, dev)
+    if grad_accum < 1:
+        raise InputError(f"gradient accumulation must be at least 1 forward per step, got {grad_accum}")
+    nets, base_cfg = load_checkpoint(base_dir, names=["model", "ema", "autoencoder"], map_location=dev,
+                                     kind="cldm")
+    autoencoder = nets["autoencoder"].eval().requires_grad_(False)
+    profile = base_cfg["profile"]
+    schedule = NoiseSchedule.from_config(base_cfg["schedule"]) if "schedule" in base_cfg else NoiseSchedule()
+    out = loop.prepare_out_dir(out, resume) if info.is_main else out
+    loop.barrier(info)
+    dataset = _dataset(data, profile, seed, lambda_lesion > 0, lesions,
+                       progress if info.is_main else None, cancel)
+    sampling: dict[str, Any] = {"lesion_oversample": lesion_oversample,
+                                "lesion_slice_fraction": dataset.summary()["lesion_slice_fraction"]}
+    weights = None
+    if lesion_oversample is not None:
+        lw = lesion_slice_weights(dataset, lesion_oversample)
+        weights = lw.weights
+        sampling["effective_lesion_slice_fraction"] = lw.effective_fraction
+        if info.is_main:
+            _log.warning("lesion over-sampling ×%g: lesion slices are %.1f %% of the data and %.1f %% of the "
+                         "drawn slices", lesion_oversample, 100 * lw.lesion_fraction, 100 * lw.effective_fraction)
+    base_prov = base_cfg.get("provenance") or {}
+    lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, grad_accum, scale_lr, lr)
+    settings = {
+        "profile": profile, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
+        "world_size": info.world_size, "base_lr": base_lr, "scale_lr": scale_lr, "lr": lr_value,
+        "optimizer": "AdamW", "weight_decay": weight_decay, "ema_decay": ema_decay, "ema_warmup": True,
+        "grad_clip": grad_clip, "precision": precision, "seed": seed, "num_workers": num_workers,
+        "device": str(dev), "checkpoint_every": checkpoint_every, "log_every": log_every,
+        "parameterization": "eps", "loss": "Eq. 8: Eq. 4 + λ_image Eq. 6 + λ_lesion Eq. 7",
+        "lambda_image": lambda_image, "lambda_lesion": lambda_lesion, "target": target, "init": init,
+        "lesion_oversample": lesion_oversample, "gradient_checkpointing": gradient_checkpointing,
+        "data": loop.data_identity(dataset), "cldm": nets["model"].config, "schedule": schedule.config(),
+        # what identifies the base for a resume check (its folder may move)
+        "base": {"created": base_prov.get("created"), "git_commit": base_prov.get("git_commit"),
+                 "steps": base_prov.get("steps")},
+    }
+
+    loop.seed_everything(seed)
+    model = nets[init].to(dev)
+    ema = EMA(model, ema_decay)
+    ema.module.load_state_dict(nets["ema"].state_dict())
+    del nets
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=weight_decay)
+    scaler = loop.make_grad_scaler(precision)
+    generator = loop.noise_generator(seed, info)
+    step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(POST_TRAIN_LOG_COLUMNS)
+    if resume:
+        step, position, log = restore_run(out, settings, model, ema, opt, scaler, generator, info)
+    if step >= steps:
+        raise InputError(f"the run in {out} has already post-trained {step} steps (≥ --steps {steps}); "
+                         "give a larger --steps to continue it")
+
+    schedule = schedule.to(dev)
+    model_train = DDP(model, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else model
+    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, weights=weights, **position)
+    run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
+    model.train()
+    record = {
+        "base": {"path": str(base_dir.resolve()), "kind": base_cfg.get("kind"), "provenance": base_prov,
+                 "training": base_cfg.get("training"), "post_training": base_cfg.get("post_training")},
+        "lambda_image": lambda_image, "lambda_lesion": lambda_lesion, "target": target, "init": init,
+        "sampling": sampling, "gradient_checkpointing": gradient_checkpointing,
+        "post_training_data_normalisation": dataset.intensity_ranges(),
+    }
+
+    def save(step: int) -> None:
+        config = loop.base_config("cldm", profile, settings, dataset, step, data,
+                                  {"schedule": schedule.config(), "inference_network": "ema",
+                                   "autoencoder_source": base_cfg.get("autoencoder_source"),
+                                   "post_training": record})
+        # The networks' outputs are in the base's intensity units: keep its mapping back.
+        config["normalisation"] = base_cfg.get("normalisation", config["normalisation"])
+        state = {"step": step, "position": stream.position(), "optimizer": opt.state_dict(),
+                 "ema": ema.state(), "scaler": scaler.state_dict() if scaler is not None else None}
+        run.save({"model": model, "ema": ema.module, "autoencoder": autoencoder}, config, state,
+                 loop.rng_snapshot(generator))
+
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        return post_training_loss(model_train, autoencoder, schedule, batch, generator, lambda_image, lambda_lesion,
+                                  target, precision, gradient_checkpointing)
+
+    optimise(info, model, model_train, ema, opt, scaler, stream, run, step, steps, grad_accum, grad_clip,
+             lr_value, loss_fn, save)
+    return out
+
+
+def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, schedule: NoiseSchedule,
+                       batch: Mapping[str, Any], generator: torch.Generator, lambda_image: float = 0.01,
+                       lambda_lesion: float = 0.02, target: str = "input", precision: str = "fp32",
+                       gradient_checkpointing: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_total (Eq. 8) of one batch, attached to ``model``'s graph, and its parts as floats.
+
+    ``batch`` holds ``target``, ``cond``, ``brain``, ``lesion`` (`SliceDataset` samples
+    collated); ``generator`` draws t and ε on ``schedule``'s device. ``autoencoder`` must be
+    frozen by the caller (its weights get no gradient because they do not require one; the
+    decode itself stays differentiable in ẑ_0). With λ_image = λ_lesion = 0 nothing is decoded
+    and the loss is Eq. 4's.
+    """
+    if target not in TARGETS:
+        raise InputError(f"unknown post-training target {target!r}; choose one of {', '.join(TARGETS)}")
+    dev = schedule.device
+    x = batch["target"].to(dev, non_blocking=True)
+    brain = batch["brain"].to(dev, non_blocking=True)
+    lesion = batch["lesion"].to(dev, non_blocking=True)
+    z0, t, eps, z_t = diffuse(autoencoder, schedule, x, generator, precision)
+    with loop.autocast(precision, dev):
+        eps_hat = model(z_t, t, batch["cond"].to(dev, non_blocking=True))
+    latent = latent_loss(eps, eps_hat)  # Eq. 4
+    parts = {"latent_loss": float(latent.detach()), "lesion_voxels": float(lesion.sum()),
+             "lesion_slices": float((lesion.flatten(1).amax(1) > 0).float().mean())}
+    if lambda_image == 0 and lambda_lesion == 0:
+        return latent, parts  # Eq. 4 alone: nothing to decode
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return autoencoder.decode(z, quantize=True)  # straight-through quantiser: ∂x̂/∂ẑ_0 exists
+
+    z0_hat = schedule.predict_z0(z_t, t, eps_hat.float())  # Eq. 5
+    with loop.autocast(precision, dev):
+        x_hat = checkpoint(decode, z0_hat, use_reentrant=False) if gradient_checkpointing else decode(z0_hat)
+    if target == "reconstruction":
+        with torch.no_grad(), loop.autocast(precision, dev):
+            ref = decode(z0)
+    else:
+        ref = x
+    image, les = image_loss(ref, x_hat, brain), lesion_loss(ref, x_hat, lesion)  # Eq. 6, 7
+    parts.update(image_loss=float(image.detach()), lesion_loss=float(les.detach()))
+    return total_loss(latent, image, les, lambda_image, lambda_lesion), parts  # Eq. 8

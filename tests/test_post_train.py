@@ -1,0 +1,174 @@
+"""Lesion-aware post-training (paper §2.2): gradients, frozen decoder, checkpoint record, resume."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers_cldm import one_thread, save_tiny_cldm
+
+from ctp2mri.checkpoints import load_checkpoint, read_config
+from ctp2mri.data import SliceDataset
+from ctp2mri.diffusion import NoiseSchedule
+from ctp2mri.errors import Cancelled, InputError
+from ctp2mri.losses import latent_loss
+from ctp2mri.phantom import generate_dataset
+from ctp2mri.progress import CancelToken
+from ctp2mri.training import post_train, post_training_loss
+from ctp2mri.training.ldm import diffuse
+
+COMMON = {"device": "cpu", "num_workers": 0, "seed": 3, "log_every": 1, "batch_size": 4, "lr": 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantom")
+    generate_dataset(root, 3, seed=5)  # demo profile; train split: 2 cases
+    return root
+
+
+@pytest.fixture(scope="module")
+def plain(data_dir) -> SliceDataset:
+    return SliceDataset(data_dir, split="train", seed=3, augment=False)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return save_tiny_cldm(tmp_path_factory.mktemp("base") / "cldm")
+
+
+def _networks(base: Path):
+    nets, _ = load_checkpoint(base)
+    return nets["model"].train(), nets["autoencoder"].eval().requires_grad_(False)
+
+
+def _batch(dataset: SliceDataset, lesion: bool, n: int = 4) -> dict:
+    idx = torch.nonzero(dataset.has_lesion == lesion).flatten()[:n].tolist()
+    samples = [dataset[i] for i in idx]
+    return {k: torch.stack([s[k] for s in samples]) for k in ("target", "cond", "brain", "lesion")}
+
+
+def _log(out: Path) -> list[dict[str, str]]:
+    with open(out / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- one loss evaluation
+@pytest.mark.parametrize("target", ["input", "reconstruction"])
+def test_image_terms_reach_unet_and_rescaler_but_not_the_decoder(plain, base, target):
+    model, autoencoder = _networks(base)
+    batch = _batch(plain, lesion=True)
+    schedule = NoiseSchedule()
+
+    def grads(li, ll):
+        model.zero_grad(set_to_none=True)
+        loss, parts = post_training_loss(model, autoencoder, schedule, batch, torch.Generator().manual_seed(0),
+                                         li, ll, target)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, parts
+
+    plain_grads, _ = grads(0.0, 0.0)
+    pt_grads, parts = grads(0.5, 1.0)
+    assert parts["lesion_voxels"] > 0 and parts["lesion_loss"] > 0 and parts["image_loss"] > 0
+    for prefix in ("unet.", "rescaler."):
+        names = [n for n in pt_grads if n.startswith(prefix)]
+        assert names
+        diff = sum(float((pt_grads[n] - plain_grads[n]).abs().sum()) for n in names)
+        assert diff > 0, prefix  # the image terms changed this network's gradient
+        assert all(torch.isfinite(pt_grads[n]).all() for n in names)
+    assert all(p.grad is None and not p.requires_grad for p in autoencoder.parameters())
+
+
+def test_zero_lesion_batch_gives_zero_lesion_loss_and_finite_gradients(plain, base):
+    model, autoencoder = _networks(base)
+    batch = _batch(plain, lesion=False)
+    assert batch["lesion"].sum() == 0
+    loss, parts = post_training_loss(model, autoencoder, NoiseSchedule(), batch, torch.Generator().manual_seed(1),
+                                     0.01, 0.02)
+    assert parts["lesion_loss"] == 0.0 and parts["lesion_voxels"] == 0.0
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_lambda_zero_zero_is_exactly_the_eq4_loss(plain, base):
+    model, autoencoder = _networks(base)
+    batch = _batch(plain, lesion=True)
+    schedule = NoiseSchedule()
+    loss, _ = post_training_loss(model, autoencoder, schedule, batch, torch.Generator().manual_seed(2), 0.0, 0.0)
+    _, t, eps, z_t = diffuse(autoencoder, schedule, batch["target"], torch.Generator().manual_seed(2), "fp32")
+    assert torch.equal(loss, latent_loss(eps, model(z_t, t, batch["cond"])))
+
+
+# --------------------------------------------------------------------------- whole runs
+@pytest.mark.parametrize("target", ["input", "reconstruction"])
+def test_post_train_writes_a_cldm_checkpoint_recording_base_lambdas_and_target(plain, base, tmp_path, target):
+    out = post_train(plain, base, tmp_path / "pt", lambda_image=0.05, lambda_lesion=0.1, target=target, steps=2,
+                     **COMMON)
+    nets, config = load_checkpoint(out, kind="cldm")  # synthesis loads it like any cLDM
+    base_nets, base_cfg = load_checkpoint(base)
+    record = config["post_training"]
+    assert record["base"]["path"] == str(base.resolve())
+    assert record["base"]["provenance"]["command"] == base_cfg["provenance"]["command"]
+    assert (record["lambda_image"], record["lambda_lesion"], record["target"]) == (0.05, 0.1, target)
+    assert config["training"]["lambda_lesion"] == 0.1 and config["provenance"]["steps"] == 2
+    assert config["normalisation"] == base_cfg["normalisation"] and config["schedule"] == base_cfg["schedule"]
+    for k, v in base_nets["autoencoder"].state_dict().items():  # frozen: bitwise unchanged
+        assert torch.equal(v, nets["autoencoder"].state_dict()[k]), k
+    changed = [k for k, v in base_nets["model"].state_dict().items() if not torch.equal(v, nets["model"].state_dict()[k])]
+    assert any(k.startswith("unet.") for k in changed) and any(k.startswith("rescaler.") for k in changed)
+    rows = _log(out)
+    assert len(rows) == 2 and all(float(r["image_loss"]) > 0 for r in rows)
+    for r in rows:
+        expected = float(r["latent_loss"]) + 0.05 * float(r["image_loss"]) + 0.1 * float(r["lesion_loss"])
+        assert float(r["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_lesion_oversampling_is_recorded_and_raises_the_lesion_share(plain, base, tmp_path):
+    out = post_train(plain, base, tmp_path / "pt", steps=3, lesion_oversample=20.0, **COMMON)
+    sampling = read_config(out)["post_training"]["sampling"]
+    natural = sampling["lesion_slice_fraction"]
+    assert 0 < natural < 0.5
+    assert sampling["effective_lesion_slice_fraction"] == pytest.approx(20 * natural / (20 * natural + 1 - natural))
+    drawn = sum(float(r["lesion_slices"]) for r in _log(out)) / 3
+    assert drawn > natural  # 12 slices drawn at an expected share of ~0.8 or more
+
+
+def test_cancel_then_resume_retraces_the_uninterrupted_run(plain, base, tmp_path):
+    kwargs = dict(steps=3, checkpoint_every=10, target="reconstruction", **COMMON)
+    post_train(plain, base, tmp_path / "full", **kwargs)
+    token = CancelToken()
+
+    def progress(step, total, info):
+        if step == 1:
+            token.cancel()
+
+    with pytest.raises(Cancelled, match="--resume"):
+        post_train(plain, base, tmp_path / "cut", progress=progress, cancel=token, **kwargs)
+    with pytest.raises(InputError, match="lambda_image"):
+        post_train(plain, base, tmp_path / "cut", resume=True, **{**kwargs, "lambda_image": 0.5})
+    post_train(plain, base, tmp_path / "cut", resume=True, **kwargs)
+    full, cut = _log(tmp_path / "full"), _log(tmp_path / "cut")
+    for column in ("loss", "image_loss", "lesion_loss"):
+        assert [float(r[column]) for r in cut] == pytest.approx([float(r[column]) for r in full], abs=1e-6)
+
+
+def test_bad_settings_are_refused(plain, base, tmp_path):
+    with pytest.raises(InputError, match="target"):
+        post_train(plain, base, tmp_path / "a", target="x", steps=1, **COMMON)
+    with pytest.raises(InputError, match="lambda-lesion"):
+        post_train(plain, base, tmp_path / "b", lambda_lesion=-1, steps=1, **COMMON)
+    with pytest.raises(InputError, match="'cldm' checkpoint"):
+        ae_only = load_checkpoint(base, names=["autoencoder"])[0]["autoencoder"]
+        from ctp2mri.checkpoints import save_checkpoint
+
+        ae_dir = save_checkpoint(tmp_path / "ae", {"model": ae_only}, {"kind": "autoencoder", "profile": "demo"})
+        post_train(plain, ae_dir, tmp_path / "c", steps=1, **COMMON)
