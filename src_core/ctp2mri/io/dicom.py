@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,18 +24,18 @@ import numpy as np
 import SimpleITK as sitk
 
 from ctp2mri.errors import InputError
+from ctp2mri.io.dicom_headers import (
+    SliceHeader,
+    last_line,
+    number,
+    read_header,
+    slice_header,
+    slice_normal,
+    tag_value,
+)
 from ctp2mri.io.dicom_tags import (
-    TAG_ACQUISITION_TIME,
-    TAG_CONTENT_TIME,
-    TAG_IMAGE_ORIENTATION,
-    TAG_IMAGE_POSITION,
-    TAG_INSTANCE_NUMBER,
     TAG_MODALITY,
-    TAG_RESCALE_INTERCEPT,
-    TAG_RESCALE_SLOPE,
     TAG_SERIES_DESCRIPTION,
-    TAG_TEMPORAL_POSITION,
-    TAG_TRIGGER_TIME,
 )
 from ctp2mri.io.itk import from_sitk
 from ctp2mri.io.volume import Volume
@@ -69,22 +69,6 @@ class DicomSeriesInfo:
         return f"{self.uid}  {self.modality or '?':<3} {self.n_files:>5} files  {desc}"
 
 
-@dataclass
-class _Slice:
-    """The header fields of one file that decide where its pixels belong."""
-
-    path: str
-    position: np.ndarray  # ImagePositionPatient, LPS mm
-    orientation: np.ndarray  # ImageOrientationPatient, 6 cosines
-    size: tuple[int, int]  # columns, rows
-    pixel_spacing: np.ndarray
-    depth: int  # frames inside the file (multi-frame objects)
-    instance: int | None
-    temporal_id: str | None
-    times: dict[str, float | None] = field(default_factory=dict)
-    rescale: tuple[float, float] = (1.0, 0.0)  # slope, intercept
-
-
 # reading ----------------------------------------------------------------------------------
 def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeriesInfo]:
     """The DICOM series in ``folder`` (not its sub-folders), with description and file count.
@@ -113,12 +97,12 @@ def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeriesInfo]:
     series = []
     for uid in uids:
         files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-        header = _read_header(files[0])
+        header = read_header(files[0])
         series.append(
             DicomSeriesInfo(
                 uid=uid,
-                description=_tag(header, TAG_SERIES_DESCRIPTION) or "",
-                modality=_tag(header, TAG_MODALITY) or "",
+                description=tag_value(header, TAG_SERIES_DESCRIPTION) or "",
+                modality=tag_value(header, TAG_MODALITY) or "",
                 files=files,
             )
         )
@@ -168,7 +152,7 @@ def load_dicom_series(
     for n, path in enumerate(files):
         if cancel is not None:
             cancel.raise_if_cancelled()
-        slices.append(_slice_info(path))
+        slices.append(slice_header(path))
         progress(n + 1, len(files), {"stage": "reading DICOM headers"})
 
     meta = {
@@ -181,7 +165,7 @@ def load_dicom_series(
     if len(slices) == 1 or any(s.depth > 1 for s in slices):
         return _load_multiframe(slices, meta)
 
-    normal = _slice_normal(slices[0])
+    normal = slice_normal(slices[0])
     along = np.array([s.position @ normal for s in slices])
     position_id = _cluster_positions(along)
     frames, grouping = _group_frames(slices, position_id)
@@ -203,7 +187,7 @@ def load_dicom_series(
         except RuntimeError as exc:
             raise InputError(
                 f"cannot read the pixel data of {_frame_label(t, frames, grouping)} in {folder}: "
-                f"{_last_line(exc)}. A file may be damaged or compressed with a codec GDCM lacks."
+                f"{last_line(exc)}. A file may be damaged or compressed with a codec GDCM lacks."
             ) from None
         progress(t + 1, len(ordered), {"stage": "reading DICOM frames"})
 
@@ -253,92 +237,6 @@ def _choose_series(
     return series[0]
 
 
-def _read_header(path: str) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputError(f"cannot read DICOM header of {path}: {_last_line(exc)}") from None
-    return reader
-
-
-def _tag(reader: sitk.ImageFileReader, key: str) -> str | None:
-    """A tag's value, stripped; None when absent, empty or not decodable."""
-    if not reader.HasMetaDataKey(key):
-        return None
-    try:
-        value = reader.GetMetaData(key).strip().strip("\x00").strip()
-    except (RuntimeError, UnicodeDecodeError):
-        return None
-    return value or None
-
-
-def _numbers(text: str | None) -> np.ndarray | None:
-    if text is None:
-        return None
-    try:
-        return np.array([float(v) for v in text.split("\\")], dtype=np.float64)
-    except ValueError:
-        return None
-
-
-def _number(text: str | None) -> float | None:
-    values = _numbers(text)
-    return float(values[0]) if values is not None and values.size else None
-
-
-def _dicom_time(text: str | None) -> float | None:
-    """Seconds since midnight of a DICOM TM value (``HHMMSS.FFFFFF``, also ``HH:MM:SS``)."""
-    if text is None:
-        return None
-    main, _, frac = text.replace(":", "").partition(".")
-    if not main.isdigit() or len(main) not in (2, 4, 6) or (frac and not frac.isdigit()):
-        return None
-    hh, mm, ss = int(main[0:2]), int(main[2:4] or 0), int(main[4:6] or 0)
-    return hh * 3600.0 + mm * 60.0 + ss + (float("0." + frac) if frac else 0.0)
-
-
-def _slice_info(path: str) -> _Slice:
-    reader = _read_header(path)
-    position = _numbers(_tag(reader, TAG_IMAGE_POSITION))
-    orientation = _numbers(_tag(reader, TAG_IMAGE_ORIENTATION))
-    if position is None or position.size != 3 or orientation is None or orientation.size != 6:
-        raise InputError(
-            f"{path} has no valid Image Position/Orientation (Patient); without them the slices "
-            "cannot be placed in space. Export the series as standard CT/MR images."
-        )
-    size = reader.GetSize()
-    instance = _number(_tag(reader, TAG_INSTANCE_NUMBER))
-    return _Slice(
-        path=path,
-        position=position,
-        orientation=orientation,
-        size=(int(size[0]), int(size[1])),
-        pixel_spacing=np.asarray(reader.GetSpacing()[:2], dtype=np.float64),
-        depth=int(size[2]) if len(size) > 2 else 1,
-        instance=int(instance) if instance is not None else None,
-        temporal_id=_tag(reader, TAG_TEMPORAL_POSITION),
-        times={
-            "Trigger Time": _number(_tag(reader, TAG_TRIGGER_TIME)),
-            "Acquisition Time": _dicom_time(_tag(reader, TAG_ACQUISITION_TIME)),
-            "Content Time": _dicom_time(_tag(reader, TAG_CONTENT_TIME)),
-        },
-        rescale=(
-            _number(_tag(reader, TAG_RESCALE_SLOPE)) or 1.0,
-            _number(_tag(reader, TAG_RESCALE_INTERCEPT)) or 0.0,
-        ),
-    )
-
-
-def _slice_normal(s: _Slice) -> np.ndarray:
-    normal = np.cross(s.orientation[:3], s.orientation[3:])
-    length = np.linalg.norm(normal)
-    if length < 0.5:
-        raise InputError(f"{s.path} has a degenerate Image Orientation (Patient) {s.orientation.tolist()}")
-    return normal / length
-
-
 def _cluster_positions(along: np.ndarray) -> np.ndarray:
     """Label each slice with the index of its position along the normal (ascending)."""
     order = np.argsort(along, kind="stable")
@@ -348,7 +246,7 @@ def _cluster_positions(along: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _group_frames(slices: list[_Slice], position_id: np.ndarray) -> tuple[list[list[int]], str]:
+def _group_frames(slices: list[SliceHeader], position_id: np.ndarray) -> tuple[list[list[int]], str]:
     """Split the files into time frames; returns the frames (file indices) and the rule used."""
     max_repeats = int(np.bincount(position_id).max())
 
@@ -364,7 +262,7 @@ def _group_frames(slices: list[_Slice], position_id: np.ndarray) -> tuple[list[l
     # An explicit temporal index is trusted whenever it is consistent.
     ids = [s.temporal_id for s in slices]
     if all(v is not None for v in ids):
-        frames = by_value(ids, lambda v: (_number(v) is None, _number(v) or 0.0, v))
+        frames = by_value(ids, lambda v: (number(v) is None, number(v) or 0.0, v))
         if frames is not None:
             return frames, "Temporal Position Identifier"
     if max_repeats == 1:
@@ -396,7 +294,7 @@ def _frame_label(t: int, frames: list[list[int]], grouping: str) -> str:
     return f"frame {t} (of {len(frames)}, grouped by {grouping})"
 
 
-def _check_grids(slices: list[_Slice], frames: list[list[int]], grouping: str) -> None:
+def _check_grids(slices: list[SliceHeader], frames: list[list[int]], grouping: str) -> None:
     """Every file must have the orientation, matrix and pixel spacing of the first one."""
     ref = slices[frames[0][0]]
     for t, frame in enumerate(frames):
@@ -425,7 +323,7 @@ def _check_grids(slices: list[_Slice], frames: list[list[int]], grouping: str) -
 
 
 def _check_positions(
-    slices: list[_Slice],
+    slices: list[SliceHeader],
     frames: list[list[int]],
     position_id: np.ndarray,
     along: np.ndarray,
@@ -495,11 +393,11 @@ def _check_positions(
     return ordered
 
 
-def _folder_name(slices: list[_Slice]) -> str:
+def _folder_name(slices: list[SliceHeader]) -> str:
     return str(Path(slices[0].path).parent)
 
 
-def _output_pixel_type(slices: list[_Slice]) -> int | None:
+def _output_pixel_type(slices: list[SliceHeader]) -> int | None:
     """Float output when the rescale is fractional or varies between files, else ITK's choice."""
     rescales = {s.rescale for s in slices}
     integral = all(float(m).is_integer() and float(b).is_integer() for m, b in rescales)
@@ -514,7 +412,7 @@ def _compact_integers(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _frame_times(slices: list[_Slice], frames: list[list[int]]) -> tuple[np.ndarray, bool]:
+def _frame_times(slices: list[SliceHeader], frames: list[list[int]]) -> tuple[np.ndarray, bool]:
     """Per-frame start times in seconds, and whether they had to be assumed."""
     for key in ("Trigger Time", "Acquisition Time", "Content Time"):
         values = [[slices[i].times[key] for i in frame] for frame in frames]
@@ -530,7 +428,7 @@ def _frame_times(slices: list[_Slice], frames: list[list[int]]) -> tuple[np.ndar
     return np.arange(len(frames), dtype=np.float64), True
 
 
-def _load_multiframe(slices: list[_Slice], meta: dict) -> Volume:
+def _load_multiframe(slices: list[SliceHeader], meta: dict) -> Volume:
     if len(slices) > 1:
         raise InputError(
             f"{_folder_name(slices)} holds multi-frame DICOM objects together with other files; "
@@ -540,14 +438,11 @@ def _load_multiframe(slices: list[_Slice], meta: dict) -> Volume:
     try:
         image = sitk.ReadImage(slices[0].path)
     except RuntimeError as exc:
-        raise InputError(f"cannot read {slices[0].path}: {_last_line(exc)}") from None
+        raise InputError(f"cannot read {slices[0].path}: {last_line(exc)}") from None
     volume = from_sitk(image, meta=meta)
     return volume.with_array(_compact_integers(volume.array))
 
 
-def _last_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
 
 
 __all__ = ["DicomSeriesInfo", "list_dicom_series", "load_dicom_series"]
