@@ -161,6 +161,21 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from ctp2mri.ablate import ablate, parse_grid
+
+    progress, close = _rank0_progress("ablate")
+    try:
+        ablate(args.from_, args.data, args.out, parse_grid(args.grid), args.steps, target=args.target,
+               batch_size=args.batch_size, eval_steps=args.eval_steps, split=args.split,
+               max_cases=args.max_cases, seed=args.seed, device=args.device,
+               precision=args.precision, zero_as_base=not args.post_train_base, progress=progress)
+    finally:
+        close()
+    print((Path(args.out) / "table2.md").read_text())
+    return 0
+
+
 def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="data folder (case folders + splits.json)")
     p.add_argument("--out", required=True, type=Path,
@@ -218,6 +233,28 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--ema-decay", type=float, default=0.9999)
     pt.add_argument("--grad-accum", type=int, default=1)
     pt.set_defaults(func=_cmd_post_train)
+
+    a = sub.add_parser("ablate", help="post-train and evaluate a λ grid (paper Table 2)",
+                       description="Post-trains the base for each (λ_image, λ_lesion) pair and evaluates "
+                       "all of them with the same cases, sampler and seeds; writes table2.md/.csv and "
+                       "per-case CSV. An interrupted grid resumes where it stopped.")
+    a.add_argument("--from", dest="from_", required=True, type=Path, help="base cLDM checkpoint")
+    a.add_argument("--data", required=True, type=Path)
+    a.add_argument("--out", required=True, type=Path)
+    a.add_argument("--grid", default="paper",
+                   help="'paper' (Table 2's 11 pairs) or λ_image:λ_lesion pairs, e.g. 0.01:0.02,0.05:0")
+    a.add_argument("--steps", type=int, default=1000, help="post-training steps per pair")
+    a.add_argument("--target", choices=["input", "reconstruction"], default="input")
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--eval-steps", type=int, default=200, help="DDIM steps of the evaluation")
+    a.add_argument("--split", default="test")
+    a.add_argument("--max-cases", type=int)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    a.add_argument("--post-train-base", action="store_true",
+                   help="post-train the 0:0 pair with Eq. 4 alone instead of reusing the base")
+    a.set_defaults(func=_cmd_ablate)
 
 
 # synthesize ------------------------------------------------------------------------------
@@ -290,6 +327,16 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_post_train(args: argparse.Namespace) -> int:
+    from ctp2mri.bench import bench_post_train, format_bench_post_train
+
+    print(format_bench_post_train(bench_post_train(
+        profile=args.profile, batch_size=args.batch_size, steps=args.steps, device=args.device,
+        precision=args.precision, targets=tuple(args.targets),
+        gradient_checkpointing=args.gradient_checkpointing)))
+    return 0
+
+
 def _cmd_bench_synthesize(args: argparse.Namespace) -> int:
     from ctp2mri.bench import bench_synthesize, format_bench_synthesize
 
@@ -324,6 +371,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on CUDA, fp32 elsewhere")
     t.set_defaults(func=_cmd_bench_train)
+    q = bench.add_parser("post-train", help="post-training steps/s and peak memory per target",
+                         description="Times lesion-aware post-training steps (target x and D(z0)) and "
+                         "the plain Eq. 4 step on random slices (no data needed).")
+    q.add_argument("--profile", choices=["demo", "paper"], default="demo")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up)")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on CUDA, fp32 elsewhere")
+    q.add_argument("--targets", nargs="+", choices=["input", "reconstruction"],
+                   default=["input", "reconstruction"])
+    q.add_argument("--gradient-checkpointing", action="store_true")
+    q.set_defaults(func=_cmd_bench_post_train)
     s = bench.add_parser("synthesize", help="seconds per volume and slices/s of synthesis",
                          description="Times synthesis of one phantom volume per (sampler, steps) pair, "
                          "batched and one slice at a time (same network and steps), with peak memory. "
