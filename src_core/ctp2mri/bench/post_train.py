@@ -106,8 +106,6 @@ def bench_post_train(profile: str = "demo", batch_size: int = 16, steps: int = 1
         raise InputError("steps and batch size must be at least 1 (warmup at least 0)")
     prof = get_profile(profile)
     dev, notice = resolve_device_with_notice(device)
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" else "fp32"
     precision = check_precision(precision, dev)
     h, w = prof.shape_xy
     torch.manual_seed(seed)

@@ -85,7 +85,10 @@ def effective_lr(base_lr: float, batch_size: int, world_size: int, accumulate: i
 
 # precision -------------------------------------------------------------------------------------
 def check_precision(precision: str, device: torch.device) -> str:
+    """A valid autocast precision for ``device``; ``"auto"`` is bf16 on CUDA, fp32 elsewhere."""
     precision = str(precision).lower()
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "fp32" and device.type != "cuda":
