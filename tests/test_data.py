@@ -393,3 +393,37 @@ def test_bad_settings(data):
         SliceDataset(root, "train", lesions={"nobody": np.zeros((96, 112, 3))})
     with pytest.raises(InputError, match="split selects cases"):
         SliceDataset([root / "case_000"], "train")
+
+
+def test_affine_geometry_matches_its_draw():
+    # A single bright pixel moved by a pure shift lands exactly that many pixels away, and a
+    # 90° rotation about the centre maps the pixel (cx + d, cy) to (cx, cy ± d).
+    aug = Augmentation(flip_prob=0.0, affine_prob=1.0)
+    image = torch.zeros(1, 32, 40)
+    image[0, 10, 20] = 1.0
+    masks = (image > 0).float()
+
+    class Fixed:
+        def __init__(self, draw):
+            self._draw = draw
+
+        def random(self):
+            return 0.0  # affine applied, flip not (flip_prob 0)
+
+        def uniform(self, lo, hi, size=None):
+            return self._draw.pop(0)
+
+    shift = Fixed([0.0, np.array([0.0, 0.0]), np.array([-3.0 / 4.0, 0.0])])  # → shift_px (−3, 0)
+    moved, moved_mask = aug.apply(image, masks, shift)
+    # shift_px[0] runs along W (x): output (h, w) samples input (h, w − 3) → the pixel moves to w = 23.
+    assert torch.nonzero(moved_mask[0]).tolist() == [[10, 23]]
+    assert moved[0, 10, 23] == pytest.approx(1.0, abs=1e-5)
+
+    quarter = Augmentation(flip_prob=0.0, affine_prob=1.0, rotate_deg=90.0)
+    image = torch.zeros(1, 32, 32)
+    image[0, 16, 24] = 1.0  # centre is at (15.5, 15.5) in pixel-centre coordinates
+    turn = Fixed([1.0, np.array([0.0, 0.0]), np.array([0.0, 0.0])])
+    _, turned = quarter.apply(image, (image > 0).float(), turn)
+    (h, w), = torch.nonzero(turned[0]).tolist()
+    # Distance to the centre is kept and the pixel is now off-centre along H, not W.
+    assert abs(w - 15.5) < 1 and abs(abs(h - 15.5) - 8.5) < 1

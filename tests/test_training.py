@@ -18,7 +18,7 @@ from ctp2mri.data import SliceDataset
 from ctp2mri.diffusion import NoiseSchedule
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.losses import latent_loss
-from ctp2mri.models import ConditionalLDM
+from ctp2mri.models import ConditionalLDM, VQAutoencoder
 from ctp2mri.phantom import generate_dataset
 from ctp2mri.progress import CancelToken
 from ctp2mri.training import train_autoencoder, train_ldm
@@ -106,7 +106,8 @@ def test_batch_stream_refuses_a_batch_larger_than_the_data(dataset):
 
 # --------------------------------------------------------------------------- exact resume
 def test_autoencoder_resume_retraces_the_uninterrupted_run(plain, tmp_path):
-    kwargs = dict(steps=5, batch_size=4, lr=1e-3, disc_start=2, checkpoint_every=2,
+    # Codebook restarts at steps 1, 2 and 4: the usage counted in step 3 must survive the cut.
+    kwargs = dict(steps=5, batch_size=4, lr=1e-3, disc_start=2, checkpoint_every=2, codebook_restart=2,
                   autoencoder_config=TINY_AE, discriminator_config=TINY_D, **COMMON)
     train_autoencoder(plain, tmp_path / "full", **kwargs)
     token, progress = _cancel_at(2)
@@ -115,7 +116,9 @@ def test_autoencoder_resume_retraces_the_uninterrupted_run(plain, tmp_path):
     assert load_training_state(tmp_path / "cut")["step"] == 3  # cancelled at the next step boundary
     _no_partial_files(tmp_path / "cut")
     train_autoencoder(plain, tmp_path / "cut", resume=True, **kwargs)
-    for column in ("loss", "rec_loss", "d_loss"):  # d_loss: the discriminator resumed too
+    restarted = _losses(tmp_path / "full", "codes_restarted")
+    assert restarted[0] > 0 and math.isnan(restarted[2]) and not math.isnan(restarted[3])
+    for column in ("loss", "rec_loss", "d_loss", "codes_restarted"):  # d_loss: the discriminator resumed too
         full, cut = _losses(tmp_path / "full", column), _losses(tmp_path / "cut", column)
         assert len(full) == 5
         assert torch.allclose(torch.tensor(cut), torch.tensor(full), atol=1e-6, rtol=0, equal_nan=True), column
@@ -223,6 +226,24 @@ def test_ldm_training_lowers_the_eq4_loss_on_a_fixed_batch(plain, ae_dir, tmp_pa
     print(f"Eq. 4 loss on a fixed batch: {before:.3f} untrained, {after:.3f} after 20 steps")
     assert before == pytest.approx(1.0, abs=0.1)  # zero-initialised output: ε̂ = 0, loss = E[ε²]
     assert after < 0.8 * before
+
+
+def test_dead_codes_restart_onto_encoder_outputs():
+    torch.manual_seed(0)
+    ae = VQAutoencoder(**TINY_AE)
+    quantizer = ae.quantizer
+    before = quantizer.embedding.weight.detach().clone()
+    usage = torch.zeros(quantizer.num_embeddings, dtype=torch.int64)
+    usage[:10] = 3  # ten codes in use stay where they are
+    z = torch.randn(500, quantizer.embedding_dim) * 2.0
+    dead = quantizer.restart_dead_codes(usage, z, noise=0.0)
+    after = quantizer.embedding.weight.detach()
+    assert dead.tolist() == list(range(10, quantizer.num_embeddings))
+    assert torch.equal(after[:10], before[:10])
+    # every restarted code is one of the encoder outputs (noise 0), so it is used at once
+    distance = torch.cdist(after[10:], z, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert distance.max() < 1e-5
+    assert quantizer.restart_dead_codes(torch.ones_like(usage), z).numel() == 0
 
 
 def test_autoencoder_training_lowers_the_reconstruction_loss(plain, tmp_path):

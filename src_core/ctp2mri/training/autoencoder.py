@@ -30,7 +30,8 @@ from ctp2mri.training.distributed import init_distributed, shutdown
 __all__ = ["AE_BASE_LR", "train_autoencoder"]
 
 AE_BASE_LR = 4.5e-6  # base_learning_rate of the official VQGAN.yaml
-LOG_COLUMNS = ("step", "epoch", "loss", "rec_loss", "codebook_loss", "g_loss", "d_weight", "d_loss", "lr", "seconds")
+LOG_COLUMNS = ("step", "epoch", "loss", "rec_loss", "codebook_loss", "g_loss", "d_weight", "d_loss", "codes_restarted",
+               "lr", "seconds")
 
 
 def train_autoencoder(
@@ -46,6 +47,7 @@ def train_autoencoder(
     disc_weight: float = 0.2,
     codebook_weight: float = 1.0,
     grad_clip: float | None = None,
+    codebook_restart: int = 0,
     device: str = "auto",
     precision: str = "fp32",
     resume: bool = False,
@@ -81,6 +83,10 @@ def train_autoencoder(
         paper; a short demo run needs it lower), adaptive-weight factor, codebook loss weight.
     grad_clip
         Clip each network's gradient norm to this (off by default, as upstream).
+    codebook_restart
+        Every this many steps (and after the first), move codes no slice used since the last
+        restart onto current encoder outputs (`VectorQuantizer.restart_dead_codes`). 0 (default)
+        is the official training; short CPU runs need it, or the codebook collapses.
     device, precision
         `ctp2mri.devices.resolve_device` spec; ``fp32``, or ``bf16``/``fp16`` autocast on CUDA.
     resume
@@ -105,7 +111,8 @@ def train_autoencoder(
     info = init_distributed(device)
     try:
         return _train(info, data, Path(out), profile, int(steps), int(batch_size), lr, base_lr, scale_lr,
-                      int(disc_start), float(disc_weight), float(codebook_weight), grad_clip, precision, resume,
+                      int(disc_start), float(disc_weight), float(codebook_weight), grad_clip,
+                      int(codebook_restart), precision, resume,
                       int(seed), int(num_workers), int(checkpoint_every), int(log_every), autoencoder_config,
                       discriminator_config, progress, cancel)
     finally:
@@ -113,7 +120,7 @@ def train_autoencoder(
 
 
 def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, disc_start, disc_weight,
-           codebook_weight, grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every,
+           codebook_weight, grad_clip, codebook_restart, precision, resume, seed, num_workers, checkpoint_every, log_every,
            ae_config, d_config, progress, cancel) -> Path:
     dev = info.device
     precision = loop.check_precision(precision, dev)
@@ -128,6 +135,7 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
         "base_lr": base_lr, "scale_lr": scale_lr, "lr": lr_value, "optimizer": "Adam", "betas": [0.5, 0.9],
         "disc_start": disc_start, "disc_weight": disc_weight, "codebook_weight": codebook_weight,
         "disc_loss": "hinge", "perceptual_weight": 0.0, "reconstruction": "l1", "grad_clip": grad_clip,
+        "codebook_restart": codebook_restart,
         "precision": precision, "seed": seed, "num_workers": num_workers, "device": str(dev),
         "checkpoint_every": checkpoint_every, "log_every": log_every, "data": loop.data_identity(dataset),
         "autoencoder": ae_config, "discriminator": d_config,
@@ -141,6 +149,7 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
     scaler = loop.make_grad_scaler(precision)
     generator = loop.noise_generator(seed, info)  # unused by the AE step; kept for a uniform state
     step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(LOG_COLUMNS)
+    usage = torch.zeros(ae.quantizer.num_embeddings, dtype=torch.int64)
     if resume:
         _, state = loop.resume_state(out, settings)
         nets, _ = load_checkpoint(out, names=["model", "discriminator"], build=False, map_location=dev)
@@ -151,6 +160,8 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, position, log = int(state["step"]), state["position"], loop.RunLog.from_state(state["log"])
+        if codebook_restart:
+            usage = state["codebook_usage"].to(torch.int64).cpu()
         loop.rng_restore(state["rng"], info, generator)
     if step >= steps:
         raise InputError(f"the run in {out} has already trained {step} steps (≥ --steps {steps}); "
@@ -168,6 +179,8 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
         state = {"step": step, "position": stream.position(),
                  "optimizers": {"autoencoder": opt_ae.state_dict(), "discriminator": opt_d.state_dict()},
                  "scaler": scaler.state_dict() if scaler is not None else None}
+        if codebook_restart:
+            state["codebook_usage"] = usage.clone()
         run.save({"model": ae, "discriminator": disc}, config, state, loop.rng_snapshot(generator))
 
     batches = iter(stream)
@@ -176,7 +189,7 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
         # Lightning's global_step: the index of this step, starting at 0.
         use_gan = discriminator_factor(step, disc_start) > 0
         with loop.autocast(precision, dev):
-            x_rec, codebook = ae_train(x)
+            x_rec, codebook, z, indices = ae_train(x, return_codes=True)
             logits_fake = None
             if use_gan:
                 # D scores x̂ for the generator; its own weights get no gradient from this term.
@@ -198,9 +211,35 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
         if scaler is not None:
             scaler.update()
         step += 1
+        if codebook_restart:
+            usage += torch.bincount(indices.flatten().cpu(), minlength=usage.numel())
+            if step == 1 or step % codebook_restart == 0:
+                values["codes_restarted"] = _restart_codes(ae, opt_ae, usage, z, info)
+                usage.zero_()
         cancelled = run.end_step(step, values)
         run.finish_step(step, cancelled, save)
     return out
+
+
+def _restart_codes(ae: VQAutoencoder, opt: torch.optim.Optimizer, usage: torch.Tensor, z: torch.Tensor,
+                   info: Any) -> int:
+    """Restart the codes unused since the last restart, the same on every rank; their count."""
+    quantizer = ae.quantizer
+    if info.distributed:
+        import torch.distributed as dist
+
+        summed = usage.to(info.device)
+        dist.all_reduce(summed)
+        usage.copy_(summed.cpu())
+    dead = quantizer.restart_dead_codes(usage, z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+    if info.distributed:
+        dist.broadcast(quantizer.embedding.weight.data, src=0)  # rank 0's choice of encoder outputs
+    # Adam's moments of a moved code belong to its old position; start them afresh.
+    moments = opt.state.get(quantizer.embedding.weight, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in moments:
+            moments[key][dead.to(moments[key].device)] = 0
+    return int(dead.numel())
 
 
 def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, net: torch.nn.Module,
