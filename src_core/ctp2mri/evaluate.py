@@ -1,11 +1,14 @@
-"""`ctp2mri evaluate`: sample a split's cases with a trained cLDM and score them as Table 1.
+"""`ctp2mri evaluate`: sample a split's cases with trained models and score them as Table 1.
 
 For every case of the split: normalise it as the training data (`ctp2mri.data.normalise_case`,
-every axial slice that holds brain), synthesise DWI/ADC with DDIM (`ctp2mri.inference`),
-and compare with the ground truth **in the normalised space** ([−1, 1], brain-masked), as the
-paper does: MAE, lesion MAE, PSNR and MS-SSIM per channel inside the brain
-(`ctp2mri.metrics.channel_metrics`). One row per case (and model) goes to a CSV; the
-summary is the mean ± SD over cases, printed in the shape of the paper's Table 1.
+every axial slice that holds brain), synthesise DWI/ADC (`ctp2mri.inference`: DDIM for a
+cLDM, BBDM's bridge sampler for a cBBDM, one generator pass for Pix2Pix), and compare with
+the ground truth **in the normalised space** ([−1, 1], brain-masked), as the paper does: MAE,
+lesion MAE, PSNR and MS-SSIM per channel inside the brain (`ctp2mri.metrics.channel_metrics`).
+One row per case (and model) goes to a CSV; the summary is the mean ± SD over cases, printed
+in the shape of the paper's Table 1. Several models are scored on the same cases with the
+same steps, η and per-slice seeds, and `write_comparison` writes their Table-1-shaped
+comparison (Markdown + CSV).
 
 Infarct core: the synthetic ADC is mapped back to 10⁻⁶ mm²/s with the **case's own** ADC
 quantile range (the one its ground truth was normalised with) and thresholded
@@ -36,10 +39,19 @@ import torch
 from ctp2mri.casefolder import CASE_FILES, read_case
 from ctp2mri.data import TARGETS, CaseSlices, normalise_case, resolve_cases
 from ctp2mri.errors import InputError
-from ctp2mri.inference import LoadedModel, load_model, sample_slices, slice_seed
+from ctp2mri.inference import (
+    AnyLoadedModel,
+    default_sampler,
+    load_model,
+    model_label,
+    sample_slices,
+    sampler_steps,
+    slice_seed,
+)
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
 from ctp2mri.io.nifti import load_nifti
 from ctp2mri.metrics import (
+    METRICS,
     channel_metrics,
     core_comparison,
     core_mask_from_adc,
@@ -57,6 +69,9 @@ __all__ = [
     "evaluate",
     "fid_status",
     "format_report",
+    "model_labels",
+    "named_models",
+    "write_comparison",
     "write_rows",
 ]
 
@@ -174,33 +189,37 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
              models: Mapping[str, str | os.PathLike] | None = None, *,
              max_cases: int | None = None, figure: str | os.PathLike | None = None,
              use_ema: bool = True, fid_weights: str | os.PathLike | None = None,
+             sampler: str = "ddim",
              ) -> tuple[list[dict[str, Any]], Summary]:
     """Synthesise every case of a split and score it against its ground truth.
 
     Parameters
     ----------
     model_path
-        cLDM checkpoint folder (reported as model ``"cLDM"``); may be None when ``models``
-        is given.
+        Checkpoint folder of a cLDM, cBBDM or Pix2Pix model, reported under its Table-1 name
+        (`ctp2mri.inference.model_label`: ``"cLDM"``, ``"cLDM-PT"``, ``"cBBDM"``, ``"Pix2Pix"``,
+        …); may be None when ``models`` is given.
     data_dir
         Data folder of case folders with a ``splits.json`` (``ctp2mri phantom`` writes one).
     split
         Which split of ``splits.json`` (``"test"``); None takes every case folder.
     n_steps, eta, seed, batch_size
-        DDIM settings (paper: 200 steps, η = 0), the run seed (per-slice noise from
-        ``(seed, case, z)``, see `ctp2mri.inference.sample_slices`) and slices per batch.
+        Sampler settings, the same for every model (paper: 200 DDIM steps, η = 0; BBDM's bridge
+        sampler takes the same steps and η; Pix2Pix makes one pass), the run seed (per-slice
+        noise from ``(seed, case, z)``, see `ctp2mri.inference.sample_slices`) and slices per
+        batch.
     device
         ``auto``, ``cpu``, ``cuda[:i]``, ``mps``.
     out_csv
         Per-case CSV to write (atomically, only when the whole evaluation finished).
     progress
-        ``progress(done, total, info)`` in slice-steps (one DDIM step of one slice), over all
-        cases and models; ``info`` names the case and model.
+        ``progress(done, total, info)`` in slice-steps (one sampler step of one slice), over
+        all cases and models; ``info`` names the case and model.
     cancel
         Checked before every DDIM step; a cancelled run writes nothing.
     models
-        ``{name: checkpoint}`` to compare several models on the same cases (Table 1 rows);
-        ``model_path``, when also given, is added as ``"cLDM"``.
+        ``{name: checkpoint}`` to compare several models on the same cases (Table 1 rows, in
+        this order); ``model_path``, when also given, comes first under its Table-1 name.
     max_cases
         Evaluate only the first N cases of the split (a quick look).
     figure
@@ -209,13 +228,17 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
         Sample with EMA weights (default) or the raw training weights.
     fid_weights
         Local Inception weight file for FID (see `fid_status`; never downloaded).
+    sampler
+        ``"ddim"`` (the paper's) or ``"dpm++2m"`` (the fast solver; η must be 0), for every cLDM;
+        a cBBDM always samples with BBDM's bridge sampler, Pix2Pix with its generator pass.
 
     Returns
     -------
     (rows, summary)
         One dict per case and model: ``case``, ``model``, ``n_slices``, ``lesion_voxels``,
         ``{DWI,ADC}_{mae,lesion_mae,psnr,ms_ssim}``, ``core_{dice,pred_ml,true_ml,
-        volume_diff_ml,abs_volume_diff_ml}``, ``core_gt_adc_dice`` and the sampler settings;
+        volume_diff_ml,abs_volume_diff_ml}``, ``core_gt_adc_dice`` and the sampler settings
+        (``sampler``, ``steps`` = network calls per slice, ``eta``, ``seed``, ``weights``);
         and ``summarise(rows)``: mean ± SD per model (`format_report` prints it).
 
     Raises
@@ -229,11 +252,12 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     """
     named: dict[str, str | os.PathLike] = dict(models or {})
     if model_path is not None:
-        if "cLDM" in named:
-            raise InputError("a model named 'cLDM' was given twice (model_path and models); rename one")
-        named = {"cLDM": model_path, **named}
+        label = model_labels([model_path])[0]
+        if label in named:
+            raise InputError(f"a model named {label!r} was given twice (model_path and models); rename one")
+        named = {label: model_path, **named}
     if not named:
-        raise InputError("no model to evaluate: give a cLDM checkpoint folder (--model)")
+        raise InputError("no model to evaluate: give a cLDM (or cBBDM, Pix2Pix) checkpoint folder (--model)")
     if out_csv is not None:
         ensure_writable_dir(Path(out_csv).parent)
     if figure is not None:
@@ -244,13 +268,15 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
         if int(max_cases) < 1:
             raise InputError(f"--max-cases must be at least 1, got {max_cases}")
         case_dirs = case_dirs[: int(max_cases)]
-    loaded: dict[str, LoadedModel] = {label: load_model(path, device, use_ema=use_ema)
-                                      for label, path in named.items()}
-    settings = {"split": split or "all", "sampler": "ddim", "steps": int(n_steps), "eta": float(eta),
-                "seed": int(seed), "weights": "ema" if use_ema else "model"}
-
+    loaded: dict[str, AnyLoadedModel] = {label: load_model(path, device, use_ema=use_ema)
+                                         for label, path in named.items()}
+    # the sampler named applies to the cLDMs; a baseline has its own
+    samplers = {label: sampler if m.kind == "cldm" else default_sampler(m) for label, m in loaded.items()}
     counts = [_count_brain_slices(d) for d in case_dirs]
-    steps = {label: len(m.schedule.ddim_timesteps(n_steps)) for label, m in loaded.items()}
+    steps = {label: sampler_steps(samplers[label], n_steps, m) for label, m in loaded.items()}
+    settings = {label: {"split": split or "all", "sampler": samplers[label], "steps": steps[label],
+                        "eta": float(eta), "seed": int(seed), "weights": m.weights}
+                for label, m in loaded.items()}
     total = sum(counts) * sum(steps.values())
     done = 0
     rows: list[dict[str, Any]] = []
@@ -270,10 +296,10 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
             pred = sample_slices(model, torch.from_numpy(np.asarray(part.cond, dtype=np.float32)),
                                  n_steps=n_steps, eta=eta, seed=case_seed(seed, name),
                                  batch_size=batch_size, ids=part.slices.tolist(),
-                                 progress=report, cancel=cancel).numpy()
+                                 progress=report, cancel=cancel, sampler=samplers[label]).numpy()
             pred *= part.brain  # the contract: zero outside the brain
             done += n * steps[label]
-            row, pred_core = _score_case(name, label, case, part, pred, settings)
+            row, pred_core = _score_case(name, label, case, part, pred, settings[label])
             rows.append(row)
             if figure is not None and label == next(iter(loaded)) and len(shown) < FIGURE_ROWS:
                 shown.append(_figure_slice(name, label, case, part, pred, pred_core))
@@ -319,28 +345,141 @@ def _figure_slice(name: str, label: str, case: Any, part: CaseSlices, pred: np.n
         pred_core=pred_core[:, :, z], dwi_range=part.ranges["dwi"], model=label)
 
 
-# report ----------------------------------------------------------------------------------------
-def format_report(summary: Summary, rows: Sequence[Mapping[str, Any]], *, n_steps: int, eta: float,
-                  seed: int, split: str | None, fid_message: str | None = None) -> str:
-    """The printed result: a header with the sampler settings, Table 1, and the core numbers."""
+# several models ------------------------------------------------------------------------------------
+def model_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The Table-1 name of each checkpoint (`ctp2mri.inference.model_label`), read from its
+    config.json: ``cLDM``, ``cLDM-PT``, ``cBBDM``, ``cBBDM-PT``, ``Pix2Pix``."""
+    from ctp2mri.checkpoints import read_config
+
+    return [model_label(read_config(p)) for p in paths]
+
+
+def named_models(specs: Sequence[str]) -> dict[str, Path]:
+    """``{label: checkpoint}`` from ``NAME=PATH`` or bare ``PATH`` entries (the CLI's ``--model``),
+    in the order given; a bare path is named by `model_labels`.
+
+    Raises
+    ------
+    InputError
+        Two entries end up with the same name (name them, ``--model NAME=PATH``).
+    """
+    named: dict[str, Path] = {}
+    for spec in specs:
+        spec = os.fspath(spec)
+        label, sep, path = spec.partition("=")
+        if not sep or Path(spec).exists() or not label:
+            label, path = model_labels([spec])[0], spec
+        if label in named:
+            raise InputError(f"two models would both be called {label!r} ({named[label]} and {path}); name them: "
+                             f"--model NAME=PATH, e.g. --model {label}-2={path}")
+        named[label] = Path(path)
+    return named
+
+
+_SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)", "bbdm": "BBDM bridge sampler",
+                  "generator": "one generator pass"}
+
+
+def _sampling(rows: Sequence[Mapping[str, Any]], n_steps: int) -> dict[str, str]:
+    """How each model was sampled, in the rows' model order (e.g. ``"DDIM, 200 steps"``)."""
+    out: dict[str, str] = {}
+    for r in rows:
+        sampler = str(r.get("sampler", "ddim"))
+        name = _SAMPLER_NAMES.get(sampler, sampler)
+        steps = r.get("steps", n_steps)
+        out.setdefault(str(r.get("model")), name if sampler == "generator" else f"{name}, {steps} steps")
+    return out
+
+
+def _header(rows: Sequence[Mapping[str, Any]], n_steps: int, eta: float, seed: int, split: str | None) -> str:
     n_cases = len({r["case"] for r in rows})
-    header = (f"Evaluation on split {split or 'all'!r} ({n_cases} case{'s' * (n_cases != 1)}): "
-              f"DDIM, {n_steps} steps, eta = {eta:g}, seed {seed}; metrics in the normalised "
-              "[-1, 1] space inside the brain (mean ± SD over cases)")
-    lines = [header, "", format_table1(summary)]
-    core_lines = []
+    where = f"Evaluation on split {split or 'all'!r} ({n_cases} case{'s' * (n_cases != 1)}): "
+    metrics = "metrics in the normalised [-1, 1] space inside the brain (mean ± SD over cases)"
+    sampling = _sampling(rows, n_steps)
+    if len(set(sampling.values())) <= 1:
+        how = next(iter(sampling.values()), f"DDIM, {n_steps} steps")
+        return f"{where}{how}, eta = {eta:g}, seed {seed}; {metrics}"
+    listed = "; ".join(f"{m}: {how}" for m, how in sampling.items())
+    return f"{where}eta = {eta:g}, seed {seed}, the same per-slice seeds for every model ({listed}); {metrics}"
+
+
+def _core_lines(summary: Summary) -> list[str]:
+    lines = []
     for model, stats in summary.items():
         dice = stats.get("core_dice", {})
         if dice.get("n", 0):
             diff = stats.get("core_abs_volume_diff_ml", {})
             ref = stats.get("core_gt_adc_dice", {})
-            core_lines.append(f"  {model}: Dice {dice['mean']:.3f}, |volume difference| "
-                              f"{diff.get('mean', math.nan):.2f} ml over {dice['n']} cases "
-                              f"(same threshold on the true ADC: Dice {ref.get('mean', math.nan):.3f})")
+            lines.append(f"{model}: Dice {dice['mean']:.3f}, |volume difference| "
+                         f"{diff.get('mean', math.nan):.2f} ml over {dice['n']} cases "
+                         f"(same threshold on the true ADC: Dice {ref.get('mean', math.nan):.3f})")
+    return lines
+
+
+_CORE_TITLE = ("Infarct core (synthetic ADC < 620 × 10⁻⁶ mm²/s, ADC mapped back with each "
+               "case's own range) vs the lesion masks:")
+
+
+# report ----------------------------------------------------------------------------------------
+def format_report(summary: Summary, rows: Sequence[Mapping[str, Any]], *, n_steps: int, eta: float,
+                  seed: int, split: str | None, fid_message: str | None = None) -> str:
+    """The printed result: a header with the sampler settings, Table 1, and the core numbers."""
+    lines = [_header(rows, n_steps, eta, seed, split), "", format_table1(summary)]
+    core_lines = _core_lines(summary)
     if core_lines:
-        title = ("Infarct core (synthetic ADC < 620 × 10⁻⁶ mm²/s, ADC mapped back with each "
-                 "case's own range) vs the lesion masks:")
-        lines += ["", title, *core_lines]
+        lines += ["", _CORE_TITLE, *(f"  {line}" for line in core_lines)]
     if fid_message:
         lines += ["", fid_message]
     return "\n".join(lines)
+
+
+def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                     n_steps: int, eta: float, seed: int, split: str | None,
+                     checkpoints: Mapping[str, str | os.PathLike] | None = None,
+                     fid_message: str | None = None) -> tuple[Path, Path]:
+    """Write the models' Table-1-shaped comparison: Markdown at ``path`` and CSV beside it.
+
+    The Markdown holds the settings (split, cases, steps, η, seed), the Table 1 layout
+    (`ctp2mri.tables.format_table1`, best mean in bold), how each model was sampled and from
+    which checkpoint, and the infarct-core numbers. The CSV (``path`` with suffix ``.csv``)
+    has one row per model: ``model``, ``n_cases``, ``sampler``, ``steps``, ``eta``, ``seed``,
+    ``weights``, ``checkpoint`` and ``{DWI,ADC}_{metric}_{mean,std}`` plus the core Dice and
+    |volume difference|. Both are written atomically.
+
+    Returns
+    -------
+    (Markdown path, CSV path)
+    """
+    md = Path(path)
+    if md.suffix.lower() != ".md":
+        md = md.with_name(md.name + ".md")
+    csv_path = md.with_suffix(".csv")
+    ensure_writable_dir(md.parent)
+    checkpoints = dict(checkpoints or {})
+    models = list(summary)
+    first = {m: next(r for r in rows if r["model"] == m) for m in models}
+    table_rows = []
+    for m in models:
+        row: dict[str, Any] = {"model": m, "n_cases": sum(r["model"] == m for r in rows)}
+        row.update({k: first[m].get(k, "") for k in ("sampler", "steps", "eta", "seed", "weights")})
+        row["checkpoint"] = os.fspath(checkpoints.get(m, ""))
+        keys = [f"{ch}_{metric}" for ch in CHANNELS for metric in METRICS] + ["core_dice", "core_abs_volume_diff_ml"]
+        for key in keys:
+            stat = summary[m].get(key, {})
+            row[f"{key}_mean"] = stat.get("mean", math.nan)
+            row[f"{key}_std"] = stat.get("std", math.nan)
+        table_rows.append(row)
+    write_rows(table_rows, csv_path)
+    sampling = _sampling(rows, n_steps)
+    lines = ["# Model comparison (Table 1 layout)", "", _header(rows, n_steps, eta, seed, split), "",
+             format_table1(summary, models=models), "", "| Model | Sampling | Weights | Checkpoint |", "|:--|:--|:--|:--|"]
+    lines += [f"| {m} | {sampling.get(m, '')} | {first[m].get('weights', '')} | {os.fspath(checkpoints.get(m, ''))} |"
+              for m in models]
+    core_lines = _core_lines(summary)
+    if core_lines:
+        lines += ["", _CORE_TITLE, "", *(f"- {line}" for line in core_lines)]
+    if fid_message:
+        lines += ["", fid_message]
+    with atomic_path(md) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return md, csv_path

@@ -1,4 +1,4 @@
-"""Sampling a trained conditional LDM: checkpoint → model on a device → DWI/ADC slices.
+"""Sampling a trained model: checkpoint → model on a device → DWI/ADC slices.
 
 The one inference path shared by `ctp2mri evaluate` and the synthesis engine: a batch of
 normalised CTP slices goes in, normalised DWI/ADC slices in [−1, 1] come out. The
@@ -6,37 +6,58 @@ condition is rescaled once per batch (c̃ = F(c), reused at every step), the sam
 DPM-Solver++(2M)) runs in the latent space and the autoencoder decodes the result. K samples
 per slice are extra rows of the same batches.
 
+`load_model` and `sample_slices` dispatch on the checkpoint's ``kind``, so the baselines are
+sampled by the same batching, seeding, progress and cancel code: ``"cldm"`` (`LoadedModel`),
+``"cbbdm"`` (`LoadedBridge`: the latent Brownian bridge walked back from y = F(c) by BBDM's
+sampler, `ctp2mri.diffusion.bridge_sample`, then decoded) and ``"pix2pix"``
+(`LoadedPix2Pix`: one generator pass).
+
 Seeding: slice ``i`` starts from z_T drawn by its own generator, seeded from
 ``(seed, ids[i])``, on the CPU. A slice's result therefore depends neither on the batch it
 was sampled in nor on the device (up to floating-point summation order), so
-``batch_size`` is purely a speed/memory setting.
+``batch_size`` is purely a speed/memory setting. The bridge starts from y itself; with
+η > 0 each row's step noise comes from the same per-row seed.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.devices import resolve_device
-from ctp2mri.diffusion import NoiseSchedule, ddim_sample, dpm_solver_sample
+from ctp2mri.diffusion import (
+    BrownianBridge,
+    NoiseSchedule,
+    bridge_sample,
+    ddim_sample,
+    dpm_solver_sample,
+)
 from ctp2mri.diffusion.dpm_solver import dpm_solver_timesteps
 from ctp2mri.errors import InputError
 from ctp2mri.models.autoencoder import VQAutoencoder
+from ctp2mri.models.cbbdm import BrownianBridgeLDM
 from ctp2mri.models.cldm import ConditionalLDM
+from ctp2mri.models.pix2pix import Pix2PixGenerator
 from ctp2mri.progress import CancelToken, ProgressCallback
 
-__all__ = ["PRECISIONS", "SAMPLERS", "LoadedModel", "autocast_dtype", "load_model", "row_seed",
+__all__ = ["KIND_SAMPLERS", "MODEL_KINDS", "PRECISIONS", "SAMPLERS", "AnyLoadedModel", "LoadedBridge", "LoadedModel",
+           "LoadedPix2Pix", "autocast_dtype", "default_sampler", "load_model", "model_label", "row_seed",
            "sample_slices", "sampler_steps", "slice_seed"]
 
 
 #: Samplers of `sample_slices`: DDIM (the paper's, Song et al. 2021) and DPM-Solver++(2M).
 SAMPLERS = ("ddim", "dpm++2m")
+#: Checkpoint kinds `load_model` samples, and the samplers of each (the first is the default):
+#: the cBBDM's skip-step Brownian-bridge sampler, the Pix2Pix generator's single pass.
+KIND_SAMPLERS: dict[str, tuple[str, ...]] = {"cldm": SAMPLERS, "cbbdm": ("bbdm",), "pix2pix": ("generator",)}
+MODEL_KINDS = tuple(KIND_SAMPLERS)
 #: Precision flag → autocast dtype (None: float32).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
                                              "fp16": torch.float16}
@@ -69,6 +90,8 @@ class LoadedModel:
         The checkpoint folder.
     """
 
+    kind: ClassVar[str] = "cldm"
+
     cldm: ConditionalLDM
     autoencoder: VQAutoencoder
     schedule: NoiseSchedule
@@ -80,55 +103,130 @@ class LoadedModel:
     path: str | None = None
 
 
+@dataclass
+class LoadedBridge:
+    """A cBBDM (or BBDM) checkpoint ready for sampling; fields as `LoadedModel`'s, with
+
+    Attributes
+    ----------
+    network
+        The `BrownianBridgeLDM` (its F gives the endpoint y, its UNet the objective).
+    bridge
+        The Brownian-bridge schedule it was trained with, on the model's device.
+    """
+
+    kind: ClassVar[str] = "cbbdm"
+
+    network: BrownianBridgeLDM
+    autoencoder: VQAutoencoder
+    bridge: BrownianBridge
+    normalisation: dict[str, Any]
+    profile: str
+    config: dict[str, Any]
+    device: torch.device
+    weights: str = "ema"
+    path: str | None = None
+
+
+@dataclass
+class LoadedPix2Pix:
+    """A Pix2Pix checkpoint ready for inference; ``generator`` is the U-Net (other fields as
+    `LoadedModel`'s; Pix2Pix keeps no EMA, so ``weights`` is ``"model"``)."""
+
+    kind: ClassVar[str] = "pix2pix"
+
+    generator: Pix2PixGenerator
+    normalisation: dict[str, Any]
+    profile: str
+    config: dict[str, Any]
+    device: torch.device
+    weights: str = "model"
+    path: str | None = None
+
+
+AnyLoadedModel = LoadedModel | LoadedBridge | LoadedPix2Pix
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "auto",
-               use_ema: bool = True) -> LoadedModel:
-    """Load a cLDM checkpoint folder for sampling.
+               use_ema: bool = True) -> AnyLoadedModel:
+    """Load a checkpoint folder for sampling, by its kind: cLDM, cBBDM or Pix2Pix.
 
     Parameters
     ----------
     path
-        Checkpoint folder (``kind: "cldm"``) holding ``model``/``ema`` cLDM weights and the
-        ``autoencoder`` they were trained with.
+        Checkpoint folder: ``kind: "cldm"`` or ``"cbbdm"`` (``model``/``ema`` denoiser weights
+        and the ``autoencoder`` they were trained with) or ``"pix2pix"`` (``model``, the
+        generator).
     device
         ``"auto"``, ``"cpu"``, ``"cuda[:i]"``, ``"mps"`` or a `torch.device`
         (`ctp2mri.devices.resolve_device`).
     use_ema
         Sample with the EMA weights (as the paper and CompVis do); ``False`` takes the raw
-        training weights. A checkpoint without EMA weights falls back to ``model``.
+        training weights. A checkpoint without EMA weights (Pix2Pix) falls back to ``model``.
+
+    Returns
+    -------
+    `LoadedModel`, `LoadedBridge` or `LoadedPix2Pix`, for `sample_slices`.
 
     Raises
     ------
     InputError
-        Not a cLDM checkpoint, a weight file missing/truncated/mismatched (from
+        Not a checkpoint of those kinds, a weight file missing/truncated/mismatched (from
         `ctp2mri.checkpoints`), no schedule or profile recorded.
     """
+    from ctp2mri.bundled import resolve_model
+
+    path = resolve_model(path)  # a bundled model's name ("demo") or a folder
     dev = resolve_device(device)
     config = read_config(path)
-    if config.get("kind") != "cldm":
-        raise InputError(f"{path} is a {config.get('kind')!r} checkpoint; sampling needs a 'cldm' "
-                         "checkpoint (written by `ctp2mri train-ldm` or `post-train`)")
+    kind = config.get("kind")
+    if kind not in MODEL_KINDS:
+        raise InputError(f"{path} is a {kind!r} checkpoint; sampling needs a 'cldm' checkpoint (written by "
+                         "`ctp2mri train-ldm` or `post-train`), or a 'cbbdm' or 'pix2pix' baseline")
     networks = config["networks"]
     weights = "ema" if use_ema and "ema" in networks else "model"
-    for needed in (weights, "autoencoder"):
-        if needed not in networks:
-            raise InputError(f"{path} holds no {needed!r} network (it has {', '.join(networks)}); "
-                             "a cLDM checkpoint needs the denoiser and its autoencoder")
-    if not isinstance(config.get("schedule"), dict):
+    needed = (weights,) if kind == "pix2pix" else (weights, "autoencoder")
+    for name in needed:
+        if name not in networks:
+            raise InputError(f"{path} holds no {name!r} network (it has {', '.join(networks)}); "
+                             f"a {kind} checkpoint needs " + ("its generator" if kind == "pix2pix" else
+                                                             "the denoiser and its autoencoder"))
+    if kind != "pix2pix" and not isinstance(config.get("schedule"), dict):
         raise InputError(f"{path}/config.json records no noise schedule; the checkpoint is damaged")
-    nets, config = load_checkpoint(path, names=[weights, "autoencoder"], map_location=dev,
-                                   kind="cldm")
-    cldm, autoencoder = nets[weights], nets["autoencoder"]
-    if not isinstance(cldm, ConditionalLDM) or not isinstance(autoencoder, VQAutoencoder):
-        raise InputError(f"{path}: {weights!r} must be a cldm and 'autoencoder' an autoencoder "
-                         f"network; config.json says {networks[weights]['type']!r} and "
-                         f"{networks['autoencoder']['type']!r}")
-    for net in (cldm, autoencoder):
+    nets, config = load_checkpoint(path, names=list(needed), map_location=dev, kind=kind)
+    expected = {"cldm": ConditionalLDM, "cbbdm": BrownianBridgeLDM, "pix2pix": Pix2PixGenerator}[kind]
+    if not isinstance(nets[weights], expected) or (kind != "pix2pix"
+                                                   and not isinstance(nets["autoencoder"], VQAutoencoder)):
+        raise InputError(f"{path}: {weights!r} must be a {kind} network"
+                         + ("" if kind == "pix2pix" else " and 'autoencoder' an autoencoder")
+                         + "; config.json says " + ", ".join(repr(networks[n]["type"]) for n in needed))
+    for net in nets.values():
         net.eval().requires_grad_(False)
-    return LoadedModel(cldm=cldm, autoencoder=autoencoder,
-                       schedule=NoiseSchedule.from_config(config["schedule"]).to(dev),
-                       normalisation=dict(config.get("normalisation") or {}),
-                       profile=str(config["profile"]), config=config, device=dev,
-                       weights=weights, path=os.fspath(path))
+    common = {"normalisation": dict(config.get("normalisation") or {}), "profile": str(config["profile"]),
+              "config": config, "device": dev, "weights": weights, "path": os.fspath(path)}
+    if kind == "pix2pix":
+        return LoadedPix2Pix(generator=nets[weights], **common)
+    if kind == "cbbdm":
+        return LoadedBridge(network=nets[weights], autoencoder=nets["autoencoder"],
+                            bridge=BrownianBridge.from_config(config["schedule"]).to(dev), **common)
+    return LoadedModel(cldm=nets[weights], autoencoder=nets["autoencoder"],
+                       schedule=NoiseSchedule.from_config(config["schedule"]).to(dev), **common)
+
+
+def model_label(config: dict[str, Any]) -> str:
+    """The Table-1 name of a checkpoint from its config.json: ``cLDM``, ``cBBDM`` (``BBDM``
+    without the concatenated condition), ``Pix2Pix``; ``-PT`` after lesion-aware post-training."""
+    kind = config.get("kind")
+    if kind == "pix2pix":
+        return "Pix2Pix"
+    if kind == "cbbdm":
+        denoiser = (config.get("networks") or {}).get("ema") or (config.get("networks") or {}).get("model") or {}
+        name = "cBBDM" if (denoiser.get("config") or {}).get("concat_condition", True) else "BBDM"
+    elif kind == "cldm":
+        name = "cLDM"
+    else:
+        raise InputError(f"a {kind!r} checkpoint is not a synthesis model; give a cldm, cbbdm or pix2pix checkpoint")
+    return name + ("-PT" if config.get("post_training") else "")
 
 
 def slice_seed(seed: int, slice_id: int) -> int:
@@ -189,21 +287,38 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def sampler_steps(sampler: str, n_steps: int, model: LoadedModel) -> int:
-    """Network calls one batch costs with ``sampler`` at ``n_steps`` (validates both)."""
+def default_sampler(model: AnyLoadedModel) -> str:
+    """The sampler `sample_slices` uses when none is named: DDIM (the paper's) for a cLDM,
+    BBDM's bridge sampler for a cBBDM, the generator pass for Pix2Pix."""
+    return KIND_SAMPLERS[model.kind][0]
+
+
+def sampler_steps(sampler: str | None, n_steps: int, model: AnyLoadedModel) -> int:
+    """Network calls one batch costs with ``sampler`` (None: the model's default) at
+    ``n_steps`` (validates both; Pix2Pix always makes one call)."""
+    sampler = default_sampler(model) if sampler is None else sampler
+    if sampler not in KIND_SAMPLERS[model.kind]:
+        known = SAMPLERS if model.kind == "cldm" else KIND_SAMPLERS[model.kind]
+        raise InputError(f"unknown sampler {sampler!r} for a {model.kind} model; choose one of {', '.join(known)}")
     if sampler == "ddim":
         return len(model.schedule.ddim_timesteps(n_steps))
     if sampler == "dpm++2m":
         return len(dpm_solver_timesteps(model.schedule, n_steps))
-    raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if sampler == "bbdm":
+        return len(model.bridge.sample_timesteps(n_steps))
+    return 1
+
+
+#: ``run_batch(rows, step_report) -> images``: sample one batch of (slice, sample) rows.
+_BatchFn = Callable[[Sequence[tuple[int, int]], ProgressCallback], torch.Tensor]
 
 
 @torch.inference_mode()
-def sample_slices(model: LoadedModel, cond: torch.Tensor | np.ndarray, n_steps: int = 200,
+def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_steps: int = 200,
                   eta: float = 0.0, seed: int = 0, batch_size: int = 16,
                   ids: Sequence[int] | None = None, quantize: bool = True,
                   progress: ProgressCallback | None = None,
-                  cancel: CancelToken | None = None, *, sampler: str = "ddim",
+                  cancel: CancelToken | None = None, *, sampler: str | None = None,
                   samples: int = 1, precision: str = "fp32",
                   stats: dict[str, Any] | None = None) -> torch.Tensor:
     """Synthesise normalised (DWI, ADC) slices from normalised CTP slices.
@@ -211,16 +326,18 @@ def sample_slices(model: LoadedModel, cond: torch.Tensor | np.ndarray, n_steps: 
     Parameters
     ----------
     model
-        From `load_model`.
+        From `load_model`: a cLDM, a cBBDM or a Pix2Pix generator.
     cond
         (B, 15, H, W) CTP slices normalised per the contract ([−1, 1], 0 outside the brain)
         on the model's grid.
     n_steps, eta
-        Sampler steps (DDIM: 200 in the paper; DPM-Solver++(2M): ~20) and DDIM's η
-        (0: deterministic given z_T). DPM-Solver++ is deterministic: η must be 0.
+        Sampler steps (DDIM: 200 in the paper; DPM-Solver++(2M): ~20; BBDM: 200) and the
+        stochasticity η (DDIM's and the bridge's; 0: deterministic). DPM-Solver++ is
+        deterministic: η must be 0. Pix2Pix ignores both (one deterministic pass).
     seed
         Run seed; sample k of slice ``i`` starts from ``row_seed(seed, ids[i], k)`` (sample 0:
-        ``slice_seed(seed, ids[i])``).
+        ``slice_seed(seed, ids[i])``). The bridge starts from y = F(c) and uses the seed for
+        its η > 0 step noise only.
     batch_size
         Rows (slice × sample) per network call; with η = 0 it does not change the result.
         On a CUDA out-of-memory error the batch is retried with half as many rows, down to 1.
@@ -238,13 +355,15 @@ def sample_slices(model: LoadedModel, cond: torch.Tensor | np.ndarray, n_steps: 
         Checked before every sampler step; on cancel the batch's tensors are released (and
         the CUDA cache emptied) before `Cancelled` propagates.
     sampler
-        ``"ddim"`` or ``"dpm++2m"`` (`ctp2mri.diffusion.dpm_solver_sample`, order 2).
+        None: the model's default (`default_sampler`); for a cLDM ``"ddim"`` or ``"dpm++2m"``
+        (`ctp2mri.diffusion.dpm_solver_sample`, order 2), for a cBBDM ``"bbdm"``, for Pix2Pix
+        ``"generator"``.
     samples
         K samples per slice, drawn from K seeds and batched together with the slices.
     precision
-        ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast of the denoiser on CUDA (ignored
-        elsewhere, see `autocast_dtype`); the sampler's update arithmetic, the condition
-        rescaler and the decoder stay float32.
+        ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast of the denoiser (generator) on CUDA
+        (ignored elsewhere, see `autocast_dtype`); the sampler's update arithmetic, the
+        condition rescaler and the decoder stay float32.
     stats
         If given, filled with ``batch_size`` (the one finally used), ``oom_retries`` and
         ``network_calls`` (denoiser evaluations, each on one batch).
@@ -258,9 +377,9 @@ def sample_slices(model: LoadedModel, cond: torch.Tensor | np.ndarray, n_steps: 
 
     Notes
     -----
-    With η > 0 the per-step noise comes from one generator per batch, seeded by the
+    With η > 0 the DDIM per-step noise comes from one generator per batch, seeded by the
     batch's first row: reproducible for the same ``batch_size``, not across batch sizes
-    (`ddim_sample` draws that noise for the whole batch).
+    (`ddim_sample` draws that noise for the whole batch). The bridge draws it per row.
 
     Raises
     ------
@@ -278,6 +397,7 @@ def sample_slices(model: LoadedModel, cond: torch.Tensor | np.ndarray, n_steps: 
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     if int(samples) < 1:
         raise InputError(f"the number of samples per slice must be at least 1, got {samples}")
+    sampler = default_sampler(model) if sampler is None else sampler
     if sampler == "dpm++2m" and eta != 0:
         raise InputError(f"eta = {eta:g} applies to DDIM only; DPM-Solver++(2M) is deterministic "
                          "(use eta 0, or sampler ddim)")
@@ -290,21 +410,82 @@ def sample_slices(model: LoadedModel, cond: torch.Tensor | np.ndarray, n_steps: 
     k_samples = int(samples)
     rows = [(i, k) for i in range(n) for k in range(k_samples)]  # slice-major
     height, width = (int(s) for s in c_all.shape[-2:])
-    latent = model.autoencoder.latent_shape(height, width)
-    out = torch.empty((len(rows), model.autoencoder.config["out_channels"], height, width),
-                      dtype=torch.float32)
+    channels = (model.generator.out_channels if isinstance(model, LoadedPix2Pix)
+                else model.autoencoder.config["out_channels"])
+    out = torch.empty((len(rows), channels, height, width), dtype=torch.float32)
     info = {"batch_size": int(batch_size), "oom_retries": 0, "network_calls": 0}
     if stats is not None:
         stats.update(info)
     if not rows:
         return out
-    batch_size = int(batch_size)
 
-    def eps_model(z: torch.Tensor, t: torch.Tensor, c_tilde: torch.Tensor) -> torch.Tensor:
-        info["network_calls"] += 1
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            return model.cldm.predict_noise(z, t, c_tilde).float()
+    def condition(batch: Sequence[tuple[int, int]]) -> torch.Tensor:
+        return c_all[[i for i, _ in batch]].to(device=dev, dtype=torch.float32)
 
+    def autocast() -> Any:
+        return torch.autocast(dev.type, dtype=amp, enabled=amp is not None)
+
+    if isinstance(model, LoadedPix2Pix):
+        def run_batch(batch, report):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            c = condition(batch)
+            info["network_calls"] += 1
+            with autocast():
+                images = model.generator(c).float()  # x̂ = G(c): one pass
+            report(1, 1, {"t": None})
+            return images.clamp_(-1.0, 1.0).cpu()
+    elif isinstance(model, LoadedBridge):
+        def objective_model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            info["network_calls"] += 1
+            with autocast():
+                return model.network.predict_objective(x, t, y).float()
+
+        def run_batch(batch, report):
+            y = model.network.encode_condition(condition(batch))  # x_T = y = F(c), once per batch
+            generators = None
+            if eta > 0:  # one CPU generator per row: a row's noise does not depend on its batch
+                generators = [torch.Generator(device="cpu").manual_seed(row_seed(seed, ids[i], k)) for i, k in batch]
+            x0 = bridge_sample(objective_model, y, y, model.bridge, n_steps, eta, generator=generators,
+                               progress=report, cancel=cancel)
+            return model.autoencoder.decode(x0, quantize=quantize).clamp_(-1.0, 1.0).cpu()
+    else:
+        latent = model.autoencoder.latent_shape(height, width)
+
+        def eps_model(z: torch.Tensor, t: torch.Tensor, c_tilde: torch.Tensor) -> torch.Tensor:
+            info["network_calls"] += 1
+            with autocast():
+                return model.cldm.predict_noise(z, t, c_tilde).float()
+
+        def run_batch(batch, report):
+            c_tilde = model.cldm.encode_condition(condition(batch))  # once per batch, every step reuses it
+            x_t = _initial_noise([(ids[i], k) for i, k in batch], seed, latent).to(dev)
+            if sampler == "ddim":
+                noise_gen = None
+                if eta > 0:
+                    first_slice, first_sample = batch[0]
+                    noise_gen = torch.Generator(device=dev).manual_seed(
+                        row_seed(seed + 1, ids[first_slice], first_sample))
+                z0 = ddim_sample(eps_model, x_t.shape, c_tilde, model.schedule, n_steps, eta,
+                                 generator=noise_gen, x_T=x_t, progress=report, cancel=cancel, device=dev)
+            else:
+                z0 = dpm_solver_sample(eps_model, x_t.shape, c_tilde, model.schedule, n_steps,
+                                       order=2, x_T=x_t, progress=report, cancel=cancel, device=dev)
+            # Decoding stays float32: the codebook look-up compares distances that half
+            # precision can tie, and one decode per batch costs little next to the steps.
+            return model.autoencoder.decode(z0, quantize=quantize).clamp_(-1.0, 1.0).cpu()
+
+    _sample_in_batches(rows, n, k_samples, int(batch_size), steps_per_batch, out, dev, run_batch, progress, info)
+    if stats is not None:
+        stats.update(info)
+    return out
+
+
+def _sample_in_batches(rows: Sequence[tuple[int, int]], n_slices: int, k_samples: int, batch_size: int,
+                       steps_per_batch: int, out: torch.Tensor, dev: torch.device, run_batch: _BatchFn,
+                       progress: ProgressCallback | None, info: dict[str, Any]) -> None:
+    """Fill ``out`` batch by batch with ``run_batch``; progress over all batches, and a CUDA
+    out-of-memory error retries the batch with half the rows (``info`` records the outcome)."""
     start, steps_before, b = 0, 0, 0
     while start < len(rows):
         stop = min(start + batch_size, len(rows))
@@ -317,34 +498,20 @@ def sample_slices(model: LoadedModel, cond: torch.Tensor | np.ndarray, n_steps: 
             if progress is not None:
                 done = start if step < steps_per_batch else stop
                 progress(before + step, total,
-                         {"slices_done": done // k_samples, "slices": n, "batch": b + 1,
+                         {"slices_done": done // k_samples, "slices": n_slices, "batch": b + 1,
                           "batches": n_batches, "t": step_info.get("t")})
 
-        batch = rows[start:stop]
-        c = x_t = c_tilde = z0 = images = None
+        out_of_memory = False
         try:
-            c = c_all[[i for i, _ in batch]].to(device=dev, dtype=torch.float32)
-            c_tilde = model.cldm.encode_condition(c)  # once per batch, every step reuses it
-            x_t = _initial_noise([(ids[i], k) for i, k in batch], seed, latent).to(dev)
-            if sampler == "ddim":
-                noise_gen = None
-                if eta > 0:
-                    first_slice, first_sample = batch[0]
-                    noise_gen = torch.Generator(device=dev).manual_seed(
-                        row_seed(seed + 1, ids[first_slice], first_sample))
-                z0 = ddim_sample(eps_model, x_t.shape, c_tilde, model.schedule, n_steps, eta,
-                                 generator=noise_gen, x_T=x_t, progress=step_report,
-                                 cancel=cancel, device=dev)
-            else:
-                z0 = dpm_solver_sample(eps_model, x_t.shape, c_tilde, model.schedule, n_steps,
-                                       order=2, x_T=x_t, progress=step_report, cancel=cancel,
-                                       device=dev)
-            # Decoding stays float32: the codebook look-up compares distances that half
-            # precision can tie, and one decode per batch costs little next to the steps.
-            images = model.autoencoder.decode(z0, quantize=quantize)
-            out[start:stop] = images.clamp_(-1.0, 1.0).cpu()
-        except torch.cuda.OutOfMemoryError:
-            del c, x_t, c_tilde, z0, images
+            out[start:stop] = run_batch(rows[start:stop], step_report)
+        except torch.cuda.OutOfMemoryError as exc:
+            traceback.clear_frames(exc.__traceback__)  # the failed batch's tensors live in those frames
+            out_of_memory = True
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)  # a cancel frees the batch before propagating
+            _free(dev)
+            raise
+        if out_of_memory:
             _free(dev)
             if batch_size == 1:
                 raise InputError(f"out of GPU memory on {dev} even with one slice per batch; "
@@ -353,13 +520,5 @@ def sample_slices(model: LoadedModel, cond: torch.Tensor | np.ndarray, n_steps: 
             batch_size //= 2  # retry this batch with half the rows
             info["oom_retries"] += 1
             continue
-        except BaseException:
-            del c, x_t, c_tilde, z0, images  # a cancel frees the batch before propagating
-            _free(dev)
-            raise
-        del c, x_t, c_tilde, z0, images
         start, steps_before, b = stop, steps_before + steps_per_batch, b + 1
     info["batch_size"] = batch_size
-    if stats is not None:
-        stats.update(info)
-    return out

@@ -281,6 +281,9 @@ def synthesize(ctp: Volume, model: LoadedModel | str | os.PathLike, *, sampler: 
         dev, notice = resolve_device_with_notice(device)
         notices += [notice] if notice else []
         loaded = load_model(model, dev)
+    if not isinstance(loaded, LoadedModel):  # load_model also reads the baselines' checkpoints
+        raise InputError(f"{model} is a {loaded.kind} baseline checkpoint; synthesis runs a cLDM (from "
+                         "`ctp2mri train-ldm` or `post-train`). Score baselines with `ctp2mri evaluate`.")
     sampler_steps(sampler, steps, loaded)  # bad sampler/steps fail before any resampling
     if sampler != "ddim" and eta != 0:
         raise InputError(f"eta = {eta:g} applies to DDIM only; {sampler} is deterministic "

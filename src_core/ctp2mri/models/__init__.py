@@ -1,4 +1,5 @@
-"""Networks of the paper's model: VQGAN autoencoder, spatial rescaler, conditional LDM.
+"""Networks of the paper's model (VQGAN autoencoder, spatial rescaler, conditional LDM) and of
+its baselines (latent Brownian bridge BBDM/cBBDM, Pix2Pix generator).
 
 Each network takes its whole configuration in the constructor and records it in
 ``.config``; `model_config` gives those arguments per profile and `build_network`
@@ -6,8 +7,10 @@ rebuilds a network from them (what checkpoints store).
 """
 
 from ctp2mri.models.autoencoder import PatchGANDiscriminator, VectorQuantizer, VQAutoencoder
+from ctp2mri.models.cbbdm import BrownianBridgeLDM
 from ctp2mri.models.cldm import ConditionalLDM
 from ctp2mri.models.conditioning import SpatialRescaler
+from ctp2mri.models.pix2pix import Pix2PixGenerator
 from ctp2mri.models.configs import (
     NETWORK_TYPES,
     build_autoencoder,
@@ -21,8 +24,10 @@ from ctp2mri.models.configs import (
 
 __all__ = [
     "NETWORK_TYPES",
+    "BrownianBridgeLDM",
     "ConditionalLDM",
     "PatchGANDiscriminator",
+    "Pix2PixGenerator",
     "SpatialRescaler",
     "VQAutoencoder",
     "VectorQuantizer",

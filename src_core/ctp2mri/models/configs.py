@@ -8,6 +8,12 @@ rebuilds the same architecture anywhere.
 configs/latent-diffusion/ldm.yaml of the paper's code). ``demo`` keeps the structure
 (×4 autoencoder, 3 latent channels, mid attention, 18-channel UNet with attention at
 low resolution) with widths a 2-core CPU can train.
+
+The baselines: ``cbbdm`` (latent Brownian bridge, `BrownianBridgeLDM`) uses the cLDM's UNet
+of the same profile, so the two latent models differ in the process only; ``pix2pix`` is
+the image-space U-Net generator (Pix2Pix's unet with as many downsamplings as the slice
+size allows: 5 for 192×224, 4 for 96×112) and ``pix2pix_discriminator`` its conditional
+70×70 PatchGAN on [CTP, DWI/ADC] (a `PatchGANDiscriminator`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from torch import nn
 
 from ctp2mri.errors import InputError
 from ctp2mri.models.autoencoder import PatchGANDiscriminator, VQAutoencoder
+from ctp2mri.models.cbbdm import BrownianBridgeLDM
 from ctp2mri.models.cldm import ConditionalLDM
+from ctp2mri.models.pix2pix import Pix2PixGenerator
 from ctp2mri.profiles import get_profile
 
 # Network type name (as written in config.json) → class.
@@ -28,7 +36,11 @@ NETWORK_TYPES: dict[str, type[nn.Module]] = {
     "autoencoder": VQAutoencoder,
     "discriminator": PatchGANDiscriminator,
     "cldm": ConditionalLDM,
+    "cbbdm": BrownianBridgeLDM,
+    "pix2pix": Pix2PixGenerator,
 }
+# Configured networks whose class is another kind's (config name → NETWORK_TYPES name).
+_ALIASES = {"pix2pix_discriminator": "discriminator"}
 
 _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
@@ -60,12 +72,28 @@ _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             rescaler_multiplier=0.5,
             use_flash_attention=True,
         ),
+        "cbbdm": dict(
+            latent_channels=3,
+            condition_channels=15,
+            channels=[224, 896, 1792],
+            attention_levels=[False, True, True],
+            num_res_blocks=2,
+            num_head_channels=32,
+            norm_num_groups=32,
+            rescaler_stages=2,
+            rescaler_multiplier=0.5,
+            concat_condition=True,
+            use_flash_attention=True,
+        ),
+        "pix2pix": dict(in_channels=15, out_channels=2, channels=[64, 128, 256, 512, 512, 512], num_res_units=0,
+                        norm="instance", dropout=0.0),
+        "pix2pix_discriminator": dict(in_channels=17, channels=64, num_layers=3),
     },
     "demo": {
         "autoencoder": dict(
             in_channels=2,
             out_channels=2,
-            channels=[32, 64, 64],
+            channels=[16, 32, 64],
             num_res_blocks=1,
             embedding_dim=3,
             num_embeddings=512,
@@ -90,25 +118,46 @@ _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             rescaler_multiplier=0.5,
             use_flash_attention=True,
         ),
+        "cbbdm": dict(
+            latent_channels=3,
+            condition_channels=15,
+            channels=[32, 64, 64],
+            attention_levels=[False, False, True],
+            num_res_blocks=2,
+            num_head_channels=32,
+            norm_num_groups=32,
+            rescaler_stages=2,
+            rescaler_multiplier=0.5,
+            concat_condition=True,
+            use_flash_attention=True,
+        ),
+        "pix2pix": dict(in_channels=15, out_channels=2, channels=[32, 64, 128, 256, 256], num_res_units=0,
+                        norm="instance", dropout=0.0),
+        "pix2pix_discriminator": dict(in_channels=17, channels=32, num_layers=3),
     },
 }
 
 
 def model_config(profile: str, kind: str = "autoencoder") -> dict[str, Any]:
-    """Constructor arguments of network ``kind`` (autoencoder, discriminator, cldm), per profile."""
+    """Constructor arguments of network ``kind`` (autoencoder, discriminator, cldm, cbbdm,
+    pix2pix, pix2pix_discriminator), per profile."""
     prof = get_profile(profile)
-    if kind not in NETWORK_TYPES:
-        raise InputError(f"unknown network kind {kind!r}; choose one of {sorted(NETWORK_TYPES)}")
+    if kind not in _CONFIGS[prof.name]:
+        raise InputError(f"unknown network kind {kind!r}; choose one of {sorted(_CONFIGS[prof.name])}")
     cfg = copy.deepcopy(_CONFIGS[prof.name][kind])
-    if kind == "cldm":
+    if kind in ("cldm", "cbbdm"):
         cfg["condition_channels"] = prof.n_frames
+    elif kind == "pix2pix":
+        cfg["in_channels"] = prof.n_frames
+    elif kind == "pix2pix_discriminator":
+        cfg["in_channels"] = prof.n_frames + 2  # [c, x]: CTP frames + DWI, ADC
     return cfg
 
 
 def build_network(kind: str, config: dict[str, Any]) -> nn.Module:
     """Instantiate network type ``kind`` from its constructor arguments."""
     try:
-        cls = NETWORK_TYPES[kind]
+        cls = NETWORK_TYPES[_ALIASES.get(kind, kind)]
     except KeyError:
         raise InputError(f"unknown network type {kind!r}; known: {sorted(NETWORK_TYPES)}") from None
     return cls(**config)

@@ -16,6 +16,10 @@ spatial rescaler through D and the straight-through quantiser. ``target="input"`
 x̂ with x (the paper); ``target="reconstruction"`` with D(z_0) (the official code; one more
 decode per step, without gradient). The optimisation loop, EMA, checkpoints, log, resume
 and cancel are those of `train_ldm` (`ctp2mri.training.ldm.optimise`).
+
+A cBBDM checkpoint (``kind: "cbbdm"``, `ctp2mri.training.bbdm`) is post-trained the same way
+(paper Table 3): its own bridge objective replaces Eq. 4 and its one-step estimate
+x̂_0 = x_t − ô replaces Eq. 5 (`ctp2mri.training.bbdm.bridge_post_training_loss`).
 """
 
 from __future__ import annotations
@@ -29,23 +33,24 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
 
-from ctp2mri.checkpoints import load_checkpoint
-from ctp2mri.diffusion import NoiseSchedule
+from ctp2mri.checkpoints import load_checkpoint, read_config
+from ctp2mri.diffusion import BrownianBridge, NoiseSchedule
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.losses import image_loss, latent_loss, lesion_loss, total_loss
+from ctp2mri.losses import latent_loss, total_loss
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.training import loop
+from ctp2mri.training.bbdm import bridge_post_training_loss
 from ctp2mri.training.distributed import init_distributed, shutdown
 from ctp2mri.training.ema import EMA
+from ctp2mri.training.image_terms import TARGETS, image_space_terms
 from ctp2mri.training.ldm import LDM_BASE_LR, diffuse, optimise, restore_run
 
 __all__ = ["POST_TRAIN_LOG_COLUMNS", "TARGETS", "post_train", "post_training_loss"]
 
-TARGETS = ("input", "reconstruction")
 INITS = ("model", "ema")
+POST_TRAINABLE = ("cldm", "cbbdm")  # checkpoint kinds post_train continues
 POST_TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "latent_loss", "image_loss", "lesion_loss", "lesion_voxels",
                           "lesion_slices", "lr", "seconds")
 _log = logging.getLogger(__name__)
@@ -81,7 +86,7 @@ def post_train(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> Path:
-    """Post-train a cLDM checkpoint with the lesion-aware image-space objectives (Eq. 8).
+    """Post-train a cLDM (or cBBDM) checkpoint with the lesion-aware image-space objectives (Eq. 8).
 
     Parameters
     ----------
@@ -90,7 +95,9 @@ def post_train(
         model's profile. With ``lambda_lesion > 0`` every case needs a lesion mask (its
         ``lesion.nii.gz`` or one in ``lesions``).
     base
-        Checkpoint folder of a trained cLDM (``ctp2mri train-ldm``, or an earlier post-training).
+        Checkpoint folder of a trained cLDM (``ctp2mri train-ldm``, or an earlier post-training),
+        or of a cBBDM (``ctp2mri train-ldm --model-type cbbdm``): the result has the base's
+        kind, and a cBBDM keeps its bridge objective (and loss type) as the latent term.
     out
         Run folder: new or empty, or (``resume``) a post-training run saved before. It ends up a
         cLDM checkpoint like the base's (``model``, ``ema``, ``autoencoder``; the base's
@@ -176,11 +183,20 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
     precision = loop.check_precision(precision, dev)
     if grad_accum < 1:
         raise InputError(f"gradient accumulation must be at least 1 forward per step, got {grad_accum}")
+    kind = read_config(base_dir).get("kind")
+    if kind not in POST_TRAINABLE:
+        raise InputError(f"{base_dir} is a {kind!r} checkpoint; post-training needs a 'cldm' checkpoint "
+                         "(or a 'cbbdm' one)")
     nets, base_cfg = load_checkpoint(base_dir, names=["model", "ema", "autoencoder"], map_location=dev,
-                                     kind="cldm")
+                                     kind=kind)
     autoencoder = nets["autoencoder"].eval().requires_grad_(False)
     profile = base_cfg["profile"]
-    schedule = NoiseSchedule.from_config(base_cfg["schedule"]) if "schedule" in base_cfg else NoiseSchedule()
+    bridge_loss_type = None
+    if kind == "cbbdm":
+        schedule = BrownianBridge.from_config(base_cfg["schedule"])
+        bridge_loss_type = (base_cfg.get("training") or {}).get("loss_type", "l1")
+    else:
+        schedule = NoiseSchedule.from_config(base_cfg["schedule"]) if "schedule" in base_cfg else NoiseSchedule()
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     loop.barrier(info)
     dataset = _dataset(data, profile, seed, lambda_lesion > 0, lesions,
@@ -206,11 +222,14 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
         "parameterization": "eps", "loss": "Eq. 8: Eq. 4 + λ_image Eq. 6 + λ_lesion Eq. 7",
         "lambda_image": lambda_image, "lambda_lesion": lambda_lesion, "target": target, "init": init,
         "lesion_oversample": lesion_oversample, "gradient_checkpointing": gradient_checkpointing,
-        "data": loop.data_identity(dataset), "cldm": nets["model"].config, "schedule": schedule.config(),
+        "data": loop.data_identity(dataset), kind: nets["model"].config, "schedule": schedule.config(),
         # what identifies the base for a resume check (its folder may move)
         "base": {"created": base_prov.get("created"), "git_commit": base_prov.get("git_commit"),
                  "steps": base_prov.get("steps")},
     }
+    if kind == "cbbdm":
+        settings.update(parameterization="grad", loss_type=bridge_loss_type,
+                        loss=f"Eq. 8 with the bridge objective ({bridge_loss_type}) for Eq. 4")
 
     loop.seed_everything(seed)
     model = nets[init].to(dev)
@@ -241,7 +260,7 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
     }
 
     def save(step: int) -> None:
-        config = loop.base_config("cldm", profile, settings, dataset, step, data,
+        config = loop.base_config(kind, profile, settings, dataset, step, data,
                                   {"schedule": schedule.config(), "inference_network": "ema",
                                    "autoencoder_source": base_cfg.get("autoencoder_source"),
                                    "post_training": record})
@@ -253,6 +272,10 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
                  loop.rng_snapshot(generator))
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        if kind == "cbbdm":
+            return bridge_post_training_loss(model_train, autoencoder, schedule, batch, generator, lambda_image,
+                                             lambda_lesion, target, precision, gradient_checkpointing,
+                                             bridge_loss_type)
         return post_training_loss(model_train, autoencoder, schedule, batch, generator, lambda_image, lambda_lesion,
                                   target, precision, gradient_checkpointing)
 
@@ -288,17 +311,8 @@ def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, sch
     if lambda_image == 0 and lambda_lesion == 0:
         return latent, parts  # Eq. 4 alone: nothing to decode
 
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        return autoencoder.decode(z, quantize=True)  # straight-through quantiser: ∂x̂/∂ẑ_0 exists
-
     z0_hat = schedule.predict_z0(z_t, t, eps_hat.float())  # Eq. 5
-    with loop.autocast(precision, dev):
-        x_hat = checkpoint(decode, z0_hat, use_reentrant=False) if gradient_checkpointing else decode(z0_hat)
-    if target == "reconstruction":
-        with torch.no_grad(), loop.autocast(precision, dev):
-            ref = decode(z0)
-    else:
-        ref = x
-    image, les = image_loss(ref, x_hat, brain), lesion_loss(ref, x_hat, lesion)  # Eq. 6, 7
+    image, les = image_space_terms(autoencoder, z0_hat, z0, x, brain, lesion, target, precision,
+                                   gradient_checkpointing)  # Eq. 6, 7 of x̂ = D(ẑ_0)
     parts.update(image_loss=float(image.detach()), lesion_loss=float(les.detach()))
     return total_loss(latent, image, les, lambda_image, lambda_lesion), parts  # Eq. 8

@@ -1,0 +1,244 @@
+"""Training the latent Brownian-bridge baseline, BBDM/cBBDM (Li et al. 2023; Kim & Chung 2024).
+
+Each step, on the frozen autoencoder of a `ctp2mri train-autoencoder` run:
+
+    x_0 = E(x)                              (unquantised, as the cLDM)
+    y = F(c)                                the CTP's latent, trainable (`BrownianBridgeLDM`)
+    t ~ U{1, …, T},  ε ~ N(0, I)
+    x_t = (1 − m_t) x_0 + m_t y + √δ_t ε    (`BrownianBridge.q_sample`)
+    L = ‖m_t (y − x_0) + √δ_t ε − ô_θ(x_t, t, y)‖₁    (BBDM's "grad" objective, L1)
+
+The optimisation loop (AdamW, EMA, accumulation, DDP, checkpoints, log, exact resume,
+cancel) is the cLDM's (`ctp2mri.training.ldm.optimise` and `restore_run`); the checkpoint has
+``kind: "cbbdm"`` with networks ``model``, ``ema`` and ``autoencoder`` and the bridge's
+schedule, so `ctp2mri.inference.load_model` samples it and `ctp2mri post-train` continues it.
+
+Lesion-aware post-training (paper §2.2, Table 3) of a cBBDM uses `bridge_post_training_loss`:
+the one-step estimate x̂_0 = x_t − ô (`BrownianBridge.predict_x0`) decoded by the frozen
+decoder, with the Eq. 6–8 terms added to the bridge objective.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ctp2mri.checkpoints import load_checkpoint
+from ctp2mri.diffusion.bridge import BRIDGE_LOSSES, BrownianBridge, bridge_loss
+from ctp2mri.errors import InputError
+from ctp2mri.losses import total_loss
+from ctp2mri.models import BrownianBridgeLDM, model_config
+from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.training import loop
+from ctp2mri.training.distributed import init_distributed, shutdown
+from ctp2mri.training.ema import EMA
+from ctp2mri.training.image_terms import TARGETS, image_space_terms
+from ctp2mri.training.ldm import LDM_BASE_LR, optimise, restore_run
+
+__all__ = ["bridge_diffuse", "bridge_post_training_loss", "bridge_training_loss", "train_bbdm"]
+
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "seconds")
+
+
+def train_bbdm(
+    data: Any,
+    autoencoder: str | os.PathLike,
+    out: str | os.PathLike,
+    steps: int = 1000,
+    batch_size: int = 16,
+    lr: float | None = None,
+    base_lr: float = LDM_BASE_LR,
+    scale_lr: bool = True,
+    grad_accum: int = 1,
+    weight_decay: float = 0.01,
+    ema_decay: float = 0.9999,
+    grad_clip: float | None = None,
+    loss_type: str = "l1",
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: bool = False,
+    seed: int = 0,
+    num_workers: int = 1,
+    checkpoint_every: int = 500,
+    log_every: int = 10,
+    cbbdm_config: dict[str, Any] | None = None,
+    bridge: BrownianBridge | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> Path:
+    """Train (or resume training) a latent Brownian-bridge model on a frozen autoencoder.
+
+    Parameters
+    ----------
+    data, autoencoder, out, steps, batch_size, grad_accum, lr, base_lr, scale_lr, weight_decay, ema_decay, grad_clip
+        As `ctp2mri.training.train_ldm` (same optimiser and learning-rate rule, so the two
+        latent models are trained alike; BBDM's own configuration uses Adam at 1e-4).
+    loss_type
+        ``"l1"`` (BBDM's configuration) or ``"l2"`` on the "grad" objective.
+    device, precision, resume, seed, num_workers, checkpoint_every, log_every
+        As `train_ldm`.
+    cbbdm_config
+        `BrownianBridgeLDM` constructor arguments overriding the profile's ``cbbdm`` ones
+        (``concat_condition=False`` gives plain BBDM; tiny models in tests).
+    bridge
+        The bridge schedule (default: T = 1000, s = 1, as BBDM).
+    progress, cancel
+        ``progress(step, steps, {"loss", "lr", …})`` after each step; a cancel saves a
+        resumable checkpoint, then raises `ctp2mri.errors.Cancelled`.
+
+    Returns
+    -------
+    Path of the run folder / checkpoint (``kind: "cbbdm"``).
+    """
+    if loss_type not in BRIDGE_LOSSES:
+        raise InputError(f"unknown bridge loss {loss_type!r}; choose one of {', '.join(BRIDGE_LOSSES)}")
+    info = init_distributed(device)
+    try:
+        return _train(info, data, Path(autoencoder), Path(out), int(steps), int(batch_size), lr, base_lr, scale_lr,
+                      int(grad_accum), float(weight_decay), float(ema_decay), grad_clip, loss_type, precision, resume,
+                      int(seed), int(num_workers), int(checkpoint_every), int(log_every), cbbdm_config,
+                      bridge or BrownianBridge(), progress, cancel)
+    finally:
+        shutdown(info)
+
+
+def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum, weight_decay, ema_decay,
+           grad_clip, loss_type, precision, resume, seed, num_workers, checkpoint_every, log_every, cbbdm_config,
+           bridge, progress, cancel) -> Path:
+    dev = info.device
+    precision = loop.check_precision(precision, dev)
+    if grad_accum < 1:
+        raise InputError(f"gradient accumulation must be at least 1 forward per step, got {grad_accum}")
+    nets, ae_cfg = load_checkpoint(ae_dir, names=["model"], map_location=dev, kind="autoencoder")
+    autoencoder = nets["model"].eval().requires_grad_(False)
+    profile = ae_cfg["profile"]
+    out = loop.prepare_out_dir(out, resume) if info.is_main else out
+    loop.barrier(info)
+    dataset = loop.load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
+    cbbdm_config = dict(cbbdm_config or model_config(profile, "cbbdm"))
+    if cbbdm_config["latent_channels"] != autoencoder.embedding_dim:
+        raise InputError(f"the cBBDM models {cbbdm_config['latent_channels']} latent channels but the autoencoder "
+                         f"in {ae_dir} makes {autoencoder.embedding_dim}")
+    lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, grad_accum, scale_lr, lr)
+    settings = {
+        "profile": profile, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
+        "world_size": info.world_size, "base_lr": base_lr, "scale_lr": scale_lr, "lr": lr_value,
+        "optimizer": "AdamW", "weight_decay": weight_decay, "ema_decay": ema_decay, "ema_warmup": True,
+        "grad_clip": grad_clip, "precision": precision, "seed": seed, "num_workers": num_workers,
+        "device": str(dev), "checkpoint_every": checkpoint_every, "log_every": log_every,
+        "parameterization": "grad", "loss_type": loss_type, "loss": f"{loss_type} on m_t(y − x0) + √δ_t ε",
+        "data": loop.data_identity(dataset), "cbbdm": cbbdm_config, "schedule": bridge.config(),
+        "autoencoder": {"config": autoencoder.config, "git_commit": ae_cfg.get("provenance", {}).get("git_commit"),
+                        "steps": ae_cfg.get("provenance", {}).get("steps")},
+    }
+
+    loop.seed_everything(seed)
+    model = BrownianBridgeLDM(**cbbdm_config).to(dev)
+    ema = EMA(model, ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=weight_decay)
+    scaler = loop.make_grad_scaler(precision)
+    generator = loop.noise_generator(seed, info)
+    step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(LOG_COLUMNS)
+    if resume:
+        step, position, log = restore_run(out, settings, model, ema, opt, scaler, generator, info)
+    if step >= steps:
+        raise InputError(f"the run in {out} has already trained {step} steps (≥ --steps {steps}); "
+                         "give a larger --steps to continue it")
+
+    bridge = bridge.to(dev)
+    model_train = DDP(model, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else model
+    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, **position)
+    run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
+    model.train()
+    ae_source = {"source": str(ae_dir), "provenance": ae_cfg.get("provenance")}
+
+    def save(step: int) -> None:
+        config = loop.base_config("cbbdm", profile, settings, dataset, step, data,
+                                  {"schedule": bridge.config(), "autoencoder_source": ae_source,
+                                   "inference_network": "ema"})
+        state = {"step": step, "position": stream.position(), "optimizer": opt.state_dict(),
+                 "ema": ema.state(), "scaler": scaler.state_dict() if scaler is not None else None}
+        run.save({"model": model, "ema": ema.module, "autoencoder": autoencoder}, config, state,
+                 loop.rng_snapshot(generator))
+
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        return bridge_training_loss(model_train, autoencoder, bridge, batch, generator, loss_type, precision)
+
+    optimise(info, model, model_train, ema, opt, scaler, stream, run, step, steps, grad_accum, grad_clip,
+             lr_value, loss_fn, save)
+    return out
+
+
+# one batch -------------------------------------------------------------------------------------
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DDP) else model
+
+
+def bridge_diffuse(model: torch.nn.Module, autoencoder: torch.nn.Module, bridge: BrownianBridge, x: torch.Tensor,
+                   c: torch.Tensor, generator: torch.Generator, precision: str = "fp32",
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_0, y, t, x_t, objective) for a batch of target images x and CTP slices c.
+
+    x_0 = E(x) without gradient; y = F(c) keeps its graph (F is trained through the endpoint,
+    the state and the objective); t ~ U{1…T}; ε ~ N(0, I) from ``generator``.
+    """
+    with torch.no_grad(), loop.autocast(precision, x.device):
+        x0 = autoencoder.encode(x).float()  # unquantised latent, as the cLDM
+    with loop.autocast(precision, x.device):
+        y = _unwrap(model).encode_condition(c).float()
+    t = bridge.random_timesteps(x0.shape[0], generator, x.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x.device)
+    return x0, y, t, bridge.q_sample(x0, y, t, noise), bridge.objective(x0, y, t, noise)
+
+
+def bridge_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, bridge: BrownianBridge,
+                         batch: Mapping[str, Any], generator: torch.Generator, loss_type: str = "l1",
+                         precision: str = "fp32") -> tuple[torch.Tensor, dict[str, float]]:
+    """The bridge objective ‖m_t(y − x_0) + √δ_t ε − ô_θ(x_t, t, y)‖ of one batch (attached to the graph)."""
+    dev = bridge.device
+    _, y, t, x_t, objective = bridge_diffuse(model, autoencoder, bridge, batch["target"].to(dev, non_blocking=True),
+                                             batch["cond"].to(dev, non_blocking=True), generator, precision)
+    with loop.autocast(precision, dev):
+        predicted = model(x_t, t, y)
+    return bridge_loss(objective, predicted, loss_type), {}
+
+
+def bridge_post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, bridge: BrownianBridge,
+                              batch: Mapping[str, Any], generator: torch.Generator, lambda_image: float = 0.01,
+                              lambda_lesion: float = 0.02, target: str = "input", precision: str = "fp32",
+                              gradient_checkpointing: bool = False, loss_type: str = "l1",
+                              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 8 for the Brownian bridge: L = L_bridge + λ_image L_image + λ_lesion L_lesion.
+
+    L_bridge is the model's own latent objective (`bridge_loss`, in place of the cLDM's
+    Eq. 4); the image terms (Eq. 6–7, `image_space_terms`) compare x with D(x̂_0), where
+    x̂_0 = x_t − ô_θ(x_t, t, y) is the bridge's one-step estimate of the clean latent
+    (derived in `BrownianBridge.predict_x0`). ``batch`` holds ``target``, ``cond``,
+    ``brain`` and ``lesion``; ``autoencoder`` must be frozen by the caller. A batch
+    without lesion voxel gives L_lesion = 0 exactly. Parts are returned as floats, with the
+    same names as `ctp2mri.training.post_training_loss`'s.
+    """
+    if target not in TARGETS:
+        raise InputError(f"unknown post-training target {target!r}; choose one of {', '.join(TARGETS)}")
+    dev = bridge.device
+    x = batch["target"].to(dev, non_blocking=True)
+    lesion = batch["lesion"].to(dev, non_blocking=True)
+    x0, y, t, x_t, objective = bridge_diffuse(model, autoencoder, bridge, x, batch["cond"].to(dev, non_blocking=True),
+                                              generator, precision)
+    with loop.autocast(precision, dev):
+        predicted = model(x_t, t, y)
+    latent = bridge_loss(objective, predicted, loss_type)
+    parts = {"latent_loss": float(latent.detach()), "lesion_voxels": float(lesion.sum()),
+             "lesion_slices": float((lesion.flatten(1).amax(1) > 0).float().mean())}
+    if lambda_image == 0 and lambda_lesion == 0:
+        return latent, parts
+    x0_hat = bridge.predict_x0(x_t, t, predicted.float())  # x̂_0 = x_t − ô
+    image, les = image_space_terms(autoencoder, x0_hat, x0, x, batch["brain"].to(dev, non_blocking=True), lesion,
+                                   target, precision, gradient_checkpointing)
+    parts.update(image_loss=float(image.detach()), lesion_loss=float(les.detach()))
+    return total_loss(latent, image, les, lambda_image, lambda_lesion), parts
