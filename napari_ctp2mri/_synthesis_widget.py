@@ -74,6 +74,22 @@ def model_choices() -> list[tuple[str, Path]]:
     return list(_MODELS.items())
 
 
+#: Labels under which the bundled models are offered (the autoencoder alone cannot synthesise).
+BUNDLED_LABELS = {"demo": "demo: post-trained cLDM (bundled)", "demo-base": "demo: base cLDM (bundled)"}
+
+
+def register_bundled_models() -> None:
+    """Offer the bundled demo models (`ctp2mri.bundled`) that this installation has, default first."""
+    from ctp2mri.bundled import bundled_models
+
+    for name, path in bundled_models().items():
+        if name in BUNDLED_LABELS:
+            register_model(BUNDLED_LABELS[name], path)
+
+
+register_bundled_models()
+
+
 class _ProgressRelay(QObject):
     """Carries the worker thread's progress reports to the GUI thread (queued signal)."""
 

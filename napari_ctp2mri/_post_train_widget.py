@@ -1,0 +1,739 @@
+"""Post-training widget: annotate → post-train → synthesise, as MONAI Label's loop.
+
+A thin shell over `ctp2mri.training.post_train.post_train` (paper §2.2, Eq. 5–8). The user
+builds a local training set from case folders and/or the case open in the viewer (its CTP,
+DWI, ADC, brain mask and lesion layers; the lesion as it is at Start, painted or corrected
+with napari's Labels tools), picks the base cLDM and the settings, and presses Start. The
+worker thread builds the `SliceDataset` (`napari_ctp2mri._training_set`), post-trains, and
+optionally scores the base and the new model on the training cases (`ctp2mri.evaluate`).
+The new checkpoint is registered with `register_model`, so the synthesis widget offers it.
+
+Progress, loss plot, cancel
+---------------------------
+The core reports ``progress(step, total, info)`` in the worker thread; the callback only
+emits a queued Qt signal, so the progress bar and the loss history are updated in the GUI
+thread. The loss plot (matplotlib, embedded) is redrawn by a timer at most every
+`PLOT_INTERVAL_MS`, whatever the step rate. Cancel sets a `CancelToken`: the core saves a
+resumable checkpoint at the end of the running step, then raises `Cancelled`; "Continue the
+saved run" resumes it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+)
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from napari.layers import Image, Labels
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QAbstractScrollArea,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ctp2mri.checkpoints import read_config
+from ctp2mri.data import resolve_cases
+from ctp2mri.devices import available_devices
+from ctp2mri.errors import Cancelled, InputError
+from ctp2mri.progress import CancelToken
+from ctp2mri.training.loop import prepare_out_dir
+from ctp2mri.training.post_train import post_train
+from napari_ctp2mri._synthesis_widget import (
+    MODELS_CHANGED,
+    _layer_attributes,
+    format_eta,
+    model_choices,
+    register_model,
+)
+from napari_ctp2mri._training_set import (
+    CASE_ROLES,
+    before_after,
+    case_from_layers,
+    check_case_layers,
+    metric_rows,
+    training_dataset,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["LossPlot", "PostTrainResult", "PostTrainWidget"]
+
+PLOT_INTERVAL_MS = 500  # the loss plot is updated at most this often
+DEFAULT_STEPS = 200  # a few minutes of a demo-profile model on a laptop CPU
+DEFAULT_BATCH = 8
+DEFAULT_EVAL_STEPS = 10  # DDIM steps of the before/after check: a quick look, not Table 1
+SEED = 0
+MAX_WIDTH_PX = 460
+# Layer kinds per role: (layer type, dimensions offered; None = any). Labels of any shape are
+# offered, so that a mask on another grid gets a message rather than silently not being listed.
+_PICKERS: dict[str, tuple[type, int | None]] = {
+    "ctp": (Image, 4), "dwi": (Image, 3), "adc": (Image, 3), "mask": (Labels, None),
+    "lesion": (Labels, None),
+}
+# the names the reader and the sample data give a case's layers
+_DEFAULT_NAMES = {"ctp": "CTP", "dwi": "DWI", "adc": "ADC", "mask": "brain mask", "lesion": "lesion"}
+_PHASE_STATUS = {"data": "Reading the training cases…", "train": "Post-training…",
+                 "eval": "Scoring base vs post-trained on the training cases…"}
+
+
+@dataclass
+class PostTrainResult:
+    """What a finished run hands back to the GUI thread."""
+
+    out: Path
+    base: Path
+    steps: int
+    seconds: float
+    metrics: list[dict[str, Any]] | None  # `metric_rows`, None when not evaluated
+    metrics_note: str = ""  # why there are no metrics, when asked for
+
+
+class _ProgressRelay(QObject):
+    """Carries the worker's reports to the GUI thread: (phase, step, total, info)."""
+
+    reported = Signal(str, int, int, object)
+
+
+class LossPlot:
+    """Total, image and lesion loss against the step, in an embedded matplotlib canvas.
+
+    `add` only records (cheap, any rate); `redraw` shows what was added since. A full draw
+    (axes, ticks, text) takes 100–300 ms of the GUI thread on a busy laptop, so it happens
+    only when the axes change: the x axis doubles when the steps pass its end, the y axis
+    grows with headroom when a loss leaves it. Otherwise only the lines are redrawn over the saved
+    background and blitted (a few ms), matplotlib's blitting recipe.
+    """
+
+    SERIES = (("loss", "total (Eq. 8)"), ("image_loss", "image (Eq. 6)"),
+              ("lesion_loss", "lesion (Eq. 7)"))
+    FIRST_X = 50  # steps the x axis spans at first; it doubles as needed, up to the run's end
+    HEADROOM = 2.0  # y limits: factor beyond the extreme values when they are reset (log axis)
+
+    def __init__(self, background: str = "#23242b", text: str = "#f0f1f2") -> None:
+        # fixed margins: a constrained layout costs ~40 % more per draw
+        self.figure = Figure(figsize=(4.2, 2.4), dpi=80, facecolor=background)
+        self.figure.subplots_adjust(left=0.13, right=0.97, top=0.87, bottom=0.19)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(180)
+        self.axes = self.figure.add_subplot()
+        ax = self.axes
+        ax.set_facecolor(background)
+        ax.set_yscale("log", nonpositive="mask")  # a lesion-free batch's lesion loss is 0
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("step", color=text)
+        ax.tick_params(colors=text, which="both")
+        for spine in ax.spines.values():
+            spine.set_color(text)
+        # animated: left out of full draws, drawn over the cached background instead
+        self.lines = {key: ax.plot([], [], label=label, linewidth=1.2, animated=True)[0]
+                      for key, label in self.SERIES}
+        legend = ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize="small",
+                           frameon=False, borderaxespad=0.2, handlelength=1.2)
+        for item in legend.get_texts():
+            item.set_color(text)
+        self.steps: list[int] = []
+        self.values: dict[str, list[float]] = {key: [] for key, _ in self.SERIES}
+        self.dirty = False
+        self.full_draws = 0
+        self._background: Any = None  # the axes without lines, after the last full draw
+        self._stale = False  # the axes changed since the last full draw
+        self._ylim: tuple[float, float] | None = None
+        self.canvas.mpl_connect("draw_event", self._on_draw)
+        # The first draw loads fonts and lays out text (~0.4 s): pay it while the widget is
+        # built, not at the first step of a run.
+        self.reset(1, now=True)
+
+    def reset(self, total_steps: int, now: bool = False) -> None:
+        """Empty the plot for a run of ``total_steps`` (the x axis spans them all); drawn
+        at the event loop's next turn, or ``now``."""
+        self.steps.clear()
+        for values in self.values.values():
+            values.clear()
+        for line in self.lines.values():
+            line.set_data([], [])
+        self._total = max(int(total_steps), 1)
+        self.axes.set_xlim(0, min(self._total, self.FIRST_X))
+        self._ylim = None
+        self.axes.set_ylim(0.1, 10.0)
+        self.dirty = False
+        if now:
+            self.canvas.draw()
+        else:  # one full draw, with the first losses (its y range); until then no lines
+            self._stale = True
+            if self._background is not None:
+                self.canvas.restore_region(self._background)
+                self.canvas.blit(self.axes.bbox)
+
+    def add(self, step: int, info: dict[str, Any]) -> None:
+        """Record one step's losses (missing parts as gaps: λ = 0 leaves a term out)."""
+        self.steps.append(int(step))
+        for key, values in self.values.items():
+            values.append(float(info.get(key, math.nan)))
+        self.dirty = True
+
+    def points(self) -> int:
+        """Steps drawn in the plot now (what the user sees, not what was recorded)."""
+        return len(self.lines["loss"].get_xdata())
+
+    def redraw(self) -> None:
+        """Show the steps added since the last call (lines only, unless an axis must change)."""
+        if not self.dirty:
+            return
+        self.dirty = False
+        for key, line in self.lines.items():
+            line.set_data(self.steps, self.values[key])
+        if self._update_limits() or self._background is None or self._stale:
+            self.canvas.draw()  # axes changed: full draw; _on_draw adds the lines
+            return
+        self.canvas.restore_region(self._background)
+        self._draw_lines()
+        self.canvas.blit(self.axes.bbox)
+
+    def _update_limits(self) -> bool:
+        """Widen the axes to the data when needed; True if they changed."""
+        changed = False
+        right = self.axes.get_xlim()[1]
+        if self.steps and self.steps[-1] > right:  # doubling: a full draw now and then
+            self.axes.set_xlim(0, max(min(self._total, 2 * right), self.steps[-1]))
+            changed = True
+        positive = [v for values in self.values.values() for v in values if v > 0 and math.isfinite(v)]
+        if positive:
+            lo, hi = min(positive), max(positive)
+            if self._ylim is None or lo < self._ylim[0] or hi > self._ylim[1]:
+                self._ylim = (lo / self.HEADROOM, hi * self.HEADROOM)
+                self.axes.set_ylim(*self._ylim)
+                changed = True
+        return changed
+
+    def _on_draw(self, _event: Any) -> None:
+        # after any full draw (ours, a resize, a theme change): new background, lines on top
+        self._background = self.canvas.copy_from_bbox(self.axes.bbox)
+        self._stale = False
+        self._draw_lines()
+        self.full_draws += 1
+
+    def _draw_lines(self) -> None:
+        for line in self.lines.values():
+            self.axes.draw_artist(line)
+
+
+def _prefetch() -> None:
+    """Import, ahead of Start, what a run's first steps would import.
+
+    torch's optimisers import ``torch._dynamo`` on their first step: seconds of imports that
+    hold the GIL for up to ~0.3 s at a time, which would stall the viewer at the start of
+    every session's first run. Imported in a worker while the user sets up, they cost the
+    viewer only short hiccups once, and the run none.
+    """
+    import torch._dynamo  # noqa: F401
+
+    import ctp2mri.evaluate  # noqa: F401
+
+
+_PREFETCH = {"started": False, "done": False}  # one prefetch per session
+
+
+def _choices(viewer: Any, kind: type, ndim: int | None) -> Any:
+    def choices(_widget: Any = None) -> list[tuple[str, Any]]:
+        return [(layer.name, layer) for layer in viewer.layers
+                if isinstance(layer, kind) and (ndim is None or layer.ndim == ndim)
+                and not getattr(layer, "rgb", False)]
+    return choices
+
+
+def _row(label: str, *widgets: Any, labels: bool = False) -> Container:
+    """Widgets side by side under one label of the parent form."""
+    row = Container(widgets=widgets, layout="horizontal", labels=labels, label=label)
+    row.margins = (0, 0, 0, 0)
+    return row
+
+
+class PostTrainWidget(Container):
+    """Lesion-aware post-training of a cLDM on a local training set, in a worker thread.
+
+    Parameters
+    ----------
+    viewer
+        The napari viewer (npe2 passes it).
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self._auto = set(_PICKERS)  # pickers the user has not touched follow the default names
+        self._auto_setting = False
+        # training set
+        self.use_viewer = CheckBox(text="Viewer case", value=True,
+                                   tooltip="Train on the case open in the viewer, with its lesion "
+                                           "layer as it is when Start is pressed")
+        self.pickers: dict[str, ComboBox] = {}
+        for role, (kind, ndim) in _PICKERS.items():
+            combo = ComboBox(label=CASE_ROLES[role], choices=_choices(viewer, kind, ndim),
+                             nullable=True, tooltip=f"The viewer case's {CASE_ROLES[role]} layer")
+            combo.changed.connect(lambda _value, role=role: self._auto.discard(role)
+                                  if not self._auto_setting else None)
+            self.pickers[role] = combo
+        self.pickers["lesion"].tooltip = "The lesion Labels layer; paint or correct it first"
+        # model and settings
+        self.model = ComboBox(label="Base model", choices=self._model_choices, nullable=True,
+                              tooltip="A registered model, or empty to use the folder below")
+        self.checkpoint = FileEdit(label="Checkpoint folder", mode="d",
+                                   tooltip="Base cLDM checkpoint folder (config.json + .safetensors)")
+        self.lambda_image = FloatSpinBox(label="λ image", value=0.01, min=0.0, max=10.0, step=0.005,
+                                         tooltip="Weight of the image-space term ‖x − x̂‖² (Eq. 6); "
+                                                 "paper's best 0.01")
+        self.lambda_lesion = FloatSpinBox(label="λ lesion", value=0.02, min=0.0, max=10.0, step=0.005,
+                                          tooltip="Weight of the lesion term ‖M⊙(x − x̂)‖² (Eq. 7); "
+                                                  "paper's best 0.02")
+        for spin in (self.lambda_image, self.lambda_lesion):
+            spin.native.setDecimals(4)
+        self.steps = SpinBox(label="Steps", min=1, max=1_000_000, value=DEFAULT_STEPS)
+        self.batch_size = SpinBox(label="Batch size", min=1, max=1024, value=DEFAULT_BATCH,
+                                  tooltip="Slices per step; the learning rate scales with it")
+        self.device = ComboBox(label="Device", choices=["auto", *available_devices()], value="auto")
+        self.output = FileEdit(label="Output folder", mode="d",
+                               tooltip="A new or empty folder for the post-trained checkpoint")
+        self.resume = CheckBox(text="Continue the saved run in the output folder", value=False)
+        self.model_name = LineEdit(label="Model name",
+                                   tooltip="Name in the synthesis widget's model list "
+                                           "(default: the output folder's name)")
+        self.evaluate = CheckBox(text="metrics", value=True,
+                                 tooltip="Afterwards, synthesise the training cases with the base "
+                                         "and the new model (few DDIM steps) and compare")
+        self.eval_steps = SpinBox(label="DDIM steps", min=1, max=1000, value=DEFAULT_EVAL_STEPS,
+                                  tooltip="Sampling steps of the before/after metrics")
+        self.start_button = PushButton(text="Start")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(value="")
+        pickers = self.pickers
+        # pairs share a row: the whole widget must fit a laptop screen's height, since napari
+        # docks a magicgui container without a scroll area
+        rows = [self.use_viewer, pickers["ctp"],
+                _row("DWI, ADC", pickers["dwi"], pickers["adc"]),
+                _row("Brain, lesion", pickers["mask"], pickers["lesion"]),
+                self.model, self.checkpoint,
+                _row("λ image, lesion", self.lambda_image, self.lambda_lesion),
+                _row("Steps, batch", self.steps, self.batch_size),
+                self.device, self.output, self.resume, self.model_name,
+                _row("Before/after", self.evaluate, self.eval_steps, labels=True),
+                _row("", self.start_button, self.cancel_button), self.status]
+        self.extend(rows)
+        self.status.native.setWordWrap(True)
+        self.native.setMaximumWidth(MAX_WIDTH_PX)
+        layout = self.native.layout()
+        # case folders: a list with add/remove, after the viewer-case pickers
+        layout.insertWidget(4, self._folder_panel())
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setTextVisible(True)
+        self.progress_bar.setVisible(False)
+        layout.addWidget(self.progress_bar)
+        from napari.utils.theme import get_theme
+
+        theme = get_theme(viewer.theme)
+        self.loss_plot = LossPlot(theme.background.as_hex(), theme.text.as_hex())
+        layout.addWidget(self.loss_plot.canvas)
+        self.metrics_table = QTableWidget(0, 3)
+        self.metrics_table.setHorizontalHeaderLabels(["Base", "Post-trained", "Change"])
+        self.metrics_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.metrics_table.setSizeAdjustPolicy(QAbstractScrollArea.AdjustIgnored)
+        self.metrics_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.metrics_table.setToolTip("Means over the training cases, in the normalised space "
+                                      "([−1, 1]) as the paper's Table 1; both models sample from "
+                                      "the same noise")
+        self.metrics_table.setVisible(False)
+        layout.addWidget(self.metrics_table)
+
+        # Parentless on purpose: it must outlive a widget closed mid-run (see the synthesis widget).
+        self.relay = _ProgressRelay()
+        self.relay.reported.connect(self._on_progress)
+        self._plot_timer = QTimer(self.native)
+        self._plot_timer.setInterval(PLOT_INTERVAL_MS)
+        self._plot_timer.timeout.connect(self.loss_plot.redraw)
+        self.folders: list[Path] = []
+        self.worker: Any = None
+        self.cancel_token: CancelToken | None = None
+        self.result: PostTrainResult | None = None
+        self.last_step = 0  # the last post-training step reported in this run
+        self._run: dict[str, Any] = {}  # the running run's output folder, label, ETA anchors
+        self._closed = False
+
+        self.start_button.changed.connect(self.start)
+        self.cancel_button.changed.connect(self.cancel)
+        self.use_viewer.changed.connect(self._on_use_viewer)
+        self.model.changed.connect(self._on_model)
+        events = viewer.layers.events
+        self._hooks = [(event, self._on_layers_changed)
+                       for event in (events.inserted, events.removed, events.moved)]
+        self._hooks.append((MODELS_CHANGED, self._on_models_changed))
+        for event, callback in self._hooks:
+            event.connect(callback)
+        self.native.destroyed.connect(self._on_destroyed)
+        self._on_layers_changed()
+        self._on_models_changed()
+        if not _PREFETCH["started"]:
+            _PREFETCH["started"] = True
+            # an import that fails here fails the run later, with a notification
+            create_worker(_prefetch, _connect={"errored": lambda exc: None,
+                                               "finished": lambda: _PREFETCH.update(done=True)})
+
+    @property
+    def prefetching(self) -> bool:
+        """True while the session's one-off imports (`_prefetch`) are still running."""
+        return _PREFETCH["started"] and not _PREFETCH["done"]
+
+    # training set -------------------------------------------------------------------------
+    def _folder_panel(self) -> QWidget:
+        panel = QWidget()
+        box = QVBoxLayout(panel)
+        box.setContentsMargins(0, 0, 0, 0)
+        self.folder_list = QListWidget()
+        self.folder_list.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.folder_list.setMaximumHeight(56)
+        self.folder_list.setVisible(False)  # shown once it lists a folder
+        self.folder_list.setToolTip("Case folders in the training set (ctp.nii.gz, dwi.nii.gz, "
+                                    "adc.nii.gz, mask.nii.gz, lesion.nii.gz)")
+        buttons = QHBoxLayout()
+        add = QPushButton("Add case folders…")
+        add.setToolTip("A case folder, or a data folder: all case folders in it")
+        add.clicked.connect(self._add_folder_dialog)
+        remove = QPushButton("Remove")
+        remove.clicked.connect(self._remove_selected_folders)
+        buttons.addWidget(add)
+        buttons.addWidget(remove)
+        box.addWidget(self.folder_list)
+        box.addLayout(buttons)
+        return panel
+
+    def _add_folder_dialog(self) -> None:
+        path = QFileDialog.getExistingDirectory(self.native, "Case folder, or a data folder of cases")
+        if path:
+            self.add_folders(path)
+
+    def add_folders(self, path: str | Path) -> list[Path]:
+        """Add a case folder, or every case folder in a data folder; returns those added.
+
+        A folder that holds no case gives a notification (nothing is added).
+        """
+        try:
+            found = [Path(p) for p in resolve_cases(Path(path).expanduser())]
+        except InputError as exc:
+            show_error(str(exc))
+            return []
+        added = [p for p in found if p not in self.folders]
+        self.folders.extend(added)
+        self.folder_list.addItems([str(p) for p in added])
+        self.folder_list.setVisible(bool(self.folders))
+        return added
+
+    def _remove_selected_folders(self) -> None:
+        rows = sorted((self.folder_list.row(item) for item in self.folder_list.selectedItems()),
+                      reverse=True)
+        for row in rows:
+            self.folder_list.takeItem(row)
+            del self.folders[row]
+        self.folder_list.setVisible(bool(self.folders))
+
+    def _on_use_viewer(self, on: bool) -> None:
+        for combo in self.pickers.values():
+            combo.enabled = on
+
+    def _on_layers_changed(self, _event: Any = None) -> None:
+        self._auto_setting = True
+        try:
+            for role, combo in self.pickers.items():
+                combo.reset_choices()
+                if role not in self._auto:
+                    continue
+                layers = [layer for _, layer in _choices(self.viewer, *_PICKERS[role])()]
+                named = [layer for layer in layers if layer.name == _DEFAULT_NAMES[role]]
+                # the CTP picker falls back to the only 4-D image; masks need their name, as
+                # a wrong mask would silently train on the wrong lesion
+                fallback = layers[:1] if role == "ctp" else []
+                combo.value = (named or fallback or [None])[0]
+        finally:
+            self._auto_setting = False
+
+    def _viewer_layers(self) -> dict[str, Any]:
+        """The viewer case's ``{role: (data, attributes)}``, checked; masks copied now."""
+        picked = {role: combo.value for role, combo in self.pickers.items()}
+        if picked["ctp"] is None:
+            images = [x.name for x in self.viewer.layers if isinstance(x, Image)]
+            hint = (f" (the image layers here, {', '.join(map(repr, images))}, are not 4-D)"
+                    if images else "")
+            raise InputError("no CT perfusion layer for the viewer case" + hint + "; open a case "
+                             "(a 4-D CTP with DWI, ADC, brain mask and lesion), or untick 'Viewer case'")
+        for role, layer in picked.items():
+            if layer is not None and layer not in self.viewer.layers:
+                raise InputError(f"the {CASE_ROLES[role]} layer {layer.name!r} was removed; pick another")
+        layers = {role: None if layer is None else (layer.data, _layer_attributes(layer))
+                  for role, layer in picked.items()}
+        check_case_layers(layers)
+        for role in ("mask", "lesion"):
+            # a copy: painting on while the worker trains must not change its data under it
+            data, attributes = layers[role]
+            layers[role] = (np.array(data), attributes)
+        return layers
+
+    # models -------------------------------------------------------------------------------
+    def _model_choices(self, _widget: Any = None) -> list[tuple[str, Path]]:
+        return model_choices()
+
+    def _on_models_changed(self) -> None:
+        self.model.reset_choices()
+        if self.model.value is None and not str(self.checkpoint.value).strip(". "):
+            choices = model_choices()
+            self.model.value = choices[0][1] if choices else None
+        self._on_model()
+
+    def _on_model(self, _value: Any = None) -> None:
+        self.checkpoint.enabled = self.model.value is None
+
+    def _base_path(self) -> Path:
+        if self.model.value is not None:
+            return Path(self.model.value)
+        text = str(self.checkpoint.value).strip()
+        if text in ("", "."):
+            raise InputError("choose the base model: a registered one, or a cLDM checkpoint folder "
+                             "(holding config.json and .safetensors weights)")
+        return Path(text).expanduser()
+
+    def _output_path(self) -> Path:
+        text = str(self.output.value).strip()
+        if text in ("", "."):
+            raise InputError("choose an output folder for the post-trained model (a new or empty "
+                             "folder; or the folder of a cancelled run, with 'Continue the saved run')")
+        out = Path(text).expanduser()
+        # prepare_out_dir's rules (checked again in the worker), worded for this widget
+        if out.exists() and not out.is_dir():
+            raise InputError(f"the output folder {out} is a file; choose a folder")
+        if self.resume.value:
+            if not (out / "config.json").is_file():
+                raise InputError(f"{out} holds no saved run to continue (no config.json); untick "
+                                 "'Continue the saved run' to start a new one")
+        elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+            raise InputError(f"the output folder {out} is not empty; choose a new or empty folder, "
+                             "or tick 'Continue the saved run' to continue the run saved there")
+        return out
+
+    # run ----------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """True from Start until the run has finished, failed or been cancelled."""
+        return self.worker is not None
+
+    def start(self) -> Any:
+        """Start post-training in a worker thread; returns the worker (None on bad input)."""
+        if self.busy:
+            return None
+        try:
+            layers = self._viewer_layers() if self.use_viewer.value else None
+            folders = list(self.folders)
+            if layers is None and not folders:
+                raise InputError("the training set is empty: add case folders, or tick 'Viewer case' "
+                                 "and pick the layers of a case open in the viewer")
+            base, out = self._base_path(), self._output_path()
+        except InputError as exc:
+            show_error(str(exc))
+            return None
+        if layers is not None and not layers["lesion"][0].any() and self.lambda_lesion.value > 0:
+            show_warning(f"the lesion layer {layers['lesion'][1]['name']!r} is empty, so this case "
+                         "adds nothing to the lesion term (Eq. 7); paint the lesion first")
+        settings = {"lambda_image": self.lambda_image.value, "lambda_lesion": self.lambda_lesion.value,
+                    "steps": self.steps.value, "batch_size": self.batch_size.value,
+                    "device": self.device.value, "resume": self.resume.value}
+        evaluate, eval_steps = self.evaluate.value, self.eval_steps.value
+        token = CancelToken()
+        emit = self.relay.reported.emit
+
+        def reporter(phase: str) -> Any:
+            def report(step: int, total: int, info: dict[str, Any]) -> None:
+                emit(phase, step, total, dict(info))  # the GUI thread gets its own copy
+            return report
+
+        def work() -> PostTrainResult:
+            started = time.perf_counter()
+            prepare_out_dir(out, settings["resume"])  # a full folder fails now, not after the data
+            config = read_config(base)
+            if config.get("kind") != "cldm":
+                raise InputError(f"{base} holds a {config.get('kind')!r} checkpoint; the base model "
+                                 "must be a cLDM (ctp2mri train-ldm, or an earlier post-training)")
+            sources: list[Any] = list(folders)
+            if layers is not None:
+                sources.append(case_from_layers(layers))
+            dataset = training_dataset(sources, config["profile"], seed=SEED,
+                                       require_lesion=settings["lambda_lesion"] > 0,
+                                       progress=reporter("data"), cancel=token)
+            # num_workers 0: the slices are in memory already, and forking a Qt process is unsafe
+            post_train(dataset, base, out, **settings, seed=SEED, num_workers=0,
+                       progress=reporter("train"), cancel=token)
+            result = PostTrainResult(out, base, settings["steps"], 0.0, None)
+            if evaluate:
+                try:
+                    rows = before_after(base, out, sources, n_steps=eval_steps, seed=SEED,
+                                        device=settings["device"], progress=reporter("eval"),
+                                        cancel=token)
+                    result.metrics = metric_rows(rows)
+                except Cancelled:  # the model is trained and saved; only the check was stopped
+                    result.metrics_note = "metrics cancelled"
+            result.seconds = time.perf_counter() - started
+            return result
+
+        self.cancel_token, self.result, self.last_step = token, None, 0
+        self._run = {"out": out, "label": self.model_name.value.strip() or out.name}
+        self._set_running(True)
+        self.loss_plot.reset(settings["steps"])
+        self.metrics_table.setVisible(False)
+        self.status.value = "Checking the inputs…"
+        # errored is connected at creation: a worker without an errored handler re-raises
+        # its exception in the Qt event loop (a traceback instead of a notification)
+        self.worker = create_worker(work, _start_thread=False, _connect={
+            "returned": self._on_returned, "errored": self._on_error, "finished": self._on_finished})
+        self.worker.start()
+        return self.worker
+
+    def cancel(self) -> None:
+        """Ask the run to stop: after the running step, with a resumable checkpoint."""
+        if self.cancel_token is not None:
+            self.cancel_token.cancel()
+            self.status.value = "Cancelling: saving a checkpoint after the running step…"
+
+    def _set_running(self, running: bool) -> None:
+        self.start_button.enabled = not running
+        self.cancel_button.enabled = running
+        self.progress_bar.setVisible(running)
+        self.progress_bar.setRange(0, 0)  # busy until the first report
+        self.progress_bar.setFormat("")
+        if running:
+            self._plot_timer.start()
+        else:
+            self._plot_timer.stop()
+            self.loss_plot.redraw()
+
+    def _eta(self, phase: str, step: int, total: int, seconds: float) -> str:
+        """From the time since the phase's first report: the first step also loads and warms up."""
+        anchor = self._run.setdefault(f"anchor_{phase}", (step, seconds))
+        if step <= anchor[0]:
+            return ""
+        return format_eta((seconds - anchor[1]) / (step - anchor[0]) * (total - step))
+
+    def _on_progress(self, phase: str, step: int, total: int, info: dict[str, Any]) -> None:
+        if self.worker is None or self._closed:
+            return  # a report queued before the run ended
+        cancelling = self.cancel_token is not None and self.cancel_token.cancelled
+        self.progress_bar.setRange(0, total)
+        self.progress_bar.setValue(step)
+        if phase == "train":
+            self.last_step = step
+            self.loss_plot.add(step, info)
+            parts = [f"step {step}/{total}", f"loss {info.get('loss', math.nan):.4g}",
+                     self._eta(phase, step, total, float(info.get("seconds", math.nan)))]
+        elif phase == "eval":
+            parts = [f"metrics: case {info.get('cases_done', 0) + 1}/{info.get('cases_total', 1)}",
+                     self._eta(phase, step, total, time.perf_counter())]
+        else:
+            parts = [f"case {step}/{total}"]
+        self.progress_bar.setFormat(" · ".join(p for p in parts if p))
+        if not cancelling:
+            self.status.value = _PHASE_STATUS[phase]
+
+    def _on_returned(self, result: PostTrainResult) -> None:
+        if self._closed:
+            return
+        self.result = result
+        label = self._run["label"]
+        register_model(label, result.out)
+        self.status.value = (f"Done: {result.steps} steps in {result.seconds:.0f} s. Saved in "
+                             f"{result.out}; offered as {label!r} in the synthesis widget"
+                             + (f" ({result.metrics_note})" if result.metrics_note else ""))
+        if result.metrics is not None:
+            self._show_metrics(result.metrics)
+        show_info(f"Post-trained model {label!r} saved in {result.out}")
+
+    def _show_metrics(self, rows: list[dict[str, Any]]) -> None:
+        table = self.metrics_table
+        table.setRowCount(len(rows))
+        table.setVerticalHeaderLabels([row["label"] for row in rows])
+        for i, row in enumerate(rows):
+            digits = 2 if "PSNR" in row["label"] else 4
+            for j, key in enumerate(("base", "new", "change")):
+                value = row[key]
+                text = "–" if not math.isfinite(value) else (
+                    f"{value:+.{digits}f}" if key == "change" else f"{value:.{digits}f}")
+                item = QTableWidgetItem(text)
+                item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
+                if key == "change" and row["better"] is not None:
+                    item.setForeground(QColor("#4caf50" if row["better"] else "#ef5350"))
+                table.setItem(i, j, item)
+        table.setVisible(True)
+
+    def _on_error(self, exc: Exception) -> None:
+        if self._closed:
+            return
+        if isinstance(exc, Cancelled):
+            self._notify_cancelled()
+        elif isinstance(exc, InputError):
+            self.status.value = "Failed: see the notification"
+            show_error(str(exc))
+        else:  # a bug, not the user's fault: still a notification, with its type
+            self.status.value = "Failed: see the notification"
+            show_error(f"Post-training failed ({type(exc).__name__}): {exc}")
+
+    def _notify_cancelled(self) -> None:
+        out = self._run.get("out")
+        if out is not None and self.last_step > 0 and (Path(out) / "config.json").is_file():
+            message = (f"Post-training cancelled at step {self.last_step}; the checkpoint in {out} "
+                       "keeps it: tick 'Continue the saved run' and press Start to resume")
+        else:
+            message = "Post-training cancelled before the first step; nothing was saved"
+        self.status.value = message
+        show_info(message)
+
+    def _on_finished(self) -> None:
+        self.worker, self.cancel_token = None, None
+        if not self._closed:
+            self._set_running(False)
+
+    def _on_destroyed(self, *_args: Any) -> None:
+        self._closed = True
+        try:
+            self._plot_timer.stop()
+        except RuntimeError:  # Qt deleted it already
+            pass
+        for event, callback in self._hooks:
+            event.disconnect(callback)
+        self._hooks = []
+        if self.cancel_token is not None:
+            self.cancel_token.cancel()
