@@ -6,6 +6,7 @@ Errors the user can fix (`InputError`) are printed as one line without a traceba
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     try:
         out = train_autoencoder(args.data, args.out, profile=args.profile, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr, disc_start=args.disc_start,
-                                device=args.device, precision=args.precision, resume=args.resume,
+                                codebook_restart=args.codebook_restart, device=args.device, precision=args.precision, resume=args.resume,
                                 seed=args.seed, num_workers=args.num_workers,
                                 checkpoint_every=args.checkpoint_every, progress=progress)
     finally:
@@ -127,18 +128,35 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_ldm(args: argparse.Namespace) -> int:
-    from ctp2mri.training import train_ldm
+    from ctp2mri.training import train_bbdm, train_ldm
 
+    train = train_bbdm if args.model_type == "cbbdm" else train_ldm
     progress, close = _rank0_progress("train-ldm")
     try:
-        out = train_ldm(args.data, args.autoencoder, args.out, steps=args.steps,
-                        batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
-                        grad_accum=args.grad_accum, device=args.device, precision=args.precision,
-                        resume=args.resume, seed=args.seed, num_workers=args.num_workers,
-                        checkpoint_every=args.checkpoint_every, progress=progress)
+        out = train(args.data, args.autoencoder, args.out, steps=args.steps,
+                    batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+                    grad_accum=args.grad_accum, device=args.device, precision=args.precision,
+                    resume=args.resume, seed=args.seed, num_workers=args.num_workers,
+                    checkpoint_every=args.checkpoint_every, progress=progress)
     finally:
         close()
-    print(f"cLDM checkpoint: {out}")
+    print(f"{'cBBDM' if args.model_type == 'cbbdm' else 'cLDM'} checkpoint: {out}")
+    return 0
+
+
+def _cmd_train_pix2pix(args: argparse.Namespace) -> int:
+    from ctp2mri.training import train_pix2pix
+
+    progress, close = _rank0_progress("train-pix2pix")
+    try:
+        out = train_pix2pix(args.data, args.out, profile=args.profile, steps=args.steps,
+                            batch_size=args.batch_size, lr=args.lr, lambda_l1=args.lambda_l1,
+                            device=args.device, precision=args.precision, resume=args.resume,
+                            seed=args.seed, num_workers=args.num_workers,
+                            checkpoint_every=args.checkpoint_every, progress=progress)
+    finally:
+        close()
+    print(f"Pix2Pix checkpoint: {out}")
     return 0
 
 
@@ -169,7 +187,9 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         ablate(args.from_, args.data, args.out, parse_grid(args.grid), args.steps, target=args.target,
                batch_size=args.batch_size, eval_steps=args.eval_steps, split=args.split,
                max_cases=args.max_cases, seed=args.seed, device=args.device,
-               precision=args.precision, zero_as_base=not args.post_train_base, progress=progress)
+               precision=args.precision, zero_as_base=not args.post_train_base, progress=progress,
+               post_train_options={k: v for k, v in (("lr", args.lr), ("ema_decay", args.ema_decay))
+                                   if v is not None})
     finally:
         close()
     print((Path(args.out) / "table2.md").read_text())
@@ -202,6 +222,9 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     ae.add_argument("--profile", choices=["demo", "paper"], default="demo")
     ae.add_argument("--disc-start", type=int, default=30001,
                     help="step at which the adversarial loss starts (official 30001)")
+    ae.add_argument("--codebook-restart", type=int, default=0, metavar="N",
+                    help="every N steps move unused codes onto encoder outputs (0: off, as the official "
+                    "training; short runs need it, e.g. 25, or the codebook collapses)")
     ae.set_defaults(func=_cmd_train_autoencoder)
 
     ldm = sub.add_parser("train-ldm", help="train the conditional latent diffusion model (Eq. 4)",
@@ -212,14 +235,19 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     ldm.add_argument("--autoencoder", required=True, type=Path, help="trained autoencoder checkpoint")
     ldm.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default 0.9999)")
     ldm.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    ldm.add_argument("--model-type", choices=["cldm", "cbbdm"], default="cldm",
+                     help="cldm (the paper's, default) or cbbdm: the conditional Brownian-bridge baseline "
+                     "between the MRI latent and the CTP's latent (BBDM grad objective, L1)")
     ldm.set_defaults(func=_cmd_train_ldm)
 
-    pt = sub.add_parser("post-train", help="lesion-aware post-training of a cLDM (Eq. 5–8)",
+    pt = sub.add_parser("post-train", help="lesion-aware post-training of a cLDM or cBBDM (Eq. 5–8)",
                         description="Continue a base cLDM with L = L_latent + λ_image·‖x − D(ẑ0)‖² + "
                         "λ_lesion·‖M⊙(x − D(ẑ0))‖² through the frozen decoder (paper Eq. 5–8). "
-                        "Writes a new cLDM checkpoint recording the base, λs and target.")
+                        "Writes a new cLDM checkpoint recording the base, λs and target. A cBBDM base "
+                        "(train-ldm --model-type cbbdm) is post-trained alike, with its bridge objective "
+                        "and one-step estimate x̂0 = x_t − ô (paper Table 3).")
     _training_arguments(pt)
-    pt.add_argument("--from", dest="from_", required=True, type=Path, help="base cLDM checkpoint")
+    pt.add_argument("--from", dest="from_", required=True, type=Path, help="base cLDM (or cBBDM) checkpoint")
     pt.add_argument("--lambda-image", type=float, default=0.01, help="λ_image (paper's best 0.01)")
     pt.add_argument("--lambda-lesion", type=float, default=0.02, help="λ_lesion (paper's best 0.02)")
     pt.add_argument("--target", choices=["input", "reconstruction"], default="input",
@@ -233,6 +261,15 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--ema-decay", type=float, default=0.9999)
     pt.add_argument("--grad-accum", type=int, default=1)
     pt.set_defaults(func=_cmd_post_train)
+
+    p2p = sub.add_parser("train-pix2pix", help="train the Pix2Pix baseline (U-Net + PatchGAN)",
+                         description="Image-space baseline on the same slices: U-Net generator CTP → DWI/ADC "
+                         "and conditional PatchGAN, L1 (λ 100) + adversarial loss, Adam 2e-4. The run "
+                         "folder is a checkpoint that `ctp2mri evaluate` scores like the latent models.")
+    _training_arguments(p2p)
+    p2p.add_argument("--profile", choices=["demo", "paper"], default="demo")
+    p2p.add_argument("--lambda-l1", type=float, default=100.0, help="weight of the L1 term (Pix2Pix's 100)")
+    p2p.set_defaults(func=_cmd_train_pix2pix)
 
     a = sub.add_parser("ablate", help="post-train and evaluate a λ grid (paper Table 2)",
                        description="Post-trains the base for each (λ_image, λ_lesion) pair and evaluates "
@@ -252,6 +289,8 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--device", default="auto")
     a.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    a.add_argument("--lr", type=float, help="post-training learning rate (default: the official scaling)")
+    a.add_argument("--ema-decay", type=float, help="EMA decay of each post-training run (default 0.9999)")
     a.add_argument("--post-train-base", action="store_true",
                    help="post-train the 0:0 pair with Eq. 4 alone instead of reusing the base")
     a.set_defaults(func=_cmd_ablate)
@@ -405,20 +444,29 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     from ctp2mri.evaluate import FID_WEIGHTS_ENV
 
-    p = sub.add_parser("evaluate", help="score a trained cLDM on a split (Table 1 metrics)",
+    p = sub.add_parser("evaluate", help="score trained models on a split (Table 1 metrics)",
                        description="Synthesise DWI/ADC for every case of a split with DDIM and report "
                        "MAE, lesion MAE, PSNR and MS-SSIM per channel inside the brain (normalised "
-                       "space, as the paper's Table 1) and the infarct-core Dice; one CSV row per case.")
-    p.add_argument("--model", required=True, type=Path,
-                   help="cLDM checkpoint folder (an autoencoder checkpoint: reconstruction metrics)")
+                       "space, as the paper's Table 1) and the infarct-core Dice; one CSV row per case. "
+                       "Repeat --model to compare models (cLDM, cBBDM, Pix2Pix checkpoints) on the same "
+                       "cases with the same steps and seeds; --table writes the comparison.")
+    p.add_argument("--model", required=True, action="append", metavar="[NAME=]PATH",
+                   help="checkpoint folder of a cLDM, cBBDM or Pix2Pix model, optionally named (default "
+                   "name from the checkpoint: cLDM, cLDM-PT, cBBDM, cBBDM-PT, Pix2Pix); repeat to compare; "
+                   "a single autoencoder checkpoint gives reconstruction metrics")
     p.add_argument("--data", required=True, type=Path, help="data folder with case folders and splits.json")
     p.add_argument("--split", default="test", help="split of splits.json (default test)")
-    p.add_argument("--steps", type=int, default=200, help="DDIM steps (default 200, as the paper)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--steps", type=int, default=200, help="sampler steps (default 200, DDIM as the paper)")
+    p.add_argument("--sampler", choices=["ddim", "dpm++2m"], default="ddim",
+                   help="ddim (the paper's, default) or dpm++2m (DPM-Solver++(2M), ~20 steps)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM and bridge-sampler eta (default 0: deterministic; BBDM's configs use 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per batch (default 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--out", type=Path, help="per-case CSV to write")
+    p.add_argument("--table", type=Path,
+                   help="Markdown file for the Table-1-shaped comparison (a .csv of it is written beside)")
     p.add_argument("--figure", type=Path, help="PNG of a few test slices (CTP, true/synthetic DWI, ADC)")
     p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw, not the EMA, weights")
@@ -431,14 +479,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ctp2mri.checkpoints import read_config
     from ctp2mri.devices import resolve_device_with_notice
 
-    if read_config(args.model).get("kind") == "autoencoder":
+    if len(args.model) == 1 and Path(args.model[0]).exists() \
+            and read_config(args.model[0]).get("kind") == "autoencoder":
         from ctp2mri.evaluate_autoencoder import evaluate_autoencoder, format_autoencoder_report
 
         print(format_autoencoder_report(evaluate_autoencoder(
-            args.model, args.data, split=args.split, batch_size=args.batch_size, device=args.device)))
+            args.model[0], args.data, split=args.split, batch_size=args.batch_size, device=args.device)))
         return 0
-    from ctp2mri.evaluate import evaluate, fid_status, format_report
+    from ctp2mri.evaluate import evaluate, fid_status, format_report, named_models, write_comparison
     from ctp2mri.progress import tqdm_progress
+
+    models = named_models(args.model)
 
     _, notice = resolve_device_with_notice(args.device)
     if notice:
@@ -446,20 +497,109 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     fid_message = fid_status(args.fid_weights)
     progress, close = tqdm_progress("evaluate", unit="slice-step")
     try:
-        rows, summary = evaluate(args.model, args.data, split=args.split, n_steps=args.steps,
+        rows, summary = evaluate(None, args.data, split=args.split, n_steps=args.steps,
                                  eta=args.eta, seed=args.seed, batch_size=args.batch_size,
                                  device=args.device, out_csv=args.out, progress=progress,
                                  max_cases=args.max_cases, figure=args.figure,
-                                 use_ema=not args.no_ema, fid_weights=args.fid_weights)
+                                 use_ema=not args.no_ema, fid_weights=args.fid_weights,
+                                 sampler=args.sampler, models=models)
     finally:
         close()
     print(format_report(summary, rows, n_steps=args.steps, eta=args.eta, seed=args.seed,
                         split=args.split, fid_message=fid_message))
+    if args.table:
+        md, table_csv = write_comparison(summary, rows, args.table, n_steps=args.steps, eta=args.eta, seed=args.seed,
+                                         split=args.split, checkpoints=models, fid_message=fid_message)
+        print(f"comparison: {md} and {table_csv}")
     if args.out:
         print(f"per-case results: {args.out}")
     if args.figure:
         print(f"figure: {args.figure}")
     return 0
+
+
+# demo ------------------------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from ctp2mri.demo import metrics_line, run_demo
+    from ctp2mri.devices import resolve_device_with_notice
+    from ctp2mri.progress import tqdm_progress
+
+    _, notice = resolve_device_with_notice(args.device)
+    if notice:
+        print(f"ctp2mri demo: {notice}")
+    start = time.perf_counter()
+    progress, close = tqdm_progress("demo: synthesis", unit="step")
+    try:
+        result = run_demo(args.out, args.model, case_seed=args.case_seed, sampler=args.sampler,
+                          steps=args.steps, seed=args.seed, device=args.device, progress=progress)
+    finally:
+        close()
+    for line in result["report"].get("notices", []):
+        print(f"note: {line}")
+    m = result["metrics"]
+    print(f"model {args.model}, {args.sampler} {args.steps} steps, seed {args.seed}; phantom case seed {args.case_seed}")
+    print("whole-volume metrics (normalised [-1, 1] space inside the brain, as Table 1):")
+    for ch in ("DWI", "ADC"):
+        print(f"  {ch}: MAE {m[f'{ch}_mae']:.4f}  lesion MAE {m[f'{ch}_lesion_mae']:.4f}  "
+              f"PSNR {m[f'{ch}_psnr']:.2f} dB  MS-SSIM {m[f'{ch}_ms_ssim']:.4f}")
+    print("  " + metrics_line(m))
+    for key, path in result["files"].items():
+        print(f"{key}: {path}")
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _cmd_train_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from ctp2mri.progress import tqdm_progress
+    from ctp2mri.train_demo import train_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress, close = tqdm_progress("train-demo")
+    try:
+        result = train_demo(args.out, args.recipe, bundle=args.bundle, device=args.device,
+                            evaluate_models=not args.no_evaluate, progress=progress,
+                            on_stage=lambda text: print(text, flush=True))
+    finally:
+        close()
+    print("wall time per stage (s):", json.dumps(result["timings_s"]))
+    if args.bundle:
+        print(f"bundled models: {args.bundle}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="synthesise a phantom stroke case with the bundled model (≈1 min, CPU)",
+                       description="Generates a held-out phantom stroke case, synthesises DWI/ADC with the "
+                       "bundled lesion-aware post-trained cLDM and DPM-Solver++, writes NIfTI outputs, a "
+                       "figure (demo.png) and the comparison metrics, and prints them.")
+    p.add_argument("--out", type=Path, default=Path("ctp2mri_demo"), help="output folder (default ctp2mri_demo)")
+    p.add_argument("--model", default="demo",
+                   help="bundled model name (demo, demo-base) or a cLDM checkpoint folder (default demo)")
+    p.add_argument("--sampler", choices=["dpm++2m", "ddim"], default="dpm++2m")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--case-seed", type=int, default=5, help="phantom case seed (default 5: left MCA stroke)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("train-demo", help="reproduce the bundled demo models (≈1 h on a 2-core CPU)",
+                       description="Phantom data → autoencoder → base cLDM → lesion-aware post-training → "
+                       "bundle → evaluation of base vs post-trained on the test split. Each stage is a "
+                       "resumable run in --out; re-running continues an interrupted recipe.")
+    t.add_argument("--out", type=Path, required=True, help="work folder (data, runs, evaluation)")
+    t.add_argument("--bundle", type=Path, help="copy the shippable weights here (e.g. resources/models/demo)")
+    t.add_argument("--recipe", choices=["demo", "smoke"], default="demo",
+                   help="demo (the bundled models' recipe) or smoke (seconds; checks the pipeline)")
+    t.add_argument("--device", default="cpu", help="training device (default cpu: the recipe's timings)")
+    t.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 is faster on a machine busy with other work)")
+    t.add_argument("--no-evaluate", action="store_true", help="skip the test-split evaluation")
+    t.set_defaults(func=_cmd_train_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"ctp2mri {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_phantom, _add_preprocess, _add_training, _add_synthesize, _add_evaluate,
+    for add in (_add_demo, _add_phantom, _add_preprocess, _add_training, _add_synthesize, _add_evaluate,
                 _add_bench):
         add(sub)
     return parser

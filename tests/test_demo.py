@@ -1,0 +1,115 @@
+"""`ctp2mri train-demo` (the bundled models' recipe), the bundled-model registry, `ctp2mri demo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ctp2mri import bundled
+from ctp2mri.checkpoints import read_config
+from ctp2mri.cli import main
+from ctp2mri.errors import InputError
+from ctp2mri.train_demo import RECIPES, train_demo
+
+
+def test_resolve_model_takes_folders_and_bundled_names(tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    assert bundled.resolve_model(folder) == folder
+    with pytest.raises(InputError, match="neither a checkpoint folder nor a bundled model"):
+        bundled.resolve_model(tmp_path / "missing")
+    with pytest.raises(InputError, match="no bundled model called"):
+        bundled.bundled_model("nope")
+    # A resources folder named by the environment wins, and only complete checkpoints count.
+    resources = tmp_path / "resources"
+    post = resources / "models" / "demo" / "cldm_post_trained"
+    post.mkdir(parents=True)
+    (resources / "models" / "demo" / "cldm_base").mkdir()
+    (post / "config.json").write_text("{}")
+    monkeypatch.setenv(bundled.RESOURCES_ENV, str(resources))
+    assert bundled.bundled_models() == {"demo": post}
+    assert bundled.resolve_model("demo") == post
+    with pytest.raises(InputError, match="not installed.*train-demo"):
+        bundled.resolve_model("demo-base")
+
+
+@pytest.mark.slow
+def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, capsys):
+    torch.set_num_threads(1)
+    work, bundle = tmp_path / "work", tmp_path / "bundle"
+    said: list[str] = []
+    result = train_demo(work, "smoke", bundle=bundle, device="cpu", on_stage=said.append)
+    rec = RECIPES["smoke"]
+    for name, steps in (("autoencoder", rec.ae_steps), ("cldm_base", rec.ldm_steps),
+                        ("cldm_post_trained", rec.pt_steps)):
+        assert read_config(work / name)["provenance"]["steps"] == steps
+    # The bundle ships weights only: no optimiser state, no discriminator, EMA + autoencoder.
+    for name, networks in (("autoencoder", {"model"}), ("cldm_base", {"ema", "autoencoder"}),
+                           ("cldm_post_trained", {"ema", "autoencoder"})):
+        files = {p.name for p in (bundle / name).iterdir()}
+        assert set(read_config(bundle / name)["networks"]) == networks
+        assert {f"{n}.safetensors" for n in networks} <= files
+        assert not any(f.startswith("training_state") or f.startswith("discriminator") for f in files)
+    post = read_config(bundle / "cldm_post_trained")
+    assert post["post_training"]["lambda_image"] == rec.lambda_image
+    # Base and post-trained were evaluated alike on the test split.
+    rows = (work / "evaluation" / "per_case.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * len(json.loads((work / "data" / "splits.json").read_text())["test"])
+    assert set(result["summary"]) == {"cLDM (base)", "cLDM-PT (λ_image 0.01, λ_lesion 0.02)"}
+    # A second run finds every stage done and trains nothing.
+    said.clear()
+    train_demo(work, "smoke", device="cpu", evaluate_models=False, on_stage=said.append)
+    assert sum("done" in line for line in said) == 3
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--model", str(bundle / "cldm_post_trained"), "--steps", "2",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "lesion MAE" in printed and "figure:" in printed
+    assert (out / "demo.png").stat().st_size > 10_000
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert np.isfinite(metrics["DWI_mae"]) and np.isfinite(metrics["ADC_lesion_mae"])
+    ctp = nib.load(out / "case" / "ctp.nii.gz")
+    for name in ("dwi", "adc", "core"):
+        img = nib.load(out / "synthetic" / f"{name}.nii.gz")
+        assert img.shape == ctp.shape[:3] and np.array_equal(img.affine, ctp.affine)
+
+
+def test_synthesis_widget_lists_the_bundled_models_first(tmp_path, monkeypatch):
+    import napari_ctp2mri._synthesis_widget as widget_module
+
+    resources = tmp_path / "resources"
+    for sub in ("cldm_post_trained", "cldm_base", "autoencoder"):
+        (resources / "models" / "demo" / sub).mkdir(parents=True)
+        (resources / "models" / "demo" / sub / "config.json").write_text("{}")
+    monkeypatch.setenv(bundled.RESOURCES_ENV, str(resources))
+    monkeypatch.setattr(widget_module, "_MODELS", {})
+    widget_module.register_bundled_models()
+    choices = widget_module.model_choices()
+    assert [label for label, _ in choices] == list(widget_module.BUNDLED_LABELS.values())
+    assert choices[0][1] == resources / "models" / "demo" / "cldm_post_trained"
+
+
+def test_the_repository_ships_the_demo_models_small_loadable_and_documented():
+    found = bundled.bundled_models()
+    assert set(found) == set(bundled.BUNDLED_MODELS)
+    root = found["demo"].parent
+    size = sum(p.stat().st_size for p in root.rglob("*.safetensors"))
+    assert size <= 50 * 2**20  # the issue's budget for all bundled weights
+    assert not list(root.rglob("training_state*"))  # weights only
+    for doc in ("MODEL_CARD.md", "REPORT.md"):
+        assert (root / doc).is_file(), doc
+    from ctp2mri.inference import load_model
+
+    model = load_model("demo", device="cpu")
+    base = read_config(found["demo-base"])
+    post = read_config(found["demo"])
+    # The post-trained model records its base and the paper's λs; both share one autoencoder.
+    assert post["post_training"]["lambda_image"] == 0.01 and post["post_training"]["lambda_lesion"] == 0.02
+    assert post["networks"]["autoencoder"] == base["networks"]["autoencoder"]
+    assert model.profile == "demo"
