@@ -21,7 +21,7 @@ def test_resolve_model_takes_folders_and_bundled_names(tmp_path, monkeypatch):
     folder = tmp_path / "ckpt"
     folder.mkdir()
     assert bundled.resolve_model(folder) == folder
-    with pytest.raises(InputError, match="neither a checkpoint folder nor a bundled model"):
+    with pytest.raises(InputError, match="does not exist, and .* is not a bundled model"):
         bundled.resolve_model(tmp_path / "missing")
     with pytest.raises(InputError, match="no bundled model called"):
         bundled.bundled_model("nope")

@@ -73,5 +73,5 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         return path
     if str(spec) in BUNDLED_MODELS:
         return bundled_model(str(spec))
-    raise InputError(f"model {str(spec)!r} is neither a checkpoint folder nor a bundled model "
-                     f"({', '.join(BUNDLED_MODELS)})")
+    raise InputError(f"checkpoint folder {path} does not exist, and {str(spec)!r} is not a bundled model name "
+                     f"either ({', '.join(BUNDLED_MODELS)})")
