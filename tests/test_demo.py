@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -54,7 +53,7 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
         files = {p.name for p in (bundle / name).iterdir()}
         assert set(read_config(bundle / name)["networks"]) == networks
         assert {f"{n}.safetensors" for n in networks} <= files
-        assert not any(f.startswith("training_state") or f.startswith("discriminator") for f in files)
+        assert not any(f.startswith(("training_state", "discriminator")) for f in files)
     post = read_config(bundle / "cldm_post_trained")
     assert post["post_training"]["lambda_image"] == rec.lambda_image
     # Base and post-trained were evaluated alike on the test split.

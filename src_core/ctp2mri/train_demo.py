@@ -25,16 +25,17 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ctp2mri.checkpoints import read_config
 from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_dir, atomic_path, ensure_writable_dir
 from ctp2mri.progress import CancelToken, ProgressCallback
 
-__all__ = ["DemoRecipe", "RECIPES", "bundle_checkpoint", "train_demo"]
+__all__ = ["RECIPES", "DemoRecipe", "bundle_checkpoint", "train_demo"]
 
 BUNDLE_NAMES = {"autoencoder": "autoencoder", "base": "cldm_base", "post_trained": "cldm_post_trained"}
 
@@ -239,7 +240,3 @@ def _evaluate(paths: dict[str, Path], folder: Path, rec: DemoRecipe, device: str
     say(text)
     return summary
 
-
-def scaled(recipe: DemoRecipe, **changes: Any) -> DemoRecipe:
-    """A copy of ``recipe`` with some settings changed (for experiments and tests)."""
-    return replace(recipe, **changes)
