@@ -20,6 +20,7 @@ decoder, with the Eq. 6–8 terms added to the bridge objective.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,21 +29,17 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ctp2mri.checkpoints import load_checkpoint
 from ctp2mri.diffusion.bridge import BRIDGE_LOSSES, BrownianBridge, bridge_loss
 from ctp2mri.errors import InputError
 from ctp2mri.losses import total_loss
-from ctp2mri.models import BrownianBridgeLDM, model_config
+from ctp2mri.models import BrownianBridgeLDM
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.training import loop
 from ctp2mri.training.distributed import init_distributed, shutdown
-from ctp2mri.training.ema import EMA
 from ctp2mri.training.image_terms import TARGETS, image_space_terms
-from ctp2mri.training.ldm import LDM_BASE_LR, optimise, restore_run
+from ctp2mri.training.ldm import LDM_BASE_LR, train_latent_model
 
 __all__ = ["bridge_diffuse", "bridge_post_training_loss", "bridge_training_loss", "train_bbdm"]
-
-LOG_COLUMNS = ("step", "epoch", "loss", "lr", "seconds")
 
 
 def train_bbdm(
@@ -110,68 +107,16 @@ def train_bbdm(
 def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum, weight_decay, ema_decay,
            grad_clip, loss_type, precision, resume, seed, num_workers, checkpoint_every, log_every, cbbdm_config,
            bridge, progress, cancel) -> Path:
-    dev = info.device
-    precision = loop.check_precision(precision, dev)
-    if grad_accum < 1:
-        raise InputError(f"gradient accumulation must be at least 1 forward per step, got {grad_accum}")
-    nets, ae_cfg = load_checkpoint(ae_dir, names=["model"], map_location=dev, kind="autoencoder")
-    autoencoder = nets["model"].eval().requires_grad_(False)
-    profile = ae_cfg["profile"]
-    out = loop.prepare_out_dir(out, resume) if info.is_main else out
-    loop.barrier(info)
-    dataset = loop.load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
-    cbbdm_config = dict(cbbdm_config or model_config(profile, "cbbdm"))
-    if cbbdm_config["latent_channels"] != autoencoder.embedding_dim:
-        raise InputError(f"the cBBDM models {cbbdm_config['latent_channels']} latent channels but the autoencoder "
-                         f"in {ae_dir} makes {autoencoder.embedding_dim}")
-    lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, grad_accum, scale_lr, lr)
-    settings = {
-        "profile": profile, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
-        "world_size": info.world_size, "base_lr": base_lr, "scale_lr": scale_lr, "lr": lr_value,
-        "optimizer": "AdamW", "weight_decay": weight_decay, "ema_decay": ema_decay, "ema_warmup": True,
-        "grad_clip": grad_clip, "precision": precision, "seed": seed, "num_workers": num_workers,
-        "device": str(dev), "checkpoint_every": checkpoint_every, "log_every": log_every,
-        "parameterization": "grad", "loss_type": loss_type, "loss": f"{loss_type} on m_t(y − x0) + √δ_t ε",
-        "data": loop.data_identity(dataset), "cbbdm": cbbdm_config, "schedule": bridge.config(),
-        "autoencoder": {"config": autoencoder.config, "git_commit": ae_cfg.get("provenance", {}).get("git_commit"),
-                        "steps": ae_cfg.get("provenance", {}).get("steps")},
-    }
+    def loss_for(model_train, autoencoder, bridge, generator, precision):
+        return functools.partial(bridge_training_loss, model_train, autoencoder, bridge, generator=generator,
+                                 loss_type=loss_type, precision=precision)
 
-    loop.seed_everything(seed)
-    model = BrownianBridgeLDM(**cbbdm_config).to(dev)
-    ema = EMA(model, ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=weight_decay)
-    scaler = loop.make_grad_scaler(precision)
-    generator = loop.noise_generator(seed, info)
-    step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(LOG_COLUMNS)
-    if resume:
-        step, position, log = restore_run(out, settings, model, ema, opt, scaler, generator, info)
-    if step >= steps:
-        raise InputError(f"the run in {out} has already trained {step} steps (≥ --steps {steps}); "
-                         "give a larger --steps to continue it")
-
-    bridge = bridge.to(dev)
-    model_train = DDP(model, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else model
-    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, **position)
-    run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
-    model.train()
-    ae_source = {"source": str(ae_dir), "provenance": ae_cfg.get("provenance")}
-
-    def save(step: int) -> None:
-        config = loop.base_config("cbbdm", profile, settings, dataset, step, data,
-                                  {"schedule": bridge.config(), "autoencoder_source": ae_source,
-                                   "inference_network": "ema"})
-        state = {"step": step, "position": stream.position(), "optimizer": opt.state_dict(),
-                 "ema": ema.state(), "scaler": scaler.state_dict() if scaler is not None else None}
-        run.save({"model": model, "ema": ema.module, "autoencoder": autoencoder}, config, state,
-                 loop.rng_snapshot(generator))
-
-    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        return bridge_training_loss(model_train, autoencoder, bridge, batch, generator, loss_type, precision)
-
-    optimise(info, model, model_train, ema, opt, scaler, stream, run, step, steps, grad_accum, grad_clip,
-             lr_value, loss_fn, save)
-    return out
+    objective = {"parameterization": "grad", "loss_type": loss_type,
+                 "loss": f"{loss_type} on m_t(y − x0) + √δ_t ε"}
+    return train_latent_model(
+        info, "cbbdm", BrownianBridgeLDM, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum,
+        weight_decay, ema_decay, grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every,
+        cbbdm_config, bridge, objective, loss_for, progress, cancel)
 
 
 # one batch -------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from ctp2mri.training import loop
 from ctp2mri.training.distributed import init_distributed, shutdown
 from ctp2mri.training.ema import EMA
 
-__all__ = ["LDM_BASE_LR", "diffuse", "optimise", "restore_run", "train_ldm"]
+__all__ = ["LDM_BASE_LR", "diffuse", "optimise", "restore_run", "train_latent_model", "train_ldm"]
 
 LDM_BASE_LR = 2e-6  # base_learning_rate of the official ldm.yaml (and the paper)
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "seconds")
@@ -131,6 +131,39 @@ def train_ldm(
 def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum, weight_decay, ema_decay,
            grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every, cldm_config, schedule,
            progress, cancel) -> Path:
+    def loss_for(model_train, autoencoder, schedule, generator, precision):
+        dev = schedule.device
+
+        def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+            _, t, eps, z_t = diffuse(autoencoder, schedule, batch["target"].to(dev, non_blocking=True), generator,
+                                     precision)
+            with loop.autocast(precision, dev):
+                eps_hat = model_train(z_t, t, batch["cond"].to(dev, non_blocking=True))
+            return latent_loss(eps, eps_hat), {}  # Eq. 4
+
+        return loss_fn
+
+    return train_latent_model(
+        info, "cldm", ConditionalLDM, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum,
+        weight_decay, ema_decay, grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every,
+        cldm_config, schedule, {"parameterization": "eps", "loss": "l2 (Eq. 4)"}, loss_for, progress, cancel)
+
+
+def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], data: Any, ae_dir: Path, out: Path,
+                       steps: int, batch_size: int, lr: float | None, base_lr: float, scale_lr: bool,
+                       grad_accum: int, weight_decay: float, ema_decay: float, grad_clip: float | None,
+                       precision: str, resume: bool, seed: int, num_workers: int, checkpoint_every: int,
+                       log_every: int, net_config: dict[str, Any] | None, schedule: Any,
+                       objective: dict[str, Any], loss_for: Callable[..., Callable], progress: Any,
+                       cancel: Any) -> Path:
+    """The run of a latent model on a frozen autoencoder, shared by the cLDM and the cBBDM.
+
+    ``kind`` names the checkpoint kind and the settings key of ``net_config`` (the profile's
+    ``model_config(profile, kind)`` when None); ``network`` is its class; ``schedule`` the
+    noise schedule or bridge (anything with ``config()`` and ``to(device)``); ``objective``
+    extra settings describing the loss; ``loss_for(model_train, autoencoder, schedule,
+    generator, precision)`` returns the per-batch loss function given to `optimise`.
+    """
     dev = info.device
     precision = loop.check_precision(precision, dev)
     if grad_accum < 1:
@@ -141,9 +174,10 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     loop.barrier(info)
     dataset = loop.load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
-    cldm_config = dict(cldm_config or model_config(profile, "cldm"))
-    if cldm_config["latent_channels"] != autoencoder.embedding_dim:
-        raise InputError(f"the cLDM models {cldm_config['latent_channels']} latent channels but the autoencoder "
+    net_config = dict(net_config or model_config(profile, kind))
+    if net_config["latent_channels"] != autoencoder.embedding_dim:
+        label = {"cldm": "cLDM", "cbbdm": "cBBDM"}.get(kind, kind)
+        raise InputError(f"the {label} models {net_config['latent_channels']} latent channels but the autoencoder "
                          f"in {ae_dir} makes {autoencoder.embedding_dim}")
     lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, grad_accum, scale_lr, lr)
     settings = {
@@ -152,14 +186,13 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
         "optimizer": "AdamW", "weight_decay": weight_decay, "ema_decay": ema_decay, "ema_warmup": True,
         "grad_clip": grad_clip, "precision": precision, "seed": seed, "num_workers": num_workers,
         "device": str(dev), "checkpoint_every": checkpoint_every, "log_every": log_every,
-        "parameterization": "eps", "loss": "l2 (Eq. 4)", "data": loop.data_identity(dataset),
-        "cldm": cldm_config, "schedule": schedule.config(),
+        **objective, "data": loop.data_identity(dataset), kind: net_config, "schedule": schedule.config(),
         "autoencoder": {"config": autoencoder.config, "git_commit": ae_cfg.get("provenance", {}).get("git_commit"),
                         "steps": ae_cfg.get("provenance", {}).get("steps")},
     }
 
     loop.seed_everything(seed)
-    model = ConditionalLDM(**cldm_config).to(dev)
+    model = network(**net_config).to(dev)
     ema = EMA(model, ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=weight_decay)
     scaler = loop.make_grad_scaler(precision)
@@ -179,7 +212,7 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
     ae_source = {"source": str(ae_dir), "provenance": ae_cfg.get("provenance")}
 
     def save(step: int) -> None:
-        config = loop.base_config("cldm", profile, settings, dataset, step, data,
+        config = loop.base_config(kind, profile, settings, dataset, step, data,
                                   {"schedule": schedule.config(), "autoencoder_source": ae_source,
                                    "inference_network": "ema"})
         state = {"step": step, "position": stream.position(), "optimizer": opt.state_dict(),
@@ -187,15 +220,8 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
         run.save({"model": model, "ema": ema.module, "autoencoder": autoencoder}, config, state,
                  loop.rng_snapshot(generator))
 
-    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        _, t, eps, z_t = diffuse(autoencoder, schedule, batch["target"].to(dev, non_blocking=True), generator,
-                                 precision)
-        with loop.autocast(precision, dev):
-            eps_hat = model_train(z_t, t, batch["cond"].to(dev, non_blocking=True))
-        return latent_loss(eps, eps_hat), {}  # Eq. 4
-
     optimise(info, model, model_train, ema, opt, scaler, stream, run, step, steps, grad_accum, grad_clip,
-             lr_value, loss_fn, save)
+             lr_value, loss_for(model_train, autoencoder, schedule, generator, precision), save)
     return out
 
 
