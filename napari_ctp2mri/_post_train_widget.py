@@ -3,8 +3,9 @@
 A thin shell over `ctp2mri.training.post_train.post_train` (paper §2.2, Eq. 5–8). The user
 builds a local training set from case folders and/or the case open in the viewer (its CTP,
 DWI, ADC, brain mask and lesion layers; the lesion as it is at Start, painted or corrected
-with napari's Labels tools), picks the base cLDM and the settings, and presses Start. The
-worker thread builds the `SliceDataset` (`napari_ctp2mri._training_set`), post-trains, and
+with napari's Labels tools), picks the base cLDM and the settings, and presses Start.
+"Save viewer case…" writes the viewer case as a case folder and lists it, so several
+annotated cases, opened one after the other, make one training set. The worker thread builds the `SliceDataset` (`napari_ctp2mri._training_set`), post-trains, and
 optionally scores the base and the new model on the training cases (`ctp2mri.evaluate`).
 The new checkpoint is registered with `register_model`, so the synthesis widget offers it.
 
@@ -21,6 +22,7 @@ saved run" resumes it.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +83,9 @@ from napari_ctp2mri._training_set import (
     case_from_layers,
     check_case_layers,
     metric_rows,
+    save_viewer_case,
     training_dataset,
+    viewer_case_name,
 )
 
 if TYPE_CHECKING:
@@ -257,13 +261,19 @@ def _prefetch() -> None:
     hold the GIL for up to ~0.3 s at a time, which would stall the viewer at the start of
     every session's first run. Imported in a worker while the user sets up, they cost the
     viewer only short hiccups once, and the run none.
-    """
-    import torch._dynamo  # noqa: F401
 
-    import ctp2mri.evaluate  # noqa: F401
+    Every worker calls it first: torch's module initialisation is not safe against a second
+    thread importing torch modules at the same time, so the imports happen under one lock,
+    once (a later call returns as soon as the first has finished).
+    """
+    with _IMPORT_LOCK:
+        import torch._dynamo  # noqa: F401
+
+        import ctp2mri.evaluate  # noqa: F401
 
 
 _PREFETCH = {"started": False, "done": False}  # one prefetch per session
+_IMPORT_LOCK = threading.Lock()
 
 
 def _choices(viewer: Any, kind: type, ndim: int | None) -> Any:
@@ -383,6 +393,8 @@ class PostTrainWidget(Container):
         self._plot_timer.setInterval(PLOT_INTERVAL_MS)
         self._plot_timer.timeout.connect(self.loss_plot.redraw)
         self.folders: list[Path] = []
+        # case folders this widget wrote → the viewer case each holds (re-saving replaces them)
+        self._saved: dict[Path, str] = {}
         self.worker: Any = None
         self.cancel_token: CancelToken | None = None
         self.result: PostTrainResult | None = None
@@ -431,7 +443,13 @@ class PostTrainWidget(Container):
         add.clicked.connect(self._add_folder_dialog)
         remove = QPushButton("Remove")
         remove.clicked.connect(self._remove_selected_folders)
+        self.save_case_button = QPushButton("Save viewer case…")
+        self.save_case_button.setToolTip("Write the viewer case (its lesion as painted now) as a case "
+                                         "folder and add it here: annotate several cases one after the "
+                                         "other, then train on all of them")
+        self.save_case_button.clicked.connect(lambda: self.save_viewer_case())
         buttons.addWidget(add)
+        buttons.addWidget(self.save_case_button)
         buttons.addWidget(remove)
         box.addWidget(self.folder_list)
         box.addLayout(buttons)
@@ -457,6 +475,55 @@ class PostTrainWidget(Container):
         self.folder_list.addItems([str(p) for p in added])
         self.folder_list.setVisible(bool(self.folders))
         return added
+
+    def save_viewer_case(self, parent: str | Path | None = None) -> Any:
+        """Save the viewer case as a case folder in ``parent`` (asked for when None), in a
+        worker, and add it to the training set; returns the worker (None on bad input).
+
+        Saving the same case again replaces the folder this widget wrote for it; an existing
+        folder it did not write is left alone and the new one gets a suffix.
+        """
+        try:
+            layers = self._viewer_layers()  # masks copied now: painting on does not change the save
+        except InputError as exc:
+            show_error(str(exc))
+            return None
+        if parent is None:
+            parent = QFileDialog.getExistingDirectory(self.native, "Folder to save annotated cases in")
+            if not parent:
+                return None
+        name = viewer_case_name(layers["ctp"][1])
+        parent = Path(parent).expanduser()
+        folder = parent / name
+        overwrite = folder in self._saved
+        n = 1
+        while folder.exists() and not overwrite:
+            n += 1
+            folder = parent / f"{name}-{n}"
+        self.save_case_button.setEnabled(False)
+        self.status.value = f"Saving the viewer case to {folder}…"
+
+        def saved(path: Path) -> None:
+            self._saved[path] = name
+            if path not in self.folders:
+                self.add_folders(path)
+            self.status.value = f"Saved the viewer case as {path}; it is in the training set"
+            show_info(f"Viewer case saved as {path}")
+
+        def failed(exc: Exception) -> None:
+            self.status.value = "Saving failed: see the notification"
+            show_error(str(exc) if isinstance(exc, InputError) else
+                       f"Saving the viewer case failed ({type(exc).__name__}): {exc}")
+
+        def write() -> Path:
+            _prefetch()
+            return save_viewer_case(layers, parent, folder.name, overwrite)
+
+        worker = create_worker(write, _start_thread=False,
+                               _connect={"returned": saved, "errored": failed,
+                                         "finished": lambda: self.save_case_button.setEnabled(True)})
+        worker.start()
+        return worker
 
     def _remove_selected_folders(self) -> None:
         rows = sorted((self.folder_list.row(item) for item in self.folder_list.selectedItems()),
@@ -561,6 +628,9 @@ class PostTrainWidget(Container):
         try:
             layers = self._viewer_layers() if self.use_viewer.value else None
             folders = list(self.folders)
+            if layers is not None:  # the viewer case as it is now, not also its saved copy
+                live = viewer_case_name(layers["ctp"][1])
+                folders = [f for f in folders if self._saved.get(f) != live]
             if layers is None and not folders:
                 raise InputError("the training set is empty: add case folders, or tick 'Viewer case' "
                                  "and pick the layers of a case open in the viewer")
@@ -585,6 +655,7 @@ class PostTrainWidget(Container):
 
         def work() -> PostTrainResult:
             started = time.perf_counter()
+            _prefetch()
             prepare_out_dir(out, settings["resume"])  # a full folder fails now, not after the data
             config = read_config(base)
             if config.get("kind") != "cldm":

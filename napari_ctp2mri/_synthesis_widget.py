@@ -389,15 +389,26 @@ class SynthesisWidget(Container):
         new = result_layers(result)
         names = {kwargs["name"] for _, kwargs, _ in new}
         steps: list[Callable[[], None]] = []
+        stale = []
         for key in ("uncertainty_dwi", "uncertainty_adc"):
             # a K = 1 run has no uncertainty: an earlier run's maps would not match it
             name = LAYER_NAMES[key]
             if name not in names and name in self.viewer.layers:
-                stale = self.viewer.layers[name]
-                if (stale.metadata.get(META_KEY) or {}).get("source") == SOURCE:
-                    steps.append(lambda stale=stale: self.viewer.layers.remove(stale))
+                layer = self.viewer.layers[name]
+                if (layer.metadata.get(META_KEY) or {}).get("source") == SOURCE:
+                    stale.append(layer)
+        if stale:
+            steps.append(lambda: self._remove_layers(stale))
         steps += [lambda new=layer: self._put_layer(*new) for layer in new]
         return steps
+
+    def _remove_layers(self, layers: list[Any]) -> None:
+        # napari runs a full gc.collect() after each removal (freeing GL resources), a few
+        # hundred ms with torch loaded: one batch pays it once
+        with self.viewer.layers.batched_update():
+            for layer in layers:
+                if layer in self.viewer.layers:
+                    self.viewer.layers.remove(layer)
 
     def _put_layer(self, data: np.ndarray, kwargs: dict[str, Any], kind: str) -> None:
         layers = self.viewer.layers

@@ -41,6 +41,7 @@ __all__ = [
     "case_from_layers",
     "check_case_layers",
     "metric_rows",
+    "save_viewer_case",
     "training_dataset",
     "viewer_case_name",
 ]
@@ -166,6 +167,19 @@ def case_from_layers(layers: Mapping[str, LayerInput], name: str | None = None) 
         volumes[role] = volume
     info = {"case": name or viewer_case_name(ctp_attributes), "source": "napari layers"}
     return Case(**volumes, info=info).validate()
+
+
+def save_viewer_case(layers: Mapping[str, LayerInput], parent: str | os.PathLike, name: str | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write a viewer case as the case folder ``parent/name`` and return it.
+
+    The folder follows the case-folder contract, so a painted lesion outlives the session and
+    joins the training set with the other folders, as MONAI Label's "submit label" puts it in
+    the datastore. Written atomically (all five files appear together, or none); an existing
+    folder is replaced only with ``overwrite``.
+    """
+    case = case_from_layers(layers, name)
+    return write_case(case, Path(parent) / case.info["case"], overwrite=overwrite)
 
 
 # training set --------------------------------------------------------------------------------

@@ -5,8 +5,9 @@
 Opens the stroke-phantom sample, corrects its lesion with the Labels brush (as a user would),
 docks the post-training widget and starts a run; once the loss plot shows some steps, saves
 ``viewer.screenshot(canvas_only=False)`` to resources/screenshots/post_train_widget.png, then
-cancels the run. Without ``--model`` it post-trains a tiny randomly initialised cLDM (the
-test suite's), which is enough to show the widget at work; the losses are real.
+cancels the run. The README's shot post-trains the bundled base
+(``--model resources/models/demo/cldm_base``); without ``--model`` it post-trains a tiny
+randomly initialised cLDM (the test suite's), which is enough to show the widget at work.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ DEFAULT_PNG = ROOT / "resources" / "screenshots" / "post_train_widget.png"
 WINDOW = (1400, 900)
 
 
-def _wait(app, condition, timeout_s: float) -> None:
+def _wait(app, condition, timeout_s: float, widget=None) -> None:
     end = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > end:
-            raise TimeoutError("the widget did not get there in time")
+            status = f"; its status: {widget.status.value!r}" if widget is not None else ""
+            raise TimeoutError("the widget did not get there in time" + status)
         app.processEvents()
         time.sleep(0.01)
 
@@ -83,7 +85,9 @@ def main() -> int:
     _wait(app, lambda: not widget.prefetching, 120)
     if widget.start() is None:
         raise SystemExit("the widget refused to start; see the notification above")
-    _wait(app, lambda: len(widget.loss_plot.steps) >= args.points, 600)
+    _wait(app, lambda: len(widget.loss_plot.steps) >= args.points or not widget.busy, 600, widget)
+    if not widget.busy:
+        raise SystemExit(f"the run ended before the shot: {widget.status.value}")
     widget.loss_plot.redraw()
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 

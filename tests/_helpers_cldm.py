@@ -18,11 +18,11 @@ NORMALISATION = {"statistic": "median over cases", "n_cases": 2, "quantiles": [0
                  "dwi": {"lo": 50.0, "hi": 220.0}, "adc": {"lo": 420.0, "hi": 2890.0}}
 
 
-def tiny_networks(seed: int = 0) -> tuple[ConditionalLDM, ConditionalLDM, VQAutoencoder]:
+def tiny_networks(seed: int = 0, scale_factor: float = 1.0) -> tuple[ConditionalLDM, ConditionalLDM, VQAutoencoder]:
     """(model, ema, autoencoder) small enough to sample 96×112 slices in milliseconds."""
     torch.manual_seed(seed)
     cldm = ConditionalLDM(channels=(8, 8), attention_levels=(False, False), num_res_blocks=1,
-                          num_head_channels=8, norm_num_groups=8)
+                          num_head_channels=8, norm_num_groups=8, scale_factor=scale_factor)
     # MONAI zero-initialises the UNet's output conv (ε̂ ≡ 0 until trained); give it weights
     # so the network's output depends on z_t and the condition, as a trained one does.
     for p in cldm.unet.out.parameters():
@@ -37,9 +37,9 @@ def tiny_networks(seed: int = 0) -> tuple[ConditionalLDM, ConditionalLDM, VQAuto
     return cldm, ema, autoencoder
 
 
-def save_tiny_cldm(path: Path, profile: str = "demo", seed: int = 0) -> Path:
+def save_tiny_cldm(path: Path, profile: str = "demo", seed: int = 0, scale_factor: float = 1.0) -> Path:
     """A real cLDM checkpoint folder (config.json + safetensors) with tiny random networks."""
-    cldm, ema, autoencoder = tiny_networks(seed)
+    cldm, ema, autoencoder = tiny_networks(seed, scale_factor)
     config = {"kind": "cldm", "profile": profile, "schedule": NoiseSchedule().config(),
               "normalisation": NORMALISATION, "training": {"steps": 0},
               "provenance": {"command": "tests/_helpers_cldm.py", "steps": 0}}

@@ -56,6 +56,12 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
         assert not any(f.startswith(("training_state", "discriminator")) for f in files)
     post = read_config(bundle / "cldm_post_trained")
     assert post["post_training"]["lambda_image"] == rec.lambda_image
+    # the base diffuses unit-variance latents (scale 1 / std, measured), and post-training keeps it
+    from ctp2mri.checkpoints import load_checkpoint
+
+    scales = [load_checkpoint(bundle / name, names=["ema"])[0]["ema"].scale_factor
+              for name in ("cldm_base", "cldm_post_trained")]
+    assert rec.ldm_scale_factor == "auto" and scales[0] == scales[1] != 1.0
     # Base and post-trained were evaluated alike on the test split.
     rows = (work / "evaluation" / "per_case.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * len(json.loads((work / "data" / "splits.json").read_text())["test"])

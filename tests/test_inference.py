@@ -80,6 +80,23 @@ def test_pipeline_is_ddim_in_latent_space_then_decode(model, cond):
     assert not torch.allclose(unquantised, expected, atol=1e-3)  # the codebook step is applied
 
 
+def test_a_scaled_latent_model_decodes_z0_over_its_scale_factor(tmp_path, cond):
+    """CompVis scale_factor: the sampler runs on s·E(x) latents, the decoder gets ẑ_0 / s."""
+    scaled = load_model(save_tiny_cldm(tmp_path / "scaled", scale_factor=2.5), "cpu")
+    assert scaled.cldm.scale_factor == 2.5
+    seed, sid = 4, 1
+    gen = torch.Generator().manual_seed(slice_seed(seed, sid))
+    x_t = torch.randn(scaled.autoencoder.latent_shape(H, W), generator=gen)[None]
+    with torch.no_grad():
+        c_tilde = scaled.cldm.encode_condition(cond[sid:sid + 1])
+        z0 = ddim_sample(scaled.cldm.predict_noise, x_t.shape, c_tilde, scaled.schedule, STEPS, x_T=x_t)
+        expected = scaled.autoencoder.decode(z0 / 2.5).clamp(-1, 1)
+        unscaled = scaled.autoencoder.decode(z0).clamp(-1, 1)
+    out = sample_slices(scaled, cond[sid:sid + 1], n_steps=STEPS, seed=seed, ids=[sid])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, unscaled, atol=1e-3)
+
+
 def test_result_does_not_depend_on_batch_size_or_companions(model, cond):
     whole = sample_slices(model, cond, n_steps=STEPS, seed=1, batch_size=7)
     for batch_size in (1, 3):

@@ -238,6 +238,72 @@ def test_cancel_keeps_a_resumable_checkpoint_and_resume_finishes(make_napari_vie
     assert load_checkpoint(out, names=["ema"], kind="cldm")[1]["training"]["data"]["cases"] == ["p001"]
 
 
+def test_saved_viewer_cases_make_one_training_set(make_napari_viewer, qtbot, base, tmp_path, notes):
+    from ctp2mri.casefolder import read_case
+
+    viewer, widget = _widget(make_napari_viewer, base, tmp_path / "out")
+    painted = _paint_lesion(viewer)
+    widget.pickers["lesion"].value = painted
+    annotations = tmp_path / "annotations"
+
+    def save(parent):
+        worker = widget.save_viewer_case(parent)
+        assert worker is not None and not widget.save_case_button.isEnabled()
+        qtbot.waitUntil(lambda: widget.save_case_button.isEnabled(), timeout=WAIT_MS)
+
+    save(annotations)
+    folder = annotations / "viewer-CTP"
+    assert widget.folders == [folder] and widget.folder_list.count() == 1
+    def shown(lesion=None):  # the viewer case as the widget reads it, the lesion as painted now
+        layers = {role: combo.value for role, combo in widget.pickers.items()}
+        layers["lesion"] = lesion or layers["lesion"]
+        return case_from_layers({role: (layer.data, _layer_attributes(layer)) for role, layer in layers.items()})
+
+    case, expected = read_case(folder), shown()
+    np.testing.assert_array_equal(case.lesion.array, expected.lesion.array)  # the painted mask…
+    sample_lesion = shown(viewer.layers["lesion"]).lesion.array
+    assert case.lesion.array.any() and not np.array_equal(case.lesion.array, sample_lesion)  # …not the sample's
+    for role in ("ctp", "dwi", "adc", "mask"):  # CT perfusion is stored in whole HU (the contract)
+        np.testing.assert_allclose(getattr(case, role).array, getattr(expected, role).array,
+                                   rtol=0, atol=0.5 if role == "ctp" else 1e-6)
+        np.testing.assert_allclose(getattr(case, role).affine, expected.ctp.affine)
+    assert sorted(p.name for p in annotations.iterdir()) == ["viewer-CTP"]  # no temporary left
+    # a correction saved again replaces the widget's own folder: still one case
+    painted.paint((PAINTED_SLICES[0] + 2, 50, 50), 1)
+    save(annotations)
+    assert widget.folders == [folder]
+    np.testing.assert_array_equal(read_case(folder).lesion.array, shown().lesion.array)
+    # a folder of that name the widget did not write is left alone
+    (other := tmp_path / "elsewhere" / "viewer-CTP").mkdir(parents=True)
+    (other / "mine.txt").write_text("keep")
+    save(other.parent)
+    assert widget.folders == [folder, other.parent / "viewer-CTP-2"]
+    assert sorted(p.name for p in other.iterdir()) == ["mine.txt"]
+    assert _errors(notes) == []
+
+    # trained on with the viewer case: its saved copies are not used twice
+    widget.evaluate.value = False
+    widget.steps.value = 1
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert _errors(notes) == []
+    cases = load_checkpoint(tmp_path / "out", names=["ema"], kind="cldm")[1]["training"]["data"]["cases"]
+    assert cases == ["viewer-CTP"]
+    # and without it, the saved folders are the training set
+    widget.use_viewer.value = False
+    widget.output.value = tmp_path / "out2"
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    cases = load_checkpoint(tmp_path / "out2", names=["ema"], kind="cldm")[1]["training"]["data"]["cases"]
+    assert sorted(cases) == ["viewer-CTP", "viewer-CTP-2"]
+
+    # no CTP layer: a notification, nothing saved
+    widget.use_viewer.value = True
+    viewer.layers.remove("CTP")
+    assert widget.save_viewer_case(annotations) is None
+    assert "no CT perfusion layer" in _errors(notes)[-1]
+
+
 def test_wrong_layers_and_settings_give_notifications(make_napari_viewer, qtbot, base, tmp_path,
                                                       notes):
     viewer, widget = _widget(make_napari_viewer, base, tmp_path / "out", sample=False)

@@ -108,6 +108,25 @@ def test_lambda_zero_zero_is_exactly_the_eq4_loss(plain, base):
     assert torch.equal(loss, latent_loss(eps, model(z_t, t, batch["cond"])))
 
 
+def test_a_scaled_base_decodes_its_one_step_estimate_over_the_scale(plain, tmp_path):
+    """With scale s: z_0 = s·E(x), ẑ_0 by Eq. 5 on those latents, x̂ = D(ẑ_0 / s) (Eq. 6, 7)."""
+    from ctp2mri.losses import image_loss, lesion_loss
+
+    model, autoencoder = _networks(save_tiny_cldm(tmp_path / "scaled", scale_factor=3.0))
+    model.eval()
+    batch = _batch(plain, lesion=True)
+    schedule = NoiseSchedule()
+    with torch.no_grad():
+        _, parts = post_training_loss(model, autoencoder, schedule, batch, torch.Generator().manual_seed(4),
+                                      0.01, 0.02)
+        _, t, _, z_t = diffuse(autoencoder, schedule, batch["target"], torch.Generator().manual_seed(4), "fp32",
+                               3.0)
+        x_hat = autoencoder.decode(schedule.predict_z0(z_t, t, model(z_t, t, batch["cond"])) / 3.0)
+    assert parts["image_loss"] == pytest.approx(float(image_loss(batch["target"], x_hat, batch["brain"])), rel=1e-5)
+    assert parts["lesion_loss"] == pytest.approx(float(lesion_loss(batch["target"], x_hat, batch["lesion"])),
+                                                 rel=1e-5)
+
+
 # --------------------------------------------------------------------------- whole runs
 @pytest.mark.parametrize("target", ["input", "reconstruction"])
 def test_post_train_writes_a_cldm_checkpoint_recording_base_lambdas_and_target(plain, base, tmp_path, target):
@@ -130,6 +149,19 @@ def test_post_train_writes_a_cldm_checkpoint_recording_base_lambdas_and_target(p
     for r in rows:
         expected = float(r["latent_loss"]) + 0.05 * float(r["image_loss"]) + 0.1 * float(r["lesion_loss"])
         assert float(r["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_bundled_base_without_training_weights_starts_from_its_ema(plain, base, tmp_path):
+    from ctp2mri.train_demo import bundle_checkpoint
+
+    bundled = bundle_checkpoint(base, tmp_path / "bundled", ["ema", "autoencoder"])  # as resources/models
+    out = post_train(plain, bundled, tmp_path / "pt", steps=1, **{**COMMON, "lr": 1e-12})
+    config = read_config(out)
+    assert config["post_training"]["init"] == "ema" and config["training"]["init"] == "ema"
+    nets, _ = load_checkpoint(out)
+    base_ema = load_checkpoint(base, names=["ema"])[0]["ema"].state_dict()
+    for k, v in nets["model"].state_dict().items():  # one step at lr 1e-12: still the base's EMA
+        torch.testing.assert_close(v, base_ema[k], rtol=0, atol=1e-6)
 
 
 def test_lesion_oversampling_is_recorded_and_raises_the_lesion_share(plain, base, tmp_path):

@@ -165,6 +165,36 @@ def test_ldm_checkpoint_is_one_self_contained_folder(plain, ae_dir, tmp_path):
         assert torch.equal(v, nets["autoencoder"].state_dict()[k])
 
 
+def test_auto_scale_factor_is_one_over_the_latent_std_and_survives_resume(plain, ae_dir, tmp_path):
+    kwargs = dict(batch_size=4, lr=1e-3, cldm_config=TINY_CLDM, scale_factor="auto", **COMMON)
+    out = train_ldm(plain, ae_dir, tmp_path / "ldm", steps=1, **kwargs)
+    nets, _ = load_checkpoint(out)
+    with torch.no_grad():
+        std = float(nets["autoencoder"].encode(plain.target.float()).std())
+    assert nets["model"].scale_factor == nets["ema"].scale_factor == pytest.approx(1 / std, rel=1e-4)
+    assert nets["model"].scale_factor != 1.0
+    train_ldm(plain, ae_dir, out, steps=2, resume=True, **kwargs)  # the same measured value: accepted
+    assert load_checkpoint(out)[0]["model"].scale_factor == nets["model"].scale_factor
+    with pytest.raises(InputError, match=r"cldm\.scale_factor"):  # another scale is another model
+        train_ldm(plain, ae_dir, out, steps=3, resume=True, **{**kwargs, "scale_factor": 2.0})
+    for bad in ("big", -1.0, float("nan")):
+        with pytest.raises(InputError, match="positive number or 'auto'"):
+            train_ldm(plain, ae_dir, tmp_path / "bad", steps=1, **{**kwargs, "scale_factor": bad})
+
+
+def test_scaled_latents_diffuse_scale_times_the_encoding(ae_dir):
+    from ctp2mri.training.ldm import diffuse
+
+    ae = load_checkpoint(ae_dir, names=["model"])[0]["model"].eval()
+    x = torch.rand((2, 2, 96, 112)) * 2 - 1
+    schedule = NoiseSchedule()
+    z1, t1, e1, _ = diffuse(ae, schedule, x, torch.Generator().manual_seed(0), "fp32")
+    z3, t3, e3, zt3 = diffuse(ae, schedule, x, torch.Generator().manual_seed(0), "fp32", scale=3.0)
+    assert torch.equal(t1, t3) and torch.equal(e1, e3)
+    torch.testing.assert_close(z3, 3.0 * z1)
+    torch.testing.assert_close(zt3, schedule.q_sample(3.0 * z1, t1, e1))
+
+
 # --------------------------------------------------------------------------- refusals
 def test_resume_with_changed_settings_is_refused_naming_them(plain, ae_dir, tmp_path):
     kwargs = dict(steps=2, batch_size=4, cldm_config=TINY_CLDM, **COMMON)

@@ -131,13 +131,16 @@ def _cmd_train_ldm(args: argparse.Namespace) -> int:
     from ctp2mri.training import train_bbdm, train_ldm
 
     train = train_bbdm if args.model_type == "cbbdm" else train_ldm
+    if args.model_type == "cbbdm" and args.scale_factor is not None:
+        raise InputError("--scale-factor applies to the cLDM only; the cBBDM bridges the CTP's own latent")
     progress, close = _rank0_progress("train-ldm")
     try:
         out = train(args.data, args.autoencoder, args.out, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
                     grad_accum=args.grad_accum, device=args.device, precision=args.precision,
                     resume=args.resume, seed=args.seed, num_workers=args.num_workers,
-                    checkpoint_every=args.checkpoint_every, progress=progress)
+                    checkpoint_every=args.checkpoint_every, progress=progress,
+                    **({"scale_factor": args.scale_factor} if args.scale_factor is not None else {}))
     finally:
         close()
     print(f"{'cBBDM' if args.model_type == 'cbbdm' else 'cLDM'} checkpoint: {out}")
@@ -238,6 +241,9 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     ldm.add_argument("--model-type", choices=["cldm", "cbbdm"], default="cldm",
                      help="cldm (the paper's, default) or cbbdm: the conditional Brownian-bridge baseline "
                      "between the MRI latent and the CTP's latent (BBDM grad objective, L1)")
+    ldm.add_argument("--scale-factor", metavar="S|auto",
+                     help="cLDM latent scale: diffuse S·E(x), decode D(z/S); 'auto' = 1/std of the training "
+                     "latents (CompVis scale_by_std). Default 1, the official VQ-f4 setting")
     ldm.set_defaults(func=_cmd_train_ldm)
 
     pt = sub.add_parser("post-train", help="lesion-aware post-training of a cLDM or cBBDM (Eq. 5–8)",

@@ -53,6 +53,7 @@ class DemoRecipe:
     ldm_steps: int = 2500
     ldm_batch: int = 16
     ldm_lr: float = 5e-4
+    ldm_scale_factor: float | str = "auto"  # 1 / std of the VQ latents (≈ 3.6 here; see REPORT.md)
     ema_decay: float = 0.999
     pt_steps: int = 300
     pt_batch: int = 8
@@ -189,7 +190,7 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
         progress=_stage_progress(progress, "autoencoder"), cancel=cancel))
     base = stage("base", rec.ldm_steps, lambda resume: train_ldm(
         data, ae, out / "cldm_base", steps=rec.ldm_steps, batch_size=rec.ldm_batch, lr=rec.ldm_lr,
-        ema_decay=rec.ema_decay, device=device, resume=resume, seed=rec.seed,
+        ema_decay=rec.ema_decay, scale_factor=rec.ldm_scale_factor, device=device, resume=resume, seed=rec.seed,
         checkpoint_every=max(1, rec.ldm_steps // 4), num_workers=0,
         progress=_stage_progress(progress, "base cLDM"), cancel=cancel))
     post = stage("post_trained", rec.pt_steps, lambda resume: post_train(

@@ -52,6 +52,11 @@ class ConditionalLDM(nn.Module):
         autoencoder's downsampling (½, ½ for ×4).
     use_flash_attention
         Use ``scaled_dot_product_attention`` (needed for the paper model's memory on GPU).
+    scale_factor
+        The diffusion runs on z = scale_factor · E(x) and decodes D(z / scale_factor)
+        (CompVis ``LatentDiffusion.scale_factor``). 1.0 is the official VQ-f4 setting; a
+        unit-variance latent (1 / std, ``train-ldm --scale-factor auto``) keeps the noise
+        schedule's signal-to-noise ratios as designed when the autoencoder's latents are small.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class ConditionalLDM(nn.Module):
         rescaler_stages: int = 2,
         rescaler_multiplier: float = 0.5,
         use_flash_attention: bool = False,
+        scale_factor: float = 1.0,
     ) -> None:
         super().__init__()
         self.config = json.loads(
@@ -81,9 +87,13 @@ class ConditionalLDM(nn.Module):
                     rescaler_stages=rescaler_stages,
                     rescaler_multiplier=rescaler_multiplier,
                     use_flash_attention=use_flash_attention,
+                    scale_factor=float(scale_factor),
                 )
             )
         )
+        if not (float(scale_factor) > 0 and float(scale_factor) < float("inf")):
+            raise InputError(f"the latent scale factor must be a positive number, got {scale_factor}")
+        self.scale_factor = float(scale_factor)
         self.latent_channels = latent_channels
         self.condition_channels = condition_channels
         # The UNet halves the grid len(channels) - 1 times and concatenates skips, so the

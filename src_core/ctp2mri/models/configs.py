@@ -71,6 +71,7 @@ _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             rescaler_stages=2,
             rescaler_multiplier=0.5,
             use_flash_attention=True,
+            scale_factor=1.0,  # the official VQ-f4 setting; train-ldm --scale-factor auto: 1 / latent std
         ),
         "cbbdm": dict(
             latent_channels=3,
@@ -117,6 +118,7 @@ _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             rescaler_stages=2,
             rescaler_multiplier=0.5,
             use_flash_attention=True,
+            scale_factor=1.0,  # the official VQ-f4 setting; train-ldm --scale-factor auto: 1 / latent std
         ),
         "cbbdm": dict(
             latent_channels=3,

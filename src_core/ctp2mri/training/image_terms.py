@@ -23,7 +23,7 @@ TARGETS = ("input", "reconstruction")
 
 def image_space_terms(autoencoder: torch.nn.Module, z0_hat: torch.Tensor, z0: torch.Tensor, x: torch.Tensor,
                       brain: torch.Tensor, lesion: torch.Tensor, target: str = "input", precision: str = "fp32",
-                      gradient_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      gradient_checkpointing: bool = False, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_image, L_lesion) of Eq. 6 and 7 for the decoded one-step estimate x̂ = D(ẑ_0).
 
     Parameters
@@ -44,13 +44,16 @@ def image_space_terms(autoencoder: torch.nn.Module, z0_hat: torch.Tensor, z0: to
         Autocast of the decode (``fp32``, ``bf16``, ``fp16``).
     gradient_checkpointing
         Recompute the decoder's activations in the backward pass.
+    scale
+        The latent model's scale factor: latents are decoded as D(z / scale).
     """
     if target not in TARGETS:
         raise InputError(f"unknown post-training target {target!r}; choose one of {', '.join(TARGETS)}")
     dev = z0_hat.device
 
     def decode(z: torch.Tensor) -> torch.Tensor:
-        return autoencoder.decode(z, quantize=True)  # straight-through quantiser: ∂x̂/∂ẑ_0 exists
+        # straight-through quantiser: ∂x̂/∂ẑ_0 exists
+        return autoencoder.decode(z / scale if scale != 1.0 else z, quantize=True)
 
     with loop.autocast(precision, dev):
         x_hat = checkpoint(decode, z0_hat, use_reentrant=False) if gradient_checkpointing else decode(z0_hat)

@@ -36,7 +36,7 @@ from ctp2mri.training import loop
 from ctp2mri.training.distributed import init_distributed, shutdown
 from ctp2mri.training.ema import EMA
 
-__all__ = ["LDM_BASE_LR", "diffuse", "optimise", "restore_run", "train_latent_model", "train_ldm"]
+__all__ = ["LDM_BASE_LR", "diffuse", "latent_scale_factor", "optimise", "restore_run", "train_latent_model", "train_ldm"]
 
 LDM_BASE_LR = 2e-6  # base_learning_rate of the official ldm.yaml (and the paper)
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "seconds")
@@ -64,6 +64,7 @@ def train_ldm(
     log_every: int = 10,
     cldm_config: dict[str, Any] | None = None,
     schedule: NoiseSchedule | None = None,
+    scale_factor: float | str = 1.0,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> Path:
@@ -110,6 +111,9 @@ def train_ldm(
         `ConditionalLDM` constructor arguments overriding the profile's (tiny models in tests).
     schedule
         Noise schedule (default: the paper's, T = 1000, linear 0.0015 → 0.0195).
+    scale_factor
+        Latent scale (`ConditionalLDM`): 1.0 as the official VQ-f4 config, a number, or
+        ``"auto"`` for 1 / std of the training latents (`latent_scale_factor`).
     progress, cancel
         ``progress(step, steps, {"loss", "lr", …})`` after each step; a cancel saves a
         resumable checkpoint, then raises `ctp2mri.errors.Cancelled`.
@@ -123,20 +127,21 @@ def train_ldm(
         return _train(info, data, Path(autoencoder), Path(out), int(steps), int(batch_size), lr, base_lr, scale_lr,
                       int(grad_accum), float(weight_decay), float(ema_decay), grad_clip, precision, resume,
                       int(seed), int(num_workers), int(checkpoint_every), int(log_every), cldm_config,
-                      schedule or NoiseSchedule(), progress, cancel)
+                      schedule or NoiseSchedule(), _scale_setting(scale_factor), progress, cancel)
     finally:
         shutdown(info)
 
 
 def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum, weight_decay, ema_decay,
            grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every, cldm_config, schedule,
-           progress, cancel) -> Path:
+           scale_factor, progress, cancel) -> Path:
     def loss_for(model_train, autoencoder, schedule, generator, precision):
         dev = schedule.device
+        scale = getattr(model_train, "module", model_train).scale_factor
 
         def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
             _, t, eps, z_t = diffuse(autoencoder, schedule, batch["target"].to(dev, non_blocking=True), generator,
-                                     precision)
+                                     precision, scale)
             with loop.autocast(precision, dev):
                 eps_hat = model_train(z_t, t, batch["cond"].to(dev, non_blocking=True))
             return latent_loss(eps, eps_hat), {}  # Eq. 4
@@ -146,7 +151,20 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
     return train_latent_model(
         info, "cldm", ConditionalLDM, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum,
         weight_decay, ema_decay, grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every,
-        cldm_config, schedule, {"parameterization": "eps", "loss": "l2 (Eq. 4)"}, loss_for, progress, cancel)
+        cldm_config, schedule, {"parameterization": "eps", "loss": "l2 (Eq. 4)"}, loss_for, progress, cancel,
+        {} if scale_factor == 1.0 else {"scale_factor": scale_factor})
+
+
+def _scale_setting(value: float | str) -> float | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"the latent scale factor must be a positive number or 'auto', got {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise InputError(f"the latent scale factor must be a positive number or 'auto', got {value!r}")
+    return number
 
 
 def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], data: Any, ae_dir: Path, out: Path,
@@ -155,14 +173,16 @@ def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], dat
                        precision: str, resume: bool, seed: int, num_workers: int, checkpoint_every: int,
                        log_every: int, net_config: dict[str, Any] | None, schedule: Any,
                        objective: dict[str, Any], loss_for: Callable[..., Callable], progress: Any,
-                       cancel: Any) -> Path:
+                       cancel: Any, net_overrides: dict[str, Any] | None = None) -> Path:
     """The run of a latent model on a frozen autoencoder, shared by the cLDM and the cBBDM.
 
     ``kind`` names the checkpoint kind and the settings key of ``net_config`` (the profile's
     ``model_config(profile, kind)`` when None); ``network`` is its class; ``schedule`` the
     noise schedule or bridge (anything with ``config()`` and ``to(device)``); ``objective``
     extra settings describing the loss; ``loss_for(model_train, autoencoder, schedule,
-    generator, precision)`` returns the per-batch loss function given to `optimise`.
+    generator, precision)`` returns the per-batch loss function given to `optimise`;
+    ``net_overrides`` replace entries of the network config (``scale_factor="auto"`` is
+    measured on the training set).
     """
     dev = info.device
     precision = loop.check_precision(precision, dev)
@@ -174,7 +194,9 @@ def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], dat
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     loop.barrier(info)
     dataset = loop.load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
-    net_config = dict(net_config or model_config(profile, kind))
+    net_config = {**(net_config or model_config(profile, kind)), **(net_overrides or {})}
+    if net_config.get("scale_factor") == "auto":
+        net_config["scale_factor"] = latent_scale_factor(autoencoder, dataset, dev)
     if net_config["latent_channels"] != autoencoder.embedding_dim:
         label = {"cldm": "cLDM", "cbbdm": "cBBDM"}.get(kind, kind)
         raise InputError(f"the {label} models {net_config['latent_channels']} latent channels but the autoencoder "
@@ -225,6 +247,27 @@ def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], dat
     return out
 
 
+def latent_scale_factor(autoencoder: torch.nn.Module, dataset: Any, device: torch.device,
+                        max_slices: int = 256) -> float:
+    """1 / std of the unquantised latents E(x) over up to ``max_slices`` evenly spaced
+    training slices, un-augmented (CompVis ``scale_by_std``, which uses the first batch).
+
+    Deterministic in the data and the autoencoder, so a resumed run recomputes the same value.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise InputError("the training set has no slices to measure the latent scale on")
+    index = sorted({round(i * (n - 1) / max(1, min(n, max_slices) - 1)) for i in range(min(n, max_slices))})
+    images = dataset.target[index].to(torch.float32)  # the cached slices, before augmentation
+    with torch.no_grad():
+        z = torch.cat([autoencoder.encode(images[i:i + 32].to(device)).float().cpu()
+                       for i in range(0, len(images), 32)])
+    std = float(z.std())
+    if not std > 0:
+        raise InputError("the autoencoder's latents have zero spread on the training set; it cannot be used")
+    return round(1.0 / std, 6)
+
+
 # shared with post-training ---------------------------------------------------------------------
 def restore_run(out: Path, settings: dict[str, Any], model: torch.nn.Module, ema: EMA,
                 opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, generator: torch.Generator,
@@ -242,10 +285,12 @@ def restore_run(out: Path, settings: dict[str, Any], model: torch.nn.Module, ema
 
 
 def diffuse(autoencoder: torch.nn.Module, schedule: NoiseSchedule, x: torch.Tensor, generator: torch.Generator,
-            precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z_0, t, ε, z_t) for a batch of target images: z_0 = E(x), t ~ U{0…T−1}, z_t by Eq. 2."""
+            precision: str, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_0, t, ε, z_t) for a batch of target images: z_0 = scale · E(x), t ~ U{0…T−1}, z_t by Eq. 2."""
     with torch.no_grad(), loop.autocast(precision, x.device):
         z0 = autoencoder.encode(x).float()  # unquantised latent, as CompVis
+    if scale != 1.0:
+        z0 = z0 * scale
     t = torch.randint(0, schedule.n_timesteps, (z0.shape[0],), generator=generator, device=x.device)
     eps = torch.randn(z0.shape, generator=generator, device=x.device)
     return z0, t, eps, schedule.q_sample(z0, t, eps)

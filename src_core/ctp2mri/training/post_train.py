@@ -119,7 +119,9 @@ def post_train(
         (less memory, one more decoder forward per step).
     init
         Start the trained weights from the base's ``"model"`` (as the official code's
-        ``ckpt_path``) or its ``"ema"`` weights; the new EMA starts from the base's EMA.
+        ``ckpt_path``) or its ``"ema"`` weights; the new EMA starts from the base's EMA. A
+        base without ``"model"`` weights (a bundled, inference-only checkpoint) starts from
+        its EMA weights.
     device, precision, resume, seed, num_workers, checkpoint_every, log_every
         As `train_ldm`.
     lesions
@@ -187,7 +189,13 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
     if kind not in POST_TRAINABLE:
         raise InputError(f"{base_dir} is a {kind!r} checkpoint; post-training needs a 'cldm' checkpoint "
                          "(or a 'cbbdm' one)")
-    nets, base_cfg = load_checkpoint(base_dir, names=["model", "ema", "autoencoder"], map_location=dev,
+    if init == "model" and "model" not in (read_config(base_dir).get("networks") or {}):
+        # a bundled (inference-only) checkpoint keeps only the EMA weights: start from them
+        init = "ema"
+        if info.is_main:
+            _log.warning("%s holds no training weights ('model'), only the EMA ones: post-training starts "
+                         "from the EMA weights", base_dir)
+    nets, base_cfg = load_checkpoint(base_dir, names=sorted({init, "ema", "autoencoder"}), map_location=dev,
                                      kind=kind)
     autoencoder = nets["autoencoder"].eval().requires_grad_(False)
     profile = base_cfg["profile"]
@@ -222,7 +230,7 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
         "parameterization": "eps", "loss": "Eq. 8: Eq. 4 + λ_image Eq. 6 + λ_lesion Eq. 7",
         "lambda_image": lambda_image, "lambda_lesion": lambda_lesion, "target": target, "init": init,
         "lesion_oversample": lesion_oversample, "gradient_checkpointing": gradient_checkpointing,
-        "data": loop.data_identity(dataset), kind: nets["model"].config, "schedule": schedule.config(),
+        "data": loop.data_identity(dataset), kind: nets[init].config, "schedule": schedule.config(),
         # what identifies the base for a resume check (its folder may move)
         "base": {"created": base_prov.get("created"), "git_commit": base_prov.get("git_commit"),
                  "steps": base_prov.get("steps")},
@@ -302,7 +310,8 @@ def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, sch
     x = batch["target"].to(dev, non_blocking=True)
     brain = batch["brain"].to(dev, non_blocking=True)
     lesion = batch["lesion"].to(dev, non_blocking=True)
-    z0, t, eps, z_t = diffuse(autoencoder, schedule, x, generator, precision)
+    scale = getattr(model, "module", model).scale_factor
+    z0, t, eps, z_t = diffuse(autoencoder, schedule, x, generator, precision, scale)
     with loop.autocast(precision, dev):
         eps_hat = model(z_t, t, batch["cond"].to(dev, non_blocking=True))
     latent = latent_loss(eps, eps_hat)  # Eq. 4
@@ -313,6 +322,6 @@ def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, sch
 
     z0_hat = schedule.predict_z0(z_t, t, eps_hat.float())  # Eq. 5
     image, les = image_space_terms(autoencoder, z0_hat, z0, x, brain, lesion, target, precision,
-                                   gradient_checkpointing)  # Eq. 6, 7 of x̂ = D(ẑ_0)
+                                   gradient_checkpointing, scale)  # Eq. 6, 7 of x̂ = D(ẑ_0 / scale)
     parts.update(image_loss=float(image.detach()), lesion_loss=float(les.detach()))
     return total_loss(latent, image, les, lambda_image, lambda_lesion), parts  # Eq. 8
