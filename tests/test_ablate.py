@@ -66,3 +66,20 @@ def test_ablate_post_trains_each_pair_and_writes_table2(tmp_path):
     again = ablate(base, data, out, **kwargs)
     assert (run / "config.json").stat().st_mtime_ns == stamp
     assert again[1]["DWI_mae_mean"] == rows[1]["DWI_mae_mean"]
+
+
+def test_ablate_cli_passes_lr_and_ema_decay_to_every_post_training_run(tmp_path, capsys):
+    from ctp2mri.checkpoints import read_config
+    from ctp2mri.cli import main
+
+    data = tmp_path / "phantom"
+    generate_dataset(data, 3, seed=5)
+    base = save_tiny_cldm(tmp_path / "base")
+    out = tmp_path / "ablation"
+    assert main(["ablate", "--from", str(base), "--data", str(data), "--out", str(out), "--grid", "0:0,0.01:0.02",
+                 "--steps", "1", "--batch-size", "2", "--eval-steps", "1", "--max-cases", "1", "--device", "cpu",
+                 "--lr", "3e-4", "--ema-decay", "0.95", "--post-train-base"]) == 0
+    assert "| 0.01 | 0.02 |" in capsys.readouterr().out
+    for run in ("li0_ll0", "li0.01_ll0.02"):  # --post-train-base: the 0:0 pair is trained too
+        training = read_config(out / "runs" / run)["training"]
+        assert training["lr"] == 3e-4 and training["ema_decay"] == 0.95

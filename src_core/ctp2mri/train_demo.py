@@ -50,7 +50,7 @@ class DemoRecipe:
     ae_batch: int = 8
     ae_lr: float = 5e-4
     codebook_restart: int = 25
-    ldm_steps: int = 2500
+    ldm_steps: int = 5000
     ldm_batch: int = 16
     ldm_lr: float = 5e-4
     ldm_scale_factor: float | str = "auto"  # 1 / std of the VQ latents (≈ 3.6 here; see REPORT.md)
@@ -68,7 +68,7 @@ class DemoRecipe:
 
 
 RECIPES: dict[str, DemoRecipe] = {
-    # ~1 hour on a 2-core CPU: what resources/models/demo was trained with.
+    # ~1.5 hours on a 2-core CPU: what resources/models/demo was trained with.
     "demo": DemoRecipe(),
     # seconds: exercises the whole pipeline (tests, a smoke run); the models are useless.
     "smoke": DemoRecipe(cases=5, ae_steps=3, ae_batch=2, codebook_restart=2, ldm_steps=3, ldm_batch=2,
