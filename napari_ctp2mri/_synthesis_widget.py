@@ -39,7 +39,7 @@ from napari_ctp2mri._layers import META_KEY, LayerData, layer_to_volume, volume_
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["MODELS_CHANGED", "SynthesisWidget", "model_choices", "register_model"]
+__all__ = ["MODELS_CHANGED", "SynthesisWidget", "model_choices", "register_model", "retired_name"]
 
 # Names the compare widget pre-selects ("synthetic DWI"/"synthetic ADC"); keep them in step.
 LAYER_NAMES = {"dwi": "synthetic DWI", "adc": "synthetic ADC",
@@ -102,6 +102,11 @@ def format_eta(seconds: float) -> str:
         return ""
     s = round(seconds)
     return f"ETA {s} s" if s < 60 else f"ETA {s // 60} min {s % 60:02d} s"
+
+
+def retired_name(name: str) -> str:
+    """The name a result layer gets when a later run has nothing to put in it."""
+    return f"{name} (earlier run)"
 
 
 def _layer_attributes(layer: Any) -> dict[str, Any]:
@@ -389,31 +394,37 @@ class SynthesisWidget(Container):
         new = result_layers(result)
         names = {kwargs["name"] for _, kwargs, _ in new}
         steps: list[Callable[[], None]] = []
-        stale = []
         for key in ("uncertainty_dwi", "uncertainty_adc"):
-            # a K = 1 run has no uncertainty: an earlier run's maps would not match it
+            # A K = 1 run has no uncertainty: an earlier run's maps would not match it. They
+            # are hidden and renamed, not removed: napari runs a full gc.collect() after every
+            # layer removal (to free GL resources), ~0.5–1 s with torch loaded, a freeze the
+            # viewer must not have; the next K > 1 run updates them in place.
             name = LAYER_NAMES[key]
-            if name not in names and name in self.viewer.layers:
-                layer = self.viewer.layers[name]
-                if (layer.metadata.get(META_KEY) or {}).get("source") == SOURCE:
-                    stale.append(layer)
-        if stale:
-            steps.append(lambda: self._remove_layers(stale))
+            if name not in names and self._own_layer(name) is not None:
+                steps.append(lambda layer=self._own_layer(name), name=name: self._retire(layer, name))
         steps += [lambda new=layer: self._put_layer(*new) for layer in new]
         return steps
 
-    def _remove_layers(self, layers: list[Any]) -> None:
-        # napari runs a full gc.collect() after each removal (freeing GL resources), a few
-        # hundred ms with torch loaded: one batch pays it once
-        with self.viewer.layers.batched_update():
-            for layer in layers:
-                if layer in self.viewer.layers:
-                    self.viewer.layers.remove(layer)
+    def _own_layer(self, name: str) -> Any:
+        """This plugin's result layer called ``name`` (or its retired copy), else None."""
+        for candidate in (name, retired_name(name)):
+            if candidate in self.viewer.layers:
+                layer = self.viewer.layers[candidate]
+                if (layer.metadata.get(META_KEY) or {}).get("source") == SOURCE:
+                    return layer
+        return None
+
+    @staticmethod
+    def _retire(layer: Any, name: str) -> None:
+        layer.visible = False
+        layer.name = retired_name(name)
 
     def _put_layer(self, data: np.ndarray, kwargs: dict[str, Any], kind: str) -> None:
         layers = self.viewer.layers
         name = kwargs["name"]
-        old = layers[name] if name in layers else None  # noqa: SIM401 (LayerList has no get)
+        old = layers[name] if name in layers else self._own_layer(name)
+        if old is not None and old.name != name:  # a retired map comes back with new data
+            old.name, old.visible = name, True
         if old is None or type(old).__name__.lower() != kind or old.ndim != data.ndim:
             index = layers.index(old) if old is not None else len(layers)
             if old is not None:

@@ -21,6 +21,7 @@ from napari_ctp2mri._synthesis_widget import (
     format_eta,
     model_choices,
     register_model,
+    retired_name,
 )
 
 pytestmark = pytest.mark.gui
@@ -155,24 +156,34 @@ def test_synthesis_adds_layers_on_the_ctp_geometry_and_rerun_replaces_them(
     assert layer_to_volume(sd.data, _layer_attributes(sd)).array[brain].mean() > 0
 
     # a second run (another seed, one sample) updates the same layers; the stale
-    # uncertainty maps go
+    # uncertainty maps are retired
     before = {name: viewer.layers[name] for name in names}
     old_dwi = dwi.data.copy()
     n_layers = len(viewer.layers)
     widget.samples.value, widget.seed.value = 1, 1
     with heartbeat(widget) as gaps:
         _run(widget, qtbot)
-    # the viewer stays responsive while the worker samples (measured on this second run:
-    # the first one also loads libraries in the worker, a one-off stall). Adding the layers
-    # at the end is napari's own layer creation, one layer per event-loop turn.
+    # the viewer stays responsive while the worker samples and while the result's layers
+    # are updated, one per event-loop turn (measured on this second run: the first one also
+    # loads libraries in the worker, a one-off stall)
     sampling = [ms for ms, phase in gaps if not phase.startswith(("Adding", "Done"))]
+    worst = max(ms for ms, _ in gaps)
     print(f"\nsynthesis widget heartbeat: worst gap {max(sampling):.0f} ms while sampling, "
-          f"{max(ms for ms, _ in gaps):.0f} ms overall (adding layers), over {len(gaps)} beats")
-    assert len(sampling) > 10 and max(sampling) < HEARTBEAT_LIMIT_MS
-    assert len(viewer.layers) == n_layers - 2
+          f"{worst:.0f} ms overall (layers updated), over {len(gaps)} beats")
+    assert len(sampling) > 10 and worst < HEARTBEAT_LIMIT_MS
+    assert len(viewer.layers) == n_layers
     for key in ("dwi", "adc", "core"):
         assert viewer.layers[LAYER_NAMES[key]] is before[LAYER_NAMES[key]]
+    # the stale maps are hidden and renamed, not removed (napari's removal runs gc.collect)
     assert "uncertainty DWI" not in viewer.layers and "uncertainty ADC" not in viewer.layers
+    retired = [viewer.layers[retired_name(n)] for n in ("uncertainty DWI", "uncertainty ADC")]
+    assert not any(layer.visible for layer in retired)
+    # a third run with samples brings them back, updated in place
+    widget.samples.value = 2
+    _run(widget, qtbot)
+    assert viewer.layers["uncertainty DWI"] is retired[0] and retired[0].visible
+    assert viewer.layers["uncertainty ADC"] is retired[1] and retired_name("uncertainty ADC") not in viewer.layers
+    assert len(viewer.layers) == n_layers  # nothing added, nothing removed
     assert viewer.layers["synthetic DWI"].data.shape == spatial
     assert not np.array_equal(viewer.layers["synthetic DWI"].data, old_dwi)
     np.testing.assert_allclose(viewer.layers["synthetic DWI"].scale, ctp.scale[1:])

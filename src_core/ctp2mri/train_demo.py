@@ -68,7 +68,7 @@ class DemoRecipe:
 
 
 RECIPES: dict[str, DemoRecipe] = {
-    # ~1.5 hours on a 2-core CPU: what resources/models/demo was trained with.
+    # ~1 h 45 min on a 2-core CPU: what resources/models/demo was trained with.
     "demo": DemoRecipe(),
     # seconds: exercises the whole pipeline (tests, a smoke run); the models are useless.
     "smoke": DemoRecipe(cases=5, ae_steps=3, ae_batch=2, codebook_restart=2, ldm_steps=3, ldm_batch=2,
