@@ -15,6 +15,7 @@ every denoising step.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -400,8 +401,9 @@ class SynthesisWidget(Container):
             # layer removal (to free GL resources), ~0.5–1 s with torch loaded, a freeze the
             # viewer must not have; the next K > 1 run updates them in place.
             name = LAYER_NAMES[key]
-            if name not in names and self._own_layer(name) is not None:
-                steps.append(lambda layer=self._own_layer(name), name=name: self._retire(layer, name))
+            stale = self._own_layer(name) if name not in names else None
+            if stale is not None:
+                steps.append(functools.partial(self._retire, stale, name))
         steps += [lambda new=layer: self._put_layer(*new) for layer in new]
         return steps
 
