@@ -5,7 +5,8 @@ builds a local training set from case folders and/or the case open in the viewer
 DWI, ADC, brain mask and lesion layers; the lesion as it is at Start, painted or corrected
 with napari's Labels tools), picks the base cLDM and the settings, and presses Start.
 "Save viewer case…" writes the viewer case as a case folder and lists it, so several
-annotated cases, opened one after the other, make one training set. The worker thread builds the `SliceDataset` (`napari_ctp2mri._training_set`), post-trains, and
+annotated cases, opened one after the other, make one training set. The worker thread
+builds the `SliceDataset` (`napari_ctp2mri._training_set`), post-trains, and
 optionally scores the base and the new model on the training cases (`ctp2mri.evaluate`).
 The new checkpoint is registered with `register_model`, so the synthesis widget offers it.
 
@@ -504,6 +505,8 @@ class PostTrainWidget(Container):
         self.status.value = f"Saving the viewer case to {folder}…"
 
         def saved(path: Path) -> None:
+            if self._closed:
+                return
             self._saved[path] = name
             if path not in self.folders:
                 self.add_folders(path)
@@ -511,6 +514,9 @@ class PostTrainWidget(Container):
             show_info(f"Viewer case saved as {path}")
 
         def failed(exc: Exception) -> None:
+            if self._closed:
+                show_error(f"Saving the viewer case failed: {exc}")
+                return
             self.status.value = "Saving failed: see the notification"
             show_error(str(exc) if isinstance(exc, InputError) else
                        f"Saving the viewer case failed ({type(exc).__name__}): {exc}")
@@ -521,7 +527,8 @@ class PostTrainWidget(Container):
 
         worker = create_worker(write, _start_thread=False,
                                _connect={"returned": saved, "errored": failed,
-                                         "finished": lambda: self.save_case_button.setEnabled(True)})
+                                         "finished": lambda: None if self._closed
+                                         else self.save_case_button.setEnabled(True)})
         worker.start()
         return worker
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ctp2mri.checkpoints import load_checkpoint
+from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.diffusion import NoiseSchedule
 from ctp2mri.errors import InputError
 from ctp2mri.losses import latent_loss
@@ -196,7 +196,9 @@ def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], dat
     dataset = loop.load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
     net_config = {**(net_config or model_config(profile, kind)), **(net_overrides or {})}
     if net_config.get("scale_factor") == "auto":
-        net_config["scale_factor"] = latent_scale_factor(autoencoder, dataset, dev)
+        # a resumed run keeps the value it measured (a GPU's encode need not repeat bit for bit)
+        saved = (read_config(out).get("training") or {}).get(kind, {}) if resume else {}
+        net_config["scale_factor"] = saved.get("scale_factor") or latent_scale_factor(autoencoder, dataset, dev)
     if net_config["latent_channels"] != autoencoder.embedding_dim:
         label = {"cldm": "cLDM", "cbbdm": "cBBDM"}.get(kind, kind)
         raise InputError(f"the {label} models {net_config['latent_channels']} latent channels but the autoencoder "
