@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from napari.utils.notifications import notification_manager
+from _helpers_napari import errors
 from qtpy.QtCore import QCoreApplication, QEvent
 
 from ctp2mri.compare import compare_volumes, comparison_metrics, format_value
@@ -17,19 +17,6 @@ pytestmark = pytest.mark.gui
 
 PLUGIN = "napari-ctp2mri"
 WAIT_MS = 60_000
-
-
-@pytest.fixture
-def errors():
-    """Messages of the error notifications shown while the test runs."""
-    seen: list[str] = []
-
-    def keep(notification):
-        if notification.severity == "error":
-            seen.append(str(notification.message))
-    notification_manager.notification_ready.connect(keep)
-    yield seen
-    notification_manager.notification_ready.disconnect(keep)
 
 
 def _add_synthetic(viewer, rng):
@@ -53,7 +40,7 @@ def _expected(viewer, k):
                            spacing=(2.0, 2.0, 5.0), slice_index=k)
 
 
-def test_compare_widget_metrics_contours_and_csv(make_napari_viewer, qtbot, tmp_path, errors):
+def test_compare_widget_metrics_contours_and_csv(make_napari_viewer, qtbot, tmp_path, notes):
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "stroke-phantom")
     _add_synthetic(viewer, np.random.default_rng(0))
@@ -129,10 +116,10 @@ def test_compare_widget_metrics_contours_and_csv(make_napari_viewer, qtbot, tmp_
     assert not grid.enabled
     assert not any(layer.name.startswith("lesion contour") for layer in viewer.layers)
     assert {layer.name: layer.visible for layer in viewer.layers} == before
-    assert errors == []
+    assert errors(notes) == []
 
 
-def test_wrong_layers_give_notifications_not_crashes(make_napari_viewer, qtbot, errors):
+def test_wrong_layers_give_notifications_not_crashes(make_napari_viewer, qtbot, notes):
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "stroke-phantom")
     listeners = len(viewer.dims.events.current_step.callbacks)
@@ -141,32 +128,32 @@ def test_wrong_layers_give_notifications_not_crashes(make_napari_viewer, qtbot, 
     assert isinstance(widget, CompareWidget)
     assert widget.pickers["syn_dwi"].value is None  # no synthetic layer yet
     assert widget.compute() is None
-    assert "Synthetic DWI" in errors[-1]
+    assert "Synthetic DWI" in errors(notes)[-1]
 
     widget.pickers["syn_dwi"].value = viewer.layers["CTP"]  # 4-D
     assert widget.compute() is None
-    assert "3-D" in errors[-1] and "CTP" in errors[-1]
+    assert "3-D" in errors(notes)[-1] and "CTP" in errors(notes)[-1]
 
     dwi = viewer.layers["DWI"]
     widget.pickers["syn_dwi"].value = viewer.add_image(dwi.data[:, ::2], name="half",
                                                        scale=dwi.scale)
     assert widget.compute() is None
-    assert "same grid" in errors[-1]
+    assert "same grid" in errors(notes)[-1]
 
     shifted = viewer.add_image(dwi.data, name="shifted", scale=dwi.scale,
                                translate=np.add(dwi.translate, (0.0, 10.0, 0.0)))
     widget.pickers["syn_dwi"].value = shifted
     assert widget.compute() is None
-    assert "lies elsewhere" in errors[-1]
+    assert "lies elsewhere" in errors(notes)[-1]
 
     # a problem found in the worker (a constant ground truth) is a notification too
     widget.pickers["syn_dwi"].value = viewer.layers["ADC"]
     widget.pickers["gt_dwi"].value = viewer.add_image(np.ones_like(dwi.data), name="flat",
                                                       scale=dwi.scale, translate=dwi.translate)
-    n = len(errors)
+    n = len(errors(notes))
     assert widget.compute() is not None  # the grid is fine; the worker finds the problem
-    qtbot.waitUntil(lambda: len(errors) > n, timeout=WAIT_MS)
-    assert "constant" in errors[-1] and widget.table is None
+    qtbot.waitUntil(lambda: len(errors(notes)) > n, timeout=WAIT_MS)
+    assert "constant" in errors(notes)[-1] and widget.table is None
 
     # a deleted widget stops listening to the viewer (which would call into dead Qt objects)
     assert len(viewer.dims.events.current_step.callbacks) == listeners + 1

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 from _helpers_cldm import one_thread, save_tiny_cldm
-from napari.utils.notifications import notification_manager
+from _helpers_napari import errors
 from qtpy.QtCore import Qt, QTimer
 
 from ctp2mri.checkpoints import load_checkpoint, load_training_state
@@ -50,22 +50,6 @@ def _empty_registry(monkeypatch):
     import napari_ctp2mri._synthesis_widget as module
 
     monkeypatch.setattr(module, "_MODELS", {})  # the registry is process-wide
-
-
-@pytest.fixture
-def notes():
-    """(severity, message) of the notifications shown while the test runs."""
-    seen: list[tuple[str, str]] = []
-
-    def keep(notification):
-        seen.append((str(notification.severity), str(notification.message)))
-    notification_manager.notification_ready.connect(keep)
-    yield seen
-    notification_manager.notification_ready.disconnect(keep)
-
-
-def _errors(notes):
-    return [message for severity, message in notes if severity == "error"]
 
 
 def _widget(make_napari_viewer, base, out, sample=True):
@@ -143,7 +127,7 @@ def test_post_train_on_a_painted_lesion_registers_a_loadable_model(make_napari_v
     training = max(ms for ms, after in gaps if not after)
     print(f"\npost-train widget heartbeat: worst gap {worst:.0f} ms over {len(gaps)} beats; "
           f"{training:.0f} ms until the last step was shown (then: metrics, results)")
-    assert _errors(notes) == []
+    assert errors(notes) == []
     assert len(gaps) > 10 and worst < HEARTBEAT_LIMIT_MS
     assert widget.start_button.enabled and not widget.cancel_button.enabled
     assert widget.progress_bar.isHidden()
@@ -220,7 +204,7 @@ def test_cancel_keeps_a_resumable_checkpoint_and_resume_finishes(make_napari_vie
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
     # step 1 had ended when the cancel came: the run stops at the end of the running step 2
     assert steps == [1, 2]
-    assert _errors(notes) == []
+    assert errors(notes) == []
     message = next(m for _, m in notes if "cancelled" in m)
     assert "step 2" in message and str(out) in message
     assert widget.result is None and model_choices() == []  # nothing offered
@@ -231,7 +215,7 @@ def test_cancel_keeps_a_resumable_checkpoint_and_resume_finishes(make_napari_vie
     widget.resume.value, widget.steps.value = True, 3
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
-    assert _errors(notes) == []
+    assert errors(notes) == []
     assert widget.loss_plot.steps == [3]
     assert load_training_state(out)["step"] == 3
     assert model_choices() == [(out.name, out)]
@@ -279,14 +263,14 @@ def test_saved_viewer_cases_make_one_training_set(make_napari_viewer, qtbot, bas
     save(other.parent)
     assert widget.folders == [folder, other.parent / "viewer-CTP-2"]
     assert sorted(p.name for p in other.iterdir()) == ["mine.txt"]
-    assert _errors(notes) == []
+    assert errors(notes) == []
 
     # trained on with the viewer case: its saved copies are not used twice
     widget.evaluate.value = False
     widget.steps.value = 1
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
-    assert _errors(notes) == []
+    assert errors(notes) == []
     cases = load_checkpoint(tmp_path / "out", names=["ema"], kind="cldm")[1]["training"]["data"]["cases"]
     assert cases == ["viewer-CTP"]
     # and without it, the saved folders are the training set
@@ -301,7 +285,7 @@ def test_saved_viewer_cases_make_one_training_set(make_napari_viewer, qtbot, bas
     widget.use_viewer.value = True
     viewer.layers.remove("CTP")
     assert widget.save_viewer_case(annotations) is None
-    assert "no CT perfusion layer" in _errors(notes)[-1]
+    assert "no CT perfusion layer" in errors(notes)[-1]
 
 
 def test_wrong_layers_and_settings_give_notifications(make_napari_viewer, qtbot, base, tmp_path,
@@ -314,7 +298,7 @@ def test_wrong_layers_and_settings_give_notifications(make_napari_viewer, qtbot,
     viewer.add_image(np.zeros((4, 5, 6), np.float32), name="volume")
     assert widget.pickers["ctp"].value is None and widget.pickers["ctp"].choices == (None,)
     assert widget.start() is None
-    assert "no CT perfusion layer" in _errors(notes)[-1] and "'volume'" in _errors(notes)[-1]
+    assert "no CT perfusion layer" in errors(notes)[-1] and "'volume'" in errors(notes)[-1]
     # …and a 3-D CTP handed to the core's conversion is refused the same way
     layer = viewer.layers["volume"]
     with pytest.raises(InputError, match="4-D image"):
@@ -328,26 +312,26 @@ def test_wrong_layers_and_settings_give_notifications(make_napari_viewer, qtbot,
     other = viewer.add_labels(np.zeros((shape[0], shape[1] - 1, shape[2]), np.uint8), name="other")
     widget.pickers["lesion"].value = other
     assert widget.start() is None and not widget.busy
-    assert "'other' has shape" in _errors(notes)[-1]
+    assert "'other' has shape" in errors(notes)[-1]
     # 4-D labels (made with the CTP selected) on the right grid
     ctp = viewer.layers["CTP"]
     four = viewer.add_labels(np.zeros(ctp.data.shape, np.uint8), name="4d", scale=ctp.scale,
                              translate=ctp.translate)
     widget.pickers["lesion"].value = four
     assert widget.start() is None
-    assert "'4d' has 4 dimensions" in _errors(notes)[-1]
+    assert "'4d' has 4 dimensions" in errors(notes)[-1]
     # right shape, wrong place
     moved = viewer.add_labels(np.zeros(shape, np.uint8), name="moved")
     widget.pickers["lesion"].value = moved
     assert widget.start() is None
-    assert "lies elsewhere" in _errors(notes)[-1]
+    assert "lies elsewhere" in errors(notes)[-1]
     # no training set at all
     widget.use_viewer.value = False
     assert widget.start() is None
-    assert "training set is empty" in _errors(notes)[-1]
+    assert "training set is empty" in errors(notes)[-1]
     # a folder without cases adds nothing
-    assert widget.add_folders(tmp_path) == [] and "no case folders" in _errors(notes)[-1]
-    n_errors = len(_errors(notes))
+    assert widget.add_folders(tmp_path) == [] and "no case folders" in errors(notes)[-1]
+    n_errors = len(errors(notes))
 
     # a non-empty output folder, or nothing to continue
     widget.use_viewer.value = True
@@ -355,10 +339,10 @@ def test_wrong_layers_and_settings_give_notifications(make_napari_viewer, qtbot,
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("x")
     assert widget.start() is None
-    assert "is not empty" in _errors(notes)[-1] and "Continue the saved run" in _errors(notes)[-1]
+    assert "is not empty" in errors(notes)[-1] and "Continue the saved run" in errors(notes)[-1]
     widget.resume.value = True
-    assert widget.start() is None and "no saved run to continue" in _errors(notes)[-1]
-    n_errors = len(_errors(notes))
+    assert widget.start() is None and "no saved run to continue" in errors(notes)[-1]
+    n_errors = len(errors(notes))
 
     # a base model folder that does not exist: found in the worker, shown as a notification
     widget.resume.value = False
@@ -366,7 +350,7 @@ def test_wrong_layers_and_settings_give_notifications(make_napari_viewer, qtbot,
     widget.checkpoint.value = tmp_path / "no_such_model"
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
-    assert len(_errors(notes)) == n_errors + 1 and "does not exist" in _errors(notes)[-1]
+    assert len(errors(notes)) == n_errors + 1 and "does not exist" in errors(notes)[-1]
     assert widget.start_button.enabled and widget.result is None
 
 

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 from _helpers_cldm import one_thread, save_tiny_cldm
+from _helpers_napari import errors
 from napari.layers import Image, Labels
-from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt, QTimer
 
 from ctp2mri.synthesize import synthesize
@@ -42,22 +42,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return save_tiny_cldm(tmp_path_factory.mktemp("synthesis_widget") / "cldm")
-
-
-@pytest.fixture
-def notes():
-    """(severity, message) of the notifications shown while the test runs."""
-    seen: list[tuple[str, str]] = []
-
-    def keep(notification):
-        seen.append((str(notification.severity), str(notification.message)))
-    notification_manager.notification_ready.connect(keep)
-    yield seen
-    notification_manager.notification_ready.disconnect(keep)
-
-
-def _errors(notes):
-    return [message for severity, message in notes if severity == "error"]
 
 
 def _widget(make_napari_viewer, checkpoint, sample=True):
@@ -115,7 +99,7 @@ def test_synthesis_adds_layers_on_the_ctp_geometry_and_rerun_replaces_them(
     widget.relay.reported.connect(seen)
     widget.samples.value = 2
     _run(widget, qtbot)
-    assert _errors(notes) == []
+    assert errors(notes) == []
 
     # progress reached the GUI thread, step by step up to the end
     assert [r[0] for r in reports] == list(range(1, reports[-1][1] + 1))
@@ -187,7 +171,7 @@ def test_synthesis_adds_layers_on_the_ctp_geometry_and_rerun_replaces_them(
     assert viewer.layers["synthetic DWI"].data.shape == spatial
     assert not np.array_equal(viewer.layers["synthetic DWI"].data, old_dwi)
     np.testing.assert_allclose(viewer.layers["synthetic DWI"].scale, ctp.scale[1:])
-    assert _errors(notes) == []
+    assert errors(notes) == []
 
 
 def test_cancel_mid_run_adds_no_layers_and_says_so(make_napari_viewer, qtbot, checkpoint, notes):
@@ -204,7 +188,7 @@ def test_cancel_mid_run_adds_no_layers_and_says_so(make_napari_viewer, qtbot, ch
     assert steps == [1]  # stopped before the second step
     assert [layer.name for layer in viewer.layers] == before
     assert any("cancelled" in message for _, message in notes)
-    assert _errors(notes) == []
+    assert errors(notes) == []
     assert widget.result is None
 
     # closing the widget mid-run stops the run; late worker signals reach no deleted widget
@@ -226,7 +210,7 @@ def test_bad_input_gives_notifications_not_exceptions(make_napari_viewer, qtbot,
     viewer.add_image(np.zeros((4, 5, 6), np.float32), name="DWI")
     assert widget.ctp.value is None
     assert widget.run() is None
-    assert "no CT perfusion layer" in _errors(notes)[-1] and "'DWI'" in _errors(notes)[-1]
+    assert "no CT perfusion layer" in errors(notes)[-1] and "'DWI'" in errors(notes)[-1]
 
     # a checkpoint folder that does not exist: found by the core in the worker
     viewer.open_sample(PLUGIN, "stroke-phantom")
@@ -234,11 +218,11 @@ def test_bad_input_gives_notifications_not_exceptions(make_napari_viewer, qtbot,
     n_layers = len(viewer.layers)
     widget.checkpoint.value = tmp_path / "no_such_model"
     _run(widget, qtbot)
-    assert "does not exist" in _errors(notes)[-1]
+    assert "does not exist" in errors(notes)[-1]
     # a folder that is not a checkpoint
     widget.checkpoint.value = tmp_path
     _run(widget, qtbot)
-    assert "config.json" in _errors(notes)[-1]
+    assert "config.json" in errors(notes)[-1]
     assert len(viewer.layers) == n_layers
 
 

@@ -473,8 +473,7 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
                                        order=2, x_T=x_t, progress=report, cancel=cancel, device=dev)
             # Decoding stays float32: the codebook look-up compares distances that half
             # precision can tie, and one decode per batch costs little next to the steps.
-            z0 = z0 / model.cldm.scale_factor if model.cldm.scale_factor != 1.0 else z0
-            return model.autoencoder.decode(z0, quantize=quantize).clamp_(-1.0, 1.0).cpu()
+            return model.autoencoder.decode(z0 / model.cldm.scale_factor, quantize=quantize).clamp_(-1.0, 1.0).cpu()
 
     _sample_in_batches(rows, n, k_samples, int(batch_size), steps_per_batch, out, dev, run_batch, progress, info)
     if stats is not None:

@@ -53,7 +53,7 @@ def image_space_terms(autoencoder: torch.nn.Module, z0_hat: torch.Tensor, z0: to
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         # straight-through quantiser: ∂x̂/∂ẑ_0 exists
-        return autoencoder.decode(z / scale if scale != 1.0 else z, quantize=True)
+        return autoencoder.decode(z / scale, quantize=True)
 
     with loop.autocast(precision, dev):
         x_hat = checkpoint(decode, z0_hat, use_reentrant=False) if gradient_checkpointing else decode(z0_hat)

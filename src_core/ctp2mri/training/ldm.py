@@ -290,9 +290,7 @@ def diffuse(autoencoder: torch.nn.Module, schedule: NoiseSchedule, x: torch.Tens
             precision: str, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z_0, t, ε, z_t) for a batch of target images: z_0 = scale · E(x), t ~ U{0…T−1}, z_t by Eq. 2."""
     with torch.no_grad(), loop.autocast(precision, x.device):
-        z0 = autoencoder.encode(x).float()  # unquantised latent, as CompVis
-    if scale != 1.0:
-        z0 = z0 * scale
+        z0 = autoencoder.encode(x).float() * scale  # unquantised latent, as CompVis
     t = torch.randint(0, schedule.n_timesteps, (z0.shape[0],), generator=generator, device=x.device)
     eps = torch.randn(z0.shape, generator=generator, device=x.device)
     return z0, t, eps, schedule.q_sample(z0, t, eps)
