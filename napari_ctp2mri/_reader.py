@@ -14,7 +14,6 @@ from typing import Callable
 
 from ctp2mri.casefolder import CASE_FILES, is_case_folder, read_case
 from ctp2mri.io import ITK_SUFFIXES, NIFTI_SUFFIXES, load_volume
-
 from napari_ctp2mri._layers import LayerData, case_to_layer_data, volume_to_layer_data
 
 FILE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES

@@ -15,7 +15,6 @@ import numpy as np
 
 from ctp2mri.errors import InputError
 from ctp2mri.io import ITK_SUFFIXES, NIFTI_SUFFIXES, save_volume
-
 from napari_ctp2mri._layers import layer_to_volume
 
 DEFAULT_SUFFIX = ".nii.gz"

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
 from ctp2mri.checkpoints import save_checkpoint
 from ctp2mri.diffusion import NoiseSchedule
 from ctp2mri.models.autoencoder import VQAutoencoder

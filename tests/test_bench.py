@@ -5,7 +5,13 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
-from ctp2mri.bench import BRAIN_LABELS, bench_preprocess, format_bench, head_labels, write_synthetic_ctp
+from ctp2mri.bench import (
+    BRAIN_LABELS,
+    bench_preprocess,
+    format_bench,
+    head_labels,
+    write_synthetic_ctp,
+)
 
 
 def test_synthetic_ctp_file_is_a_head_ctp(tmp_path):

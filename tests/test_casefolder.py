@@ -7,8 +7,8 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from _helpers_io import ctp_volume, make_affine
+
 from ctp2mri import casefolder
 from ctp2mri.casefolder import CASE_FILES, Case, is_case_folder, read_case, write_case
 from ctp2mri.errors import InputError

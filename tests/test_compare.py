@@ -55,6 +55,10 @@ def test_identical_images_score_perfectly(case):
             assert v[f"{ch}_psnr"] == math.inf
             assert v[f"{ch}_ms_ssim"] == pytest.approx(1.0, abs=1e-6)
         assert v["core_dice"] == 1.0 and v["core_ml"] == v["gt_core_ml"] > 0
+        for ch in ("DWI", "ADC"):
+            assert v[f"{ch}_lesion_contrast"] == v[f"{ch}_lesion_contrast_true"]
+    # the phantom's lesion: bright on DWI, dark on ADC
+    assert table["volume"]["DWI_lesion_contrast"] > 1.2 and table["volume"]["ADC_lesion_contrast"] < 0.8
     # the lesion's volume is its voxel count times 2 × 2 × 5 mm³ = 0.02 ml
     lesion_in_brain = (case["lesion"] != 0) & (case["mask"] != 0)
     assert table["volume"]["lesion_ml"] == pytest.approx(lesion_in_brain.sum() * 0.02)
@@ -111,6 +115,15 @@ def test_slices_add_up_to_the_volume_and_match_the_metrics(case):
     n_lesion = prepared.lesion.sum()
     assert whole["ADC_mae"] * n.sum() == pytest.approx(whole["ADC_lesion_mae"] * n_lesion)
     assert whole["ADC_lesion_mae"] > 0
+    # …and the lesion shows less on the synthetic ADC; in units, from the GT's range
+    lo, hi = prepared.ranges["ADC"]
+    adc_units = (prepared.pred[1] + 1) * (hi - lo) / 2 + lo
+    assert whole["ADC_lesion_contrast"] == pytest.approx(
+        metrics.lesion_contrast(adc_units, prepared.lesion, prepared.brain), rel=1e-6)
+    assert whole["ADC_lesion_contrast_true"] < whole["ADC_lesion_contrast"] < 1
+    assert slices[k]["DWI_lesion_contrast_true"] == pytest.approx(metrics.lesion_contrast(
+        (prepared.target[0, ..., k] + 1) * np.subtract(*prepared.ranges["DWI"][::-1]) / 2
+        + prepared.ranges["DWI"][0], prepared.lesion[..., k], brain_k), rel=1e-6)
 
 
 def test_optional_inputs(case):

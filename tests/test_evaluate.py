@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _helpers_cldm import one_thread, save_tiny_cldm
+
 from ctp2mri.casefolder import read_case
 from ctp2mri.data import normalise_case
 from ctp2mri.errors import Cancelled, InputError
@@ -26,6 +27,7 @@ from ctp2mri.inference import load_model, sample_slices
 from ctp2mri.metrics import METRICS, channel_metrics, core_mask_from_adc, dice, flat_metrics
 from ctp2mri.phantom import generate_dataset
 from ctp2mri.progress import CancelToken
+from ctp2mri.tables import summarise
 
 STEPS = 2
 CASES = ["case_000", "case_001"]  # both phantom cases of seed 7 have a core
@@ -120,6 +122,53 @@ def test_core_of_a_perfect_prediction_is_the_true_adc_core(data):
     assert row["core_dice"] == pytest.approx(row["core_gt_adc_dice"], abs=0.01)
     assert row["core_dice"] > 0.8  # the phantom's core is where its ADC is low
     assert row["core_true_ml"] == pytest.approx(case.lesion.array.sum() * np.prod(case.ctp.spacing) / 1000)
+    # the phantom's lesion is bright on DWI and dark on ADC, and a perfect prediction shows it so
+    for channel in ("DWI", "ADC"):
+        assert row[f"{channel}_lesion_contrast"] == row[f"{channel}_lesion_contrast_true"]
+    assert row["DWI_lesion_contrast"] > 1.2 and row["ADC_lesion_contrast"] < 0.8
+
+
+def test_lesion_contrast_is_one_when_the_lesion_is_painted_over(data):
+    """A prediction that is the truth with the lesion replaced by the tissue around it: its
+    voxel errors are only in the lesion, and its contrast says the lesion is not there."""
+    name = CASES[0]
+    case = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
+    part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
+    pred = part.target.copy()
+    lesion, brain = part.lesion[:, 0] > 0, part.brain[:, 0] > 0
+    for c in range(2):
+        channel = pred[:, c]
+        channel[lesion] = np.median(channel[brain & ~lesion])
+    row, _ = _score_case(name, "painted over", case, part, pred, {})
+    assert row["DWI_lesion_mae"] > 0.2 and row["DWI_mae"] < row["DWI_lesion_mae"] / 10
+    for channel in ("DWI", "ADC"):
+        assert row[f"{channel}_lesion_contrast"] == pytest.approx(1.0, abs=1e-3)
+        assert abs(row[f"{channel}_lesion_contrast_true"] - 1.0) > 0.2
+
+
+def test_lesion_free_case_has_no_dice_but_counts_its_false_core(data):
+    """An all-zero lesion mask: Dice is undefined (not 1.0 for "no core"), so it does not
+    enter the mean over lesion cases; a false core still shows as volume difference."""
+    name = CASES[1]
+    full = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
+    case = replace(full, lesion=replace(full.lesion, array=np.zeros_like(full.lesion.array)))
+    part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
+    truth_row, _ = _score_case(name, "m", case, part, part.target.copy(), {})
+    assert math.isnan(truth_row["core_dice"]) and math.isnan(truth_row["core_gt_adc_dice"])
+    assert math.isnan(truth_row["ADC_lesion_contrast"]) and math.isnan(truth_row["ADC_lesion_mae"])
+    assert truth_row["core_true_ml"] == 0 and truth_row["core_abs_volume_diff_ml"] == truth_row["core_pred_ml"]
+    lesion_row, _ = _score_case(CASES[0], "m", *_normalised(data, CASES[0]), {})
+    rows = [{**truth_row, "model": "m"}, {**lesion_row, "model": "m"}]
+    text = format_report(summarise(rows), rows, n_steps=1, eta=0.0, seed=0, split="test")
+    assert f"Dice {lesion_row['core_dice']:.3f} over 1 lesion cases" in text
+    assert "over 2 cases" in text and "Lesion contrast" in text
+
+
+def _normalised(data, name):
+    """(case, its slices, a perfect prediction) for `_score_case`."""
+    case = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
+    part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
+    return case, part, part.target.copy()
 
 
 def test_case_without_lesion_mask_has_no_lesion_scores(data):
@@ -158,7 +207,8 @@ def test_report_is_table1_shaped_and_states_the_sampler(result):
     assert f"DDIM, {STEPS} steps, eta = 0, seed 3" in text and "2 cases" in text
     assert "| cLDM |" in text and "DWI Lesion MAE↓" in text and "ADC MS-SSIM↑" in text
     assert "FID skipped: Inception weights not available offline" in text
-    assert "Infarct core" in text
+    assert "Infarct core" in text and "over 2 lesion cases" in text
+    assert "Lesion contrast" in text and "(true " in text
 
 
 def test_several_models_share_cases_and_seeds(data, checkpoint):
@@ -167,6 +217,38 @@ def test_several_models_share_cases_and_seeds(data, checkpoint):
     assert [(r["case"], r["model"]) for r in rows] == [("case_000", "a"), ("case_000", "b")]
     assert rows[0]["DWI_mae"] == rows[1]["DWI_mae"]  # same weights, same noise
     assert set(summary) == {"a", "b"}
+
+
+def test_several_seeds_give_a_row_per_case_and_seed(result, data, checkpoint, tmp_path, capsys):
+    """--seed 3 4: seed 3's rows are the single-seed run's, and the summary is over all rows."""
+    single, _, _, _ = result
+    calls = []
+    rows, summary = evaluate(checkpoint, data, "test", n_steps=STEPS, seed=[3, 4], batch_size=8,
+                             device="cpu", progress=lambda *c: calls.append(c))
+    assert [(r["case"], r["seed"]) for r in rows] == [(c, s) for c in CASES for s in (3, 4)]
+    for row in rows[::2]:
+        one = next(r for r in single if r["case"] == row["case"])
+        assert {k: v for k, v in row.items() if k != "seed"} == pytest.approx(
+            {k: v for k, v in one.items() if k != "seed"}, nan_ok=True)
+    assert rows[0]["DWI_mae"] != rows[1]["DWI_mae"]  # another draw
+    assert summary["cLDM"]["DWI_mae"]["n"] == 4
+    assert summary["cLDM"]["DWI_mae"]["mean"] == pytest.approx(np.mean([r["DWI_mae"] for r in rows]))
+    assert calls[-1][0] == calls[-1][1] == 2 * sum(r["n_slices"] for r in single) * STEPS
+    text = format_report(summary, rows, n_steps=STEPS, eta=0.0, seed=[3, 4], split="test")
+    assert "seeds 3, 4" in text and "over cases and seeds" in text
+    with pytest.raises(InputError, match="different sampling seeds"):
+        evaluate(checkpoint, data, "test", n_steps=STEPS, seed=[3, 3], device="cpu")
+    # the CLI takes them after one --seed and writes one CSV row per case and seed
+    from ctp2mri.cli import main
+
+    assert main(["evaluate", "--model", str(checkpoint), "--data", str(data), "--steps", "1",
+                 "--seed", "5", "6", "--device", "cpu", "--max-cases", "1", "--out",
+                 str(tmp_path / "r.csv"), "--table", str(tmp_path / "t.md")]) == 0
+    with open(tmp_path / "r.csv", newline="") as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["5", "6"]
+    with open(tmp_path / "t.csv", newline="") as f:
+        assert next(csv.DictReader(f))["seed"] == "5 6"
+    assert "seeds 5, 6" in capsys.readouterr().out
 
 
 def test_cancel_leaves_no_output(data, checkpoint, tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from _helpers_cldm import NORMALISATION, one_thread
+
 from ctp2mri.checkpoints import save_checkpoint
 from ctp2mri.cli import main
 from ctp2mri.data import SliceDataset

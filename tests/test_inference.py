@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from _helpers_cldm import NORMALISATION, one_thread, save_tiny_cldm
+
 from ctp2mri.checkpoints import load_checkpoint
 from ctp2mri.diffusion import ddim_sample
 from ctp2mri.errors import Cancelled, InputError

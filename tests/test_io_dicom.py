@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _helpers_io import ctp_volume, make_affine, volume_3d, world
+
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.io import load_volume
 from ctp2mri.io.dicom import list_dicom_series, load_dicom_series

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from _helpers_io import ORIENTATIONS, ctp_volume, volume_3d, world
+
 from ctp2mri.errors import InputError
 from ctp2mri.io import load_volume, save_volume
 from ctp2mri.io.itk import affine_from_sitk, frame_to_sitk, from_sitk, load_itk, save_itk, to_sitk

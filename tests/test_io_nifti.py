@@ -8,8 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from _helpers_io import ORIENTATIONS, ctp_volume, make_affine, volume_3d, world
+
 from ctp2mri.errors import InputError
 from ctp2mri.io import load_volume, save_volume
 from ctp2mri.io.nifti import load_nifti, save_nifti

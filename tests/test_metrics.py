@@ -204,6 +204,26 @@ def test_channel_metrics_rejects_mismatched_masks():
         M.channel_metrics(pred, pred, np.ones((3, 96, 112)), np.ones((3, 96, 100)))
 
 
+def test_lesion_contrast_is_rdwi_radc(no_warnings):
+    brain = np.zeros((2, 10, 10), bool)
+    brain[:, 1:9, 1:9] = True
+    adc = np.where(brain, 800.0, 0.0)
+    adc[:, 1:3, 1:9] = 3000.0  # CSF: 32 of the 128 brain voxels, which a mean would follow
+    lesion = np.zeros_like(brain)
+    lesion[0, 5:7, 5:7] = True
+    adc[lesion] = 400.0
+    assert M.lesion_contrast(adc, lesion, brain) == pytest.approx(0.5)  # the median is tissue
+    dwi = np.where(brain, 100.0, 0.0)
+    dwi[lesion] = 180.0
+    assert M.lesion_contrast(torch.from_numpy(dwi), lesion, brain) == pytest.approx(1.8)
+    # invisible: the lesion is the tissue around it
+    assert M.lesion_contrast(np.where(brain, 800.0, 0.0), lesion, brain) == pytest.approx(1.0)
+    assert math.isnan(M.lesion_contrast(adc, np.zeros_like(lesion), brain))  # no lesion
+    assert math.isnan(M.lesion_contrast(adc, brain, brain))  # no brain outside it
+    with pytest.raises(InputError, match="lesion contrast"):
+        M.lesion_contrast(adc, lesion[:, :5], brain)
+
+
 # infarct core ------------------------------------------------------------------------------
 def test_dice_cases():
     a = np.zeros((4, 4, 4), bool)

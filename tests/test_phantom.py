@@ -14,6 +14,7 @@ import pytest
 from ctp2mri.errors import InputError
 from ctp2mri.phantom import case_seed, frame_times, generate_case, lesion_truth, simulate_case
 from ctp2mri.phantom.anatomy import model_grid
+from ctp2mri.phantom.lesions import draw_lesion_plan
 from ctp2mri.phantom.perfusion import (
     MTT_TABLE,
     PerfusionParams,
@@ -23,7 +24,6 @@ from ctp2mri.phantom.perfusion import (
     gamma_variate,
     ischaemic_parameters,
 )
-from ctp2mri.phantom.lesions import draw_lesion_plan
 
 DEMO_VOXEL_ML = 2 * 2 * 5 / 1000
 

@@ -467,7 +467,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="ddim (the paper's, default) or dpm++2m (DPM-Solver++(2M), ~20 steps)")
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM and bridge-sampler eta (default 0: deterministic; BBDM's configs use 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="sampling seed (default 0); several sample every case once per seed and "
+                   "average over cases and seeds (one CSV row per case and seed)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per batch (default 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--out", type=Path, help="per-case CSV to write")

@@ -49,9 +49,10 @@ from ctp2mri.metrics import (
     core_mask_from_adc,
     dice,
     flat_metrics,
+    lesion_contrast,
     volume_ml,
 )
-from ctp2mri.preprocess import MRI_QUANTILES, normalise_mri
+from ctp2mri.preprocess import MRI_QUANTILES, denormalise_mri, normalise_mri
 
 __all__ = [
     "TABLE_NOTE",
@@ -70,7 +71,8 @@ __all__ = [
 # `flat_metrics`, so a row can be merged with `ctp2mri evaluate`'s CSV.
 _CHANNEL_INFO = {
     "mae": ("MAE", 4), "lesion_mae": ("lesion MAE", 4), "psnr": ("PSNR (dB)", 2),
-    "ms_ssim": ("MS-SSIM", 4),
+    "ms_ssim": ("MS-SSIM", 4), "lesion_contrast": ("lesion contrast", 2),
+    "lesion_contrast_true": ("GT lesion contrast", 2),
 }
 # "core" is `core_mask_from_adc` of the synthetic ADC, "GT core" that of the ground truth's
 _CORE_INFO = {
@@ -85,7 +87,9 @@ TABLE_NOTE = (
     "DWI/ADC normalised to [-1, 1] with the ground truth's brain "
     f"{MRI_QUANTILES[0]:g}-{MRI_QUANTILES[1]:g} % range (both images). core: ADC < "
     f"{CORE_ADC_THRESHOLD:g} x 10^-6 mm^2/s in the brain (small specks removed), from the "
-    "synthetic ADC; GT core: from the ground-truth ADC. Volumes in ml."
+    "synthetic ADC; GT core: from the ground-truth ADC. Volumes in ml. Lesion contrast: mean "
+    "inside the lesion / median of the rest of the brain, in image units (rDWI, rADC; "
+    "1 = the lesion cannot be seen)."
 )
 METRIC_INFO: dict[str, tuple[str, int]] = {
     **{f"{ch}_{k}": (f"{ch} {label}", d) for ch in ("DWI", "ADC")
@@ -233,7 +237,8 @@ def comparison_metrics(prepared: PreparedComparison,
     -------
     dict
         Keys of `METRIC_INFO` in its order, those the inputs allow: ``{ch}_mae``,
-        ``{ch}_lesion_mae``, ``{ch}_psnr``, ``{ch}_ms_ssim`` per channel; ``core_dice``
+        ``{ch}_lesion_mae``, ``{ch}_psnr``, ``{ch}_ms_ssim``, ``{ch}_lesion_contrast[_true]``
+        (`ctp2mri.metrics.lesion_contrast` of the synthetic and true image) per channel; ``core_dice``
         (synthetic vs ground-truth core), ``core_dice_lesion``, ``gt_core_dice_lesion``,
         ``core_ml``, ``gt_core_ml``, ``lesion_ml``.
     """
@@ -255,6 +260,13 @@ def comparison_metrics(prepared: PreparedComparison,
                                  None if p.lesion is None else cut(p.lesion)[None], p.channels,
                                  layout="slices")
     values = flat_metrics(images)
+    if p.lesion is not None:  # rDWI / rADC: is the lesion there at all, whatever the threshold
+        for c, ch in enumerate(p.channels):
+            lo, hi = p.ranges[ch]
+            for key, images_c in ((f"{ch}_lesion_contrast", p.pred[c]),
+                                  (f"{ch}_lesion_contrast_true", p.target[c])):
+                values[key] = lesion_contrast(denormalise_mri(cut(images_c), lo, hi),
+                                              cut(p.lesion), cut(p.brain))
     if p.core is not None and p.gt_core is not None:
         values["core_dice"] = dice(cut(p.core), cut(p.gt_core))
     if p.core is not None and p.lesion is not None:

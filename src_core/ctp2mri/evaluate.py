@@ -17,7 +17,11 @@ truth's range isolates what the model gets right in normalised space, which is w
 paper's evaluation measures; a new patient has no ground truth, so the synthesis engine
 maps output back with the model's stored training ranges instead, and its core volumes
 carry that extra error. For reference, the same threshold on the *true* ADC gives
-``core_gt_adc_dice``: the ceiling of the threshold rule on that case.
+``core_gt_adc_dice``: the ceiling of the threshold rule on that case. Dice is averaged over
+the cases with a lesion (a lesion-free case has none to overlap; its false core shows in the
+volumes). Whether the lesion shows at all, whatever the threshold, is the lesion contrast:
+mean inside the lesion over the median of the rest of the brain (rDWI, rADC), synthetic
+against true.
 
 FID needs an Inception-v3 network and its weights; ctp2mri downloads nothing, so FID is
 reported as skipped unless both are available locally (see `fid_status`).
@@ -56,6 +60,7 @@ from ctp2mri.metrics import (
     core_comparison,
     core_mask_from_adc,
     flat_metrics,
+    lesion_contrast,
     volume_ml,
 )
 from ctp2mri.preprocess import denormalise_mri
@@ -131,6 +136,21 @@ def _pred_adc_volume(pred: np.ndarray, part: CaseSlices, shape: tuple[int, ...])
     return adc
 
 
+def _lesion_contrasts(pred: np.ndarray, part: CaseSlices, brain: np.ndarray,
+                      lesion: np.ndarray | None) -> dict[str, float]:
+    """`lesion_contrast` of the synthetic and the true DWI and ADC, in units from the case's
+    own ranges (the true images as clipped by normalisation, so both see the same range)."""
+    out: dict[str, float] = {}
+    for c, (channel, key) in enumerate(zip(CHANNELS, TARGETS)):
+        lo, hi = part.ranges[key]
+        for suffix, images in (("", pred), ("_true", part.target)):
+            value = math.nan
+            if lesion is not None:
+                value = lesion_contrast(denormalise_mri(np.asarray(images[:, c]), lo, hi), lesion, brain)
+            out[f"{channel}_lesion_contrast{suffix}"] = value
+    return out
+
+
 def _score_case(name: str, label: str, case: Any, part: CaseSlices, pred: np.ndarray,
                 settings: Mapping[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
     """One CSV row (metrics in normalised space, core in units) and the predicted core mask."""
@@ -141,6 +161,7 @@ def _score_case(name: str, label: str, case: Any, part: CaseSlices, pred: np.nda
     row: dict[str, Any] = {"case": name, "model": label, "n_slices": len(part.slices),
                            "lesion_voxels": int(lesion.sum()) if lesion is not None else 0,
                            **flat_metrics(nested)}
+    row.update(_lesion_contrasts(pred, part, brain, lesion))
     spacing = tuple(float(s) for s in case.ctp.spacing)
     brain_vol = case.mask.array > 0
     pred_core = core_mask_from_adc(_pred_adc_volume(pred, part, brain_vol.shape), brain_vol,
@@ -151,6 +172,11 @@ def _score_case(name: str, label: str, case: Any, part: CaseSlices, pred: np.nda
         gt_core = core_mask_from_adc(case.adc.array, brain_vol, spacing=spacing)
         row.update({f"core_{k}": cmp[k] for k in _CORE_KEYS})
         row["core_gt_adc_dice"] = core_comparison(gt_core, truth, spacing)["dice"]
+        if not truth.any():
+            # Dice is undefined without a lesion (MONAI's ignore_empty): a lesion-free case's
+            # "1.0 for no core" would swamp the lesion cases' mean; its false core is in the
+            # volumes
+            row["core_dice"] = row["core_gt_adc_dice"] = math.nan
     else:
         row.update({f"core_{k}": math.nan for k in _CORE_KEYS})
         row["core_pred_ml"] = volume_ml(pred_core, spacing)  # no truth to compare with
@@ -182,7 +208,8 @@ def _scaled(progress: ProgressCallback | None, base: int, weight: int, total: in
 
 # the evaluation --------------------------------------------------------------------------------
 def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
-             split: str | None = "test", n_steps: int = 200, eta: float = 0.0, seed: int = 0,
+             split: str | None = "test", n_steps: int = 200, eta: float = 0.0,
+             seed: int | Sequence[int] = 0,
              batch_size: int = 16, device: str | torch.device = "auto",
              out_csv: str | os.PathLike | None = None, progress: ProgressCallback | None = None,
              cancel: CancelToken | None = None,
@@ -207,14 +234,16 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
         Sampler settings, the same for every model (paper: 200 DDIM steps, η = 0; BBDM's bridge
         sampler takes the same steps and η; Pix2Pix makes one pass), the run seed (per-slice
         noise from ``(seed, case, z)``, see `ctp2mri.inference.sample_slices`) and slices per
-        batch.
+        batch. Several seeds sample every case once per seed, one row each: the summary is then
+        over cases and seeds, which is what a comparison of samplers or models needs when a
+        single draw's lesion MAE moves by ± 15 % from seed to seed (a few small lesions).
     device
         ``auto``, ``cpu``, ``cuda[:i]``, ``mps``.
     out_csv
         Per-case CSV to write (atomically, only when the whole evaluation finished).
     progress
         ``progress(done, total, info)`` in slice-steps (one sampler step of one slice), over
-        all cases and models; ``info`` names the case and model.
+        all cases, models and seeds; ``info`` names the case, model and seed.
     cancel
         Checked before every DDIM step; a cancelled run writes nothing.
     models
@@ -236,8 +265,10 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     -------
     (rows, summary)
         One dict per case and model: ``case``, ``model``, ``n_slices``, ``lesion_voxels``,
-        ``{DWI,ADC}_{mae,lesion_mae,psnr,ms_ssim}``, ``core_{dice,pred_ml,true_ml,
-        volume_diff_ml,abs_volume_diff_ml}``, ``core_gt_adc_dice`` and the sampler settings
+        ``{DWI,ADC}_{mae,lesion_mae,psnr,ms_ssim}``, ``{DWI,ADC}_lesion_contrast[_true]``
+        (`ctp2mri.metrics.lesion_contrast` of the synthetic and the true image),
+        ``core_{dice,pred_ml,true_ml,volume_diff_ml,abs_volume_diff_ml}`` (Dice NaN for a
+        lesion-free case), ``core_gt_adc_dice`` and the sampler settings
         (``sampler``, ``steps`` = network calls per slice, ``eta``, ``seed``, ``weights``);
         and ``summarise(rows)``: mean ± SD per model (`format_report` prints it).
 
@@ -258,6 +289,7 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
         named = {label: model_path, **named}
     if not named:
         raise InputError("no model to evaluate: give a cLDM (or cBBDM, Pix2Pix) checkpoint folder (--model)")
+    seeds = _seeds(seed)
     if out_csv is not None:
         ensure_writable_dir(Path(out_csv).parent)
     if figure is not None:
@@ -275,9 +307,9 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     counts = [_count_brain_slices(d) for d in case_dirs]
     steps = {label: sampler_steps(samplers[label], n_steps, m) for label, m in loaded.items()}
     settings = {label: {"split": split or "all", "sampler": samplers[label], "steps": steps[label],
-                        "eta": float(eta), "seed": int(seed), "weights": m.weights}
+                        "eta": float(eta), "weights": m.weights}
                 for label, m in loaded.items()}
-    total = sum(counts) * sum(steps.values())
+    total = sum(counts) * sum(steps.values()) * len(seeds)
     done = 0
     rows: list[dict[str, Any]] = []
     shown: list[Any] = []  # figures.EvaluationSlice (matplotlib is imported only for a figure)
@@ -291,18 +323,23 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
                 parts[model.profile] = _normalise(case_dir, name, model.profile, label)
             case, part = parts[model.profile]
             n = len(part.slices)
-            report = _scaled(progress, done, n * steps[label], total,
-                             {"case": name, "model": label, "slices": n})
-            pred = sample_slices(model, torch.from_numpy(np.asarray(part.cond, dtype=np.float32)),
-                                 n_steps=n_steps, eta=eta, seed=case_seed(seed, name),
-                                 batch_size=batch_size, ids=part.slices.tolist(),
-                                 progress=report, cancel=cancel, sampler=samplers[label]).numpy()
-            pred *= part.brain  # the contract: zero outside the brain
-            done += n * steps[label]
-            row, pred_core = _score_case(name, label, case, part, pred, settings[label])
-            rows.append(row)
-            if figure is not None and label == next(iter(loaded)) and len(shown) < FIGURE_ROWS:
-                shown.append(_figure_slice(name, label, case, part, pred, pred_core))
+            for run_seed in seeds:
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                report = _scaled(progress, done, n * steps[label], total,
+                                 {"case": name, "model": label, "slices": n, "seed": run_seed})
+                pred = sample_slices(model, torch.from_numpy(np.asarray(part.cond, dtype=np.float32)),
+                                     n_steps=n_steps, eta=eta, seed=case_seed(run_seed, name),
+                                     batch_size=batch_size, ids=part.slices.tolist(),
+                                     progress=report, cancel=cancel, sampler=samplers[label]).numpy()
+                pred *= part.brain  # the contract: zero outside the brain
+                done += n * steps[label]
+                row, pred_core = _score_case(name, label, case, part, pred,
+                                             {**settings[label], "seed": run_seed})
+                rows.append(row)
+                if (figure is not None and label == next(iter(loaded)) and run_seed == seeds[0]
+                        and len(shown) < FIGURE_ROWS):
+                    shown.append(_figure_slice(name, label, case, part, pred, pred_core))
     summary = summarise(rows)
     if out_csv is not None:
         write_rows(rows, out_csv)
@@ -391,28 +428,59 @@ def _sampling(rows: Sequence[Mapping[str, Any]], n_steps: int) -> dict[str, str]
     return out
 
 
-def _header(rows: Sequence[Mapping[str, Any]], n_steps: int, eta: float, seed: int, split: str | None) -> str:
+def _seeds(seed: int | Sequence[int]) -> list[int]:
+    """One run seed or several (each case is then sampled once per seed)."""
+    seeds = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise InputError(f"give one or more different sampling seeds, got {seed!r}")
+    return seeds
+
+
+def _seed_text(seed: int | Sequence[int]) -> str:
+    seeds = _seeds(seed)
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+
+
+def _header(rows: Sequence[Mapping[str, Any]], n_steps: int, eta: float, seed: int | Sequence[int],
+            split: str | None) -> str:
     n_cases = len({r["case"] for r in rows})
     where = f"Evaluation on split {split or 'all'!r} ({n_cases} case{'s' * (n_cases != 1)}): "
-    metrics = "metrics in the normalised [-1, 1] space inside the brain (mean ± SD over cases)"
+    over = "cases" if len(_seeds(seed)) == 1 else "cases and seeds, each case sampled once per seed"
+    metrics = f"metrics in the normalised [-1, 1] space inside the brain (mean ± SD over {over})"
     sampling = _sampling(rows, n_steps)
+    seeds = _seed_text(seed)
     if len(set(sampling.values())) <= 1:
         how = next(iter(sampling.values()), f"DDIM, {n_steps} steps")
-        return f"{where}{how}, eta = {eta:g}, seed {seed}; {metrics}"
+        return f"{where}{how}, eta = {eta:g}, {seeds}; {metrics}"
     listed = "; ".join(f"{m}: {how}" for m, how in sampling.items())
-    return f"{where}eta = {eta:g}, seed {seed}, the same per-slice seeds for every model ({listed}); {metrics}"
+    return f"{where}eta = {eta:g}, {seeds}, the same per-slice seeds for every model ({listed}); {metrics}"
 
 
 def _core_lines(summary: Summary) -> list[str]:
     lines = []
     for model, stats in summary.items():
-        dice = stats.get("core_dice", {})
-        if dice.get("n", 0):
-            diff = stats.get("core_abs_volume_diff_ml", {})
+        diff = stats.get("core_abs_volume_diff_ml", {})
+        if diff.get("n", 0):
+            dice = stats.get("core_dice", {})
             ref = stats.get("core_gt_adc_dice", {})
-            lines.append(f"{model}: Dice {dice['mean']:.3f}, |volume difference| "
-                         f"{diff.get('mean', math.nan):.2f} ml over {dice['n']} cases "
-                         f"(same threshold on the true ADC: Dice {ref.get('mean', math.nan):.3f})")
+            lines.append(f"{model}: Dice {dice.get('mean', math.nan):.3f} over {dice.get('n', 0)} "
+                         f"lesion cases (same threshold on the true ADC: Dice "
+                         f"{ref.get('mean', math.nan):.3f}); |volume difference| "
+                         f"{diff['mean']:.2f} ml over {diff['n']} cases")
+    return lines
+
+
+def _contrast_lines(summary: Summary) -> list[str]:
+    lines = []
+    for model, stats in summary.items():
+        parts = []
+        for channel in CHANNELS:
+            synthetic = stats.get(f"{channel}_lesion_contrast", {})
+            true = stats.get(f"{channel}_lesion_contrast_true", {})
+            if synthetic.get("n", 0):
+                parts.append(f"{channel} {synthetic['mean']:.2f} (true {true.get('mean', math.nan):.2f})")
+        if parts:
+            lines.append(f"{model}: " + ", ".join(parts))
     return lines
 
 
@@ -420,21 +488,28 @@ _CORE_TITLE = ("Infarct core (synthetic ADC < 620 × 10⁻⁶ mm²/s, ADC mapped
                "case's own range) vs the lesion masks:")
 
 
+_CONTRAST_TITLE = ("Lesion contrast (mean inside the lesion / median of the rest of the brain, "
+                   "rDWI and rADC; 1 = not visible), mean over lesion cases:")
+
+
 # report ----------------------------------------------------------------------------------------
 def format_report(summary: Summary, rows: Sequence[Mapping[str, Any]], *, n_steps: int, eta: float,
-                  seed: int, split: str | None, fid_message: str | None = None) -> str:
+                  seed: int | Sequence[int], split: str | None, fid_message: str | None = None) -> str:
     """The printed result: a header with the sampler settings, Table 1, and the core numbers."""
     lines = [_header(rows, n_steps, eta, seed, split), "", format_table1(summary)]
     core_lines = _core_lines(summary)
     if core_lines:
         lines += ["", _CORE_TITLE, *(f"  {line}" for line in core_lines)]
+    contrast_lines = _contrast_lines(summary)
+    if contrast_lines:
+        lines += ["", _CONTRAST_TITLE, *(f"  {line}" for line in contrast_lines)]
     if fid_message:
         lines += ["", fid_message]
     return "\n".join(lines)
 
 
 def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
-                     n_steps: int, eta: float, seed: int, split: str | None,
+                     n_steps: int, eta: float, seed: int | Sequence[int], split: str | None,
                      checkpoints: Mapping[str, str | os.PathLike] | None = None,
                      fid_message: str | None = None) -> tuple[Path, Path]:
     """Write the models' Table-1-shaped comparison: Markdown at ``path`` and CSV beside it.
@@ -443,8 +518,8 @@ def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: 
     (`ctp2mri.tables.format_table1`, best mean in bold), how each model was sampled and from
     which checkpoint, and the infarct-core numbers. The CSV (``path`` with suffix ``.csv``)
     has one row per model: ``model``, ``n_cases``, ``sampler``, ``steps``, ``eta``, ``seed``,
-    ``weights``, ``checkpoint`` and ``{DWI,ADC}_{metric}_{mean,std}`` plus the core Dice and
-    |volume difference|. Both are written atomically.
+    ``weights``, ``checkpoint`` and ``{DWI,ADC}_{metric}_{mean,std}`` plus the core Dice,
+    |volume difference| and the lesion contrasts. Both are written atomically.
 
     Returns
     -------
@@ -461,9 +536,12 @@ def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: 
     table_rows = []
     for m in models:
         row: dict[str, Any] = {"model": m, "n_cases": sum(r["model"] == m for r in rows)}
-        row.update({k: first[m].get(k, "") for k in ("sampler", "steps", "eta", "seed", "weights")})
+        row.update({k: first[m].get(k, "") for k in ("sampler", "steps", "eta", "weights")})
+        row["seed"] = " ".join(str(v) for v in dict.fromkeys(r["seed"] for r in rows if r["model"] == m))
         row["checkpoint"] = os.fspath(checkpoints.get(m, ""))
-        keys = [f"{ch}_{metric}" for ch in CHANNELS for metric in METRICS] + ["core_dice", "core_abs_volume_diff_ml"]
+        keys = ([f"{ch}_{metric}" for ch in CHANNELS for metric in METRICS]
+                + ["core_dice", "core_abs_volume_diff_ml"]
+                + [f"{ch}_lesion_contrast{s}" for ch in CHANNELS for s in ("", "_true")])
         for key in keys:
             stat = summary[m].get(key, {})
             row[f"{key}_mean"] = stat.get("mean", math.nan)
@@ -478,6 +556,9 @@ def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: 
     core_lines = _core_lines(summary)
     if core_lines:
         lines += ["", _CORE_TITLE, "", *(f"- {line}" for line in core_lines)]
+    contrast_lines = _contrast_lines(summary)
+    if contrast_lines:
+        lines += ["", _CONTRAST_TITLE, "", *(f"- {line}" for line in contrast_lines)]
     if fid_message:
         lines += ["", fid_message]
     with atomic_path(md) as tmp:

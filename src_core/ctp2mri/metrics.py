@@ -34,7 +34,7 @@ from ctp2mri.errors import InputError
 __all__ = [
     "MS_SSIM_WEIGHTS", "CORE_ADC_THRESHOLD", "METRICS", "mae", "lesion_mae", "psnr", "ms_ssim",
     "max_ms_ssim_scales", "channel_metrics", "flat_metrics", "core_mask_from_adc", "volume_ml",
-    "dice", "core_comparison",
+    "dice", "core_comparison", "lesion_contrast",
 ]
 
 # Wang, Simoncelli & Bovik 2003, finest scale first (MONAI's and torchmetrics' default).
@@ -321,6 +321,24 @@ def flat_metrics(nested: dict[str, dict[str, float]], sep: str = "_") -> dict[st
     """``{"DWI": {"mae": …}}`` → ``{"DWI_mae": …}``: one CSV row's columns, the keys that
     `summarise` and `format_table1` read."""
     return {f"{ch}{sep}{k}": v for ch, metrics in nested.items() for k, v in metrics.items()}
+
+
+def lesion_contrast(image: ArrayLike, lesion: ArrayLike, brain: ArrayLike) -> float:
+    """How visible the lesion is: mean intensity inside it / median of the rest of the brain.
+
+    The relative DWI and ADC (rDWI, rADC) of stroke imaging: > 1 for a bright DWI lesion,
+    < 1 for a dark ADC one, 1 when it cannot be told from the tissue around it. The median
+    keeps CSF (ADC ≈ 3000 × 10⁻⁶ mm²/s) from dominating the reference. Needs intensities in
+    units (a ratio of [−1, 1] values means nothing). NaN when the lesion is empty or there is
+    no brain outside it.
+    """
+    x = _np(image)
+    les = _mask(lesion, x.shape, "lesion contrast")
+    rest = _mask(brain, x.shape, "lesion contrast") & ~les
+    if not les.any() or not rest.any():
+        return math.nan
+    reference = float(np.median(x[rest]))
+    return float(x[les].mean()) / reference if reference > 0 else math.nan
 
 
 # infarct core ----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from ctp2mri.models.autoencoder import PatchGANDiscriminator, VectorQuantizer, V
 from ctp2mri.models.cbbdm import BrownianBridgeLDM
 from ctp2mri.models.cldm import ConditionalLDM
 from ctp2mri.models.conditioning import SpatialRescaler
-from ctp2mri.models.pix2pix import Pix2PixGenerator
 from ctp2mri.models.configs import (
     NETWORK_TYPES,
     build_autoencoder,
@@ -21,6 +20,7 @@ from ctp2mri.models.configs import (
     network_type,
     parameter_count,
 )
+from ctp2mri.models.pix2pix import Pix2PixGenerator
 
 __all__ = [
     "NETWORK_TYPES",
