@@ -638,7 +638,7 @@ class PostTrainWidget(Container):
         table.setRowCount(len(rows))
         table.setVerticalHeaderLabels([row["label"] for row in rows])
         for i, row in enumerate(rows):
-            digits = 2 if "PSNR" in row["label"] else 4
+            digits = row.get("digits", 4)
             for j, key in enumerate(("base", "new", "change")):
                 value = row[key]
                 text = "–" if not math.isfinite(value) else (

@@ -64,6 +64,11 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("PSNR ADC (dB)", "ADC_psnr", False),
     ("Core Dice", "core_dice", False),
 )
+# (row label, evaluate() column): rDWI / rADC, better when closer to the ground truth's
+CONTRASTS: tuple[tuple[str, str], ...] = (
+    ("Lesion contrast DWI", "DWI_lesion_contrast"),
+    ("Lesion contrast ADC", "ADC_lesion_contrast"),
+)
 
 
 # viewer cases --------------------------------------------------------------------------------
@@ -251,22 +256,41 @@ def before_after(base: str | os.PathLike, new: str | os.PathLike, sources: Seque
 def metric_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Mean over cases of the lesion and image metrics, base vs post-trained.
 
+    The lesion contrasts (rDWI, rADC: is the painted lesion drawn at all) follow the lesion
+    MAEs; their label gives the ground truth's value, and closer to it is better.
+
     Returns
     -------
     list of dict
         ``label``, ``key``, ``base``, ``new`` (means, NaN where no case has a value, e.g. lesion
-        MAE without lesion), ``change`` (new − base) and ``better`` (True/False, None if NaN).
+        MAE without lesion), ``change`` (new − base), ``better`` (True/False, None if NaN or
+        unchanged) and ``digits`` to show.
     """
     from ctp2mri.tables import summarise
 
     summary = summarise(rows)
+
+    def mean(model: str, key: str) -> float:
+        return summary.get(model, {}).get(key, {}).get("mean", math.nan)
+
     out = []
     for label, key, lower_is_better in METRICS:
-        base = summary.get(BASE_LABEL, {}).get(key, {}).get("mean", math.nan)
-        new = summary.get(NEW_LABEL, {}).get(key, {}).get("mean", math.nan)
+        base, new = mean(BASE_LABEL, key), mean(NEW_LABEL, key)
         change = new - base
         better = None if not math.isfinite(change) else (change < 0) == lower_is_better and change != 0
         out.append({"label": label, "key": key, "base": base, "new": new, "change": change,
-                    "better": better})
+                    "better": better, "digits": 2 if "psnr" in key else 4})
+        if key == "ADC_lesion_mae":
+            out += [_contrast_row(label, key, mean) for label, key in CONTRASTS]
     return out
+
+
+def _contrast_row(label: str, key: str, mean: Any) -> dict[str, Any]:
+    base, new, true = mean(BASE_LABEL, key), mean(NEW_LABEL, key), mean(BASE_LABEL, f"{key}_true")
+    change = new - base
+    gaps = abs(new - true), abs(base - true)
+    better = None if not all(map(math.isfinite, (*gaps, change))) or gaps[0] == gaps[1] else gaps[0] < gaps[1]
+    shown = f"{label} (true {true:.2f})" if math.isfinite(true) else label
+    return {"label": shown, "key": key, "base": base, "new": new, "change": change,
+            "better": better, "digits": 3}
 

@@ -390,3 +390,18 @@ def test_metric_rows_average_cases_and_say_which_way_is_better():
     assert mae["change"] == pytest.approx(-0.1) and mae["better"] is True  # lower MAE: better
     assert psnr["change"] == pytest.approx(-1.0) and psnr["better"] is False  # lower PSNR: worse
     assert np.isnan(table["ADC_mae"]["base"]) and table["ADC_mae"]["better"] is None
+    assert [row["key"] for row in metric_rows(rows)][:4] == [
+        "DWI_lesion_mae", "ADC_lesion_mae", "DWI_lesion_contrast", "ADC_lesion_contrast"]
+
+
+def test_lesion_contrast_rows_are_better_when_closer_to_the_truth():
+    rows = [{"case": c, "model": m, "ADC_lesion_contrast": v, "ADC_lesion_contrast_true": 0.6,
+             "DWI_lesion_contrast": d, "DWI_lesion_contrast_true": 1.3}
+            for c, m, v, d in (("a", "base", 1.1, 1.0), ("b", "base", 0.9, 1.0),
+                               ("a", "post-trained", 0.8, 1.7), ("b", "post-trained", 0.8, 1.7))]
+    table = {row["key"]: row for row in metric_rows(rows)}
+    adc, dwi = table["ADC_lesion_contrast"], table["DWI_lesion_contrast"]
+    assert adc["label"] == "Lesion contrast ADC (true 0.60)" and adc["digits"] == 3
+    assert adc["base"] == pytest.approx(1.0) and adc["change"] == pytest.approx(-0.2)
+    assert adc["better"] is True  # 0.8 is nearer 0.6 than 1.0 is
+    assert dwi["change"] == pytest.approx(0.7) and dwi["better"] is False  # 1.7 overshoots 1.3 by more
