@@ -85,7 +85,7 @@ def demo_figure(case: Any, result: Any, path: str | os.PathLike, metrics: dict[s
         ax.axis("off")
     title = f"ctp2mri demo — phantom case, axial slice {k} (radiological view: patient's right on the left)"
     if metrics:
-        title += "\n" + metrics_line(metrics)
+        title += "\n" + metrics_line(metrics, two_lines=True)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
@@ -95,12 +95,18 @@ def demo_figure(case: Any, result: Any, path: str | os.PathLike, metrics: dict[s
     return path
 
 
-def metrics_line(m: dict[str, Any]) -> str:
-    """One line of the headline numbers."""
+def metrics_line(m: dict[str, Any], two_lines: bool = False) -> str:
+    """The headline numbers on one line (or two: images, then lesion and core)."""
     parts = [f"DWI MAE {m.get('DWI_mae', float('nan')):.3f}", f"ADC MAE {m.get('ADC_mae', float('nan')):.3f}",
              f"lesion MAE DWI {m.get('DWI_lesion_mae', float('nan')):.3f} / ADC {m.get('ADC_lesion_mae', float('nan')):.3f}",
+             f"lesion contrast DWI {m.get('DWI_lesion_contrast', float('nan')):.2f} "
+             f"(true {m.get('DWI_lesion_contrast_true', float('nan')):.2f}) / ADC "
+             f"{m.get('ADC_lesion_contrast', float('nan')):.2f} "
+             f"(true {m.get('ADC_lesion_contrast_true', float('nan')):.2f})",
              f"core Dice vs lesion {m.get('core_dice_lesion', float('nan')):.2f}",
              f"core {m.get('core_ml', float('nan')):.1f} ml vs lesion {m.get('lesion_ml', float('nan')):.1f} ml"]
+    if two_lines:
+        return " · ".join(parts[:3]) + "\n" + " · ".join(parts[3:])
     return " · ".join(parts)
 
 

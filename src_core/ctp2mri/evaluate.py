@@ -264,7 +264,7 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     Returns
     -------
     (rows, summary)
-        One dict per case and model: ``case``, ``model``, ``n_slices``, ``lesion_voxels``,
+        One dict per case, model and seed: ``case``, ``model``, ``n_slices``, ``lesion_voxels``,
         ``{DWI,ADC}_{mae,lesion_mae,psnr,ms_ssim}``, ``{DWI,ADC}_lesion_contrast[_true]``
         (`ctp2mri.metrics.lesion_contrast` of the synthetic and the true image),
         ``core_{dice,pred_ml,true_ml,volume_diff_ml,abs_volume_diff_ml}`` (Dice NaN for a
