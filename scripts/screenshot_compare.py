@@ -1,0 +1,86 @@
+"""Screenshot of the compare widget on a real synthesis, for the README.
+
+    xvfb-run -a .venv/bin/python scripts/screenshot_compare.py
+
+Opens the stroke-phantom sample, synthesises DWI/ADC with the bundled post-trained demo model
+(the synthesis widget's default), docks the compare widget (it picks the sample's and the
+synthetic layers by name), computes the metrics, shows the lesion contours side by side on the
+slice with the most lesion and saves ``viewer.screenshot(canvas_only=False)`` to
+resources/screenshots/compare_widget.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PNG = ROOT / "resources" / "screenshots" / "compare_widget.png"
+WINDOW = (1500, 980)
+
+
+def _wait(app, condition, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError("the widget did not get there in time")
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--png", type=Path, default=DEFAULT_PNG, help=f"output (default {DEFAULT_PNG})")
+    args = parser.parse_args()
+
+    import napari
+    import numpy as np
+    from qtpy.QtWidgets import QApplication
+
+    from napari_ctp2mri._compare_widget import CompareWidget
+    from napari_ctp2mri._synthesis_widget import SynthesisWidget
+
+    viewer = napari.Viewer(title="napari-ctp2mri")
+    viewer.window._qt_window.resize(*WINDOW)
+    viewer.open_sample("napari-ctp2mri", "stroke-phantom")
+    app = QApplication.instance()
+    synthesis = SynthesisWidget(viewer)
+    if synthesis.model.value is None:
+        raise SystemExit("no bundled model is installed (resources/models/demo)")
+    synthesis.device.value = "cpu"
+    if synthesis.run() is None:
+        raise SystemExit("the synthesis widget refused to run; see the notification above")
+    _wait(app, lambda: not synthesis.busy, 600)
+    synthesis.close()
+
+    lesion = viewer.layers["lesion"]
+    z = int(np.argmax(lesion.data.sum(axis=tuple(range(1, lesion.ndim)))))
+    viewer.dims.set_point(viewer.dims.ndim - 3, lesion.data_to_world((z, 0, 0))[0])
+    compare = CompareWidget(viewer)
+    viewer.window.add_dock_widget(compare, name="Compare")
+    missing = [key for key, picked in compare.selected().items() if picked is None]
+    if missing:
+        raise SystemExit(f"the compare widget did not find the layers for {missing}")
+    if compare.compute() is None:
+        raise SystemExit("the compare widget refused to compute; see the notification above")
+    _wait(app, lambda: getattr(compare, "table", None) is not None
+          and compare.table.get("slice_index") == compare.current_slice(), 300)
+    compare.show_side_by_side(True)
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+    for _ in range(50):
+        app.processEvents()
+        time.sleep(0.02)
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(args.png), canvas_only=False, flash=False)
+    print(f"wrote {args.png}")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
