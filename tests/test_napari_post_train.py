@@ -148,6 +148,7 @@ def test_post_train_on_a_painted_lesion_registers_a_loadable_model(make_napari_v
     assert set(nets) == {"model", "ema", "autoencoder"}
     assert config["post_training"]["lambda_image"] == 0.01
     assert config["post_training"]["lambda_lesion"] == 0.02
+    assert config["training"]["lesion_oversample"] is None  # 1×: the paper's uniform draw
     assert config["training"]["steps"] == STEPS and config["training"]["batch_size"] == 2
     assert config["training"]["data"]["cases"] == ["viewer-CTP"]
     data = config["provenance"]["data"]
@@ -276,10 +277,12 @@ def test_saved_viewer_cases_make_one_training_set(make_napari_viewer, qtbot, bas
     # and without it, the saved folders are the training set
     widget.use_viewer.value = False
     widget.output.value = tmp_path / "out2"
+    widget.oversample.value = 4.0  # lesion slices drawn 4× as often
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
-    cases = load_checkpoint(tmp_path / "out2", names=["ema"], kind="cldm")[1]["training"]["data"]["cases"]
-    assert sorted(cases) == ["viewer-CTP", "viewer-CTP-2"]
+    training = load_checkpoint(tmp_path / "out2", names=["ema"], kind="cldm")[1]["training"]
+    assert sorted(training["data"]["cases"]) == ["viewer-CTP", "viewer-CTP-2"]
+    assert training["lesion_oversample"] == 4.0
 
     # no CTP layer: a notification, nothing saved
     widget.use_viewer.value = True
