@@ -13,21 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
+
+from _screenshot import save, wait
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PNG = ROOT / "resources" / "screenshots" / "compare_widget.png"
 WINDOW = (1500, 980)
-
-
-def _wait(app, condition, timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError("the widget did not get there in time")
-        app.processEvents()
-        time.sleep(0.01)
 
 
 def main() -> int:
@@ -52,7 +44,7 @@ def main() -> int:
     synthesis.device.value = "cpu"
     if synthesis.run() is None:
         raise SystemExit("the synthesis widget refused to run; see the notification above")
-    _wait(app, lambda: not synthesis.busy, 600)
+    wait(app, lambda: not synthesis.busy, 600)
     synthesis.close()
 
     lesion = viewer.layers["lesion"]
@@ -65,18 +57,10 @@ def main() -> int:
         raise SystemExit(f"the compare widget did not find the layers for {missing}")
     if compare.compute() is None:
         raise SystemExit("the compare widget refused to compute; see the notification above")
-    _wait(app, lambda: getattr(compare, "table", None) is not None
+    wait(app, lambda: getattr(compare, "table", None) is not None
           and compare.table.get("slice_index") == compare.current_slice(), 300)
     compare.show_side_by_side(True)
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()
-    for _ in range(50):
-        app.processEvents()
-        time.sleep(0.02)
-    args.png.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.png), canvas_only=False, flash=False)
+    save(viewer, app, args.png, settle_turns=50)
     print(f"wrote {args.png}")
     viewer.close()
     return 0

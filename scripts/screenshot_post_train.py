@@ -15,22 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _screenshot import save, wait
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PNG = ROOT / "resources" / "screenshots" / "post_train_widget.png"
 WINDOW = (1400, 900)
-
-
-def _wait(app, condition, timeout_s: float, widget=None) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            status = f"; its status: {widget.status.value!r}" if widget is not None else ""
-            raise TimeoutError("the widget did not get there in time" + status)
-        app.processEvents()
-        time.sleep(0.01)
 
 
 def main() -> int:
@@ -82,25 +73,17 @@ def main() -> int:
     widget.device.value = "cpu"
     widget.steps.value = 400
     widget.batch_size.value = 4
-    _wait(app, lambda: not widget.prefetching, 120)
+    wait(app, lambda: not widget.prefetching, 120)
     if widget.start() is None:
         raise SystemExit("the widget refused to start; see the notification above")
-    _wait(app, lambda: len(widget.loss_plot.steps) >= args.points or not widget.busy, 600, widget)
+    wait(app, lambda: len(widget.loss_plot.steps) >= args.points or not widget.busy, 600, widget)
     if not widget.busy:
         raise SystemExit(f"the run ended before the shot: {widget.status.value}")
     widget.loss_plot.redraw()
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()  # start-up warnings would cover the canvas
-    for _ in range(20):  # let the canvas and the progress bar repaint
-        app.processEvents()
-        time.sleep(0.02)
-    args.png.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.png), canvas_only=False, flash=False)
+    save(viewer, app, args.png, settle_turns=20)
     print(f"wrote {args.png} at step {widget.last_step}")
     widget.cancel()
-    _wait(app, lambda: not widget.busy, 120)
+    wait(app, lambda: not widget.busy, 120)
     viewer.close()
     return 0
 

@@ -13,21 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
+
+from _screenshot import save, wait
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PNG = ROOT / "resources" / "screenshots" / "synthesis_widget.png"
 WINDOW = (1500, 900)
-
-
-def _wait(app, condition, timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError("the widget did not get there in time")
-        app.processEvents()
-        time.sleep(0.01)
 
 
 def main() -> int:
@@ -54,7 +46,7 @@ def main() -> int:
     widget.samples.value = args.samples
     if widget.run() is None:
         raise SystemExit("the widget refused to run; see the notification above")
-    _wait(app, lambda: not widget.busy, 600)
+    wait(app, lambda: not widget.busy, 600)
 
     lesion = viewer.layers["lesion"]
     lesion.contour = 1
@@ -66,15 +58,7 @@ def main() -> int:
         viewer.layers.move(viewer.layers.index(layer), len(viewer.layers))
     z = int(np.argmax(lesion.data.sum(axis=tuple(range(1, lesion.ndim)))))
     viewer.dims.set_point(viewer.dims.ndim - 3, lesion.data_to_world((z, 0, 0))[0])
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()
-    for _ in range(30):
-        app.processEvents()
-        time.sleep(0.02)
-    args.png.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.png), canvas_only=False, flash=False)
+    save(viewer, app, args.png, settle_turns=30)
     print(f"wrote {args.png}")
     viewer.close()
     return 0
