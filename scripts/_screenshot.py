@@ -30,3 +30,37 @@ def save(viewer: Any, app: Any, png: Path, settle_turns: int = 30) -> None:
         time.sleep(0.02)
     png.parent.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(png), canvas_only=False, flash=False)
+
+
+def synthesised_sample(window: tuple[int, int], samples: int = 1, dock: bool = True) -> tuple[Any, Any, Any]:
+    """A viewer with the stroke-phantom sample synthesised by the bundled demo model on the
+    CPU (the synthesis widget's defaults): ``(viewer, app, synthesis widget)``."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_ctp2mri._synthesis_widget import SynthesisWidget
+
+    viewer = napari.Viewer(title="napari-ctp2mri")
+    viewer.window._qt_window.resize(*window)
+    viewer.open_sample("napari-ctp2mri", "stroke-phantom")
+    app = QApplication.instance()
+    widget = SynthesisWidget(viewer)
+    if dock:
+        viewer.window.add_dock_widget(widget, name="Synthesise DWI/ADC from CTP")
+    if widget.model.value is None:
+        raise SystemExit("no bundled model is installed (resources/models/demo)")
+    widget.device.value = "cpu"
+    widget.samples.value = samples
+    if widget.run() is None:
+        raise SystemExit("the synthesis widget refused to run; see the notification above")
+    wait(app, lambda: not widget.busy, 600)
+    return viewer, app, widget
+
+
+def show_largest_lesion_slice(viewer: Any) -> None:
+    """Step the viewer to the axial slice with the most voxels of the 'lesion' layer."""
+    import numpy as np
+
+    lesion = viewer.layers["lesion"]
+    z = int(np.argmax(lesion.data.sum(axis=tuple(range(1, lesion.ndim)))))
+    viewer.dims.set_point(viewer.dims.ndim - 3, lesion.data_to_world((z, 0, 0))[0])

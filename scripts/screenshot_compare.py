@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from _screenshot import save, wait
+from _screenshot import save, show_largest_lesion_slice, synthesised_sample, wait
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PNG = ROOT / "resources" / "screenshots" / "compare_widget.png"
@@ -27,29 +27,11 @@ def main() -> int:
     parser.add_argument("--png", type=Path, default=DEFAULT_PNG, help=f"output (default {DEFAULT_PNG})")
     args = parser.parse_args()
 
-    import napari
-    import numpy as np
-    from qtpy.QtWidgets import QApplication
-
     from napari_ctp2mri._compare_widget import CompareWidget
-    from napari_ctp2mri._synthesis_widget import SynthesisWidget
 
-    viewer = napari.Viewer(title="napari-ctp2mri")
-    viewer.window._qt_window.resize(*WINDOW)
-    viewer.open_sample("napari-ctp2mri", "stroke-phantom")
-    app = QApplication.instance()
-    synthesis = SynthesisWidget(viewer)
-    if synthesis.model.value is None:
-        raise SystemExit("no bundled model is installed (resources/models/demo)")
-    synthesis.device.value = "cpu"
-    if synthesis.run() is None:
-        raise SystemExit("the synthesis widget refused to run; see the notification above")
-    wait(app, lambda: not synthesis.busy, 600)
+    viewer, app, synthesis = synthesised_sample(WINDOW, dock=False)
     synthesis.close()
-
-    lesion = viewer.layers["lesion"]
-    z = int(np.argmax(lesion.data.sum(axis=tuple(range(1, lesion.ndim)))))
-    viewer.dims.set_point(viewer.dims.ndim - 3, lesion.data_to_world((z, 0, 0))[0])
+    show_largest_lesion_slice(viewer)
     compare = CompareWidget(viewer)
     viewer.window.add_dock_widget(compare, name="Compare")
     missing = [key for key, picked in compare.selected().items() if picked is None]

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from _screenshot import save, wait
+from _screenshot import save, show_largest_lesion_slice, synthesised_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PNG = ROOT / "resources" / "screenshots" / "synthesis_widget.png"
@@ -28,26 +28,9 @@ def main() -> int:
     parser.add_argument("--png", type=Path, default=DEFAULT_PNG, help=f"output (default {DEFAULT_PNG})")
     args = parser.parse_args()
 
-    import napari
-    import numpy as np
-    from qtpy.QtWidgets import QApplication
+    from napari_ctp2mri._synthesis_widget import LAYER_NAMES
 
-    from napari_ctp2mri._synthesis_widget import LAYER_NAMES, SynthesisWidget
-
-    viewer = napari.Viewer(title="napari-ctp2mri")
-    viewer.window._qt_window.resize(*WINDOW)
-    viewer.open_sample("napari-ctp2mri", "stroke-phantom")
-    app = QApplication.instance()
-    widget = SynthesisWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Synthesise DWI/ADC from CTP")
-    if widget.model.value is None:
-        raise SystemExit("no bundled model is installed (resources/models/demo)")
-    widget.device.value = "cpu"
-    widget.samples.value = args.samples
-    if widget.run() is None:
-        raise SystemExit("the widget refused to run; see the notification above")
-    wait(app, lambda: not widget.busy, 600)
-
+    viewer, app, _ = synthesised_sample(WINDOW, samples=args.samples)
     lesion = viewer.layers["lesion"]
     lesion.contour = 1
     core = viewer.layers[LAYER_NAMES["core"]]
@@ -56,8 +39,7 @@ def main() -> int:
         layer.visible = layer.name == LAYER_NAMES["adc"] or layer in (lesion, core)
     for layer in (lesion, core):  # contours on top of the image
         viewer.layers.move(viewer.layers.index(layer), len(viewer.layers))
-    z = int(np.argmax(lesion.data.sum(axis=tuple(range(1, lesion.ndim)))))
-    viewer.dims.set_point(viewer.dims.ndim - 3, lesion.data_to_world((z, 0, 0))[0])
+    show_largest_lesion_slice(viewer)
     save(viewer, app, args.png, settle_turns=30)
     print(f"wrote {args.png}")
     viewer.close()
