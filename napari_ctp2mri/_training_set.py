@@ -20,7 +20,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,7 @@ def metric_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _contrast_row(label: str, key: str, mean: Any) -> dict[str, Any]:
+def _contrast_row(label: str, key: str, mean: Callable[[str, str], float]) -> dict[str, Any]:
     base, new, true = mean(BASE_LABEL, key), mean(NEW_LABEL, key), mean(BASE_LABEL, f"{key}_true")
     change = new - base
     gaps = abs(new - true), abs(base - true)
