@@ -281,7 +281,7 @@ def metric_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         out.append({"label": label, "key": key, "base": base, "new": new, "change": change,
                     "better": better, "digits": 2 if "psnr" in key else 4})
         if key == "ADC_lesion_mae":
-            out += [_contrast_row(label, key, mean) for label, key in CONTRASTS]
+            out += [_contrast_row(c_label, c_key, mean) for c_label, c_key in CONTRASTS]
     return out
 
 

@@ -64,7 +64,7 @@ def train_ldm(
     log_every: int = 10,
     cldm_config: dict[str, Any] | None = None,
     schedule: NoiseSchedule | None = None,
-    scale_factor: float | str = 1.0,
+    scale_factor: float | str | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> Path:
@@ -112,8 +112,9 @@ def train_ldm(
     schedule
         Noise schedule (default: the paper's, T = 1000, linear 0.0015 → 0.0195).
     scale_factor
-        Latent scale (`ConditionalLDM`): 1.0 as the official VQ-f4 config, a number, or
-        ``"auto"`` for 1 / std of the training latents (`latent_scale_factor`).
+        Latent scale (`ConditionalLDM`): a number, ``"auto"`` for 1 / std of the training
+        latents (`latent_scale_factor`), or None for the network config's (1.0 in the
+        profiles, the official VQ-f4 setting).
     progress, cancel
         ``progress(step, steps, {"loss", "lr", …})`` after each step; a cancel saves a
         resumable checkpoint, then raises `ctp2mri.errors.Cancelled`.
@@ -152,10 +153,12 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
         info, "cldm", ConditionalLDM, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum,
         weight_decay, ema_decay, grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every,
         cldm_config, schedule, {"parameterization": "eps", "loss": "l2 (Eq. 4)"}, loss_for, progress, cancel,
-        {} if scale_factor == 1.0 else {"scale_factor": scale_factor})
+        {} if scale_factor is None else {"scale_factor": scale_factor})
 
 
-def _scale_setting(value: float | str) -> float | str:
+def _scale_setting(value: float | str | None) -> float | str | None:
+    if value is None:
+        return None
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
