@@ -66,3 +66,111 @@ def test_a_cldm_checkpoint_is_not_an_autoencoder(data, tmp_path):
 
     with pytest.raises(InputError):
         evaluate_autoencoder(save_tiny_cldm(tmp_path / "cldm"), data, split="test", device="cpu")
+
+
+def _recon_and_truth(data, checkpoint, split):
+    """Reconstruction, noisy target, noise-free target (normalised with the noisy ranges), brain."""
+    import json
+
+    from ctp2mri.checkpoints import load_checkpoint
+    from ctp2mri.phantom import phantom_maps
+    from ctp2mri.preprocess import normalise_mri
+
+    dataset = SliceDataset(data, split=split, augment=False)
+    ae = load_checkpoint(checkpoint, names=["model"])[0]["model"].eval()
+    seeds = json.loads((data / "splits.json").read_text())["case_seeds"]
+    clean = []
+    for name in dataset.case_names:  # an independent path: the full simulation and the case's own quantiles
+        maps = phantom_maps(seeds[name], "demo")
+        brain = _brain_of(data / name)
+        keep = dataset.slice_index[dataset.case_index == dataset.case_names.index(name)].numpy()
+        chans = []
+        for w in ("dwi", "adc"):
+            _, (lo, hi) = normalise_mri(_image_of(data / name, w), brain)
+            c = np.clip((np.clip(maps[f"{w}_true"].array, lo, hi) - lo) * 2 / (hi - lo) - 1, -1, 1) * brain
+            chans.append(c[:, :, keep])
+        clean.append(np.stack(chans).transpose(3, 0, 1, 2))
+    x = torch.stack([dataset[i]["target"] for i in range(len(dataset))])
+    with torch.no_grad(), one_thread():
+        rec = ae(x)[0].clamp(-1, 1)
+    brain = torch.stack([dataset[i]["brain"] for i in range(len(dataset))])[:, 0].numpy() > 0
+    return rec.numpy(), x.numpy(), np.concatenate(clean), brain
+
+
+def _brain_of(folder):
+    import nibabel as nib
+
+    return np.asarray(nib.load(folder / "mask.nii.gz").dataobj) != 0
+
+
+def _image_of(folder, what):
+    import nibabel as nib
+
+    return np.asarray(nib.load(folder / f"{what}.nii.gz").dataobj, dtype=np.float32)
+
+
+def test_phantom_cases_are_also_scored_against_their_noise_free_images(data, checkpoint):
+    with one_thread():
+        result = evaluate_autoencoder(checkpoint, data, split="train", device="cpu", batch_size=8)
+    reference = result["noise_free"]
+    assert reference["cases"] == SliceDataset(data, split="train", augment=False).case_names
+    rec, noisy, clean, brain = _recon_and_truth(data, checkpoint, "train")
+    for c, channel in enumerate(("DWI", "ADC")):
+        floor = psnr(noisy[:, c], clean[:, c], mask=brain)
+        assert reference["noise_floor"][channel]["psnr"] == pytest.approx(floor, rel=1e-5)
+        assert reference["metrics"][channel]["psnr"] == pytest.approx(psnr(rec[:, c], clean[:, c], mask=brain),
+                                                                     rel=1e-5)
+    # The phantom's Rician noise (SNR 20–30 on grey matter) costs DWI more than ADC.
+    assert 20 < reference["noise_floor"]["DWI"]["psnr"] < reference["noise_floor"]["ADC"]["psnr"] < 45
+    report = format_autoencoder_report(result)
+    assert "Against the noise-free phantom images (2 of 2 cases)" in report and "noise floor" in report
+
+
+def test_edited_or_foreign_cases_get_no_noise_free_reference(data, checkpoint, tmp_path, caplog):
+    import json
+    import shutil
+
+    import nibabel as nib
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    names = SliceDataset(copy, split="train", augment=False).case_names
+    edited = copy / names[0] / "dwi.nii.gz"  # e.g. a user's denoised DWI: no longer the seed's case
+    img = nib.load(edited)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * np.float32(1.01), img.affine, img.header), edited)
+    with one_thread(), caplog.at_level("WARNING"):
+        result = evaluate_autoencoder(checkpoint, copy, split="train", device="cpu")
+    assert result["noise_free"]["cases"] == names[1:]
+    assert f"case {names[0]} differs from the phantom case of its seed" in caplog.text
+
+    info = copy / names[1] / "case.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "generator": "a scanner"}))
+    with one_thread():
+        result = evaluate_autoencoder(checkpoint, copy, split="train", device="cpu")
+    assert "noise_free" not in result  # no phantom case left: the report is the plain table
+    assert "noise-free" not in format_autoencoder_report(result)
+    assert result["metrics"]["DWI"]["psnr"] > 0
+
+
+def test_lesion_contrast_of_reconstruction_and_input_per_lesion_case(data, checkpoint):
+    from ctp2mri.metrics import lesion_contrast
+    from ctp2mri.preprocess import denormalise_mri
+
+    with one_thread():
+        result = evaluate_autoencoder(checkpoint, data, split="train", device="cpu", batch_size=8)
+    dataset = SliceDataset(data, split="train", augment=False)
+    rec, noisy, _, brain = _recon_and_truth(data, checkpoint, "train")
+    lesion = dataset.lesion[:, 0].numpy() > 0
+    contrast = result["lesion_contrast"]
+    with_lesion = [n for i, n in enumerate(dataset.case_names) if lesion[dataset.case_index.numpy() == i].any()]
+    assert sorted(contrast["cases"]) == sorted(with_lesion) and with_lesion
+    for name in with_lesion:
+        rows = dataset.case_index.numpy() == dataset.case_names.index(name)
+        for c, (channel, key) in enumerate((("DWI", "dwi"), ("ADC", "adc"))):
+            lo, hi = dataset.case_ranges()[name][key]
+            for which, images in (("reconstruction", rec), ("input", noisy)):
+                expected = lesion_contrast(denormalise_mri(images[rows, c], lo, hi), lesion[rows], brain[rows])
+                assert contrast["cases"][name][channel][which] == pytest.approx(expected, rel=1e-6)
+    # the phantom's core: bright on DWI, dark on ADC
+    assert contrast["mean"]["DWI"]["input"] > 1.05 and contrast["mean"]["ADC"]["input"] < 0.95
+    assert "Lesion contrast, mean of" in format_autoencoder_report(result)

@@ -362,3 +362,66 @@ def test_ema_follows_litema_with_warmup_and_lr_scaling_follows_compvis():
     assert effective_lr(2e-6, 48, 1, scale_lr=False) == 2e-6 and effective_lr(2e-6, 48, 1, lr=1e-4) == 1e-4
     with pytest.raises(InputError):
         effective_lr(2e-6, 48, 1, lr=-1.0)
+
+
+# --------------------------------------------------------------------------- lesion over-sampling
+@pytest.mark.parametrize("trainer", ["autoencoder", "ldm"])
+def test_base_training_oversamples_lesion_slices_and_resume_keeps_the_factor(trainer, plain, ae_dir, tmp_path,
+                                                                              monkeypatch):
+    from ctp2mri.training import loop
+
+    drawn: list[torch.Tensor | None] = []
+
+    class Recording(loop.BatchStream):
+        def __init__(self, *args, weights=None, **kwargs):
+            drawn.append(weights)
+            super().__init__(*args, weights=weights, **kwargs)
+
+    monkeypatch.setattr(loop, "BatchStream", Recording)
+    if trainer == "autoencoder":
+        def train(out, **kw):
+            return train_autoencoder(plain, out, steps=kw.pop("steps", 2), batch_size=4, lr=1e-3,
+                                     autoencoder_config=TINY_AE, discriminator_config=TINY_D, **COMMON, **kw)
+    else:
+        def train(out, **kw):
+            return train_ldm(plain, ae_dir, out, steps=kw.pop("steps", 2), batch_size=4, lr=1e-3,
+                             cldm_config=TINY_CLDM, **COMMON, **kw)
+
+    out = train(tmp_path / "run", lesion_oversample=6)
+    weights = drawn[-1]
+    lesion = plain.has_lesion
+    assert 0 < int(lesion.sum()) < len(plain)
+    assert set(weights[lesion].tolist()) == {6.0} and set(weights[~lesion].tolist()) == {1.0}
+    config = read_config(out)
+    assert config["training"]["lesion_oversample"] == 6.0
+    natural = config["sampling"]["lesion_slice_fraction"]
+    assert config["sampling"]["effective_lesion_slice_fraction"] == pytest.approx(6 * natural / (6 * natural + 1 - natural))
+    with pytest.raises(InputError, match=r"lesion_oversample: saved 6.0, now 3.0"):
+        train(out, steps=3, resume=True, lesion_oversample=3)
+    with pytest.raises(InputError, match="lesion_oversample"):
+        train(out, steps=3, resume=True)  # uniform draws are another run too
+    train(out, steps=3, resume=True, lesion_oversample=6)
+    assert len(_losses(out)) == 3
+
+    uniform = train(tmp_path / "uniform")
+    assert drawn[-1] is None  # the paper's uniform draw: no weights, and no setting recorded
+    assert "lesion_oversample" not in read_config(uniform)["training"]
+    for bad in (0, -2, math.nan, "x"):
+        with pytest.raises(InputError, match="--lesion-oversample must be a positive factor"):
+            train(tmp_path / "bad", lesion_oversample=bad)
+
+
+def test_cli_training_commands_pass_lesion_oversample_to_their_trainers(dataset, data_dir, ae_dir, tmp_path, capsys):
+    """Resuming a uniform-draw run with --lesion-oversample is refused, naming exactly that setting:
+    the option reached the trainer (and nothing is trained)."""
+    from ctp2mri.cli import main
+
+    same = ["--data", str(data_dir), "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--seed", "3",
+            "--device", "cpu", "--num-workers", "0", "--resume", "--lesion-oversample", "3"]
+    ae_run = train_autoencoder(dataset, tmp_path / "ae", steps=1, batch_size=4, lr=1e-3, disc_start=2, **COMMON)
+    assert main(["train-autoencoder", "--out", str(ae_run), "--disc-start", "2", *same]) == 2
+    assert "(lesion_oversample: saved '<absent>', now 3.0)" in capsys.readouterr().err
+    ldm_run = train_ldm(dataset, ae_dir, tmp_path / "ldm", steps=1, batch_size=4, lr=1e-3, **COMMON)
+    assert main(["train-ldm", "--autoencoder", str(ae_dir), "--out", str(ldm_run), *same]) == 2
+    assert "(lesion_oversample: saved '<absent>', now 3.0)" in capsys.readouterr().err
+    assert load_training_state(ldm_run)["step"] == 1

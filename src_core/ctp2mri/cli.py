@@ -118,8 +118,8 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     try:
         out = train_autoencoder(args.data, args.out, profile=args.profile, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr, disc_start=args.disc_start,
-                                codebook_restart=args.codebook_restart, device=args.device, precision=args.precision, resume=args.resume,
-                                seed=args.seed, num_workers=args.num_workers,
+                                codebook_restart=args.codebook_restart, lesion_oversample=args.lesion_oversample,
+                                device=args.device, precision=args.precision, resume=args.resume, seed=args.seed, num_workers=args.num_workers,
                                 checkpoint_every=args.checkpoint_every, progress=progress)
     finally:
         close()
@@ -139,8 +139,8 @@ def _cmd_train_ldm(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
                     grad_accum=args.grad_accum, device=args.device, precision=args.precision,
                     resume=args.resume, seed=args.seed, num_workers=args.num_workers,
-                    checkpoint_every=args.checkpoint_every, progress=progress,
-                    **({"scale_factor": args.scale_factor} if args.scale_factor is not None else {}))
+                    checkpoint_every=args.checkpoint_every, lesion_oversample=args.lesion_oversample,
+                    progress=progress, **({"scale_factor": args.scale_factor} if args.scale_factor is not None else {}))
     finally:
         close()
     print(f"{'cBBDM' if args.model_type == 'cbbdm' else 'cLDM'} checkpoint: {out}")
@@ -216,6 +216,12 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
 
 
+def _lesion_oversample_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lesion-oversample", type=float, metavar="F",
+                   help="draw lesion-containing slices F times as often as the others (default: uniform, "
+                   "as the paper)")
+
+
 def _add_training(sub: argparse._SubParsersAction) -> None:
     ae = sub.add_parser("train-autoencoder", help="train the VQGAN autoencoder on DWI/ADC slices",
                         description="VQGAN (×4, 3 latent channels, codebook): L1 reconstruction + "
@@ -228,6 +234,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     ae.add_argument("--codebook-restart", type=int, default=0, metavar="N",
                     help="every N steps move unused codes onto encoder outputs (0: off, as the official "
                     "training; short runs need it, e.g. 25, or the codebook collapses)")
+    _lesion_oversample_argument(ae)
     ae.set_defaults(func=_cmd_train_autoencoder)
 
     ldm = sub.add_parser("train-ldm", help="train the conditional latent diffusion model (Eq. 4)",
@@ -244,6 +251,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     ldm.add_argument("--scale-factor", metavar="S|auto",
                      help="cLDM latent scale: diffuse S·E(x), decode D(z/S); 'auto' = 1/std of the training "
                      "latents (CompVis scale_by_std). Default 1, the official VQ-f4 setting")
+    _lesion_oversample_argument(ldm)
     ldm.set_defaults(func=_cmd_train_ldm)
 
     pt = sub.add_parser("post-train", help="lesion-aware post-training of a cLDM or cBBDM (Eq. 5–8)",
@@ -258,8 +266,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--lambda-lesion", type=float, default=0.02, help="λ_lesion (paper's best 0.02)")
     pt.add_argument("--target", choices=["input", "reconstruction"], default="input",
                     help="x as the paper writes it (input) or D(z0) as the official code does")
-    pt.add_argument("--lesion-oversample", type=float,
-                    help="draw lesion-containing slices this many times more often")
+    _lesion_oversample_argument(pt)
     pt.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute decoder activations in backward to save memory")
     pt.add_argument("--init", choices=["model", "ema"], default="model",
@@ -601,8 +608,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        "resumable run in --out; re-running continues an interrupted recipe.")
     t.add_argument("--out", type=Path, required=True, help="work folder (data, runs, evaluation)")
     t.add_argument("--bundle", type=Path, help="copy the shippable weights here (e.g. resources/models/demo)")
-    t.add_argument("--recipe", choices=["demo", "smoke"], default="demo",
-                   help="demo (the bundled models' recipe) or smoke (seconds; checks the pipeline)")
+    t.add_argument("--recipe", choices=["demo", "lesion", "smoke"], default="demo",
+                   help="demo (the bundled models' recipe), lesion (5× the cases, lesion slices drawn 4× as "
+                   "often by the autoencoder and the base) or smoke (seconds; checks the pipeline)")
     t.add_argument("--device", default="cpu", help="training device (default cpu: the recipe's timings)")
     t.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 is faster on a machine busy with other work)")

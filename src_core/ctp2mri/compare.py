@@ -52,7 +52,7 @@ from ctp2mri.metrics import (
     lesion_contrast,
     volume_ml,
 )
-from ctp2mri.preprocess import MRI_QUANTILES, denormalise_mri, normalise_mri
+from ctp2mri.preprocess import MRI_QUANTILES, denormalise_mri, normalise_mri, normalise_mri_like
 
 __all__ = [
     "TABLE_NOTE",
@@ -152,14 +152,6 @@ def _image(array: Any, what: str, shape: tuple[int, ...] | None) -> np.ndarray:
     return a
 
 
-def _normalise_like(array: np.ndarray, lo: float, hi: float, brain: np.ndarray) -> np.ndarray:
-    """`normalise_mri`'s mapping with a given range (the ground truth's), clipped to [−1, 1]."""
-    out = (np.clip(array, lo, hi) - np.float32(lo)) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
-    out *= brain
-    # float32 rounding may overshoot ±1 by an ulp; the contract is [−1, 1] (as case_slices)
-    return np.clip(out, -1.0, 1.0)
-
-
 def prepare_comparison(gt_dwi: Any, gt_adc: Any | None, syn_dwi: Any, syn_adc: Any | None,
                        brain: Any | None, lesion: Any | None,
                        spacing: Sequence[float]) -> PreparedComparison:
@@ -211,7 +203,7 @@ def prepare_comparison(gt_dwi: Any, gt_adc: Any | None, syn_dwi: Any, syn_adc: A
         except InputError as exc:
             raise InputError(f"ground-truth {ch}: {exc}") from None
         target.append(np.clip(t, -1.0, 1.0))
-        pred.append(_normalise_like(syn[ch], *ranges[ch], brain_a))
+        pred.append(normalise_mri_like(syn[ch], *ranges[ch], brain_a))
 
     def core(adc: np.ndarray | None, what: str) -> np.ndarray | None:
         if adc is None:

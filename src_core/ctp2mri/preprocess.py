@@ -35,8 +35,8 @@ from ctp2mri.resample import (
 )
 
 __all__ = [
-    "CTP_HU_RANGE", "brain_mask_from_ctp", "normalise_ctp", "normalise_mri", "denormalise_mri",
-    "model_grid", "resample_to_grid", "resample_like", "to_profile", "resample_frames",
+    "CTP_HU_RANGE", "brain_mask_from_ctp", "normalise_ctp", "normalise_mri", "normalise_mri_like",
+    "denormalise_mri", "model_grid", "resample_to_grid", "resample_like", "to_profile", "resample_frames",
     "register_to_dwi", "preprocess_case",
 ]
 
@@ -183,6 +183,15 @@ def normalise_mri(array: np.ndarray, mask: Volume | np.ndarray,
     out = (np.clip(a, lo, hi) - np.float32(lo)) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
     out *= m
     return out, (lo, hi)
+
+
+def normalise_mri_like(array: np.ndarray, lo: float, hi: float, brain: np.ndarray) -> np.ndarray:
+    """`normalise_mri`'s mapping with a given range (another image's, e.g. the ground truth's),
+    clipped to [−1, 1]; ``brain`` broadcasts against ``array``."""
+    out = (np.clip(array, lo, hi) - np.float32(lo)) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
+    out *= brain
+    # float32 rounding may overshoot ±1 by an ulp; the contract is [−1, 1] (as case_slices)
+    return np.clip(out, -1.0, 1.0)
 
 
 def denormalise_mri(array: np.ndarray, lo: float, hi: float,

@@ -50,10 +50,12 @@ class DemoRecipe:
     ae_batch: int = 8
     ae_lr: float = 5e-4
     codebook_restart: int = 25
+    ae_lesion_oversample: float | None = None  # lesion slices drawn this many times as often
     ldm_steps: int = 5000
     ldm_batch: int = 16
     ldm_lr: float = 5e-4
     ldm_scale_factor: float | str = "auto"  # 1 / std of the VQ latents (≈ 3.6 here; see REPORT.md)
+    ldm_lesion_oversample: float | None = None
     ema_decay: float = 0.999
     pt_steps: int = 300
     pt_batch: int = 8
@@ -70,6 +72,10 @@ class DemoRecipe:
 RECIPES: dict[str, DemoRecipe] = {
     # ~1 h 45 min on a 2-core CPU: what resources/models/demo was trained with.
     "demo": DemoRecipe(),
+    # ~1 h 40 min: five times the cases (28 training lesions over 7 ml instead of 3) and lesion
+    # slices drawn 4× as often by the autoencoder and the base, which the demo's lose (REPORT.md).
+    "lesion": DemoRecipe(cases=160, ae_steps=2000, ae_lesion_oversample=4.0, ldm_steps=4000,
+                         ldm_lesion_oversample=4.0),
     # seconds: exercises the whole pipeline (tests, a smoke run); the models are useless.
     "smoke": DemoRecipe(cases=5, ae_steps=3, ae_batch=2, codebook_restart=2, ldm_steps=3, ldm_batch=2,
                         pt_steps=2, pt_batch=2, eval_steps=2),
@@ -185,12 +191,14 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
 
     ae = stage("autoencoder", rec.ae_steps, lambda resume: train_autoencoder(
         data, out / "autoencoder", profile="demo", steps=rec.ae_steps, batch_size=rec.ae_batch, lr=rec.ae_lr,
-        disc_start=rec.ae_steps + 1, codebook_restart=rec.codebook_restart, device=device, resume=resume,
+        disc_start=rec.ae_steps + 1, codebook_restart=rec.codebook_restart,
+        lesion_oversample=rec.ae_lesion_oversample, device=device, resume=resume,
         seed=rec.seed, checkpoint_every=max(1, rec.ae_steps // 4), num_workers=0,
         progress=_stage_progress(progress, "autoencoder"), cancel=cancel))
     base = stage("base", rec.ldm_steps, lambda resume: train_ldm(
         data, ae, out / "cldm_base", steps=rec.ldm_steps, batch_size=rec.ldm_batch, lr=rec.ldm_lr,
-        ema_decay=rec.ema_decay, scale_factor=rec.ldm_scale_factor, device=device, resume=resume, seed=rec.seed,
+        ema_decay=rec.ema_decay, scale_factor=rec.ldm_scale_factor, lesion_oversample=rec.ldm_lesion_oversample,
+        device=device, resume=resume, seed=rec.seed,
         checkpoint_every=max(1, rec.ldm_steps // 4), num_workers=0,
         progress=_stage_progress(progress, "base cLDM"), cancel=cancel))
     post = stage("post_trained", rec.pt_steps, lambda resume: post_train(

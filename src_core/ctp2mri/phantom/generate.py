@@ -185,6 +185,20 @@ def lesion_truth(seed: int, profile: str = "demo") -> dict[str, Volume]:
     }
 
 
+def diffusion_truth(seed: int, profile: str = "demo") -> dict[str, Volume]:
+    """DWI and ADC of case ``seed``, as `generate_case` writes them and noise-free.
+
+    Keys ``dwi``, ``adc`` (equal to the case's images) and ``dwi_true``, ``adc_true`` (the same
+    without Rician noise, with partial volume). The CT perfusion is not simulated, and the
+    diffusion images do not depend on the frame count, so this takes a fraction of the cost.
+    """
+    prof = get_profile(profile)
+    draws = _draw(_check_seed(seed), prof)
+    g = _geometry(draws, prof, with_ctp=False)
+    images, _ = diffusion_images(g.mri.fractions, g.level_mri, draws.plan, draws.scanner, draws.mri_noise)
+    return {k: Volume(g.mri.scatter(images[k]), g.affine.copy()) for k in ("dwi", "adc", "dwi_true", "adc_true")}
+
+
 def simulate_case(
     seed: int, profile: str = "demo", n_frames: int = 15, frame_interval: float | None = None
 ) -> PhantomCase:

@@ -48,6 +48,7 @@ def train_autoencoder(
     codebook_weight: float = 1.0,
     grad_clip: float | None = None,
     codebook_restart: int = 0,
+    lesion_oversample: float | None = None,
     device: str = "auto",
     precision: str = "fp32",
     resume: bool = False,
@@ -87,6 +88,10 @@ def train_autoencoder(
         Every this many steps (and after the first), move codes no slice used since the last
         restart onto current encoder outputs (`VectorQuantizer.restart_dead_codes`). 0 (default)
         is the official training; short CPU runs need it, or the codebook collapses.
+    lesion_oversample
+        Draw slices with lesion this many times as often as the others (`loop.lesion_sampling`):
+        lesions are a tiny share of the pixels, and an autoencoder that has seldom seen one blurs
+        it away, which no latent model can undo. None (default): uniform, as upstream.
     device, precision
         `ctp2mri.devices.resolve_device` spec; ``fp32``, or ``bf16``/``fp16`` autocast on CUDA.
     resume
@@ -112,7 +117,7 @@ def train_autoencoder(
     try:
         return _train(info, data, Path(out), profile, int(steps), int(batch_size), lr, base_lr, scale_lr,
                       int(disc_start), float(disc_weight), float(codebook_weight), grad_clip,
-                      int(codebook_restart), precision, resume,
+                      int(codebook_restart), loop.check_lesion_oversample(lesion_oversample), precision, resume,
                       int(seed), int(num_workers), int(checkpoint_every), int(log_every), autoencoder_config,
                       discriminator_config, progress, cancel)
     finally:
@@ -120,13 +125,14 @@ def train_autoencoder(
 
 
 def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, disc_start, disc_weight,
-           codebook_weight, grad_clip, codebook_restart, precision, resume, seed, num_workers, checkpoint_every, log_every,
+           codebook_weight, grad_clip, codebook_restart, lesion_oversample, precision, resume, seed, num_workers, checkpoint_every, log_every,
            ae_config, d_config, progress, cancel) -> Path:
     dev = info.device
     precision = loop.check_precision(precision, dev)
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     loop.barrier(info)
     dataset = loop.load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
+    weights, sampling = loop.lesion_sampling(dataset, lesion_oversample, info)
     ae_config = dict(ae_config or model_config(profile, "autoencoder"))
     d_config = dict(d_config or model_config(profile, "discriminator"))
     lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, 1, scale_lr, lr)
@@ -135,7 +141,7 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
         "base_lr": base_lr, "scale_lr": scale_lr, "lr": lr_value, "optimizer": "Adam", "betas": [0.5, 0.9],
         "disc_start": disc_start, "disc_weight": disc_weight, "codebook_weight": codebook_weight,
         "disc_loss": "hinge", "perceptual_weight": 0.0, "reconstruction": "l1", "grad_clip": grad_clip,
-        "codebook_restart": codebook_restart,
+        "codebook_restart": codebook_restart, **loop.sampling_setting(lesion_oversample),
         "precision": precision, "seed": seed, "num_workers": num_workers, "device": str(dev),
         "checkpoint_every": checkpoint_every, "log_every": log_every, "data": loop.data_identity(dataset),
         "autoencoder": ae_config, "discriminator": d_config,
@@ -169,13 +175,13 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
 
     ae_train = DDP(ae, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else ae
     d_train = DDP(disc, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else disc
-    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, **position)
+    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, weights=weights, **position)
     run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
     ae.train()
     disc.train()
 
     def save() -> None:
-        config = loop.base_config("autoencoder", profile, settings, dataset, step, data)
+        config = loop.base_config("autoencoder", profile, settings, dataset, step, data, {"sampling": sampling})
         state = {"step": step, "position": stream.position(),
                  "optimizers": {"autoencoder": opt_ae.state_dict(), "discriminator": opt_d.state_dict()},
                  "scaler": scaler.state_dict() if scaler is not None else None}

@@ -65,6 +65,7 @@ def train_bbdm(
     log_every: int = 10,
     cbbdm_config: dict[str, Any] | None = None,
     bridge: BrownianBridge | None = None,
+    lesion_oversample: float | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> Path:
@@ -84,6 +85,8 @@ def train_bbdm(
         (``concat_condition=False`` gives plain BBDM; tiny models in tests).
     bridge
         The bridge schedule (default: T = 1000, s = 1, as BBDM).
+    lesion_oversample
+        As `train_ldm`.
     progress, cancel
         ``progress(step, steps, {"loss", "lr", …})`` after each step; a cancel saves a
         resumable checkpoint, then raises `ctp2mri.errors.Cancelled`.
@@ -99,14 +102,14 @@ def train_bbdm(
         return _train(info, data, Path(autoencoder), Path(out), int(steps), int(batch_size), lr, base_lr, scale_lr,
                       int(grad_accum), float(weight_decay), float(ema_decay), grad_clip, loss_type, precision, resume,
                       int(seed), int(num_workers), int(checkpoint_every), int(log_every), cbbdm_config,
-                      bridge or BrownianBridge(), progress, cancel)
+                      bridge or BrownianBridge(), loop.check_lesion_oversample(lesion_oversample), progress, cancel)
     finally:
         shutdown(info)
 
 
 def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum, weight_decay, ema_decay,
            grad_clip, loss_type, precision, resume, seed, num_workers, checkpoint_every, log_every, cbbdm_config,
-           bridge, progress, cancel) -> Path:
+           bridge, lesion_oversample, progress, cancel) -> Path:
     def loss_for(model_train, autoencoder, bridge, generator, precision):
         return functools.partial(bridge_training_loss, model_train, autoencoder, bridge, generator=generator,
                                  loss_type=loss_type, precision=precision)
@@ -116,7 +119,7 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
     return train_latent_model(
         info, "cbbdm", BrownianBridgeLDM, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum,
         weight_decay, ema_decay, grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every,
-        cbbdm_config, bridge, objective, loss_for, progress, cancel)
+        cbbdm_config, bridge, objective, loss_for, progress, cancel, lesion_oversample=lesion_oversample)
 
 
 # one batch -------------------------------------------------------------------------------------

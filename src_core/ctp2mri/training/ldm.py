@@ -65,6 +65,7 @@ def train_ldm(
     cldm_config: dict[str, Any] | None = None,
     schedule: NoiseSchedule | None = None,
     scale_factor: float | str | None = None,
+    lesion_oversample: float | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> Path:
@@ -115,6 +116,9 @@ def train_ldm(
         Latent scale (`ConditionalLDM`): a number, ``"auto"`` for 1 / std of the training
         latents (`latent_scale_factor`), or None for the network config's (1.0 in the
         profiles, the official VQ-f4 setting).
+    lesion_oversample
+        Draw slices with lesion this many times as often as the others (`loop.lesion_sampling`);
+        None (default) draws uniformly, as the paper. The objective stays Eq. 4.
     progress, cancel
         ``progress(step, steps, {"loss", "lr", …})`` after each step; a cancel saves a
         resumable checkpoint, then raises `ctp2mri.errors.Cancelled`.
@@ -128,14 +132,15 @@ def train_ldm(
         return _train(info, data, Path(autoencoder), Path(out), int(steps), int(batch_size), lr, base_lr, scale_lr,
                       int(grad_accum), float(weight_decay), float(ema_decay), grad_clip, precision, resume,
                       int(seed), int(num_workers), int(checkpoint_every), int(log_every), cldm_config,
-                      schedule or NoiseSchedule(), _scale_setting(scale_factor), progress, cancel)
+                      schedule or NoiseSchedule(), _scale_setting(scale_factor),
+                      loop.check_lesion_oversample(lesion_oversample), progress, cancel)
     finally:
         shutdown(info)
 
 
 def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum, weight_decay, ema_decay,
            grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every, cldm_config, schedule,
-           scale_factor, progress, cancel) -> Path:
+           scale_factor, lesion_oversample, progress, cancel) -> Path:
     def loss_for(model_train, autoencoder, schedule, generator, precision):
         dev = schedule.device
         scale = getattr(model_train, "module", model_train).scale_factor
@@ -153,7 +158,7 @@ def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, gr
         info, "cldm", ConditionalLDM, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum,
         weight_decay, ema_decay, grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every,
         cldm_config, schedule, {"parameterization": "eps", "loss": "l2 (Eq. 4)"}, loss_for, progress, cancel,
-        {} if scale_factor is None else {"scale_factor": scale_factor})
+        {} if scale_factor is None else {"scale_factor": scale_factor}, lesion_oversample=lesion_oversample)
 
 
 def _scale_setting(value: float | str | None) -> float | str | None:
@@ -176,7 +181,8 @@ def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], dat
                        precision: str, resume: bool, seed: int, num_workers: int, checkpoint_every: int,
                        log_every: int, net_config: dict[str, Any] | None, schedule: Any,
                        objective: dict[str, Any], loss_for: Callable[..., Callable], progress: Any,
-                       cancel: Any, net_overrides: dict[str, Any] | None = None) -> Path:
+                       cancel: Any, net_overrides: dict[str, Any] | None = None, *,
+                       lesion_oversample: float | None = None) -> Path:
     """The run of a latent model on a frozen autoencoder, shared by the cLDM and the cBBDM.
 
     ``kind`` names the checkpoint kind and the settings key of ``net_config`` (the profile's
@@ -185,7 +191,7 @@ def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], dat
     extra settings describing the loss; ``loss_for(model_train, autoencoder, schedule,
     generator, precision)`` returns the per-batch loss function given to `optimise`;
     ``net_overrides`` replace entries of the network config (``scale_factor="auto"`` is
-    measured on the training set).
+    measured on the training set); ``lesion_oversample`` as `train_ldm`'s.
     """
     dev = info.device
     precision = loop.check_precision(precision, dev)
@@ -206,6 +212,7 @@ def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], dat
         label = {"cldm": "cLDM", "cbbdm": "cBBDM"}.get(kind, kind)
         raise InputError(f"the {label} models {net_config['latent_channels']} latent channels but the autoencoder "
                          f"in {ae_dir} makes {autoencoder.embedding_dim}")
+    weights, sampling = loop.lesion_sampling(dataset, lesion_oversample, info)
     lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, grad_accum, scale_lr, lr)
     settings = {
         "profile": profile, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
@@ -213,7 +220,8 @@ def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], dat
         "optimizer": "AdamW", "weight_decay": weight_decay, "ema_decay": ema_decay, "ema_warmup": True,
         "grad_clip": grad_clip, "precision": precision, "seed": seed, "num_workers": num_workers,
         "device": str(dev), "checkpoint_every": checkpoint_every, "log_every": log_every,
-        **objective, "data": loop.data_identity(dataset), kind: net_config, "schedule": schedule.config(),
+        **loop.sampling_setting(lesion_oversample), **objective, "data": loop.data_identity(dataset),
+        kind: net_config, "schedule": schedule.config(),
         "autoencoder": {"config": autoencoder.config, "git_commit": ae_cfg.get("provenance", {}).get("git_commit"),
                         "steps": ae_cfg.get("provenance", {}).get("steps")},
     }
@@ -233,7 +241,7 @@ def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], dat
 
     schedule = schedule.to(dev)
     model_train = DDP(model, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else model
-    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, **position)
+    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, weights=weights, **position)
     run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
     model.train()
     ae_source = {"source": str(ae_dir), "provenance": ae_cfg.get("provenance")}
@@ -241,7 +249,7 @@ def train_latent_model(info: Any, kind: str, network: type[torch.nn.Module], dat
     def save(step: int) -> None:
         config = loop.base_config(kind, profile, settings, dataset, step, data,
                                   {"schedule": schedule.config(), "autoencoder_source": ae_source,
-                                   "inference_network": "ema"})
+                                   "inference_network": "ema", "sampling": sampling})
         state = {"step": step, "position": stream.position(), "optimizer": opt.state_dict(),
                  "ema": ema.state(), "scaler": scaler.state_dict() if scaler is not None else None}
         run.save({"model": model, "ema": ema.module, "autoencoder": autoencoder}, config, state,

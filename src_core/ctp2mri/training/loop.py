@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import math
 import os
 import sys
@@ -43,9 +44,12 @@ from ctp2mri.training.distributed import DistInfo, all_gather_objects, barrier, 
 
 __all__ = [
     "LOG_FILE", "PRECISIONS", "BatchStream", "Run", "RunLog", "autocast", "base_config", "check_precision",
-    "check_resume_config", "command_line", "data_identity", "effective_lr", "load_dataset", "make_grad_scaler",
-    "noise_generator", "prepare_out_dir", "resume_state", "rng_restore", "rng_snapshot", "seed_everything",
+    "check_lesion_oversample", "check_resume_config", "command_line", "data_identity", "effective_lr",
+    "lesion_sampling", "load_dataset", "make_grad_scaler", "noise_generator", "prepare_out_dir", "resume_state",
+    "rng_restore", "rng_snapshot", "sampling_setting", "seed_everything",
 ]
+
+_log = logging.getLogger(__name__)
 
 LOG_FILE = "log.csv"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -121,6 +125,47 @@ def load_dataset(data: Any, profile: str, seed: int, split: str = "train",
             raise InputError(f"the dataset is on the {data.profile.name} grid but the {profile} profile was asked for")
         return data
     return SliceDataset(data, split=split, profile=profile, seed=seed, progress=progress, cancel=cancel)
+
+
+def check_lesion_oversample(factor: float | None) -> float | None:
+    """``--lesion-oversample``: None (uniform draws, the paper's) or a finite factor > 0."""
+    if factor is None:
+        return None
+    try:
+        value = float(factor)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"--lesion-oversample must be a positive factor, got {factor}")
+    return value
+
+
+def lesion_sampling(dataset: Any, factor: float | None, info: DistInfo) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """`BatchStream` weights that draw lesion slices ``factor`` times as often, and what to record.
+
+    Lesion slices are ~11 % of the paper's data and the lesion a tiny share of their pixels, so
+    a uniform draw rarely shows a network the one structure that matters. Returns
+    ``(weights, sampling)``: ``weights`` None for ``factor`` None (uniform, the paper's draw);
+    ``sampling`` the lesion-slice share of the data and, when over-sampling, of the draws.
+    """
+    from ctp2mri.data import lesion_slice_weights
+
+    sampling: dict[str, Any] = {"lesion_oversample": factor,
+                                "lesion_slice_fraction": dataset.summary()["lesion_slice_fraction"]}
+    if factor is None:
+        return None, sampling
+    lw = lesion_slice_weights(dataset, factor)
+    sampling["effective_lesion_slice_fraction"] = lw.effective_fraction
+    if info.is_main:
+        _log.warning("lesion over-sampling ×%g: lesion slices are %.1f %% of the data and %.1f %% of the "
+                     "drawn slices", factor, 100 * lw.lesion_fraction, 100 * lw.effective_fraction)
+    return lw.weights, sampling
+
+
+def sampling_setting(factor: float | None) -> dict[str, Any]:
+    """Lesion over-sampling as a resume-checked setting: nothing for uniform draws, so that runs
+    saved before the option existed resume unchanged."""
+    return {} if factor is None else {"lesion_oversample": factor}
 
 
 def data_identity(dataset: Any) -> dict[str, Any]:

@@ -142,8 +142,7 @@ def post_train(
     for name, value in (("lambda-image", lambda_image), ("lambda-lesion", lambda_lesion)):
         if not (np.isfinite(float(value)) and float(value) >= 0):
             raise InputError(f"--{name} must be a finite number ≥ 0, got {value}")
-    if lesion_oversample is not None and not (np.isfinite(float(lesion_oversample)) and lesion_oversample > 0):
-        raise InputError(f"--lesion-oversample must be a positive factor, got {lesion_oversample}")
+    lesion_oversample = loop.check_lesion_oversample(lesion_oversample)
     info = init_distributed(device)
     try:
         return _post_train(info, data, Path(base), Path(out), float(lambda_image), float(lambda_lesion), target,
@@ -179,8 +178,6 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
                 scale_lr, grad_accum, weight_decay, ema_decay, grad_clip, lesion_oversample, gradient_checkpointing,
                 init, precision, resume, seed, num_workers, checkpoint_every, log_every, lesions, progress,
                 cancel) -> Path:
-    from ctp2mri.data import lesion_slice_weights
-
     dev = info.device
     precision = loop.check_precision(precision, dev)
     if grad_accum < 1:
@@ -209,16 +206,7 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
     loop.barrier(info)
     dataset = _dataset(data, profile, seed, lambda_lesion > 0, lesions,
                        progress if info.is_main else None, cancel)
-    sampling: dict[str, Any] = {"lesion_oversample": lesion_oversample,
-                                "lesion_slice_fraction": dataset.summary()["lesion_slice_fraction"]}
-    weights = None
-    if lesion_oversample is not None:
-        lw = lesion_slice_weights(dataset, lesion_oversample)
-        weights = lw.weights
-        sampling["effective_lesion_slice_fraction"] = lw.effective_fraction
-        if info.is_main:
-            _log.warning("lesion over-sampling ×%g: lesion slices are %.1f %% of the data and %.1f %% of the "
-                         "drawn slices", lesion_oversample, 100 * lw.lesion_fraction, 100 * lw.effective_fraction)
+    weights, sampling = loop.lesion_sampling(dataset, lesion_oversample, info)
     base_prov = base_cfg.get("provenance") or {}
     lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, grad_accum, scale_lr, lr)
     settings = {
