@@ -174,3 +174,16 @@ def test_lesion_contrast_of_reconstruction_and_input_per_lesion_case(data, check
     # the phantom's core: bright on DWI, dark on ADC
     assert contrast["mean"]["DWI"]["input"] > 1.05 and contrast["mean"]["ADC"]["input"] < 0.95
     assert "Lesion contrast, mean of" in format_autoencoder_report(result)
+
+
+def test_figure_shows_input_and_reconstruction_on_the_largest_lesions(data, checkpoint, tmp_path, capsys):
+    png = tmp_path / "ae.png"
+    with one_thread():
+        assert main(["evaluate", "--model", str(checkpoint), "--data", str(data), "--split", "train",
+                     "--device", "cpu", "--figure", str(png)]) == 0
+    assert f"figure: {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert width > height > 100  # one row per case (2 here), five panels each

@@ -482,7 +482,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="per-case CSV to write")
     p.add_argument("--table", type=Path,
                    help="Markdown file for the Table-1-shaped comparison (a .csv of it is written beside)")
-    p.add_argument("--figure", type=Path, help="PNG of a few test slices (CTP, true/synthetic DWI, ADC)")
+    p.add_argument("--figure", type=Path, help="PNG of a few test slices (CTP, true/synthetic DWI, ADC; "
+                   "an autoencoder's reconstruction)")
     p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw, not the EMA, weights")
     p.add_argument("--fid-weights", type=Path,
@@ -499,7 +500,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from ctp2mri.evaluate_autoencoder import evaluate_autoencoder, format_autoencoder_report
 
         print(format_autoencoder_report(evaluate_autoencoder(
-            args.model[0], args.data, split=args.split, batch_size=args.batch_size, device=args.device)))
+            args.model[0], args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+            figure=args.figure)))
+        if args.figure:
+            print(f"figure: {args.figure}")
         return 0
     from ctp2mri.evaluate import evaluate, fid_status, format_report, named_models, write_comparison
     from ctp2mri.progress import tqdm_progress

@@ -36,6 +36,7 @@ _log = logging.getLogger(__name__)
 
 def evaluate_autoencoder(checkpoint: str | os.PathLike, data_dir: str | os.PathLike,
                          split: str = "val", batch_size: int = 16, device: str = "auto",
+                         figure: str | os.PathLike | None = None,
                          progress: ProgressCallback | None = None,
                          cancel: CancelToken | None = None) -> dict[str, Any]:
     """Reconstruct every brain slice of ``split`` and score it against the input.
@@ -48,6 +49,8 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, data_dir: str | os.PathL
     With lesion cases, ``"lesion_contrast"``: rDWI and rADC (`ctp2mri.metrics.lesion_contrast`,
     in units) of the reconstruction and of the input, per lesion case and their mean — whether
     the lesion survives the autoencoder at all, which bounds every latent model built on it.
+    ``figure``: a PNG of input and reconstruction on the largest-lesion slice of the cases with
+    the largest lesions (`ctp2mri.figures.evaluation_figure`).
     """
     dev = resolve_device(device)
     nets, config = load_checkpoint(checkpoint, names=["model"], map_location=dev, kind="autoencoder")
@@ -74,7 +77,10 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, data_dir: str | os.PathL
     contrast = _lesion_contrasts(dataset, pred, target, brain, lesion)
     if contrast["cases"]:
         result["lesion_contrast"] = contrast
-    clean, rows, cases = noise_free_slices(dataset, resolve_cases(data_dir, split))
+    sources = resolve_cases(data_dir, split)
+    if figure is not None:
+        _figure(dataset, sources, pred, figure)
+    clean, rows, cases = noise_free_slices(dataset, sources)
     if cases:
         rows_t = torch.from_numpy(rows)
 
@@ -83,6 +89,35 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, data_dir: str | os.PathL
 
         result["noise_free"] = {"cases": cases, "metrics": against_clean(pred), "noise_floor": against_clean(target)}
     return result
+
+
+def _figure(dataset: SliceDataset, sources: list[Any], pred: torch.Tensor, path: str | os.PathLike) -> None:
+    """Input vs reconstruction, in units, on the slice with the most lesion of each of the
+    cases with the largest lesions (the most brain where no case has one)."""
+    from ctp2mri.evaluate import FIGURE_ROWS
+    from ctp2mri.figures import EvaluationSlice, evaluation_figure
+
+    per_slice = dataset.lesion[:, 0].flatten(1).sum(1)
+    if not per_slice.any():
+        per_slice = dataset.brain[:, 0].flatten(1).sum(1)
+    totals = torch.zeros(len(dataset.case_names)).index_add_(0, dataset.case_index, per_slice.float())
+    ranges = dataset.case_ranges()
+    shown = []
+    for i in totals.argsort(descending=True)[:FIGURE_ROWS].tolist():
+        rows = torch.nonzero(dataset.case_index == i)[:, 0]
+        row = int(rows[per_slice[rows].argmax()])
+        name, z = dataset.case_names[i], int(dataset.slice_index[row])
+        case = read_case(sources[i]) if isinstance(sources[i], (str, os.PathLike)) else sources[i]
+        brain = case.mask.array[:, :, z] > 0
+        ctp = case.ctp.array[:, :, z, :].astype(np.float32)
+        recon = {what: denormalise_mri(pred[row, c].numpy(), *ranges[name][what], mask=brain)
+                 for c, what in enumerate(("dwi", "adc"))}
+        shown.append(EvaluationSlice(
+            name=name, z=z, ctp=ctp[..., int(np.argmax(ctp[brain].mean(axis=0)))], dwi_true=case.dwi.array[:, :, z],
+            adc_true=case.adc.array[:, :, z], dwi_pred=recon["dwi"], adc_pred=recon["adc"],
+            lesion=case.lesion.array[:, :, z] > 0 if case.lesion is not None else None,
+            dwi_range=ranges[name]["dwi"], model="autoencoder"))
+    evaluation_figure(shown, path, predicted="reconstruction")
 
 
 def _lesion_contrasts(dataset: SliceDataset, pred: torch.Tensor, target: torch.Tensor, brain: torch.Tensor,

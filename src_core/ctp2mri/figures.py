@@ -113,8 +113,10 @@ class EvaluationSlice:
 
 
 def evaluation_figure(slices: Sequence[EvaluationSlice], path: str | os.PathLike,
-                      adc_window: tuple[float, float] = (0.0, 2000.0)) -> Path:
+                      adc_window: tuple[float, float] = (0.0, 2000.0), predicted: str = "synthetic") -> Path:
     """One row per slice: CTP frame, true DWI, synthetic DWI, true ADC, synthetic ADC.
+
+    ``predicted`` names the model's columns ("synthetic"; "reconstruction" for an autoencoder).
 
     True and synthetic images share one window per channel so their contrast compares
     directly. The true core is outlined in red on every panel; the core thresholded from
@@ -128,7 +130,7 @@ def evaluation_figure(slices: Sequence[EvaluationSlice], path: str | os.PathLike
 
     if not slices:
         raise ValueError("evaluation_figure needs at least one slice")
-    columns = ["CTP frame (HU)", "DWI true", "DWI synthetic", "ADC true (10⁻⁶ mm²/s)", "ADC synthetic"]
+    columns = ["CTP frame (HU)", "DWI true", f"DWI {predicted}", "ADC true (10⁻⁶ mm²/s)", f"ADC {predicted}"]
     fig, axes = plt.subplots(len(slices), 5, figsize=(13, 2.9 * len(slices)), squeeze=False)
     for row, s in enumerate(slices):
         lo, hi = s.dwi_range if s.dwi_range is not None else (
@@ -156,8 +158,10 @@ def evaluation_figure(slices: Sequence[EvaluationSlice], path: str | os.PathLike
         label = f"{s.name}\nslice {s.z}" + (f"\n{s.model}" if s.model else "")
         axes[row, 0].text(-0.05, 0.5, label, transform=axes[row, 0].transAxes, ha="right",
                           va="center", fontsize=8)
-    fig.text(0.5, 0.002, "red: true core (lesion mask); cyan: core from the synthetic ADC "
-             "(< 620 × 10⁻⁶ mm²/s)", ha="center", fontsize=8)
+    legend = "red: true core (lesion mask)"
+    if any(s.pred_core is not None and np.any(s.pred_core) for s in slices):
+        legend += f"; cyan: core from the {predicted} ADC (< 620 × 10⁻⁶ mm²/s)"
+    fig.text(0.5, 0.002, legend, ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80)
