@@ -47,6 +47,8 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     for name, steps in (("autoencoder", rec.ae_steps), ("cldm_base", rec.ldm_steps),
                         ("cldm_post_trained", rec.pt_steps)):
         assert read_config(work / name)["provenance"]["steps"] == steps
+    for name, factor in (("autoencoder", rec.ae_lesion_oversample), ("cldm_base", rec.ldm_lesion_oversample)):
+        assert factor and read_config(work / name)["training"]["lesion_oversample"] == factor  # reached the trainer
     # The bundle ships weights only: no optimiser state, no discriminator, EMA + autoencoder.
     for name, networks in (("autoencoder", {"model"}), ("cldm_base", {"ema", "autoencoder"}),
                            ("cldm_post_trained", {"ema", "autoencoder"})):

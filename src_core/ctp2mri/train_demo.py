@@ -77,8 +77,8 @@ RECIPES: dict[str, DemoRecipe] = {
     "lesion": DemoRecipe(cases=160, ae_steps=2000, ae_lesion_oversample=4.0, ldm_steps=4000,
                          ldm_lesion_oversample=4.0),
     # seconds: exercises the whole pipeline (tests, a smoke run); the models are useless.
-    "smoke": DemoRecipe(cases=5, ae_steps=3, ae_batch=2, codebook_restart=2, ldm_steps=3, ldm_batch=2,
-                        pt_steps=2, pt_batch=2, eval_steps=2),
+    "smoke": DemoRecipe(cases=5, ae_steps=3, ae_batch=2, codebook_restart=2, ae_lesion_oversample=4.0, ldm_steps=3,
+                        ldm_batch=2, ldm_lesion_oversample=4.0, pt_steps=2, pt_batch=2, eval_steps=2),
 }
 
 
