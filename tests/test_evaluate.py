@@ -272,6 +272,13 @@ def test_cli_prints_the_table_and_writes_the_csv(data, checkpoint, tmp_path, cap
     printed = capsys.readouterr().out
     assert "| cLDM |" in printed and "FID skipped" in printed and "DDIM, 1 steps" in printed
     assert len((tmp_path / "r.csv").read_text().strip().splitlines()) == 2
+    # --out naming the CSV that --table writes beside its Markdown: refused before any sampling
+    kept = (tmp_path / "r.csv").read_text()
+    for table in ("r.md", "r"):
+        assert main(["evaluate", "--model", str(checkpoint), "--data", str(data), "--steps", "1", "--device", "cpu",
+                     "--out", str(tmp_path / "r.csv"), "--table", str(tmp_path / table)]) == 2
+        assert "is a file that --table" in capsys.readouterr().err
+    assert (tmp_path / "r.csv").read_text() == kept and not (tmp_path / "r.md").exists()
 
 
 # bad input ---------------------------------------------------------------------------------------

@@ -506,9 +506,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"figure: {args.figure}")
         return 0
     from ctp2mri.evaluate import evaluate, fid_status, format_report, named_models, write_comparison
+    from ctp2mri.evaluate_report import comparison_paths
     from ctp2mri.progress import tqdm_progress
 
     models = named_models(args.model)
+    if args.out and args.table and Path(args.out).resolve() in {p.resolve() for p in comparison_paths(args.table)}:
+        raise InputError(f"--out {args.out} is a file that --table {args.table} writes too (the comparison is "
+                         f"written as {' and '.join(map(str, comparison_paths(args.table)))}); give --out another "
+                         "name, so that neither overwrites the other")
 
     _, notice = resolve_device_with_notice(args.device)
     if notice:

@@ -21,7 +21,7 @@ from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
 from ctp2mri.metrics import METRICS
 from ctp2mri.tables import Summary, format_table1
 
-__all__ = ["CHANNELS", "format_report", "sampling_seeds", "write_comparison", "write_rows"]
+__all__ = ["CHANNELS", "comparison_paths", "format_report", "sampling_seeds", "write_comparison", "write_rows"]
 
 CHANNELS = ("DWI", "ADC")  # Table 1's channel names, in the order of the targets (DWI, ADC)
 
@@ -132,6 +132,14 @@ def format_report(summary: Summary, rows: Sequence[Mapping[str, Any]], *, n_step
     return "\n".join(lines)
 
 
+def comparison_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The Markdown and CSV files `write_comparison` writes for ``path`` (``.md`` added if missing)."""
+    md = Path(path)
+    if md.suffix.lower() != ".md":
+        md = md.with_name(md.name + ".md")
+    return md, md.with_suffix(".csv")
+
+
 def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
                      n_steps: int, eta: float, seed: int | Sequence[int], split: str | None,
                      checkpoints: Mapping[str, str | os.PathLike] | None = None,
@@ -149,10 +157,7 @@ def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: 
     -------
     (Markdown path, CSV path)
     """
-    md = Path(path)
-    if md.suffix.lower() != ".md":
-        md = md.with_name(md.name + ".md")
-    csv_path = md.with_suffix(".csv")
+    md, csv_path = comparison_paths(path)
     ensure_writable_dir(md.parent)
     checkpoints = dict(checkpoints or {})
     models = list(summary)
