@@ -210,8 +210,8 @@ class PostTrainWidget(Container):
         self.oversample = FloatSpinBox(
             label="Lesion slices", value=1.0, min=1.0, max=64.0, step=1.0,
             tooltip="Draw slices with lesion this many times as often as the others (1 = "
-                    "uniform, as the paper). On the phantom, 8× for 1500 steps starts to draw the "
-                    "lesion where 300 uniform steps do not (bundled model's REPORT.md §1).")
+                    "uniform, as the paper). The bundled post-trained model used 8× for 600 steps "
+                    "(bundled model's REPORT.md §A).")
         self.oversample.native.setDecimals(0)
         self.oversample.native.setSuffix("× as often as the others")
         self.device = ComboBox(label="Device", choices=["auto", *available_devices()], value="auto")

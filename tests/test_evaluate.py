@@ -191,6 +191,17 @@ def test_progress_covers_every_slice_step(result):
     assert {c[2]["case"] for c in calls} == set(CASES)
 
 
+def test_figure_rows_show_every_model_on_the_largest_lesions():
+    from ctp2mri.evaluate import figure_rows
+
+    cands = {c: [f"{c}/base", f"{c}/pt"] for c in ("a", "b", "c", "d")}
+    voxels = {"a": 0, "b": 50, "c": 900, "d": 50}
+    assert figure_rows(cands, voxels, rows=4) == ["c/base", "c/pt", "b/base", "b/pt"]  # ties keep case order
+    assert figure_rows({c: v[:1] for c, v in cands.items()}, voxels, rows=3) == ["c/base", "b/base", "d/base"]
+    assert figure_rows({c: v * 3 for c, v in cands.items()}, voxels, rows=4) == ["c/base", "c/pt"] * 3  # ≥ 1 case
+    assert figure_rows({}, {}) == []
+
+
 def test_figure_is_a_png_with_a_row_per_case(result):
     import matplotlib.image
 

@@ -611,15 +611,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.set_defaults(func=_cmd_demo)
 
-    t = sub.add_parser("train-demo", help="reproduce the bundled demo models (≈1 h on a 2-core CPU)",
+    t = sub.add_parser("train-demo", help="reproduce the bundled demo models (≈1 h 30 min on a 2-core CPU)",
                        description="Phantom data → autoencoder → base cLDM → lesion-aware post-training → "
                        "bundle → evaluation of base vs post-trained on the test split. Each stage is a "
                        "resumable run in --out; re-running continues an interrupted recipe.")
     t.add_argument("--out", type=Path, required=True, help="work folder (data, runs, evaluation)")
     t.add_argument("--bundle", type=Path, help="copy the shippable weights here (e.g. resources/models/demo)")
-    t.add_argument("--recipe", choices=["demo", "lesion", "smoke"], default="demo",
-                   help="demo (the bundled models' recipe), lesion (5× the cases, lesion slices drawn 4× as "
-                   "often by the autoencoder and the base) or smoke (seconds; checks the pipeline)")
+    t.add_argument("--recipe", choices=["demo", "demo-v2", "smoke"], default="demo",
+                   help="demo (the bundled models' recipe), demo-v2 (the previous bundle's) or smoke "
+                   "(seconds; checks the pipeline)")
     t.add_argument("--device", default="cpu", help="training device (default cpu: the recipe's timings)")
     t.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 is faster on a machine busy with other work)")

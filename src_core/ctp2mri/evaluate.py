@@ -316,7 +316,9 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     total = sum(counts) * sum(steps.values()) * len(seeds)
     done = 0
     rows: list[dict[str, Any]] = []
-    shown: list[Any] = []  # figures.EvaluationSlice (matplotlib is imported only for a figure)
+    # per case, each model's figures.EvaluationSlice (matplotlib is imported only for a figure)
+    candidates: dict[str, list[Any]] = {}
+    lesion_voxels: dict[str, int] = {}
     for case_dir in case_dirs:
         name = case_dir.name
         parts: dict[str, tuple[Any, CaseSlices]] = {}
@@ -341,17 +343,30 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
                 row, pred_core = _score_case(name, label, case, part, pred,
                                              {**settings[label], "seed": run_seed})
                 rows.append(row)
-                if (figure is not None and label == next(iter(loaded)) and run_seed == seeds[0]
-                        and len(shown) < FIGURE_ROWS):
-                    shown.append(_figure_slice(name, label, case, part, pred, pred_core))
+                if figure is not None and run_seed == seeds[0]:
+                    candidates.setdefault(name, []).append(_figure_slice(name, label, case, part, pred, pred_core))
+                    lesion_voxels[name] = int(row["lesion_voxels"])
     summary = summarise(rows)
     if out_csv is not None:
         write_rows(rows, out_csv)
     if figure is not None:
         from ctp2mri.figures import evaluation_figure
 
-        evaluation_figure(shown, figure)
+        evaluation_figure(figure_rows(candidates, lesion_voxels), figure)
     return rows, summary
+
+
+def figure_rows(candidates: Mapping[str, Sequence[Any]], lesion_voxels: Mapping[str, int],
+                rows: int = FIGURE_ROWS) -> list[Any]:
+    """The figure's rows: every model's slice of the cases with the largest lesions.
+
+    ``candidates`` maps a case to one slice per model (the same slice, so models compare
+    directly); as many cases as ``rows`` holds for that many models (at least one) are taken,
+    largest lesion first, ties in case order.
+    """
+    per_case = max((len(v) for v in candidates.values()), default=1)
+    picked = sorted(candidates, key=lambda n: -lesion_voxels.get(n, 0))[:max(1, rows // per_case)]
+    return [s for name in picked for s in candidates[name]]
 
 
 def _figure_slice(name: str, label: str, case: Any, part: CaseSlices, pred: np.ndarray,

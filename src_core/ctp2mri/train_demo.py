@@ -42,43 +42,45 @@ BUNDLE_NAMES = {"autoencoder": "autoencoder", "base": "cldm_base", "post_trained
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """Every setting of the demo training, recorded in the model card."""
+    """Every setting of the demo training, recorded in the model card. The defaults are the
+    bundled models' recipe (v3)."""
 
-    cases: int = 32
+    cases: int = 160
     data_seed: int = 0
-    ae_steps: int = 1000
+    ae_steps: int = 2000
     ae_batch: int = 8
     ae_lr: float = 5e-4
     codebook_restart: int = 25
-    ae_lesion_oversample: float | None = None  # lesion slices drawn this many times as often
-    ldm_steps: int = 5000
+    ae_lesion_oversample: float | None = 4.0  # lesion slices drawn this many times as often
+    ldm_steps: int = 4000
     ldm_batch: int = 16
     ldm_lr: float = 5e-4
-    ldm_scale_factor: float | str = "auto"  # 1 / std of the VQ latents (≈ 3.6 here; see REPORT.md)
-    ldm_lesion_oversample: float | None = None
+    ldm_scale_factor: float | str = "auto"  # 1 / std of the VQ latents (see REPORT.md §2)
+    ldm_lesion_oversample: float | None = 4.0
     ema_decay: float = 0.999
-    pt_steps: int = 300
+    pt_steps: int = 600
     pt_batch: int = 8
     pt_lr: float = 1e-4
     lambda_image: float = 0.01
     lambda_lesion: float = 0.02
     target: str = "input"
-    lesion_oversample: float | None = None
+    pt_lesion_oversample: float | None = 8.0
     eval_sampler: str = "dpm++2m"
     eval_steps: int = 20
     seed: int = 0
 
 
 RECIPES: dict[str, DemoRecipe] = {
-    # ~1 h 45 min on a 2-core CPU: what resources/models/demo was trained with.
+    # ~1 h 30 min on a 2-core CPU: what resources/models/demo (v3) was trained with. 160 cases
+    # (28 training lesions over 7 ml, against 3 in v2's 32) and lesion slices drawn more often
+    # at every stage: v2's autoencoder, trained without either, erased the ADC lesion (REPORT.md §6).
     "demo": DemoRecipe(),
-    # ~1 h 40 min: five times the cases (28 training lesions over 7 ml instead of 3) and lesion
-    # slices drawn 4× as often by the autoencoder and the base, which the demo's lose (REPORT.md).
-    "lesion": DemoRecipe(cases=160, ae_steps=2000, ae_lesion_oversample=4.0, ldm_steps=4000,
-                         ldm_lesion_oversample=4.0),
+    # the second bundle (v2, REPORT.md §1–5 history): 32 cases, uniform draws, 1000/5000/300 steps
+    "demo-v2": DemoRecipe(cases=32, ae_steps=1000, ae_lesion_oversample=None, ldm_steps=5000,
+                          ldm_lesion_oversample=None, pt_steps=300, pt_lesion_oversample=None),
     # seconds: exercises the whole pipeline (tests, a smoke run); the models are useless.
-    "smoke": DemoRecipe(cases=5, ae_steps=3, ae_batch=2, codebook_restart=2, ae_lesion_oversample=4.0, ldm_steps=3,
-                        ldm_batch=2, ldm_lesion_oversample=4.0, pt_steps=2, pt_batch=2, eval_steps=2),
+    "smoke": DemoRecipe(cases=5, ae_steps=3, ae_batch=2, codebook_restart=2, ldm_steps=3, ldm_batch=2,
+                        pt_steps=2, pt_batch=2, eval_steps=2),
 }
 
 
@@ -204,7 +206,7 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
     post = stage("post_trained", rec.pt_steps, lambda resume: post_train(
         data, base, out / "cldm_post_trained", lambda_image=rec.lambda_image, lambda_lesion=rec.lambda_lesion,
         target=rec.target, steps=rec.pt_steps, batch_size=rec.pt_batch, lr=rec.pt_lr, ema_decay=rec.ema_decay,
-        lesion_oversample=rec.lesion_oversample, device=device, resume=resume, seed=rec.seed,
+        lesion_oversample=rec.pt_lesion_oversample, device=device, resume=resume, seed=rec.seed,
         checkpoint_every=max(1, rec.pt_steps // 3), num_workers=0,
         progress=_stage_progress(progress, "post-training"), cancel=cancel))
     paths = {"data": data, "autoencoder": ae, "base": base, "post_trained": post}
