@@ -611,7 +611,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.set_defaults(func=_cmd_demo)
 
-    t = sub.add_parser("train-demo", help="reproduce the bundled demo models (≈1 h 30 min on a 2-core CPU)",
+    t = sub.add_parser("train-demo", help="reproduce the bundled demo models (≈1 h 20 min on a 2-core CPU)",
                        description="Phantom data → autoencoder → base cLDM → lesion-aware post-training → "
                        "bundle → evaluation of base vs post-trained on the test split. Each stage is a "
                        "resumable run in --out; re-running continues an interrupted recipe.")

@@ -71,9 +71,9 @@ class DemoRecipe:
 
 
 RECIPES: dict[str, DemoRecipe] = {
-    # ~1 h 30 min on a 2-core CPU: what resources/models/demo (v3) was trained with. 160 cases
-    # (28 training lesions over 7 ml, against 3 in v2's 32) and lesion slices drawn more often
-    # at every stage: v2's autoencoder, trained without either, erased the ADC lesion (REPORT.md §6).
+    # ~1 h 20 min on a 2-core CPU: what resources/models/demo (v3) was trained with. 160 cases
+    # (25 training lesions over 7 ml, against 3 in v2's 32) and lesion slices drawn more often
+    # at every stage: v2's autoencoder, trained without either, erased the ADC lesion (REPORT.md §C).
     "demo": DemoRecipe(),
     # the second bundle (v2, REPORT.md §1–5 history): 32 cases, uniform draws, 1000/5000/300 steps
     "demo-v2": DemoRecipe(cases=32, ae_steps=1000, ae_lesion_oversample=None, ldm_steps=5000,

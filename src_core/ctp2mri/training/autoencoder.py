@@ -125,8 +125,8 @@ def train_autoencoder(
 
 
 def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, disc_start, disc_weight,
-           codebook_weight, grad_clip, codebook_restart, lesion_oversample, precision, resume, seed, num_workers, checkpoint_every, log_every,
-           ae_config, d_config, progress, cancel) -> Path:
+           codebook_weight, grad_clip, codebook_restart, lesion_oversample, precision, resume, seed, num_workers,
+           checkpoint_every, log_every, ae_config, d_config, progress, cancel) -> Path:
     dev = info.device
     precision = loop.check_precision(precision, dev)
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
