@@ -187,3 +187,7 @@ def test_figure_shows_input_and_reconstruction_on_the_largest_lesions(data, chec
 
     height, width = matplotlib.image.imread(png).shape[:2]
     assert width > height > 100  # one row per case (2 here), five panels each
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InputError, match="is a file"):  # refused before any reconstruction
+        evaluate_autoencoder(checkpoint, data, split="train", device="cpu", figure=blocker / "ae.png")

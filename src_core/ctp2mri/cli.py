@@ -119,7 +119,8 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
         out = train_autoencoder(args.data, args.out, profile=args.profile, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr, disc_start=args.disc_start,
                                 codebook_restart=args.codebook_restart, lesion_oversample=args.lesion_oversample,
-                                device=args.device, precision=args.precision, resume=args.resume, seed=args.seed, num_workers=args.num_workers,
+                                device=args.device, precision=args.precision, resume=args.resume,
+                                seed=args.seed, num_workers=args.num_workers,
                                 checkpoint_every=args.checkpoint_every, progress=progress)
     finally:
         close()

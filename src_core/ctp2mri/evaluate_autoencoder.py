@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from ctp2mri.casefolder import read_case
 from ctp2mri.checkpoints import load_checkpoint
 from ctp2mri.data import SliceDataset, resolve_cases
 from ctp2mri.devices import resolve_device
+from ctp2mri.io.atomic import ensure_writable_dir
 from ctp2mri.metrics import channel_metrics, lesion_contrast
 from ctp2mri.preprocess import denormalise_mri, normalise_mri_like
 from ctp2mri.progress import CancelToken, ProgressCallback
@@ -52,6 +54,8 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, data_dir: str | os.PathL
     ``figure``: a PNG of input and reconstruction on the largest-lesion slice of the cases with
     the largest lesions (`ctp2mri.figures.evaluation_figure`).
     """
+    if figure is not None:  # a folder that cannot be written fails before the reconstruction, not after
+        ensure_writable_dir(Path(figure).parent)
     dev = resolve_device(device)
     nets, config = load_checkpoint(checkpoint, names=["model"], map_location=dev, kind="autoencoder")
     autoencoder = nets["model"].eval()
