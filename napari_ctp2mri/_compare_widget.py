@@ -11,8 +11,10 @@ cannot appear in two viewboxes, so the lesion gets one contour-only Labels layer
 all *sharing the lesion layer's data array* (a painted correction shows in every cell). The
 layers are moved to the bottom of the layer list as pairs ``[image, contour]`` — ground
 truth, synthetic, and, when both ADCs are picked, the ADC pair — with ``stride = 2`` and two
-columns: ground truth on the left, synthetic on the right, DWI above ADC. Other layers are
-hidden while the view is on (hidden layers take no viewbox) and come back when it is off.
+columns: ground truth on the left, synthetic on the right, DWI above ADC. A picked perfusion
+core (the perfusion widget's, from the CTP) is outlined the same way, one more contour per
+image (``stride = 3``). Other layers are hidden while the view is on (hidden layers take no
+viewbox) and come back when it is off.
 """
 
 from __future__ import annotations
@@ -60,7 +62,13 @@ PICKERS = {
     "syn_adc": ("Synthetic ADC", Image, True, "synthetic ADC"),
     "lesion": ("Lesion", Labels, True, "lesion"),
     "brain": ("Brain mask", Labels, True, "brain mask"),
+    "perfusion_core": ("Perfusion core", Labels, True, "perfusion core"),
 }
+# pickers whose default is a name prefix: the perfusion widget names its core layer after
+# the threshold, "perfusion core (rCBF<30%)"
+PREFIX_DEFAULTS = {"perfusion_core"}
+# masks outlined on every image of the side-by-side view, in this order
+CONTOUR_SOURCES = ("lesion", "perfusion_core")
 SLICE_DEBOUNCE_MS = 150
 CONTOUR_PX = 1  # Labels.contour thickness
 MAX_WIDTH_PX = 480
@@ -172,12 +180,18 @@ class CompareWidget(Container):
             for key, combo in self.pickers.items():
                 combo.reset_choices()
                 if key in self._auto:
-                    _, kind, _, default = PICKERS[key]
-                    layers = self.viewer.layers
-                    layer = layers[default] if default in layers else None  # noqa: SIM401
-                    combo.value = layer if isinstance(layer, kind) else None
+                    combo.value = self._default_layer(key)
         finally:
             self._auto_setting = False
+
+    def _default_layer(self, key: str) -> Any:
+        _, kind, _, default = PICKERS[key]
+        layers = self.viewer.layers
+        layer = layers[default] if default in layers else None  # noqa: SIM401
+        if layer is None and key in PREFIX_DEFAULTS:
+            layer = next((x for x in layers if x.name.startswith(default) and isinstance(x, kind)
+                          and x not in self._contours), None)
+        return layer if isinstance(layer, kind) else None
 
     def selected(self) -> dict[str, Any]:
         """The picked layers by role (None for an empty optional picker)."""
@@ -241,7 +255,7 @@ class CompareWidget(Container):
         def work() -> tuple[Any, dict[str, Any]]:
             prepared = prepare_comparison(inputs["gt_dwi"], inputs["gt_adc"], inputs["syn_dwi"],
                                           inputs["syn_adc"], inputs["brain"], inputs["lesion"],
-                                          inputs["spacing"])
+                                          inputs["spacing"], inputs["perfusion_core"])
             return prepared, make_table(prepared, comparison_metrics(prepared), k)
 
         self.worker = self._start(work, self._on_volume_done, self._on_volume_finished)
@@ -345,7 +359,8 @@ class CompareWidget(Container):
 
     # side by side with contours ---------------------------------------------------------
     def show_side_by_side(self, on: bool = True) -> None:
-        """Grid view: ground truth | synthetic (DWI, then ADC), the lesion outlined on each."""
+        """Grid view: ground truth | synthetic (DWI, then ADC), the lesion (and the perfusion
+        core, when picked) outlined on each."""
         if not on:
             self._restore_view()
             return
@@ -358,38 +373,43 @@ class CompareWidget(Container):
         if layers["gt_adc"] is not None and layers["syn_adc"] is not None:
             images += [layers["gt_adc"], layers["syn_adc"]]
         self._restore_view()
-        lesion = layers["lesion"]
+        # one contour per image of each outlined mask, e.g. "lesion contour (DWI)"
+        sources = [(PICKERS[key][0].lower(), layers[key]) for key in CONTOUR_SOURCES
+                   if layers[key] is not None]
         grid = _grid(self.viewer)
         self._saved_view = {
             "visible": {layer: layer.visible for layer in self.viewer.layers},
             "grid": (grid.enabled, grid.stride, grid.shape),
+            "sources": [source for _, source in sources],
         }
         order = []
         for image in images:
             order.append(image)
-            if lesion is not None:
+            for what, source in sources:
                 contour = self.viewer.add_labels(
-                    lesion.data, name=f"lesion contour ({image.name})",
-                    scale=lesion.scale, translate=lesion.translate, rotate=lesion.rotate,
-                    shear=lesion.shear, affine=lesion.affine, colormap=lesion.colormap,
+                    source.data, name=f"{what} contour ({image.name})",
+                    scale=source.scale, translate=source.translate, rotate=source.rotate,
+                    shear=source.shear, affine=source.affine, colormap=source.colormap,
                     opacity=1.0, metadata={"ctp2mri_contour_of": image.name},
-                    **{k: getattr(lesion, k) for k in ("units", "axis_labels")
-                       if hasattr(lesion, k)})
+                    **{k: getattr(source, k) for k in ("units", "axis_labels")
+                       if hasattr(source, k)})
                 contour.contour = CONTOUR_PX  # not a constructor argument in napari
                 self._contours.append(contour)
                 order.append(contour)
-        if lesion is not None:
-            lesion.events.paint.connect(self._refresh_contours)
-            lesion.events.data.connect(self._refresh_contours)
-            self._saved_view["lesion"] = lesion
+        for _, source in sources:
+            source.events.paint.connect(self._refresh_contours)
+            source.events.data.connect(self._refresh_contours)
         for layer in self.viewer.layers:
             layer.visible = layer in order
-        self.viewer.layers.move_multiple([self.viewer.layers.index(x) for x in order], 0)
+        # one move per layer: napari's move_multiple misplaces some non-monotonic index lists
+        # (seen in napari 0.9 with two contours per image)
+        for position, layer in enumerate(order):
+            self.viewer.layers.move(self.viewer.layers.index(layer), position)
         # both images in one window, so a contrast difference is a real difference
         images[1].contrast_limits = images[0].contrast_limits
         if len(images) == 4:
             images[3].contrast_limits = images[2].contrast_limits
-        grid.stride = 2 if lesion is not None else 1
+        grid.stride = 1 + len(sources)
         grid.shape = (len(images) // 2, 2)
         grid.enabled = True
         self.viewer.reset_view()  # fit the new viewboxes
@@ -412,10 +432,9 @@ class CompareWidget(Container):
         self._contours = []
         if saved is None:
             return
-        lesion = saved.get("lesion")
-        if lesion is not None:
-            lesion.events.paint.disconnect(self._refresh_contours)
-            lesion.events.data.disconnect(self._refresh_contours)
+        for source in saved["sources"]:
+            source.events.paint.disconnect(self._refresh_contours)
+            source.events.data.disconnect(self._refresh_contours)
         for layer, visible in saved["visible"].items():
             if layer in self.viewer.layers:
                 layer.visible = visible

@@ -67,6 +67,23 @@ def affine_from_napari_spatial(transform: np.ndarray) -> np.ndarray:
     return _RAS_TO_LPS @ _REVERSE_XYZ @ np.asarray(transform, dtype=np.float64) @ _REVERSE_XYZ
 
 
+def world_to_voxel(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """napari world points ``(n, 3)`` ``(z, y, x)`` LPS mm → voxel indices ``(n, 3)``
+    ``(i, j, k)`` (fractional) of the volume whose RAS+ affine is ``affine``."""
+    inverse = np.linalg.inv(napari_spatial_transform(affine))
+    world = np.atleast_2d(np.asarray(points, dtype=np.float64))
+    kji = world @ inverse[:3, :3].T + inverse[:3, 3]
+    return kji[:, ::-1]
+
+
+def voxel_to_world(indices: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel indices ``(n, 3)`` ``(i, j, k)`` → napari world ``(n, 3)`` ``(z, y, x)`` LPS mm;
+    the inverse of `world_to_voxel`."""
+    transform = napari_spatial_transform(affine)
+    kji = np.atleast_2d(np.asarray(indices, dtype=np.float64))[:, ::-1]
+    return kji @ transform[:3, :3].T + transform[:3, 3]
+
+
 def _geometry_kwargs(affine: np.ndarray, ndim: int) -> dict[str, Any]:
     """``scale``/``translate`` for axis-aligned grids, else a full napari ``affine``."""
     m = napari_spatial_transform(affine)
@@ -202,6 +219,14 @@ def _as_labels(data: np.ndarray, name: str) -> np.ndarray:
 
 
 # layer → volume ------------------------------------------------------------------------------
+def layer_attributes(layer: Any) -> dict[str, Any]:
+    """What `layer_to_volume` reads from a layer: its transforms and stored geometry."""
+    return {"name": layer.name, "scale": layer.scale, "translate": layer.translate,
+            "rotate": layer.rotate, "shear": layer.shear,
+            "affine": layer.affine.affine_matrix, "metadata": layer.metadata,
+            "rgb": getattr(layer, "rgb", False), "multiscale": layer.multiscale}
+
+
 def layer_to_volume(data: Any, attributes: dict[str, Any]) -> Volume:
     """A napari layer (data + saved attributes) as a `Volume` ready to write.
 

@@ -36,6 +36,8 @@ from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.progress import CancelToken
 from ctp2mri.synthesize import SynthesisResult, synthesize
 from napari_ctp2mri._layers import META_KEY, LayerData, layer_to_volume, volume_to_layer_data
+# its old home: the post-training widget and the tests import it from here
+from napari_ctp2mri._layers import layer_attributes as _layer_attributes
 
 if TYPE_CHECKING:
     import napari
@@ -108,14 +110,6 @@ def format_eta(seconds: float) -> str:
 def retired_name(name: str) -> str:
     """The name a result layer gets when a later run has nothing to put in it."""
     return f"{name} (earlier run)"
-
-
-def _layer_attributes(layer: Any) -> dict[str, Any]:
-    """What `layer_to_volume` reads from a layer: its transforms and stored geometry."""
-    return {"name": layer.name, "scale": layer.scale, "translate": layer.translate,
-            "rotate": layer.rotate, "shear": layer.shear,
-            "affine": layer.affine.affine_matrix, "metadata": layer.metadata,
-            "rgb": getattr(layer, "rgb", False), "multiscale": layer.multiscale}
 
 
 def result_layers(result: SynthesisResult) -> list[LayerData]:

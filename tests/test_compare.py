@@ -45,7 +45,7 @@ def _compare(case, **kwargs):
 
 
 def test_identical_images_score_perfectly(case):
-    table = _compare(case, slice_index=2)
+    table = _compare(case, slice_index=2, perfusion_core=case["lesion"])
     assert table["channels"] == ("DWI", "ADC")
     assert list(table["volume"]) == [k for k in METRIC_INFO]  # every row, in table order
     for scope in ("volume", "slice"):
@@ -55,6 +55,7 @@ def test_identical_images_score_perfectly(case):
             assert v[f"{ch}_psnr"] == math.inf
             assert v[f"{ch}_ms_ssim"] == pytest.approx(1.0, abs=1e-6)
         assert v["core_dice"] == 1.0 and v["core_ml"] == v["gt_core_ml"] > 0
+        assert v["perfusion_core_dice_lesion"] == 1.0 and v["perfusion_core_ml"] == v["lesion_ml"]
         for ch in ("DWI", "ADC"):
             assert v[f"{ch}_lesion_contrast"] == v[f"{ch}_lesion_contrast_true"]
     # the phantom's lesion: bright on DWI, dark on ADC
@@ -139,6 +140,34 @@ def test_optional_inputs(case):
     explicit = _compare(case, syn_dwi=case["dwi"] * np.float32(1.05),
                         brain=(case["dwi"] > 0).astype(np.uint8))
     assert derived["volume"] == explicit["volume"]
+
+
+def test_perfusion_core_rows_are_dice_and_volume_against_the_lesion(case):
+    lesion = case["lesion"] != 0
+    perfusion_core = np.roll(lesion, 3, axis=0).astype(np.uint8)  # overlaps the lesion in part
+    perfusion_core[:3] = 0
+    perfusion_core[0, 0, :] = 1  # outside the brain: not counted, as the lesion there
+    table = _compare(case, perfusion_core=perfusion_core, slice_index=2)
+    brain = case["mask"] != 0
+    inside, lesion_in = (perfusion_core != 0) & brain, lesion & brain
+    for scope, cut in (("volume", np.s_[...]), ("slice", np.s_[..., 2])):
+        values = table[scope]
+        assert values["perfusion_core_dice_lesion"] == metrics.dice(inside[cut], lesion_in[cut])
+        assert values["perfusion_core_ml"] == metrics.volume_ml(inside[cut], SPACING)
+    assert 0 < table["volume"]["perfusion_core_dice_lesion"] < 1
+    # beside the synthetic ADC core's rows, labelled as the widget shows them
+    keys = list(table["volume"])
+    assert keys.index("perfusion_core_dice_lesion") == keys.index("core_dice_lesion") + 1
+    assert keys.index("perfusion_core_ml") == keys.index("core_ml") + 1
+    labels = {row["metric"]: row["label"] for row in table_rows(table)}
+    assert labels["perfusion_core_dice_lesion"].startswith("perfusion core Dice")
+    assert labels["perfusion_core_ml"] == "perfusion core volume (ml)"
+    # without a lesion only the volume can be given; without the mask neither row
+    assert "perfusion_core_dice_lesion" not in _compare(case, perfusion_core=perfusion_core,
+                                                        lesion=None)["volume"]
+    assert not any(k.startswith("perfusion") for k in _compare(case)["volume"])
+    with pytest.raises(InputError, match="perfusion core .* same grid"):
+        _compare(case, perfusion_core=perfusion_core[:, :, :2])
 
 
 @pytest.mark.parametrize("change, message", [

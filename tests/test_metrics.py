@@ -340,3 +340,30 @@ def test_format_table1_shape_and_best_marks():
     assert "±" in lines[2] and "**" not in lines[2]
     with pytest.raises(InputError, match="Pix2Pix"):
         T.format_table1(T.summarise(rows), ["Pix2Pix"])
+
+
+def test_lesion_auc_equals_monai_roc_auc_with_ties_and_direction():
+    import torch
+    from monai.metrics import compute_roc_auc
+
+    from ctp2mri.metrics import lesion_auc
+
+    rng = np.random.default_rng(4)
+    image = np.round(rng.normal(0.0, 1.0, (12, 10, 3)), 1)  # rounded: many ties
+    lesion = np.zeros(image.shape, bool)
+    lesion[3:7, 2:6, 1] = True
+    image[lesion] += 1.0
+    brain = np.ones(image.shape, bool)
+    brain[0] = False
+    ours = lesion_auc(image, lesion, brain, higher_is_lesion=True)
+    inside = brain | lesion
+    reference = compute_roc_auc(torch.as_tensor(image[inside]), torch.as_tensor(lesion[inside].astype(np.int64)))
+    assert ours == pytest.approx(float(reference), abs=1e-12)
+    assert lesion_auc(-image, lesion, brain, higher_is_lesion=False) == pytest.approx(ours)
+    assert lesion_auc(image, lesion, brain, higher_is_lesion=False) == pytest.approx(1.0 - ours)
+    perfect = np.where(lesion, 5.0, 0.0)
+    assert lesion_auc(perfect, lesion, brain, True) == 1.0
+    assert lesion_auc(np.zeros(image.shape), lesion, brain, True) == 0.5  # all tied: chance
+    assert math.isnan(lesion_auc(image, np.zeros(image.shape, bool), brain, True))
+    with pytest.raises(InputError):
+        lesion_auc(image, lesion[:5], brain, True)

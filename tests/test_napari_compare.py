@@ -161,3 +161,56 @@ def test_wrong_layers_give_notifications_not_crashes(make_napari_viewer, qtbot, 
     QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
     assert len(viewer.dims.events.current_step.callbacks) == listeners
     viewer.dims.set_current_step(1, 3)
+
+
+def test_perfusion_core_rows_and_contours(make_napari_viewer, qtbot, notes):
+    from ctp2mri.metrics import dice, volume_ml
+
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "stroke-phantom")
+    _add_synthetic(viewer, np.random.default_rng(0))
+    lesion = viewer.layers["lesion"]
+    # a stand-in for the perfusion widget's core: the lesion shifted by 3 voxels, named as
+    # the widget names it (the picker finds it by that name's prefix)
+    core = viewer.add_labels(np.roll(lesion.data, 3, axis=2), name="perfusion core (rCBF<30%)",
+                             scale=lesion.scale, translate=lesion.translate, units=lesion.units,
+                             colormap={None: "transparent", 1: "magenta"})
+    widget = CompareWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Compare")
+    assert widget.pickers["perfusion_core"].value is core
+    k = 17
+    viewer.dims.set_current_step(1, k)
+    widget.compute()
+    qtbot.waitUntil(lambda: widget.table is not None, timeout=WAIT_MS)
+    brain = viewer.layers["brain mask"].data.T != 0
+    mask, truth = (core.data.T != 0) & brain, (lesion.data.T != 0) & brain
+    spacing = (2.0, 2.0, 5.0)
+    volume, sliced = widget.table["volume"], widget.table["slice"]
+    assert volume["perfusion_core_dice_lesion"] == dice(mask, truth)
+    assert volume["perfusion_core_ml"] == volume_ml(mask, spacing)
+    assert sliced["perfusion_core_dice_lesion"] == dice(mask[..., k], truth[..., k])
+    assert sliced["perfusion_core_ml"] == volume_ml(mask[..., k], spacing)
+    assert 0 < volume["perfusion_core_dice_lesion"] < 1
+    # shown beside the synthetic ADC core's Dice and volume
+    table = widget.table_widget
+    labels = [table.verticalHeaderItem(i).text() for i in range(table.rowCount())]
+    i = labels.index("perfusion core Dice vs lesion")
+    assert labels[i - 1] == "core Dice vs lesion"
+    assert table.item(i, 0).text() == format_value("perfusion_core_dice_lesion",
+                                                   volume["perfusion_core_dice_lesion"])
+    j = labels.index("perfusion core volume (ml)")
+    assert labels[j - 1] == "core (ml)"
+    assert table.item(j, 1).text() == format_value("perfusion_core_ml", sliced["perfusion_core_ml"])
+
+    # side by side: each image outlined by the lesion and by the perfusion core
+    widget.show_side_by_side(True)
+    grid = _grid(viewer)
+    assert grid.enabled and grid.stride == 3 and tuple(grid.shape) == (2, 2)
+    for i, name in enumerate(("DWI", "synthetic DWI", "ADC", "synthetic ADC")):
+        image, outline, perfusion = (viewer.layers[3 * i + n] for n in range(3))
+        assert image.name == name and outline.data is lesion.data and perfusion.data is core.data
+        assert perfusion.name == f"perfusion core contour ({name})" and perfusion.contour == 1
+        assert grid.position(3 * i + 2, viewer.layers) == grid.position(3 * i, viewer.layers)
+    widget.side_by_side.value = False
+    assert not any("contour" in layer.name for layer in viewer.layers)
+    assert errors(notes) == []

@@ -17,6 +17,8 @@ from napari_ctp2mri._layers import (
     case_to_layer_data,
     layer_to_volume,
     volume_to_layer_data,
+    voxel_to_world,
+    world_to_voxel,
 )
 
 SHAPE = (9, 11, 5)
@@ -69,6 +71,21 @@ def test_layer_world_coordinates_are_lps_mm_of_the_voxel(orientation):
     world = np.asarray(layer.data_to_world(where[1]))
     np.testing.assert_allclose(world[1:], expected_zyx, atol=1e-9)
     assert world[0] == 1.0  # time axis counts frames
+
+
+@pytest.mark.parametrize("orientation", list(AFFINES))
+def test_world_points_map_to_the_volumes_voxel_indices(orientation):
+    """A napari world point (a click) → the file's voxel index under it, and back."""
+    affine = AFFINES[orientation]
+    volume, index = _marker_volume(affine, n_frames=3)
+    layer = _layer(volume, "ctp")
+    shown = np.argwhere(np.asarray(layer.data) == 100.0)[1]  # (t, k, j, i) of the reoriented data
+    world = np.asarray(layer.data_to_world(shown))[1:]
+    np.testing.assert_allclose(world_to_voxel(world, affine), [index], atol=1e-9)
+    np.testing.assert_allclose(voxel_to_world([index], affine), [world], atol=1e-9)
+    # several points at once, fractional indices included
+    ijk = np.array([[0.0, 0.0, 0.0], [1.5, 2.25, 3.0], [8.0, 10.0, 4.0]])
+    np.testing.assert_allclose(world_to_voxel(voxel_to_world(ijk, affine), affine), ijk, atol=1e-9)
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LPS", "sagittal"])

@@ -191,17 +191,17 @@ def test_gpu_out_of_memory_halves_the_batch(model, monkeypatch):
     reference = sample_slices(model, cond, n_steps=STEPS, batch_size=2)
     real = model.cldm.predict_noise
 
-    def limited(z, t, c, limit=2):
+    def limited(z, t, c, alphas=None, limit=2):
         if z.shape[0] > limit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(z, t, c)
+        return real(z, t, c, alphas)
 
     monkeypatch.setattr(model.cldm, "predict_noise", limited)
     stats = {}
     out = sample_slices(model, cond, n_steps=STEPS, batch_size=8, stats=stats)
     assert stats["batch_size"] == 2 and stats["oom_retries"] == 2
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(model.cldm, "predict_noise", lambda z, t, c: limited(z, t, c, limit=0))
+    monkeypatch.setattr(model.cldm, "predict_noise", lambda z, t, c, alphas=None: limited(z, t, c, alphas, limit=0))
     with pytest.raises(InputError, match="out of GPU memory"):
         sample_slices(model, cond, n_steps=STEPS, batch_size=4)
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ctp2mri.bundled import resolve_model
 from ctp2mri.errors import InputError
 from ctp2mri.evaluate import CHANNELS, evaluate, write_rows
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
@@ -131,6 +132,7 @@ def ablate(base: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.P
     if target not in TARGETS:
         raise InputError(f"unknown post-training target {target!r}; choose one of {', '.join(TARGETS)}")
     pairs = _check_grid(grid)
+    base = resolve_model(base)  # a bundled model's name, as every --model/--from accepts
     out = Path(out_dir)
     ensure_writable_dir(out)
     checkpoints: dict[str, Path] = {}

@@ -17,6 +17,7 @@ import numpy as np
 
 from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_dir
+from ctp2mri.io.jsonfile import json_ready
 from ctp2mri.io.nifti import load_nifti, save_nifti
 from ctp2mri.io.volume import Volume
 
@@ -28,6 +29,7 @@ CASE_FILES: dict[str, str] = {
     "mask": "mask.nii.gz",
 }
 CASE_INFO = "case.json"
+TRUTH_DIR = "truth"  # ground-truth maps of a simulated case (phantom); never a model input
 _MASKS = ("lesion", "mask")
 # On-disk types: CTP as integer HU like a scanner writes it, masks as uint8.
 _DTYPES = {"ctp": np.int16, "dwi": np.float32, "adc": np.float32, "lesion": np.uint8, "mask": np.uint8}
@@ -44,6 +46,7 @@ class Case:
     mask: Volume | None = None
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    truth: dict[str, Volume] = field(default_factory=dict)  # written to truth/<name>.nii.gz
 
     def volumes(self) -> dict[str, Volume]:
         """The present volumes by contract name."""
@@ -114,15 +117,34 @@ def write_case(case: Case, folder: str | os.PathLike, overwrite: bool = False) -
     """Write a case folder atomically (all files appear together, or none)."""
     case.validate()
     folder = Path(folder)
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
+    needed = sum(v.array.size * np.dtype(_DTYPES[n]).itemsize for n, v in case.volumes().items())  # before gzip
+    with atomic_dir(folder, overwrite=overwrite, needed_bytes=needed) as tmp:
         for name, vol in case.volumes().items():
             array = vol.array
             if name == "ctp" and not np.issubdtype(array.dtype, np.integer):
                 array = np.clip(np.rint(array), -32768, 32767)
             save_nifti(vol.with_array(array), tmp / CASE_FILES[name], dtype=_DTYPES[name])
         if case.info:
-            (tmp / CASE_INFO).write_text(json.dumps(case.info, indent=2, default=_json_default))
+            # strict JSON: a NaN in the info is written as null, never as a bare NaN token
+            (tmp / CASE_INFO).write_text(json.dumps(json_ready(case.info), indent=2, allow_nan=False,
+                                                    default=_json_default))
+        if case.truth:
+            (tmp / TRUTH_DIR).mkdir()
+            for name, vol in case.truth.items():
+                dtype = np.uint8 if np.issubdtype(vol.array.dtype, np.integer) else np.float32
+                save_nifti(vol, tmp / TRUTH_DIR / f"{name}.nii.gz", dtype=dtype)
     return folder
+
+
+def read_truth(folder: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, Volume]:
+    """The ground-truth maps in a case folder's truth/ (a phantom case's CBF, CBV, MTT, Tmax,
+    vessels), by name; empty when the case has none (a scanner's case, an older phantom)."""
+    root = Path(folder) / TRUTH_DIR
+    if not root.is_dir():
+        return {}
+    found = {p.name[: -len(".nii.gz")]: p for p in sorted(root.glob("*.nii.gz"))}
+    wanted = found if names is None else {n: found[n] for n in names if n in found}
+    return {name: load_nifti(path) for name, path in wanted.items()}
 
 
 def _json_default(obj: Any) -> Any:

@@ -142,6 +142,17 @@ def _config_text(config: Mapping[str, Any]) -> str:
     return json.dumps(config, indent=2, allow_nan=False, default=_json_default) + "\n"
 
 
+def _default_file_mode(folder: Path) -> int:
+    """The mode a new file gets in ``folder`` (0666 less the umask), read from a probe file:
+    asking ``os.umask`` means setting it, which races with other threads creating files."""
+    probe = folder / f".mode-probe-{os.getpid()}"
+    probe.touch()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     modules: Mapping[str, nn.Module],
@@ -202,8 +213,11 @@ def save_checkpoint(
         state_json = _encode_tree(training_state, state_tensors, "")
         files[TRAINING_STATE] = _tensors_for_file(state_tensors)
     with atomic_dir(path, overwrite=overwrite) as tmp:
+        mode = _default_file_mode(tmp)
         for name, tensors in files.items():
             save_file(tensors, str(tmp / f"{name}.safetensors"), metadata={"format": FORMAT})
+            # safetensors writes 0600: a model folder shared with colleagues would be unreadable
+            os.chmod(tmp / f"{name}.safetensors", mode)
             size = (tmp / f"{name}.safetensors").stat().st_size
             if name == TRAINING_STATE:
                 (tmp / f"{TRAINING_STATE}.json").write_text(json.dumps(state_json))
@@ -218,11 +232,14 @@ def save_checkpoint(
 
 
 def _refuse_pickle(path: Path) -> InputError:
+    # No converter ships with ctp2mri on purpose: converting means unpickling, which only the
+    # user can decide to do, with a file whose origin they trust.
     return InputError(
         f"{path} is a pickle-based PyTorch checkpoint ({path.suffix}). ctp2mri never loads "
-        "pickles: unpickling can run arbitrary code hidden in the file. Convert it once, from "
-        "a source you trust, with `ctp2mri convert-checkpoint`, and load the resulting folder "
-        "(config.json + .safetensors)."
+        "pickles: unpickling can run arbitrary code hidden in the file. If you trust its source, "
+        "convert it yourself in Python: load the state dict (torch.load(path, weights_only=True)), "
+        "load it into the matching ctp2mri network (ctp2mri.models) and write a checkpoint folder "
+        "with ctp2mri.checkpoints.save_checkpoint; then give that folder (config.json + .safetensors)."
     )
 
 

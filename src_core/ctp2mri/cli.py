@@ -1,16 +1,34 @@
 """`ctp2mri` command line: a thin wrapper, one subcommand per core function.
 
-Errors the user can fix (`InputError`) are printed as one line without a traceback.
+Every failure the user can act on, a usage error included, is printed as one line without a
+traceback (`ctp2mri.errors.user_message`); Ctrl-C and SIGTERM end a command cleanly (see
+`main`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from ctp2mri.errors import Cancelled, InputError
+from ctp2mri.checks import cli_number, cli_whole
+from ctp2mri.cli_perfusion import add_perfusion
+from ctp2mri.errors import Cancelled, InputError, user_message
+from ctp2mri.interrupts import exit_code, handle_interrupts
+from ctp2mri.progress import CancelToken
+
+# Option types: every number is checked (finite, in range) before a command starts.
+_COUNT = cli_whole(minimum=1)
+_SEED = cli_whole(minimum=0, maximum=2**63 - 1)
+_FRAMES = cli_whole(minimum=2)
+_POSITIVE = cli_number(above=0.0)
+_NONNEGATIVE = cli_number(minimum=0.0)
+_FRACTION = cli_number(minimum=0.0, maximum=1.0)
 
 
 # phantom ---------------------------------------------------------------------------------
@@ -53,11 +71,11 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
                        description="Generate paired CTP / DWI / ADC / lesion case folders from the "
                        "built-in physics-based stroke phantom (deterministic given --seed).")
     p.add_argument("--out", required=True, type=Path, help="output folder (case_000, …, splits.json)")
-    p.add_argument("--cases", type=int, default=4, help="number of cases (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--cases", type=_COUNT, default=4, help="number of cases (default 4)")
+    p.add_argument("--seed", type=_SEED, default=0, help="random seed (default 0)")
     p.add_argument("--profile", choices=["demo", "paper"], default="demo",
                    help="model grid: demo 2×2×5 mm 96×112, paper 1×1×5 mm 192×224")
-    p.add_argument("--frames", type=int, default=15, help="CTP time points (default 15)")
+    p.add_argument("--frames", type=_FRAMES, default=15, help="CTP time points (default 15)")
     p.add_argument("--overwrite", action="store_true", help="replace existing case folders")
     p.add_argument("--no-figure", action="store_true", help="skip overview.png")
     p.set_defaults(func=_cmd_phantom)
@@ -77,6 +95,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
                               n_frames=args.frames, overwrite=args.overwrite, progress=progress)
     finally:
         close()
+    for notice in json.loads((Path(out) / "case.json").read_text())["preprocess"].get("notices", []):
+        print(f"note: {notice}")
     print(f"wrote case folder {out}")
     return 0
 
@@ -94,7 +114,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", type=Path, help="brain mask (default: derived from the CTP)")
     p.add_argument("--register", choices=["none", "rigid", "affine"], default="none",
                    help="register CTP to the DWI with mutual information (needs --dwi)")
-    p.add_argument("--frames", type=int, default=15, help="frames after temporal resampling")
+    p.add_argument("--frames", type=_FRAMES, default=15, help="frames after temporal resampling")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_preprocess)
 
@@ -119,9 +139,10 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
         out = train_autoencoder(args.data, args.out, profile=args.profile, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr, disc_start=args.disc_start,
                                 codebook_restart=args.codebook_restart, lesion_oversample=args.lesion_oversample,
+                                lesion_weight=args.lesion_weight,
                                 device=args.device, precision=args.precision, resume=args.resume,
                                 seed=args.seed, num_workers=args.num_workers,
-                                checkpoint_every=args.checkpoint_every, progress=progress)
+                                checkpoint_every=args.checkpoint_every, progress=progress, cancel=args.cancel)
     finally:
         close()
     print(f"autoencoder checkpoint: {out}")
@@ -134,6 +155,13 @@ def _cmd_train_ldm(args: argparse.Namespace) -> int:
     train = train_bbdm if args.model_type == "cbbdm" else train_ldm
     if args.model_type == "cbbdm" and args.scale_factor is not None:
         raise InputError("--scale-factor applies to the cLDM only; the cBBDM bridges the CTP's own latent")
+    extra: dict = {} if args.scale_factor is None else {"scale_factor": args.scale_factor}
+    if args.model_type == "cldm":
+        extra.update(condition=args.condition, loss_weighting=args.loss_weighting,
+                     condition_loss_weight=args.condition_loss, parameterization=args.parameterization)
+    elif (args.condition not in (None, "rescaler") or args.loss_weighting != "uniform" or args.condition_loss
+          or args.parameterization != "eps"):
+        raise InputError("--condition, --loss-weighting, --condition-loss and --parameterization apply to the cLDM only")
     progress, close = _rank0_progress("train-ldm")
     try:
         out = train(args.data, args.autoencoder, args.out, steps=args.steps,
@@ -141,7 +169,7 @@ def _cmd_train_ldm(args: argparse.Namespace) -> int:
                     grad_accum=args.grad_accum, device=args.device, precision=args.precision,
                     resume=args.resume, seed=args.seed, num_workers=args.num_workers,
                     checkpoint_every=args.checkpoint_every, lesion_oversample=args.lesion_oversample,
-                    progress=progress, **({"scale_factor": args.scale_factor} if args.scale_factor is not None else {}))
+                    progress=progress, cancel=args.cancel, **extra)
     finally:
         close()
     print(f"{'cBBDM' if args.model_type == 'cbbdm' else 'cLDM'} checkpoint: {out}")
@@ -155,9 +183,10 @@ def _cmd_train_pix2pix(args: argparse.Namespace) -> int:
     try:
         out = train_pix2pix(args.data, args.out, profile=args.profile, steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, lambda_l1=args.lambda_l1,
+                            adversarial=not args.l1_only, lesion_oversample=args.lesion_oversample,
                             device=args.device, precision=args.precision, resume=args.resume,
                             seed=args.seed, num_workers=args.num_workers,
-                            checkpoint_every=args.checkpoint_every, progress=progress)
+                            checkpoint_every=args.checkpoint_every, progress=progress, cancel=args.cancel)
     finally:
         close()
     print(f"Pix2Pix checkpoint: {out}")
@@ -176,7 +205,7 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
                          gradient_checkpointing=args.gradient_checkpointing, init=args.init,
                          device=args.device, precision=args.precision, resume=args.resume,
                          seed=args.seed, num_workers=args.num_workers,
-                         checkpoint_every=args.checkpoint_every, progress=progress)
+                         checkpoint_every=args.checkpoint_every, progress=progress, cancel=args.cancel)
     finally:
         close()
     print(f"post-trained cLDM checkpoint: {out}")
@@ -192,6 +221,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
                batch_size=args.batch_size, eval_steps=args.eval_steps, split=args.split,
                max_cases=args.max_cases, seed=args.seed, device=args.device,
                precision=args.precision, zero_as_base=not args.post_train_base, progress=progress,
+               cancel=args.cancel,
                post_train_options={k: v for k, v in (("lr", args.lr), ("ema_decay", args.ema_decay))
                                    if v is not None})
     finally:
@@ -204,21 +234,21 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="data folder (case folders + splits.json)")
     p.add_argument("--out", required=True, type=Path,
                    help="run folder: the checkpoint (config.json + safetensors) and log.csv")
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps in total (default 1000)")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per process (default 16)")
-    p.add_argument("--lr", type=float,
+    p.add_argument("--steps", type=_COUNT, default=1000, help="optimiser steps in total (default 1000)")
+    p.add_argument("--batch-size", type=_COUNT, default=16, help="slices per process (default 16)")
+    p.add_argument("--lr", type=_POSITIVE,
                    help="learning rate (default: the official base lr × batch × processes, CompVis scaling)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast on CUDA (default fp32)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers (default 1)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--seed", type=_SEED, default=0)
+    p.add_argument("--num-workers", type=cli_whole(minimum=0), default=1, help="DataLoader workers (default 1)")
+    p.add_argument("--checkpoint-every", type=_COUNT, default=500, help="steps between checkpoints")
 
 
 def _lesion_oversample_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lesion-oversample", type=float, metavar="F",
+    p.add_argument("--lesion-oversample", type=_POSITIVE, metavar="F",
                    help="draw lesion-containing slices F times as often as the others (default: uniform, "
                    "as the paper)")
 
@@ -230,12 +260,14 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                         "Runs under torchrun --nproc_per_node N for DDP.")
     _training_arguments(ae)
     ae.add_argument("--profile", choices=["demo", "paper"], default="demo")
-    ae.add_argument("--disc-start", type=int, default=30001,
+    ae.add_argument("--disc-start", type=cli_whole(minimum=0), default=30001,
                     help="step at which the adversarial loss starts (official 30001)")
-    ae.add_argument("--codebook-restart", type=int, default=0, metavar="N",
+    ae.add_argument("--codebook-restart", type=cli_whole(minimum=0), default=0, metavar="N",
                     help="every N steps move unused codes onto encoder outputs (0: off, as the official "
                     "training; short runs need it, e.g. 25, or the codebook collapses)")
     _lesion_oversample_argument(ae)
+    ae.add_argument("--lesion-weight", type=_NONNEGATIVE, default=0.0, metavar="W",
+                    help="add W × the L1 over lesion voxels to the reconstruction loss (0: off, the official VQGAN)")
     ae.set_defaults(func=_cmd_train_autoencoder)
 
     ldm = sub.add_parser("train-ldm", help="train the conditional latent diffusion model (Eq. 4)",
@@ -244,8 +276,8 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                          "Runs under torchrun --nproc_per_node N for DDP.")
     _training_arguments(ldm)
     ldm.add_argument("--autoencoder", required=True, type=Path, help="trained autoencoder checkpoint")
-    ldm.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default 0.9999)")
-    ldm.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    ldm.add_argument("--ema-decay", type=_FRACTION, default=0.9999, help="EMA decay (default 0.9999)")
+    ldm.add_argument("--grad-accum", type=_COUNT, default=1, help="gradient accumulation steps")
     ldm.add_argument("--model-type", choices=["cldm", "cbbdm"], default="cldm",
                      help="cldm (the paper's, default) or cbbdm: the conditional Brownian-bridge baseline "
                      "between the MRI latent and the CTP's latent (BBDM grad objective, L1)")
@@ -253,6 +285,16 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                      help="cLDM latent scale: diffuse S·E(x), decode D(z/S); 'auto' = 1/std of the training "
                      "latents (CompVis scale_by_std). Default 1, the official VQ-f4 setting")
     _lesion_oversample_argument(ldm)
+    ldm.add_argument("--condition", choices=["rescaler", "perfusion"],
+                     help="condition encoder: the paper's bilinear rescaler (default) or the learned "
+                     "full-resolution perfusion encoder")
+    ldm.add_argument("--loss-weighting", choices=["uniform", "min-snr"], default="uniform",
+                     help="Eq. 4 as the paper (uniform) or min-SNR-γ (γ 5) weighted")
+    ldm.add_argument("--condition-loss", type=_NONNEGATIVE, default=0.0, metavar="W",
+                     help="weight of the perfusion encoder's auxiliary z0 and lesion heads (0: off, the paper)")
+    ldm.add_argument("--parameterization", choices=["eps", "z0-residual"], default="eps",
+                     help="eps: the UNet predicts the noise (the paper); z0-residual: it refines the perfusion "
+                     "encoder's own estimate of the latent (predict and refine)")
     ldm.set_defaults(func=_cmd_train_ldm)
 
     pt = sub.add_parser("post-train", help="lesion-aware post-training of a cLDM or cBBDM (Eq. 5–8)",
@@ -262,9 +304,10 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                         "(train-ldm --model-type cbbdm) is post-trained alike, with its bridge objective "
                         "and one-step estimate x̂0 = x_t − ô (paper Table 3).")
     _training_arguments(pt)
-    pt.add_argument("--from", dest="from_", required=True, type=Path, help="base cLDM (or cBBDM) checkpoint")
-    pt.add_argument("--lambda-image", type=float, default=0.01, help="λ_image (paper's best 0.01)")
-    pt.add_argument("--lambda-lesion", type=float, default=0.02, help="λ_lesion (paper's best 0.02)")
+    pt.add_argument("--from", dest="from_", required=True, type=Path,
+                    help="base cLDM (or cBBDM) checkpoint folder, or a bundled model's name (demo-base, demo)")
+    pt.add_argument("--lambda-image", type=_NONNEGATIVE, default=0.01, help="λ_image (paper's best 0.01)")
+    pt.add_argument("--lambda-lesion", type=_NONNEGATIVE, default=0.02, help="λ_lesion (paper's best 0.02)")
     pt.add_argument("--target", choices=["input", "reconstruction"], default="input",
                     help="x as the paper writes it (input) or D(z0) as the official code does")
     _lesion_oversample_argument(pt)
@@ -272,8 +315,8 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                     help="recompute decoder activations in backward to save memory")
     pt.add_argument("--init", choices=["model", "ema"], default="model",
                     help="start from the base's raw (official) or EMA weights")
-    pt.add_argument("--ema-decay", type=float, default=0.9999)
-    pt.add_argument("--grad-accum", type=int, default=1)
+    pt.add_argument("--ema-decay", type=_FRACTION, default=0.9999)
+    pt.add_argument("--grad-accum", type=_COUNT, default=1)
     pt.set_defaults(func=_cmd_post_train)
 
     p2p = sub.add_parser("train-pix2pix", help="train the Pix2Pix baseline (U-Net + PatchGAN)",
@@ -282,7 +325,10 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                          "folder is a checkpoint that `ctp2mri evaluate` scores like the latent models.")
     _training_arguments(p2p)
     p2p.add_argument("--profile", choices=["demo", "paper"], default="demo")
-    p2p.add_argument("--lambda-l1", type=float, default=100.0, help="weight of the L1 term (Pix2Pix's 100)")
+    p2p.add_argument("--lambda-l1", type=_NONNEGATIVE, default=100.0, help="weight of the L1 term (Pix2Pix's 100)")
+    p2p.add_argument("--l1-only", action="store_true",
+                     help="no discriminator: the deterministic reference regressor 'U-Net (L1)'")
+    _lesion_oversample_argument(p2p)
     p2p.set_defaults(func=_cmd_train_pix2pix)
 
     a = sub.add_parser("ablate", help="post-train and evaluate a λ grid (paper Table 2)",
@@ -294,17 +340,17 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--out", required=True, type=Path)
     a.add_argument("--grid", default="paper",
                    help="'paper' (Table 2's 11 pairs) or λ_image:λ_lesion pairs, e.g. 0.01:0.02,0.05:0")
-    a.add_argument("--steps", type=int, default=1000, help="post-training steps per pair")
+    a.add_argument("--steps", type=_COUNT, default=1000, help="post-training steps per pair")
     a.add_argument("--target", choices=["input", "reconstruction"], default="input")
-    a.add_argument("--batch-size", type=int, default=16)
-    a.add_argument("--eval-steps", type=int, default=200, help="DDIM steps of the evaluation")
+    a.add_argument("--batch-size", type=_COUNT, default=16)
+    a.add_argument("--eval-steps", type=_COUNT, default=200, help="DDIM steps of the evaluation")
     a.add_argument("--split", default="test")
-    a.add_argument("--max-cases", type=int)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--max-cases", type=_COUNT)
+    a.add_argument("--seed", type=_SEED, default=0)
     a.add_argument("--device", default="auto")
     a.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    a.add_argument("--lr", type=float, help="post-training learning rate (default: the official scaling)")
-    a.add_argument("--ema-decay", type=float, help="EMA decay of each post-training run (default 0.9999)")
+    a.add_argument("--lr", type=_POSITIVE, help="post-training learning rate (default: the official scaling)")
+    a.add_argument("--ema-decay", type=_FRACTION, help="EMA decay of each post-training run (default 0.9999)")
     a.add_argument("--post-train-base", action="store_true",
                    help="post-train the 0:0 pair with Eq. 4 alone instead of reusing the base")
     a.set_defaults(func=_cmd_ablate)
@@ -344,15 +390,15 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--sampler", choices=["ddim", "dpm++2m"], default="dpm++2m",
                    help="DDIM (the paper's) or DPM-Solver++(2M) (default, fewer steps)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--samples", type=int, default=1, help="samples per slice; >1 adds uncertainty maps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, help="slices per network call (default: from free memory)")
+    p.add_argument("--steps", type=_COUNT, default=20, help="denoising steps (default 20)")
+    p.add_argument("--eta", type=_FRACTION, default=0.0, help="DDIM eta, 0–1 (default 0)")
+    p.add_argument("--samples", type=_COUNT, default=1, help="samples per slice; >1 adds uncertainty maps")
+    p.add_argument("--seed", type=_SEED, default=0)
+    p.add_argument("--batch-size", type=_COUNT, help="slices per network call (default: from free memory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast precision on GPU (CPU always runs fp32)")
-    p.add_argument("--core-threshold", type=float, default=620.0,
+    p.add_argument("--core-threshold", type=cli_number(above=0.0, maximum=10000.0), default=620.0,
                    help="core = ADC below this (10⁻⁶ mm²/s) inside the brain (default 620)")
     p.add_argument("--mask", type=Path, help="brain mask on the CTP grid (default: derived)")
     p.add_argument("--ground-truth", type=Path, help="lesion mask to score the core estimate against")
@@ -368,6 +414,14 @@ def _cmd_bench_preprocess(args: argparse.Namespace) -> int:
     result = bench_preprocess(shape=tuple(args.shape), spacing=tuple(args.spacing),
                               frames=args.frames, profile=args.profile, workdir=args.workdir)
     print(format_bench(result))
+    return 0
+
+
+def _cmd_bench_perfusion(args: argparse.Namespace) -> int:
+    from ctp2mri.bench.perfusion import bench_perfusion, format_bench
+
+    print(format_bench(bench_perfusion(repeats=args.repeats, clinical=not args.no_clinical,
+                                       shape=tuple(args.shape), spacing=tuple(args.spacing), workdir=args.workdir)))
     return 0
 
 
@@ -407,9 +461,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                          description="Builds a synthetic clinical-size CTP (default 512×512×320 at "
                          "0.47×0.47×1 mm, 15 frames, int16) and times load, mask and resampling "
                          "to the model grid; reports wall time and peak memory.")
-    b.add_argument("--shape", type=int, nargs=3, default=[512, 512, 320])
-    b.add_argument("--spacing", type=float, nargs=3, default=[0.47, 0.47, 1.0])
-    b.add_argument("--frames", type=int, default=15)
+    b.add_argument("--shape", type=_COUNT, nargs=3, default=[512, 512, 320])
+    b.add_argument("--spacing", type=_POSITIVE, nargs=3, default=[0.47, 0.47, 1.0])
+    b.add_argument("--frames", type=_FRAMES, default=15)
     b.add_argument("--profile", choices=["demo", "paper"], default="paper")
     b.add_argument("--workdir", type=Path, help="where to write the synthetic input (default: temp)")
     b.set_defaults(func=_cmd_bench_preprocess)
@@ -418,8 +472,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                          "(no data needed).")
     t.add_argument("--profile", choices=["demo", "paper"], default="demo")
     t.add_argument("--kind", choices=["ldm", "autoencoder"], default="ldm")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    t.add_argument("--batch-size", type=_COUNT, default=16)
+    t.add_argument("--steps", type=_COUNT, default=10, help="timed steps (after 2 warm-up steps)")
     t.add_argument("--device", default="auto")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on CUDA, fp32 elsewhere")
@@ -428,8 +482,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                          description="Times lesion-aware post-training steps (target x and D(z0)) and "
                          "the plain Eq. 4 step on random slices (no data needed).")
     q.add_argument("--profile", choices=["demo", "paper"], default="demo")
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up)")
+    q.add_argument("--batch-size", type=_COUNT, default=16)
+    q.add_argument("--steps", type=_COUNT, default=10, help="timed steps per variant (after 2 warm-up)")
     q.add_argument("--device", default="auto")
     q.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on CUDA, fp32 elsewhere")
@@ -445,13 +499,23 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", type=Path, help="cLDM checkpoint (default: random weights)")
     s.add_argument("--profile", choices=["demo", "paper"], default="demo")
     s.add_argument("--samplers", nargs="+", default=["ddim", "dpm++2m"], choices=["ddim", "dpm++2m"])
-    s.add_argument("--steps", type=int, nargs="+", default=[50, 20], help="steps for each sampler")
+    s.add_argument("--steps", type=_COUNT, nargs="+", default=[50, 20], help="steps for each sampler")
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     s.add_argument("--no-naive", action="store_true", help="skip the one-slice-at-a-time loop")
-    s.add_argument("--peak-tflops", type=float, help="device peak, to report the achieved fraction")
-    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("--peak-tflops", type=_POSITIVE, help="device peak, to report the achieved fraction")
+    s.add_argument("--threads", type=_COUNT, help="torch CPU threads")
     s.set_defaults(func=_cmd_bench_synthesize)
+    f = bench.add_parser("perfusion", help="perfusion analysis: a model-grid case and a clinical-size series",
+                         description="Times `ctp2mri perfusion` on a phantom case on the model grid and on a "
+                         "clinical-size series (default 512×512×320 at 0.47×0.47×1 mm, 15 frames, int16, "
+                         "memory-mapped) end to end, with peak memory.")
+    f.add_argument("--repeats", type=_COUNT, default=3, help="model-grid runs (median reported)")
+    f.add_argument("--shape", type=_COUNT, nargs=3, default=[512, 512, 320])
+    f.add_argument("--spacing", type=_POSITIVE, nargs=3, default=[0.47, 0.47, 1.0])
+    f.add_argument("--no-clinical", action="store_true", help="only the model-grid case")
+    f.add_argument("--workdir", type=Path, help="where to write the clinical-size input (default: temp)")
+    f.set_defaults(func=_cmd_bench_perfusion)
 
 
 # evaluate --------------------------------------------------------------------------------
@@ -470,22 +534,24 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    "a single autoencoder checkpoint gives reconstruction metrics")
     p.add_argument("--data", required=True, type=Path, help="data folder with case folders and splits.json")
     p.add_argument("--split", default="test", help="split of splits.json (default test)")
-    p.add_argument("--steps", type=int, default=200, help="sampler steps (default 200, DDIM as the paper)")
+    p.add_argument("--no-perfusion", action="store_true",
+                   help="skip the CTP perfusion core (rCBF < 30 %%) scored beside the models' cores")
+    p.add_argument("--steps", type=_COUNT, default=200, help="sampler steps (default 200, DDIM as the paper)")
     p.add_argument("--sampler", choices=["ddim", "dpm++2m"], default="ddim",
                    help="ddim (the paper's, default) or dpm++2m (DPM-Solver++(2M), ~20 steps)")
-    p.add_argument("--eta", type=float, default=0.0,
+    p.add_argument("--eta", type=_FRACTION, default=0.0,
                    help="DDIM and bridge-sampler eta (default 0: deterministic; BBDM's configs use 1)")
-    p.add_argument("--seed", type=int, nargs="+", default=[0],
+    p.add_argument("--seed", type=_SEED, nargs="+", default=[0],
                    help="sampling seed (default 0); several sample every case once per seed and "
                    "average over cases and seeds (one CSV row per case and seed)")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per batch (default 16)")
+    p.add_argument("--batch-size", type=_COUNT, default=16, help="slices per batch (default 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--out", type=Path, help="per-case CSV to write")
     p.add_argument("--table", type=Path,
                    help="Markdown file for the Table-1-shaped comparison (a .csv of it is written beside)")
     p.add_argument("--figure", type=Path, help="PNG of a few test slices (CTP, true/synthetic DWI, ADC; "
                    "an autoencoder's reconstruction)")
-    p.add_argument("--max-cases", type=int, help="evaluate only the first N cases")
+    p.add_argument("--max-cases", type=_COUNT, help="evaluate only the first N cases")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw, not the EMA, weights")
     p.add_argument("--fid-weights", type=Path,
                    help=f"local Inception-v3 weights for FID (or ${FID_WEIGHTS_ENV}); never downloaded")
@@ -527,7 +593,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                  device=args.device, out_csv=args.out, progress=progress,
                                  max_cases=args.max_cases, figure=args.figure,
                                  use_ema=not args.no_ema, fid_weights=args.fid_weights,
-                                 sampler=args.sampler, models=models)
+                                 sampler=args.sampler, models=models, perfusion=not args.no_perfusion)
     finally:
         close()
     print(format_report(summary, rows, n_steps=args.steps, eta=args.eta, seed=args.seed,
@@ -587,7 +653,7 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
     progress, close = tqdm_progress("train-demo")
     try:
         result = train_demo(args.out, args.recipe, bundle=args.bundle, device=args.device,
-                            evaluate_models=not args.no_evaluate, progress=progress,
+                            evaluate_models=not args.no_evaluate, progress=progress, cancel=args.cancel,
                             on_stage=lambda text: print(text, flush=True))
     finally:
         close()
@@ -606,9 +672,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="demo",
                    help="bundled model name (demo, demo-base) or a cLDM checkpoint folder (default demo)")
     p.add_argument("--sampler", choices=["dpm++2m", "ddim"], default="dpm++2m")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--case-seed", type=int, default=5, help="phantom case seed (default 5: left MCA stroke)")
+    p.add_argument("--steps", type=_COUNT, default=20, help="sampler steps (default 20)")
+    p.add_argument("--seed", type=_SEED, default=0, help="sampling seed")
+    p.add_argument("--case-seed", type=_SEED, default=5, help="phantom case seed (default 5: left MCA stroke)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.set_defaults(func=_cmd_demo)
 
@@ -622,14 +688,21 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="demo (the bundled models' recipe), demo-v2 (the previous bundle's) or smoke "
                    "(seconds; checks the pipeline)")
     t.add_argument("--device", default="cpu", help="training device (default cpu: the recipe's timings)")
-    t.add_argument("--threads", type=int, default=0,
+    t.add_argument("--threads", type=cli_whole(minimum=0), default=0,
                    help="torch CPU threads (0: torch's default; 1 is faster on a machine busy with other work)")
     t.add_argument("--no-evaluate", action="store_true", help="skip the test-split evaluation")
     t.set_defaults(func=_cmd_train_demo)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the CLI (argparse adds the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ctp2mri",
         description="Synthesise diffusion MRI (DWI, ADC) from CT perfusion with a lesion-aware "
         "latent diffusion model.")
@@ -637,22 +710,107 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"ctp2mri {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_phantom, _add_preprocess, _add_training, _add_synthesize, _add_evaluate,
-                _add_bench):
+    for add in (_add_demo, _add_phantom, _add_preprocess, _add_training, _add_synthesize, add_perfusion,
+                _add_evaluate, _add_bench):
         add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# running a command ---------------------------------------------------------------------------
+#: Commands whose first Ctrl-C/SIGTERM lets the current training step finish and saves a checkpoint,
+#: with the flag that continues them (None: the same command again continues).
+_RESUMABLE = {"train-autoencoder": "--resume", "train-ldm": "--resume", "post-train": "--resume",
+              "train-pix2pix": "--resume", "ablate": None, "train-demo": None}
+
+
+def _claimed_output(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The command's --out, held for the whole run, so that a second run into the same place is
+    refused at once instead of overwriting this one's result. Under torchrun only rank 0 writes."""
+    out = getattr(args, "out", None)
+    if out is None or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    from ctp2mri.io.atomic import claim_output
+
+    return claim_output(out)
+
+
+def _saved_step(folder: Path | None) -> int | None:
+    """Step of the resumable checkpoint in ``folder``, or None (read without importing torch)."""
     try:
-        return int(args.func(args) or 0)
-    except InputError as exc:
-        print(f"ctp2mri {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (Cancelled, KeyboardInterrupt):
-        print(f"ctp2mri {args.command}: cancelled; no partial output was kept", file=sys.stderr)
-        return 130
+        config = json.loads((Path(folder) / "config.json").read_text())
+        return int(config["provenance"]["steps"]) if "training_state" in config else None
+    except (OSError, TypeError, ValueError, KeyError):
+        return None
+
+
+def _again(command: str, argv: list[str]) -> str:
+    """The command line that continues an interrupted run."""
+    flag = _RESUMABLE[command]
+    words = ["ctp2mri", *argv] + ([flag] if flag and flag not in argv else [])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return shlex.join(words) + (f" (under torchrun with {world} processes, as before)" if world > 1 else "")
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str], exc: BaseException) -> str:
+    """What an interrupted command says: what was kept, and for training how to continue."""
+    if args.command not in _RESUMABLE:
+        return "interrupted; no partial output was kept"
+    if isinstance(exc, Cancelled) and exc.checkpoint is not None:
+        where, step = exc.checkpoint, exc.step
+    else:
+        where = getattr(args, "out", None)
+        step = _saved_step(where) if _RESUMABLE[args.command] else None
+    if step is None and _RESUMABLE[args.command]:
+        return "interrupted before the first checkpoint; nothing to resume (run the command again to start over)"
+    saved = f"the checkpoint in {where} (step {step}) keeps the run" if step is not None else \
+        "finished runs and checkpoints are kept"
+    return f"interrupted; {saved}. Continue with: {_again(args.command, argv)}"
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    name = f"ctp2mri {args.command}"
+    args.cancel = CancelToken() if args.command in _RESUMABLE else None
+    received: list[int] = []
+
+    def finishing(signum: int) -> None:
+        received.append(signum)
+        print(f"\n{name}: stopping after the current step to save a checkpoint (interrupt again to stop at once, "
+              "losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
+
+    try:
+        with handle_interrupts(args.cancel, finishing), _claimed_output(args):
+            return int(args.func(args) or 0)
+    except (Cancelled, KeyboardInterrupt) as exc:
+        print(f"{name}: {_interrupted(args, argv, exc)}", file=sys.stderr)
+        return exit_code(exc) if isinstance(exc, KeyboardInterrupt) else 128 + (received or [2])[0]
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None:
+            raise  # a bug: its traceback is the useful report
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, InputError) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``ctp2mri`` command line; returns the exit status.
+
+    0: done. 2: an error the user can fix (bad input, options or usage); 1: the system refused
+    (full disk, no permission, out of memory); both print one line on stderr, no traceback.
+    130 (Ctrl-C) or 143 (SIGTERM): interrupted; temporary files are removed, a training run
+    first saves a checkpoint and says how to resume it. Any other error is a bug and keeps its
+    traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C while starting up: nothing ran, nothing to report
+    except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return _run(args, argv)
+    except KeyboardInterrupt as exc:  # a second signal while the first was being reported
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

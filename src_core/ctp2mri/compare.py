@@ -24,6 +24,9 @@ Conventions
 * Infarct core: `ctp2mri.metrics.core_mask_from_adc` on the ADC in 10⁻⁶ mm²/s (not
   normalised), computed once on the whole volume (its connected components are 3-D); a
   slice's core is that mask's slice.
+* Perfusion core: optionally, a core mask from the CT perfusion (``ctp2mri perfusion`` or the
+  napari perfusion widget, rCBF below 30 %) on the same grid, compared with the lesion as the
+  synthetic ADC's core is; it sits beside that core in the table.
 * A slice's metrics use that slice only: MAE, lesion MAE and PSNR over its brain (lesion)
   voxels, MS-SSIM of the brain-masked slice, Dice and volumes (ml) of the masks' slice.
   A slice without brain (lesion) gives NaN where nothing can be measured.
@@ -78,8 +81,10 @@ _CHANNEL_INFO = {
 _CORE_INFO = {
     "core_dice": ("core Dice vs GT core", 3),
     "core_dice_lesion": ("core Dice vs lesion", 3),
+    "perfusion_core_dice_lesion": ("perfusion core Dice vs lesion", 3),
     "gt_core_dice_lesion": ("GT core Dice vs lesion", 3),
     "core_ml": ("core (ml)", 2),
+    "perfusion_core_ml": ("perfusion core volume (ml)", 2),
     "gt_core_ml": ("GT core (ml)", 2),
     "lesion_ml": ("lesion (ml)", 2),
 }
@@ -87,7 +92,8 @@ TABLE_NOTE = (
     "DWI/ADC normalised to [-1, 1] with the ground truth's brain "
     f"{MRI_QUANTILES[0]:g}-{MRI_QUANTILES[1]:g} % range (both images). core: ADC < "
     f"{CORE_ADC_THRESHOLD:g} x 10^-6 mm^2/s in the brain (small specks removed), from the "
-    "synthetic ADC; GT core: from the ground-truth ADC. Volumes in ml. Lesion contrast: mean "
+    "synthetic ADC; GT core: from the ground-truth ADC; perfusion core: the CT perfusion's "
+    "(rCBF below the threshold), when picked. Volumes in ml. Lesion contrast: mean "
     "inside the lesion / median of the rest of the brain, in image units (rDWI, rADC; "
     "1 = the lesion cannot be seen)."
 )
@@ -113,6 +119,8 @@ class PreparedComparison:
         Boolean (X, Y, Z) masks; the lesion cut to the brain, None when not given.
     core, gt_core
         Boolean core masks from the synthetic and ground-truth ADC, None without that ADC.
+    perfusion_core
+        Boolean core mask from the CT perfusion, cut to the brain; None when not given.
     spacing
         Voxel size (x, y, z) in mm.
     ranges
@@ -128,6 +136,7 @@ class PreparedComparison:
     gt_core: np.ndarray | None
     spacing: tuple[float, float, float]
     ranges: dict[str, tuple[float, float]]
+    perfusion_core: np.ndarray | None = None
 
     @property
     def n_slices(self) -> int:
@@ -154,7 +163,8 @@ def _image(array: Any, what: str, shape: tuple[int, ...] | None) -> np.ndarray:
 
 def prepare_comparison(gt_dwi: Any, gt_adc: Any | None, syn_dwi: Any, syn_adc: Any | None,
                        brain: Any | None, lesion: Any | None,
-                       spacing: Sequence[float]) -> PreparedComparison:
+                       spacing: Sequence[float],
+                       perfusion_core: Any | None = None) -> PreparedComparison:
     """Check and normalise one case's images and derive its core masks.
 
     Parameters
@@ -171,6 +181,9 @@ def prepare_comparison(gt_dwi: Any, gt_adc: Any | None, syn_dwi: Any, syn_adc: A
         Lesion mask or None (no lesion MAE, no lesion rows). Counted inside the brain only.
     spacing
         Voxel size (x, y, z) in mm.
+    perfusion_core
+        Core mask from the CT perfusion (non-zero inside) on the same grid, or None (no
+        perfusion core rows). Counted inside the brain only, as the lesion.
 
     Raises
     ------
@@ -194,6 +207,8 @@ def prepare_comparison(gt_dwi: Any, gt_adc: Any | None, syn_dwi: Any, syn_adc: A
         raise InputError("the brain mask is empty" + (" (the ground-truth DWI has no voxel "
                          "above 0)" if brain is None else "") + "; pick the case's brain mask")
     lesion_a = None if lesion is None else (_volume(lesion, "lesion mask", shape) != 0) & brain_a
+    perfusion_a = (None if perfusion_core is None
+                   else (_volume(perfusion_core, "perfusion core", shape) != 0) & brain_a)
 
     ranges: dict[str, tuple[float, float]] = {}
     target, pred = [], []
@@ -217,7 +232,7 @@ def prepare_comparison(gt_dwi: Any, gt_adc: Any | None, syn_dwi: Any, syn_adc: A
         target=np.stack(target), pred=np.stack(pred), channels=tuple(gt), brain=brain_a,
         lesion=lesion_a, core=core(syn_adc_a, "synthetic ADC"),
         gt_core=core(gt_adc_a, "ground-truth ADC"), spacing=tuple(float(s) for s in sp),
-        ranges=ranges,
+        ranges=ranges, perfusion_core=perfusion_a,
     )
 
 
@@ -231,8 +246,8 @@ def comparison_metrics(prepared: PreparedComparison,
         Keys of `METRIC_INFO` in its order, those the inputs allow: ``{ch}_mae``,
         ``{ch}_lesion_mae``, ``{ch}_psnr``, ``{ch}_ms_ssim``, ``{ch}_lesion_contrast[_true]``
         (`ctp2mri.metrics.lesion_contrast` of the synthetic and true image) per channel; ``core_dice``
-        (synthetic vs ground-truth core), ``core_dice_lesion``, ``gt_core_dice_lesion``,
-        ``core_ml``, ``gt_core_ml``, ``lesion_ml``.
+        (synthetic vs ground-truth core), ``core_dice_lesion``, ``perfusion_core_dice_lesion``,
+        ``gt_core_dice_lesion``, ``core_ml``, ``perfusion_core_ml``, ``gt_core_ml``, ``lesion_ml``.
     """
     p = prepared
     if slice_index is None:
@@ -263,9 +278,12 @@ def comparison_metrics(prepared: PreparedComparison,
         values["core_dice"] = dice(cut(p.core), cut(p.gt_core))
     if p.core is not None and p.lesion is not None:
         values["core_dice_lesion"] = dice(cut(p.core), cut(p.lesion))
+    if p.perfusion_core is not None and p.lesion is not None:
+        values["perfusion_core_dice_lesion"] = dice(cut(p.perfusion_core), cut(p.lesion))
     if p.gt_core is not None and p.lesion is not None:
         values["gt_core_dice_lesion"] = dice(cut(p.gt_core), cut(p.lesion))
-    for key, mask in (("core_ml", p.core), ("gt_core_ml", p.gt_core), ("lesion_ml", p.lesion)):
+    for key, mask in (("core_ml", p.core), ("perfusion_core_ml", p.perfusion_core),
+                      ("gt_core_ml", p.gt_core), ("lesion_ml", p.lesion)):
         if mask is not None:
             values[key] = volume_ml(cut(mask), p.spacing)
     return {key: values[key] for key in METRIC_INFO if key in values}
@@ -273,7 +291,8 @@ def comparison_metrics(prepared: PreparedComparison,
 
 def compare_volumes(gt_dwi: Any, gt_adc: Any | None, syn_dwi: Any, syn_adc: Any | None,
                     brain: Any | None, lesion: Any | None, spacing: Sequence[float],
-                    slice_index: int | None = None) -> dict[str, Any]:
+                    slice_index: int | None = None,
+                    perfusion_core: Any | None = None) -> dict[str, Any]:
     """Whole-volume (and one slice's) comparison of a synthetic case with its ground truth.
 
     Parameters are those of `prepare_comparison`, plus ``slice_index``, the axial slice
@@ -286,7 +305,8 @@ def compare_volumes(gt_dwi: Any, gt_adc: Any | None, syn_dwi: Any, syn_adc: Any 
         ``slice_index`` (None without one); ``slice_index``; ``channels``; ``ranges``: the
         ground truth's normalisation ranges ``{ch: (lo, hi)}``. `table_to_csv` writes it.
     """
-    prepared = prepare_comparison(gt_dwi, gt_adc, syn_dwi, syn_adc, brain, lesion, spacing)
+    prepared = prepare_comparison(gt_dwi, gt_adc, syn_dwi, syn_adc, brain, lesion, spacing,
+                                  perfusion_core)
     return make_table(prepared, comparison_metrics(prepared), slice_index)
 
 

@@ -3,13 +3,12 @@
 A held-out phantom stroke case (not among the bundled model's training cases) → synthetic
 DWI/ADC with the bundled post-trained cLDM and the fast solver → NIfTI outputs, a figure
 (CTP frame, time-to-peak, true and synthetic DWI/ADC with the true lesion's contour, the
-core estimated from the synthetic ADC) and the comparison metrics of the napari compare
-widget, printed and saved.
+core estimated from the synthetic ADC beside the CT perfusion's own core, rCBF < 30 %) and
+the comparison metrics of the napari compare widget, printed and saved.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
+from ctp2mri.io.jsonfile import strict_json
 from ctp2mri.progress import CancelToken, ProgressCallback
 
 __all__ = ["DEMO_CASE_SEED", "demo_figure", "run_demo"]
@@ -38,12 +38,14 @@ def _case(out: Path, seed: int) -> Any:
     return read_case(folder), True
 
 
-def demo_figure(case: Any, result: Any, path: str | os.PathLike, metrics: dict[str, Any] | None = None) -> Path:
+def demo_figure(case: Any, result: Any, path: str | os.PathLike, metrics: dict[str, Any] | None = None,
+                perfusion_core: np.ndarray | None = None) -> Path:
     """Two rows on the lesion's slice: inputs and ground truth / synthesis and core estimate.
 
     Row 1: CTP at its peak frame, time-to-peak, true DWI, true ADC (true lesion in red).
     Row 2: synthetic DWI and ADC (true lesion in red), the synthetic ADC with the estimated core
-    (yellow) against the true lesion (red), and |ADC error|. Radiological view.
+    (yellow) and, when given, the CT perfusion's core (dashed cyan) against the true lesion
+    (red), and |ADC error|. Radiological view.
     """
     import matplotlib
 
@@ -66,7 +68,7 @@ def demo_figure(case: Any, result: Any, path: str | os.PathLike, metrics: dict[s
         (case.adc.array[:, :, k], "gray", (0, 2000), "ADC (ground truth)", "red"),
         (result.dwi.array[:, :, k], "gray", (0, dwi_hi), "DWI (synthetic)", "red"),
         (result.adc.array[:, :, k], "gray", (0, 2000), "ADC (synthetic)", "red"),
-        (result.adc.array[:, :, k], "gray", (0, 2000), "core from synthetic ADC (yellow)", "core"),
+        (result.adc.array[:, :, k], "gray", (0, 2000), "core: synthetic ADC (yellow), CTP rCBF (cyan)", "core"),
         (np.where(brain, np.abs(result.adc.array[:, :, k] - case.adc.array[:, :, k]), np.nan), "magma",
          (0, 800), "|ADC error| (10⁻⁶ mm²/s)", None),
     ]
@@ -79,6 +81,9 @@ def demo_figure(case: Any, result: Any, path: str | os.PathLike, metrics: dict[s
         if contour == "core" and result.core.array[:, :, k].any():
             ax.contour(radiological(result.core.array[:, :, k].astype(float)), levels=[0.5], colors="yellow",
                        linewidths=1)
+        if contour == "core" and perfusion_core is not None and perfusion_core[:, :, k].any():
+            ax.contour(radiological(perfusion_core[:, :, k].astype(float)), levels=[0.5], colors="cyan",
+                       linewidths=1, linestyles="dashed")
         if cmap in ("jet", "magma"):
             fig.colorbar(shown, ax=ax, fraction=0.04)
         ax.set_title(title, fontsize=9)
@@ -105,6 +110,9 @@ def metrics_line(m: dict[str, Any], two_lines: bool = False) -> str:
              f"(true {m.get('ADC_lesion_contrast_true', float('nan')):.2f})",
              f"core Dice vs lesion {m.get('core_dice_lesion', float('nan')):.2f}",
              f"core {m.get('core_ml', float('nan')):.1f} ml vs lesion {m.get('lesion_ml', float('nan')):.1f} ml"]
+    if "perfusion_core_dice_lesion" in m:
+        parts.append(f"CTP perfusion core Dice {m['perfusion_core_dice_lesion']:.2f} "
+                     f"({m.get('perfusion_core_ml', float('nan')):.1f} ml)")
     if two_lines:
         return " · ".join(parts[:3]) + "\n" + " · ".join(parts[3:])
     return " · ".join(parts)
@@ -122,6 +130,7 @@ def run_demo(out: str | os.PathLike = "ctp2mri_demo", model: str | os.PathLike =
     of the napari compare widget).
     """
     from ctp2mri.compare import compare_volumes, table_to_csv
+    from ctp2mri.perfusion import analyse_perfusion
     from ctp2mri.synthesize import synthesize, write_outputs
 
     out = ensure_writable_dir(Path(out))
@@ -131,15 +140,17 @@ def run_demo(out: str | os.PathLike = "ctp2mri_demo", model: str | os.PathLike =
     result = synthesize(case.ctp, model, sampler=sampler, steps=steps, seed=seed, device=device,
                         ground_truth_lesion=case.lesion, progress=progress, cancel=cancel)
     write_outputs(result, out / "synthetic", overwrite=True)
+    # the clinical reading of the same CTP, the core a synthetic DWI has to beat
+    perfusion_core = analyse_perfusion(case.ctp, case.mask).on_ctp_grid("core").array > 0
     table = compare_volumes(case.dwi.array, case.adc.array, result.dwi.array, result.adc.array,
                             case.mask.array, case.lesion.array if case.lesion is not None else None,
-                            spacing=case.dwi.spacing)
+                            spacing=case.dwi.spacing, perfusion_core=perfusion_core)
     metrics = {k: float(v) for k, v in table["volume"].items()}
     table_to_csv(table, out / "metrics.csv")
     with atomic_path(out / "metrics.json") as tmp:
-        Path(tmp).write_text(json.dumps({"metrics": metrics, "model": str(model), "sampler": sampler,
-                                         "steps": steps, "seed": seed, "case_seed": case_seed}, indent=2) + "\n")
-    figure = demo_figure(case, result, out / "demo.png", metrics)
+        Path(tmp).write_text(strict_json({"metrics": metrics, "model": str(model), "sampler": sampler,
+                                          "steps": steps, "seed": seed, "case_seed": case_seed}))
+    figure = demo_figure(case, result, out / "demo.png", metrics, perfusion_core)
     files = {"figure": str(figure), "metrics": str(out / "metrics.csv"), "outputs": str(out / "synthetic"),
              "case": str(out / "case")}
     return {"metrics": metrics, "report": result.report, "files": files}

@@ -65,6 +65,7 @@ from ctp2mri.metrics import (
     core_comparison,
     core_mask_from_adc,
     flat_metrics,
+    lesion_auc,
     lesion_contrast,
     volume_ml,
 )
@@ -142,16 +143,19 @@ def _pred_adc_volume(pred: np.ndarray, part: CaseSlices, shape: tuple[int, ...])
 
 def _lesion_contrasts(pred: np.ndarray, part: CaseSlices, brain: np.ndarray,
                       lesion: np.ndarray | None) -> dict[str, float]:
-    """`lesion_contrast` of the synthetic and the true DWI and ADC, in units from the case's
-    own ranges (the true images as clipped by normalisation, so both see the same range)."""
+    """`lesion_contrast` and `lesion_auc` of the synthetic and the true DWI and ADC: the
+    contrast in units from the case's own ranges (the true images as clipped by normalisation,
+    so both see the same range); the AUC is rank-based, so any monotone scaling gives the same."""
     out: dict[str, float] = {}
     for c, (channel, key) in enumerate(zip(CHANNELS, TARGETS)):
         lo, hi = part.ranges[key]
         for suffix, images in (("", pred), ("_true", part.target)):
-            value = math.nan
+            value = auc = math.nan
             if lesion is not None:
                 value = lesion_contrast(denormalise_mri(np.asarray(images[:, c]), lo, hi), lesion, brain)
+                auc = lesion_auc(np.asarray(images[:, c]), lesion, brain, higher_is_lesion=key == "dwi")
             out[f"{channel}_lesion_contrast{suffix}"] = value
+            out[f"{channel}_lesion_auc{suffix}"] = auc
     return out
 
 
@@ -189,6 +193,23 @@ def _score_case(name: str, label: str, case: Any, part: CaseSlices, pred: np.nda
     return row, pred_core
 
 
+def _perfusion_core(case_dir: Path) -> dict[str, float]:
+    """The clinical CTP core of a case (`ctp2mri.perfusion`) against its lesion mask."""
+    from ctp2mri.perfusion import analyse_perfusion
+
+    case = read_case(case_dir, require=("ctp", "mask"))
+    core = analyse_perfusion(case.ctp, case.mask).on_ctp_grid("core").array > 0
+    spacing = tuple(float(s) for s in case.ctp.spacing)
+    out = {"perfusion_core_ml": volume_ml(core, spacing), "perfusion_core_dice": math.nan,
+           "perfusion_core_abs_volume_diff_ml": math.nan}
+    if case.lesion is not None:
+        truth = (case.lesion.array > 0) & (case.mask.array > 0)
+        cmp = core_comparison(core, truth, spacing)
+        out["perfusion_core_abs_volume_diff_ml"] = cmp["abs_volume_diff_ml"]
+        out["perfusion_core_dice"] = cmp["dice"] if truth.any() else math.nan
+    return out
+
+
 def _count_brain_slices(case_dir: Path) -> int:
     """Slices the case will be sampled on, read from its brain mask alone (for progress)."""
     mask_file = case_dir / CASE_FILES["mask"]
@@ -220,7 +241,7 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
              models: Mapping[str, str | os.PathLike] | None = None, *,
              max_cases: int | None = None, figure: str | os.PathLike | None = None,
              use_ema: bool = True, fid_weights: str | os.PathLike | None = None,
-             sampler: str = "ddim",
+             sampler: str = "ddim", perfusion: bool = True,
              ) -> tuple[list[dict[str, Any]], Summary]:
     """Synthesise every case of a split and score it against its ground truth.
 
@@ -264,6 +285,10 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     sampler
         ``"ddim"`` (the paper's) or ``"dpm++2m"`` (the fast solver; η must be 0), for every cLDM;
         a cBBDM always samples with BBDM's bridge sampler, Pix2Pix with its generator pass.
+    perfusion
+        Also read each case's CT perfusion the clinical way (`ctp2mri.perfusion`: core = rCBF
+        < 30 % within Tmax > 6 s) and score that core against the lesion beside the models'
+        (``perfusion_core_dice``, ``perfusion_core_ml``): does the synthetic DWI beat the CTP?
 
     Returns
     -------
@@ -272,7 +297,9 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
         ``{DWI,ADC}_{mae,lesion_mae,psnr,ms_ssim}``, ``{DWI,ADC}_lesion_contrast[_true]``
         (`ctp2mri.metrics.lesion_contrast` of the synthetic and the true image),
         ``core_{dice,pred_ml,true_ml,volume_diff_ml,abs_volume_diff_ml}`` (Dice NaN for a
-        lesion-free case), ``core_gt_adc_dice`` and the sampler settings
+        lesion-free case), ``core_gt_adc_dice``, ``{DWI,ADC}_lesion_auc[_true]``
+        (`ctp2mri.metrics.lesion_auc`), with ``perfusion`` ``perfusion_core_{dice,ml,abs_volume_diff_ml}``,
+        and the sampler settings
         (``sampler``, ``steps`` = network calls per slice, ``eta``, ``seed``, ``weights``);
         and ``summarise(rows)``: mean ± SD per model (`format_report` prints it).
 
@@ -321,6 +348,7 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     lesion_voxels: dict[str, int] = {}
     for case_dir in case_dirs:
         name = case_dir.name
+        perfusion_row = _perfusion_core(case_dir) if perfusion else {}
         parts: dict[str, tuple[Any, CaseSlices]] = {}
         for label, model in loaded.items():
             if cancel is not None:
@@ -342,6 +370,7 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
                 done += n * steps[label]
                 row, pred_core = _score_case(name, label, case, part, pred,
                                              {**settings[label], "seed": run_seed})
+                row.update(perfusion_row)
                 rows.append(row)
                 if figure is not None and run_seed == seeds[0]:
                     candidates.setdefault(name, []).append(_figure_slice(name, label, case, part, pred, pred_core))

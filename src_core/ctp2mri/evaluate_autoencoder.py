@@ -161,6 +161,7 @@ def noise_free_slices(dataset: SliceDataset, sources: list[Any]) -> tuple[np.nda
         True; ``cases`` the names of the cases they come from (empty: no phantom case).
     """
     from ctp2mri.phantom import PHANTOM_VERSION, diffusion_truth
+    from ctp2mri.phantom.generate import DIFFUSION_VERSIONS
 
     rows = np.zeros(len(dataset), dtype=bool)
     parts: list[np.ndarray] = []
@@ -172,7 +173,7 @@ def noise_free_slices(dataset: SliceDataset, sources: list[Any]) -> tuple[np.nda
         info = case.info or {}
         if info.get("generator") != "ctp2mri.phantom":
             continue
-        if info.get("phantom_version") != PHANTOM_VERSION:
+        if info.get("phantom_version") not in DIFFUSION_VERSIONS:
             _log.warning("case %s: phantom version %s (this is %s); no noise-free reference", name,
                          info.get("phantom_version"), PHANTOM_VERSION)
             continue

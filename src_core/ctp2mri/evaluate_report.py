@@ -91,16 +91,23 @@ def _core_lines(summary: Summary) -> list[str]:
                          f"lesion cases (same threshold on the true ADC: Dice "
                          f"{ref.get('mean', math.nan):.3f}); |volume difference| "
                          f"{diff['mean']:.2f} ml over {diff['n']} cases")
+    first = next(iter(summary.values()), {})
+    perfusion = first.get("perfusion_core_dice", {})
+    if perfusion.get("n", 0):
+        diff = first.get("perfusion_core_abs_volume_diff_ml", {})
+        lines.append(f"CTP perfusion core (rCBF < 30 % within Tmax > 6 s, no model): Dice "
+                     f"{perfusion['mean']:.3f} over {perfusion['n']} lesion cases; |volume difference| "
+                     f"{diff.get('mean', math.nan):.2f} ml over {diff.get('n', 0)} cases")
     return lines
 
 
-def _contrast_lines(summary: Summary) -> list[str]:
+def _contrast_lines(summary: Summary, metric: str = "lesion_contrast") -> list[str]:
     lines = []
     for model, stats in summary.items():
         parts = []
         for channel in CHANNELS:
-            synthetic = stats.get(f"{channel}_lesion_contrast", {})
-            true = stats.get(f"{channel}_lesion_contrast_true", {})
+            synthetic = stats.get(f"{channel}_{metric}", {})
+            true = stats.get(f"{channel}_{metric}_true", {})
             if synthetic.get("n", 0):
                 parts.append(f"{channel} {synthetic['mean']:.2f} (true {true.get('mean', math.nan):.2f})")
         if parts:
@@ -114,6 +121,8 @@ _CORE_TITLE = ("Infarct core (synthetic ADC < 620 × 10⁻⁶ mm²/s, ADC mapped
 
 _CONTRAST_TITLE = ("Lesion contrast (mean inside the lesion / median of the rest of the brain, "
                    "rDWI and rADC; 1 = not visible), mean over lesion cases:")
+_AUC_TITLE = ("Lesion AUC (voxel ROC AUC of lesion vs the rest of the brain: DWI higher, ADC lower is lesion; "
+              "0.5 = chance, 1 = perfect), mean over lesion cases:")
 
 
 # report ----------------------------------------------------------------------------------------
@@ -127,6 +136,9 @@ def format_report(summary: Summary, rows: Sequence[Mapping[str, Any]], *, n_step
     contrast_lines = _contrast_lines(summary)
     if contrast_lines:
         lines += ["", _CONTRAST_TITLE, *(f"  {line}" for line in contrast_lines)]
+    auc_lines = _contrast_lines(summary, "lesion_auc")
+    if auc_lines:
+        lines += ["", _AUC_TITLE, *(f"  {line}" for line in auc_lines)]
     if fid_message:
         lines += ["", fid_message]
     return "\n".join(lines)
@@ -169,8 +181,9 @@ def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: 
         row["seed"] = " ".join(str(v) for v in dict.fromkeys(r["seed"] for r in rows if r["model"] == m))
         row["checkpoint"] = os.fspath(checkpoints.get(m, ""))
         keys = ([f"{ch}_{metric}" for ch in CHANNELS for metric in METRICS]
-                + ["core_dice", "core_abs_volume_diff_ml"]
-                + [f"{ch}_lesion_contrast{s}" for ch in CHANNELS for s in ("", "_true")])
+                + ["core_dice", "core_abs_volume_diff_ml", "perfusion_core_dice", "perfusion_core_abs_volume_diff_ml"]
+                + [f"{ch}_{m}{s}" for m in ("lesion_contrast", "lesion_auc") for ch in CHANNELS
+                   for s in ("", "_true")])
         for key in keys:
             stat = summary[m].get(key, {})
             row[f"{key}_mean"] = stat.get("mean", math.nan)
@@ -188,6 +201,9 @@ def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: 
     contrast_lines = _contrast_lines(summary)
     if contrast_lines:
         lines += ["", _CONTRAST_TITLE, "", *(f"- {line}" for line in contrast_lines)]
+    auc_lines = _contrast_lines(summary, "lesion_auc")
+    if auc_lines:
+        lines += ["", _AUC_TITLE, "", *(f"- {line}" for line in auc_lines)]
     if fid_message:
         lines += ["", fid_message]
     with atomic_path(md) as tmp:

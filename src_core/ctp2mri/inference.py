@@ -218,7 +218,7 @@ def model_label(config: dict[str, Any]) -> str:
     without the concatenated condition), ``Pix2Pix``; ``-PT`` after lesion-aware post-training."""
     kind = config.get("kind")
     if kind == "pix2pix":
-        return "Pix2Pix"
+        return "Pix2Pix" if (config.get("training") or {}).get("adversarial", True) else "U-Net (L1)"
     if kind == "cbbdm":
         denoiser = (config.get("networks") or {}).get("ema") or (config.get("networks") or {}).get("model") or {}
         name = "cBBDM" if (denoiser.get("config") or {}).get("concat_condition", True) else "BBDM"
@@ -455,7 +455,7 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
         def eps_model(z: torch.Tensor, t: torch.Tensor, c_tilde: torch.Tensor) -> torch.Tensor:
             info["network_calls"] += 1
             with autocast():
-                return model.cldm.predict_noise(z, t, c_tilde).float()
+                return model.cldm.predict_noise(z, t, c_tilde, model.schedule.alphas_cumprod[t]).float()
 
         def run_batch(batch, report):
             c_tilde = model.cldm.encode_condition(condition(batch))  # once per batch, every step reuses it

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "adaptive_gan_weight", "autoencoder_loss", "discriminator_factor", "generator_adversarial_loss",
-    "hinge_discriminator_loss", "image_loss", "latent_loss", "lesion_loss", "masked_squared_error",
-    "reconstruction_loss", "total_loss",
+    "condition_loss", "hinge_discriminator_loss", "image_loss", "lesion_reconstruction_loss", "latent_loss", "lesion_loss",
+    "masked_squared_error", "min_snr_weights", "reconstruction_loss", "total_loss", "weighted_latent_loss",
 ]
 
 
@@ -45,6 +45,47 @@ def latent_loss(eps: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
     float32 even under autocast.
     """
     return F.mse_loss(eps_hat.float(), eps.float())
+
+
+def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights min(SNR_t, γ) / SNR_t of the ε-loss (Min-SNR-γ, Hang et al. 2023).
+
+    SNR_t = ᾱ_t / (1 − ᾱ_t). Not in the paper: the ε-objective weights the error in z_0 by
+    SNR_t, so the steps where z_t is nearly clean (high SNR, where the condition hardly
+    matters) dominate training; the weight caps their share at γ. With γ = ∞ every weight is 1.
+    """
+    snr = alphas_cumprod_t.float() / (1.0 - alphas_cumprod_t.float())
+    return torch.clamp(snr, max=float(gamma)) / snr
+
+
+def weighted_latent_loss(eps: torch.Tensor, eps_hat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 with a weight per sample: mean over samples of w_b · mean over the sample's elements."""
+    per_sample = (eps_hat.float() - eps.float()).square().flatten(1).mean(dim=1)
+    return (weights.float() * per_sample).mean()
+
+
+def condition_loss(z0_from_condition: torch.Tensor, z0: torch.Tensor, lesion_logit: torch.Tensor,
+                   lesion: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The auxiliary loss of a condition encoder with heads (not in the paper), and its parts.
+
+    ``‖ẑ_0(c̃) − z_0‖² + ‖M ⊙ (ẑ_0(c̃) − z_0)‖² / |M| + BCE(lesion logit, M)``: the encoder's
+    ẑ_0 head regresses the (scaled) latent of the target, once over every element and once
+    over the lesion alone (the lesion is a few per cent of the pixels and would otherwise
+    hardly count), and its lesion head classifies each latent pixel, the positives weighted by
+    the negatives-to-positives ratio of the batch (a class-balanced BCE). ``lesion`` is the
+    full-resolution mask (B, 1, H, W); its 4 × 4 average is the soft target M on the latent grid.
+    A batch without lesion gives 0 for the lesion-weighted term, never NaN.
+    """
+    factor = lesion.shape[-1] // z0.shape[-1]
+    m = F.avg_pool2d(lesion.float(), factor) if factor > 1 else lesion.float()
+    squared = (z0_from_condition.float() - z0.detach().float()).square()
+    latent = squared.mean()
+    lesion_latent = (squared * m).sum() / (m.sum() * z0.shape[1]).clamp_min(1.0)
+    share = m.mean().clamp(1e-3, 0.5)
+    bce = F.binary_cross_entropy_with_logits(lesion_logit.float(), m, pos_weight=(1.0 - share) / share)
+    parts = {"condition_latent": float(latent.detach()), "condition_lesion": float(lesion_latent.detach()),
+             "condition_bce": float(bce.detach())}
+    return latent + lesion_latent + bce, parts
 
 
 # lesion-aware post-training -------------------------------------------------------------------
@@ -156,13 +197,27 @@ def discriminator_factor(step: int, disc_start: int, factor: float = 1.0) -> flo
     return factor if step >= disc_start else 0.0
 
 
+def lesion_reconstruction_loss(x: torch.Tensor, x_rec: torch.Tensor, lesion: torch.Tensor) -> torch.Tensor:
+    """Mean |x − x̂| over the lesion's voxels and the channels (0 for a batch without lesion).
+
+    Not in the paper: the autoencoder's own lesion-aware term, the L1 counterpart of Eq. 7. The
+    lesion is ~1 % of the training pixels; without it a short run reconstructs an infarct at
+    nearly the surrounding tissue's intensity, and no latent model on top can draw it.
+    """
+    m = lesion.float()
+    absolute = (x.float() - x_rec.float()).abs()
+    return (absolute * m).sum() / (m.sum() * x.shape[1]).clamp_min(1.0)
+
+
 def autoencoder_loss(x: torch.Tensor, x_rec: torch.Tensor, codebook_loss: torch.Tensor,
                      logits_fake: torch.Tensor | None, last_layer: torch.Tensor | None, step: int,
                      disc_start: int, disc_weight: float = 0.2, codebook_weight: float = 1.0,
+                     lesion: torch.Tensor | None = None, lesion_weight: float = 0.0,
                      ) -> tuple[torch.Tensor, dict[str, float]]:
     """The autoencoder's (generator's) total loss and its parts, as the official VQGAN:
 
     L = |x − x̂|₁ + λ_adapt · f(step) · (−E[D(x̂)]) + codebook_weight · L_codebook
+        [+ lesion_weight · `lesion_reconstruction_loss` when a lesion mask is given]
 
     ``logits_fake`` (D(x̂) with x̂ attached to the autoencoder's graph) and ``last_layer``
     may be None before ``disc_start``, where f(step) = 0 and the term is skipped (the
@@ -171,6 +226,10 @@ def autoencoder_loss(x: torch.Tensor, x_rec: torch.Tensor, codebook_loss: torch.
     rec = reconstruction_loss(x, x_rec)
     total = rec + codebook_weight * codebook_loss.float().mean()
     parts = {"rec_loss": float(rec.detach()), "codebook_loss": float(codebook_loss.detach().float().mean())}
+    if lesion_weight and lesion is not None:
+        lesion_rec = lesion_reconstruction_loss(x, x_rec, lesion)
+        total = total + float(lesion_weight) * lesion_rec
+        parts["lesion_rec_loss"] = float(lesion_rec.detach())
     factor = discriminator_factor(step, disc_start)
     if factor > 0 and logits_fake is not None:
         g_loss = generator_adversarial_loss(logits_fake)

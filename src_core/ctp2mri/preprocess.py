@@ -17,8 +17,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ctp2mri.casefolder import Case, write_case
+from ctp2mri.checks import whole
 from ctp2mri.errors import InputError
 from ctp2mri.io import load_volume
+from ctp2mri.io.atomic import claim_output
 from ctp2mri.io.itk import frame_to_sitk, set_sitk_geometry
 from ctp2mri.io.volume import Volume
 from ctp2mri.profiles import Profile
@@ -35,7 +37,8 @@ from ctp2mri.resample import (
 )
 
 __all__ = [
-    "CTP_HU_RANGE", "brain_mask_from_ctp", "normalise_ctp", "normalise_mri", "normalise_mri_like",
+    "BRAIN_ML_RANGE", "CTP_HU_RANGE", "MIN_MRI_COVERAGE", "brain_mask_from_ctp", "brain_mask_notice",
+    "check_spacing", "frames_notice", "normalise_ctp", "normalise_mri", "normalise_mri_like",
     "denormalise_mri", "model_grid", "resample_to_grid", "resample_like", "to_profile", "resample_frames",
     "register_to_dwi", "preprocess_case",
 ]
@@ -43,6 +46,16 @@ __all__ = [
 CTP_HU_RANGE = (0.0, 200.0)  # contract: CTP clipped to [0, 200] HU → [−1, 1]
 MRI_QUANTILES = (0.5, 99.5)  # contract: DWI/ADC clipped to these brain percentiles
 AIR_HU = -1024.0  # written where a grid lies outside the CTP's field of view
+# A whole adult brain is about 1000–1600 ml; outside this range a mask is most likely wrong.
+BRAIN_ML_RANGE = (600.0, 2500.0)
+BRAIN_HEIGHT_MM = 120.0  # head-to-foot extent of a whole brain: shorter coverage scales the minimum
+# Voxel-to-voxel noise of the frames' mean inside a derived mask above which the "brain" is
+# more likely noise than tissue (phantoms 2–5 HU; white noise of σ 100 HU gives ~19 HU).
+NOISE_HU_LIMIT = 12.0
+MIN_MRI_COVERAGE = 0.5  # share of the CTP's brain the MRI must cover (else: not the same head)
+# Voxel sizes any CT or MRI of a head has (mm). Outside, the affine's unit is wrong (metres,
+# micrometres), and a structuring element of "3 mm" in micrometre voxels needs gigabytes.
+SPACING_RANGE_MM = (0.05, 50.0)
 
 
 # brain mask ------------------------------------------------------------------------------
@@ -76,6 +89,7 @@ def brain_mask_from_ctp(ctp: Volume, hu_window: tuple[float, float] = (10.0, 80.
     lo, hi = (float(v) for v in hu_window)
     if not lo < hi:
         raise InputError(f"hu_window {hu_window} must be (low, high) with low < high")
+    check_spacing(ctp, "CTP")
     image = temporal_reduce(ctp, reduce, working_spacing, progress=progress, cancel=cancel)
     fg = (image.array >= lo) & (image.array <= hi)
     if opening_mm > 0:
@@ -93,6 +107,7 @@ def brain_mask_from_ctp(ctp: Volume, hu_window: tuple[float, float] = (10.0, 80.
     mask = ndimage.binary_fill_holes(mask, structure)
 
     volume_ml = float(mask.sum() * np.prod(image.spacing) / 1000.0)
+    noise_hu = _neighbour_noise(image.array, mask)
     advice = ("Check that this is a head CT perfusion in HU (brain 20–45 HU, air −1000, "
               "bone > 300; a rescale slope/intercept may be missing), adjust hu_window, or pass "
               "a brain mask (--mask).")
@@ -106,10 +121,58 @@ def brain_mask_from_ctp(ctp: Volume, hu_window: tuple[float, float] = (10.0, 80.
                          f"the background is probably inside the window. {advice}")
     meta = {"source": ctp.meta.get("source"), "brain_mask": {
         "hu_window": [lo, hi], "reduce": reduce, "working_spacing": working_spacing,
-        "opening_mm": opening_mm, "volume_ml": round(volume_ml, 1)}}
+        "opening_mm": opening_mm, "volume_ml": round(volume_ml, 1),
+        "noise_hu": None if noise_hu is None else round(noise_hu, 1)}}
     if not image.same_grid(ctp):
         mask = _upsample_mask(mask, image.affine, ctp.affine, ctp.spatial_shape)
     return Volume(mask.astype(np.uint8, copy=False), ctp.affine, meta=meta)
+
+
+def check_spacing(volume: Volume, name: str) -> Volume:
+    """Refuse voxel sizes no head scan has (`SPACING_RANGE_MM`): a wrong unit in the affine."""
+    lo, hi = SPACING_RANGE_MM
+    spacing = volume.spacing
+    if not all(lo <= s <= hi for s in spacing):
+        size = " × ".join(f"{s:.4g}" for s in spacing)
+        raise InputError(f"the {name}'s voxels measure {size} mm, impossible for a head scan (expected "
+                         f"{lo:g}–{hi:g} mm per axis): its affine is probably in another unit (metres, "
+                         "micrometres); fix the header's voxel size")
+    return volume
+
+
+def _neighbour_noise(image: np.ndarray, mask: np.ndarray) -> float | None:
+    """Robust σ of the image's noise inside ``mask`` from differences of neighbouring voxels
+    (MAD along the first axis, /√2): tissue is smooth there, noise is not."""
+    both = mask[1:] & mask[:-1]
+    if both.sum() < 100:
+        return None
+    d = (image[1:] - image[:-1])[both]
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+
+
+def brain_mask_notice(mask: Volume) -> str | None:
+    """A warning when a brain mask is implausible for a head, naming the figure, else None.
+
+    Implausible: a volume outside `BRAIN_ML_RANGE` (the minimum scaled down when the mask
+    spans less than a whole brain's height, as a CTP slab does), or, for a mask derived from
+    the CTP, a "tissue" as noisy as random numbers.
+    """
+    inside = np.asarray(mask.array) != 0
+    ml = float(inside.sum() * np.prod(mask.spacing) / 1000.0)
+    axial = int(np.argmax(np.abs(mask.affine[2, :3])))
+    slices = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axial)))
+    height = (slices[-1] - slices[0] + 1) * mask.spacing[axial] if slices.size else 0.0
+    low = BRAIN_ML_RANGE[0] * min(1.0, height / BRAIN_HEIGHT_MM)
+    check = ("check that the input is a head CT perfusion in HU, or pass the right brain mask (--mask); "
+             "the results are unreliable otherwise")
+    if not low <= ml <= BRAIN_ML_RANGE[1]:
+        return (f"implausible brain mask: {ml:.0f} ml over {height:.0f} mm (a head's brain is "
+                f"{low:.0f}–{BRAIN_ML_RANGE[1]:.0f} ml over that height); {check}")
+    noise = (mask.meta.get("brain_mask") or {}).get("noise_hu")
+    if noise is not None and noise > NOISE_HU_LIMIT:
+        return (f"implausible brain mask: the {ml:.0f} ml of \"brain\" found in the CTP vary by {noise:.0f} HU "
+                f"from voxel to voxel (brain tissue: < {NOISE_HU_LIMIT:g} HU), as noise does; {check}")
+    return None
 
 
 def _upsample_mask(mask: np.ndarray, affine: np.ndarray, target_affine: np.ndarray,
@@ -243,6 +306,18 @@ def resample_frames(ctp: Volume, n_frames: int = 15, times: np.ndarray | None = 
     return Volume(out, ctp.affine, frame_times=times, meta=meta)
 
 
+def frames_notice(ctp: Volume, n_frames: int) -> str | None:
+    """Says that the CTP's frames are resampled in time, and to what, or None when they are kept."""
+    if ctp.n_frames == int(n_frames):
+        return None
+    times = ctp.frame_times if ctp.frame_times is not None else np.arange(ctp.n_frames, dtype=float)
+    span = f"{times[0]:.1f}–{times[-1]:.1f} s"
+    if ctp.n_frames > n_frames:
+        return (f"the CTP's {ctp.n_frames} frames ({span}) are resampled to the model's {int(n_frames)} equally "
+                "spaced frames: the time course between them is not seen by the model")
+    return f"the CTP's {ctp.n_frames} frames ({span}) are interpolated to the model's {int(n_frames)} frames"
+
+
 # the whole case --------------------------------------------------------------------------
 def _load(item: str | os.PathLike | Volume) -> tuple[Volume, str]:
     if isinstance(item, Volume):
@@ -312,26 +387,38 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
     in raw HU (normalisation happens at training time); ``case.json`` records sources,
     original geometry, profile, grid, mask origin and registration.
 
-    Without ``register``, DWI/ADC/lesion are assumed to share the CTP's world coordinates.
+    Without ``register``, DWI/ADC/lesion are assumed to share the CTP's world coordinates; an
+    MRI that covers less than `MIN_MRI_COVERAGE` of the CTP's brain is refused either way
+    (the overlap is recorded in ``case.json``). Warnings (frames resampled, an implausible
+    brain mask, the overlap after registration) are listed under ``notices`` there.
+    ``out_dir`` is claimed for the whole run (`claim_output`).
     """
-    out_dir = Path(out_dir)
-    prof = as_profile(profile)
+    with claim_output(out_dir):
+        return _preprocess_case(ctp_path, Path(out_dir), as_profile(profile), dwi, adc, lesion, mask, register,
+                                transform, whole(n_frames, "n_frames (--frames)", minimum=2), overwrite,
+                                progress, cancel)
+
+
+def _preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: Path, prof: Profile,
+                     dwi: str | os.PathLike | Volume | None, adc: str | os.PathLike | Volume | None,
+                     lesion: str | os.PathLike | Volume | None, mask: str | os.PathLike | Volume | None,
+                     register: bool, transform: str, n_frames: int, overwrite: bool,
+                     progress: ProgressCallback | None, cancel: CancelToken | None) -> Path:
     _check_output(out_dir, overwrite)
     if register and dwi is None:
         raise InputError("registration needs a DWI to register the CTP to; pass dwi (--dwi)")
-    if int(n_frames) < 2:
-        raise InputError(f"n_frames must be at least 2, got {n_frames}")
+    notices: list[str] = []
     stages = _Stages(progress, {"load": 1, "mask": 10, "register": 20 if register else 0,
                                 "resample": 15, "temporal": 1, "write": 3})
 
     ctp, ctp_src = _load(ctp_path)
-    ctp.require_4d("CTP").require_finite("CTP")
+    check_spacing(ctp.require_4d("CTP").require_finite("CTP"), "CTP")
     sources = {"ctp": ctp_src}
     mri: dict[str, Volume] = {}
     for name, item in (("dwi", dwi), ("adc", adc), ("lesion", lesion)):
         if item is not None:
             vol, sources[name] = _load(item)
-            mri[name] = vol.require_3d(name.upper()).require_finite(name.upper())
+            mri[name] = check_spacing(vol.require_3d(name.upper()).require_finite(name.upper()), name.upper())
     mri_ref = next(iter(mri.values()), None)
     for name, vol in mri.items():
         vol.require_same_grid(mri_ref, name.upper(), next(iter(mri)).upper())
@@ -358,6 +445,7 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
         brain = brain_mask_from_ctp(ctp, progress=stages("mask"), cancel=cancel)
         mask_space = "ctp"
         mask_info = {"origin": "derived from the CTP", **brain.meta["brain_mask"]}
+    notices += [n for n in (brain_mask_notice(brain), frames_notice(ctp, n_frames)) if n]
     stages.finish("mask")
 
     tx, registration = None, None
@@ -374,18 +462,22 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
     if register:
         brain_in_space = resample_like(brain, space, "nearest", transform=mask_tx)
     grid = model_grid(space, prof, brain_in_space)
-    ctp_g = resample_to_grid(ctp, *grid, "linear", AIR_HU, transform=tx,
-                             progress=stages("resample"), cancel=cancel)
     mask_g = resample_to_grid(brain, *grid, "nearest", transform=mask_tx)
-    mri_g = {name: resample_to_grid(vol, *grid, "nearest" if name == "lesion" else "linear",
-                                    cancel=cancel)
-             for name, vol in mri.items()}
     inside = _inside_field_of_view(ctp, grid, tx)
     mask_info["voxels_outside_ctp_fov_removed"] = int((mask_g.array.astype(bool) & ~inside).sum())
     mask_g = mask_g.with_array((mask_g.array.astype(bool) & inside).astype(np.uint8))
     if not mask_g.array.any():
         raise InputError("no brain voxel of the model grid lies inside the CTP's field of view; "
                          "check that CTP and MRI overlap (or use register)")
+    if mri_ref is not None:
+        mask_info["mri_coverage"] = _check_mri_coverage(ctp, mri_ref, next(iter(mri)).upper(), grid,
+                                                        mask_g.array != 0, register, notices)
+    # the expensive resampling only once the inputs passed every check
+    ctp_g = resample_to_grid(ctp, *grid, "linear", AIR_HU, transform=tx,
+                             progress=stages("resample"), cancel=cancel)
+    mri_g = {name: resample_to_grid(vol, *grid, "nearest" if name == "lesion" else "linear",
+                                    cancel=cancel)
+             for name, vol in mri.items()}
     brain_ml = float(mask_g.array.sum() * np.prod(prof.spacing) / 1000)
     mask_info["volume_ml_on_grid"] = round(brain_ml, 1)
     stages.finish("resample")
@@ -410,11 +502,37 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
         "temporal": {"n_frames_in": ctp.n_frames, "n_frames": ctp_t.n_frames,
                      "times_s": np.round(ctp_t.frame_times, 3).tolist()},
         "stored": "CTP in raw HU (int16); normalisation happens at training time (DESIGN.md)",
+        "notices": notices,
     }}
     case = Case(ctp=ctp_t, mask=mask_g, info=info, **mri_g)
     write_case(case, out_dir, overwrite=overwrite)
     stages.finish("write")
     return out_dir
+
+
+def _check_mri_coverage(ctp: Volume, mri: Volume, name: str, grid: tuple[np.ndarray, tuple[int, int, int]],
+                        brain: np.ndarray, registered: bool, notices: list[str]) -> float:
+    """Share of the model grid's brain inside the MRI's field of view; refuses one too small.
+
+    Without registration an MRI that does not overlap the CTP (another patient, another
+    session, world coordinates from another scanner) would be resampled to zeros and written
+    as an all-black training target.
+    """
+    coverage = float((brain & _inside_field_of_view(mri, grid, None)).sum() / brain.sum())
+    if coverage < MIN_MRI_COVERAGE:
+        gap = float(np.linalg.norm(_fov_centre(ctp) - _fov_centre(mri)))
+        fix = ("registration did not align them: check that both show the same head" if registered else
+               "check that both show the same head, or pass --register rigid to align the CTP to the DWI")
+        raise InputError(f"the {name} covers only {100 * coverage:.0f} % of the CTP's brain (their fields of "
+                         f"view are centred {gap:.0f} mm apart; at least {100 * MIN_MRI_COVERAGE:.0f} % is "
+                         f"needed): {fix}")
+    if registered:
+        notices.append(f"after registration the {name} covers {100 * coverage:.0f} % of the CTP's brain")
+    return round(coverage, 4)
+
+
+def _fov_centre(volume: Volume) -> np.ndarray:
+    return (volume.affine @ np.append((np.asarray(volume.spatial_shape) - 1) / 2.0, 1.0))[:3]
 
 
 def _inside_field_of_view(ctp: Volume, grid: tuple[np.ndarray, tuple[int, int, int]],

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctp2mri.checks import number, whole
 from ctp2mri.core_estimate import CORE_THRESHOLD, estimate_core
 from ctp2mri.devices import resolve_device_with_notice
 from ctp2mri.errors import InputError
@@ -39,13 +39,17 @@ from ctp2mri.inference import (
     sampler_steps,
 )
 from ctp2mri.io import load_volume
-from ctp2mri.io.atomic import atomic_dir
+from ctp2mri.io.atomic import atomic_dir, claim_output
+from ctp2mri.io.jsonfile import strict_json
 from ctp2mri.io.nifti import save_nifti
 from ctp2mri.io.volume import Volume
 from ctp2mri.preprocess import (
     AIR_HU,
     CTP_HU_RANGE,
     brain_mask_from_ctp,
+    brain_mask_notice,
+    check_spacing,
+    frames_notice,
     model_grid,
     normalise_ctp,
     resample_frames,
@@ -55,8 +59,8 @@ from ctp2mri.preprocess import (
 from ctp2mri.profiles import PROFILES, get_profile
 from ctp2mri.progress import CancelToken, ProgressCallback
 
-__all__ = ["OUTPUT_FILES", "SynthesisResult", "auto_batch_size", "run_synthesize", "synthesize",
-           "write_outputs"]
+__all__ = ["OUTPUT_FILES", "SynthesisResult", "auto_batch_size", "check_settings", "run_synthesize",
+           "synthesize", "write_outputs"]
 
 #: What `write_outputs` writes; the uncertainty files only when K > 1. Two 3-D files rather
 #: than one 4-D ``uncertainty.nii.gz``: a 4-D NIfTI reads as a time series in viewers, and
@@ -166,6 +170,28 @@ def _ranges(model: LoadedModel) -> dict[str, tuple[float, float]]:
     return out
 
 
+def check_settings(*, steps: int, eta: float, samples: int, seed: int, batch_size: int | None,
+                   core_threshold: float) -> dict[str, Any]:
+    """The numeric settings of `synthesize` validated (finite, in range), or an `InputError`
+    naming the first bad one (`synthesize` calls it first; a GUI can check its fields with it)."""
+    return {
+        "steps": whole(steps, "steps", minimum=1),
+        "eta": number(eta, "eta", minimum=0.0, maximum=1.0),
+        "samples": whole(samples, "samples", minimum=1),
+        "seed": whole(seed, "seed", minimum=0, maximum=2**63 - 1),
+        "batch_size": None if batch_size is None else whole(batch_size, "batch size", minimum=1),
+        "core_threshold": number(core_threshold, "core threshold (ADC, 10⁻⁶ mm²/s)", above=0.0,
+                                 maximum=10000.0),
+    }
+
+
+def _check_companions(ctp: Volume, brain_mask: Volume | None, ground_truth: Volume | None) -> None:
+    """Masks that cannot be used are refused before the model is loaded, not after sampling."""
+    for volume, name in ((brain_mask, "brain mask"), (ground_truth, "ground-truth lesion")):
+        if volume is not None:
+            volume.require_3d(name).require_finite(name).require_same_grid(ctp, name, "CTP")
+
+
 def _brain_on_input(ctp: Volume, brain_mask: Volume | None,
                     cancel: CancelToken | None) -> tuple[Volume, str]:
     if brain_mask is None:
@@ -272,9 +298,12 @@ def synthesize(ctp: Volume, model: LoadedModel | str | os.PathLike, *, sampler: 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     notices: list[str] = []
-    ctp.require_4d("CTP").require_finite("CTP")  # also refuses a single frame
-    if int(samples) < 1:
-        raise InputError(f"samples must be at least 1, got {samples}")
+    check_spacing(ctp.require_4d("CTP").require_finite("CTP"), "CTP")  # also refuses a single frame
+    checked = check_settings(steps=steps, eta=eta, samples=samples, seed=seed, batch_size=batch_size,
+                             core_threshold=core_threshold)
+    steps, eta, samples, seed = checked["steps"], checked["eta"], checked["samples"], checked["seed"]
+    batch_size, core_threshold = checked["batch_size"], checked["core_threshold"]
+    _check_companions(ctp, brain_mask, ground_truth_lesion)  # before loading the model and sampling
     if isinstance(model, LoadedModel):
         loaded = model
     else:
@@ -299,6 +328,7 @@ def synthesize(ctp: Volume, model: LoadedModel | str | os.PathLike, *, sampler: 
 
     clock = time.perf_counter()
     brain, mask_origin = _brain_on_input(ctp, brain_mask, cancel)
+    notices += [n for n in (brain_mask_notice(brain), frames_notice(ctp, prof.n_frames)) if n]
     timings["brain_mask_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -410,11 +440,12 @@ def write_outputs(result: SynthesisResult, out_dir: str | os.PathLike,
     if result.uncertainty is not None:
         volumes.update({f"uncertainty_{k}": v for k, v in result.uncertainty.items()})
     report = {**result.report, "files": {k: OUTPUT_FILES[k] for k in [*volumes, "report"]}}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    text = strict_json(report)  # NaN/inf as null: report.json stays valid JSON
+    needed = sum(v.array.size * 4 for v in volumes.values()) + len(text)  # float32, before gzip
+    with atomic_dir(out_dir, overwrite=overwrite, needed_bytes=needed) as tmp:
         for key, volume in volumes.items():
             save_nifti(volume, tmp / OUTPUT_FILES[key])
-        (tmp / OUTPUT_FILES["report"]).write_text(json.dumps(report, indent=2) + "\n",
-                                                  encoding="utf-8")
+        (tmp / OUTPUT_FILES["report"]).write_text(text, encoding="utf-8")
     return Path(out_dir)
 
 
@@ -443,18 +474,20 @@ def run_synthesize(ctp: str | os.PathLike, model: str | os.PathLike, out_dir: st
     ``settings`` are `synthesize`'s keywords (sampler, steps, eta, samples, seed,
     batch_size, device, precision, core_threshold). The output folder is checked first, so
     a run that could not write its results fails before sampling; a cancelled or failed run
-    leaves nothing behind.
+    leaves nothing behind. ``out_dir`` is claimed for the whole run (`claim_output`): a second
+    run into the same folder is refused at once instead of overwriting this one's result.
     """
     out_dir = Path(out_dir)
-    _check_output(out_dir, overwrite)
-    volume = load_volume(ctp, series_uid=series_uid)
-    volume.meta.setdefault("source", str(ctp))
-    brain = load_volume(mask) if mask is not None else None
-    truth = load_volume(ground_truth_lesion) if ground_truth_lesion is not None else None
-    result = synthesize(volume, model, brain_mask=brain, ground_truth_lesion=truth,
-                        progress=progress, cancel=cancel, **settings)
-    result.report["input"]["path"] = str(ctp)
-    if cancel is not None:
-        cancel.raise_if_cancelled()
-    write_outputs(result, out_dir, overwrite=overwrite)
+    with claim_output(out_dir):
+        _check_output(out_dir, overwrite)
+        volume = load_volume(ctp, series_uid=series_uid)
+        volume.meta.setdefault("source", str(ctp))
+        brain = load_volume(mask) if mask is not None else None
+        truth = load_volume(ground_truth_lesion) if ground_truth_lesion is not None else None
+        result = synthesize(volume, model, brain_mask=brain, ground_truth_lesion=truth,
+                            progress=progress, cancel=cancel, **settings)
+        result.report["input"]["path"] = str(ctp)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        write_outputs(result, out_dir, overwrite=overwrite)
     return result

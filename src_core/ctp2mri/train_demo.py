@@ -33,11 +33,13 @@ from typing import Any
 from ctp2mri.checkpoints import read_config
 from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_dir, atomic_path, ensure_writable_dir
+from ctp2mri.io.jsonfile import strict_json
 from ctp2mri.progress import CancelToken, ProgressCallback
 
 __all__ = ["RECIPES", "DemoRecipe", "bundle_checkpoint", "train_demo"]
 
-BUNDLE_NAMES = {"autoencoder": "autoencoder", "base": "cldm_base", "post_trained": "cldm_post_trained"}
+BUNDLE_NAMES = {"autoencoder": "autoencoder", "base": "cldm_base", "post_trained": "cldm_post_trained",
+                "reference": "reference_unet"}
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,16 @@ class DemoRecipe:
     ae_lr: float = 5e-4
     codebook_restart: int = 25
     ae_lesion_oversample: float | None = 4.0  # lesion slices drawn this many times as often
+    ae_lesion_weight: float = 0.0  # the autoencoder's L1 over lesion voxels (0: the official loss)
     ldm_steps: int = 4000
     ldm_batch: int = 16
     ldm_lr: float = 5e-4
     ldm_scale_factor: float | str = "auto"  # 1 / std of the VQ latents (see REPORT.md §2)
     ldm_lesion_oversample: float | None = 4.0
+    condition: str = "rescaler"  # the cLDM's condition encoder: the paper's rescaler or "perfusion"
+    loss_weighting: str = "uniform"  # Eq. 4 as the paper, or "min-snr"
+    condition_loss_weight: float = 0.0  # the perfusion encoder's auxiliary heads (0: off)
+    parameterization: str = "eps"  # or "z0-residual": the UNet refines the encoder's estimate
     ema_decay: float = 0.999
     pt_steps: int = 600
     pt_batch: int = 8
@@ -65,6 +72,8 @@ class DemoRecipe:
     lambda_lesion: float = 0.02
     target: str = "input"
     pt_lesion_oversample: float | None = 8.0
+    reference_steps: int = 0  # the L1 U-Net reference regressor (0: none)
+    reference_batch: int = 16
     eval_sampler: str = "dpm++2m"
     eval_steps: int = 20
     seed: int = 0
@@ -115,6 +124,15 @@ def bundle_checkpoint(run: str | os.PathLike, dest: str | os.PathLike, networks:
     return dest
 
 
+def _base_objective(rec: DemoRecipe) -> dict[str, Any]:
+    """The base cLDM's condition and objective settings (nothing for the paper's: older runs resume)."""
+    if (rec.condition == "rescaler" and rec.loss_weighting == "uniform" and not rec.condition_loss_weight
+            and rec.parameterization == "eps"):
+        return {}
+    return {"condition": rec.condition, "loss_weighting": rec.loss_weighting,
+            "condition_loss_weight": rec.condition_loss_weight, "parameterization": rec.parameterization}
+
+
 def _stage_progress(progress: ProgressCallback | None, stage: str) -> ProgressCallback | None:
     if progress is None:
         return None
@@ -157,6 +175,7 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
     """
     from ctp2mri.phantom import generate_dataset
     from ctp2mri.training import post_train, train_autoencoder, train_ldm
+    from ctp2mri.training.pix2pix import train_pix2pix
 
     rec = RECIPES[recipe] if isinstance(recipe, str) else recipe
     if isinstance(recipe, str) and recipe not in RECIPES:
@@ -194,7 +213,7 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
     ae = stage("autoencoder", rec.ae_steps, lambda resume: train_autoencoder(
         data, out / "autoencoder", profile="demo", steps=rec.ae_steps, batch_size=rec.ae_batch, lr=rec.ae_lr,
         disc_start=rec.ae_steps + 1, codebook_restart=rec.codebook_restart,
-        lesion_oversample=rec.ae_lesion_oversample, device=device, resume=resume,
+        lesion_oversample=rec.ae_lesion_oversample, lesion_weight=rec.ae_lesion_weight, device=device, resume=resume,
         seed=rec.seed, checkpoint_every=max(1, rec.ae_steps // 4), num_workers=0,
         progress=_stage_progress(progress, "autoencoder"), cancel=cancel))
     base = stage("base", rec.ldm_steps, lambda resume: train_ldm(
@@ -202,7 +221,7 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
         ema_decay=rec.ema_decay, scale_factor=rec.ldm_scale_factor, lesion_oversample=rec.ldm_lesion_oversample,
         device=device, resume=resume, seed=rec.seed,
         checkpoint_every=max(1, rec.ldm_steps // 4), num_workers=0,
-        progress=_stage_progress(progress, "base cLDM"), cancel=cancel))
+        progress=_stage_progress(progress, "base cLDM"), cancel=cancel, **_base_objective(rec)))
     post = stage("post_trained", rec.pt_steps, lambda resume: post_train(
         data, base, out / "cldm_post_trained", lambda_image=rec.lambda_image, lambda_lesion=rec.lambda_lesion,
         target=rec.target, steps=rec.pt_steps, batch_size=rec.pt_batch, lr=rec.pt_lr, ema_decay=rec.ema_decay,
@@ -210,6 +229,12 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
         checkpoint_every=max(1, rec.pt_steps // 3), num_workers=0,
         progress=_stage_progress(progress, "post-training"), cancel=cancel))
     paths = {"data": data, "autoencoder": ae, "base": base, "post_trained": post}
+    if rec.reference_steps:
+        paths["reference"] = stage("reference", rec.reference_steps, lambda resume: train_pix2pix(
+            data, out / BUNDLE_NAMES["reference"], profile="demo", steps=rec.reference_steps,
+            batch_size=rec.reference_batch, adversarial=False, lesion_oversample=rec.ldm_lesion_oversample,
+            device=device, resume=resume, seed=rec.seed, checkpoint_every=max(1, rec.reference_steps // 2),
+            num_workers=0, progress=_stage_progress(progress, "reference U-Net"), cancel=cancel))
 
     if bundle is not None:
         bundle = ensure_writable_dir(Path(bundle))
@@ -217,6 +242,8 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
         bundle_checkpoint(ae, bundle / BUNDLE_NAMES["autoencoder"], ["model"])
         for key in ("base", "post_trained"):
             bundle_checkpoint(paths[key], bundle / BUNDLE_NAMES[key], ["ema", "autoencoder"])
+        if "reference" in paths:
+            bundle_checkpoint(paths["reference"], bundle / BUNDLE_NAMES["reference"], ["model"])
         paths["bundle"] = bundle
 
     summary = None
@@ -237,6 +264,8 @@ def _evaluate(paths: dict[str, Path], folder: Path, rec: DemoRecipe, device: str
     folder = ensure_writable_dir(folder)
     say(f"evaluation: base vs post-trained on the test split, {rec.eval_sampler} {rec.eval_steps} steps, seed {rec.seed}")
     models = {"cLDM (base)": paths["base"], "cLDM-PT (λ_image 0.01, λ_lesion 0.02)": paths["post_trained"]}
+    if "reference" in paths:
+        models["U-Net (L1), reference"] = paths["reference"]
     rows, summary = evaluate(None, paths["data"], split="test", n_steps=rec.eval_steps, seed=rec.seed,
                              device=device, out_csv=folder / "per_case.csv", models=models,
                              sampler=rec.eval_sampler, figure=folder / "test_slices.png",
@@ -247,7 +276,7 @@ def _evaluate(paths: dict[str, Path], folder: Path, rec: DemoRecipe, device: str
     with atomic_path(folder / "table1.md") as tmp:
         Path(tmp).write_text(format_table1(summary) + "\n")
     with atomic_path(folder / "summary.json") as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        Path(tmp).write_text(strict_json(summary))
     say(text)
     return summary
 

@@ -37,8 +37,9 @@ def _denoiser_flops(model: Any, height: int, width: int) -> int | None:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             c = model.cldm.encode_condition(torch.zeros((1, model.cldm.condition_channels, height, width),
                                                         device=model.device))
-            model.cldm.predict_noise(torch.zeros((1, *latent), device=model.device),
-                                     torch.full((1,), 500, device=model.device), c)
+            t = torch.full((1,), 500, device=model.device)
+            model.cldm.predict_noise(torch.zeros((1, *latent), device=model.device), t, c,
+                                     model.schedule.alphas_cumprod[t])
         return int(counter.get_total_flops())
     except (RuntimeError, NotImplementedError):  # best effort: an op without a formula must not stop the bench
         return None

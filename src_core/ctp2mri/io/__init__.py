@@ -22,6 +22,15 @@ def load_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
     ``series_uid`` picks one series from a DICOM folder that holds several.
     """
     path = Path(path)
+    try:
+        return _read(path, series_uid)
+    except InputError as exc:
+        if path.name in str(exc):
+            raise
+        raise InputError(f"{path}: {exc}") from None  # say which of several inputs is wrong
+
+
+def _read(path: Path, series_uid: str | None) -> Volume:
     if not path.exists():
         raise InputError(f"{path} does not exist")
     if path.is_dir():

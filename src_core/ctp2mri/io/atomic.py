@@ -3,19 +3,66 @@
 Everything is first written next to its final place (same file system) under a hidden
 temporary name, then moved into place with ``os.replace``. A crash, a full disk or a
 cancelled run therefore never leaves a half-written NIfTI that a later run would trust.
+
+Three more guarantees:
+
+* **One writer per output.** `claim_output` takes an exclusive lock beside the output
+  (``.<name>.ctp2mri-lock``, an OS file lock the kernel drops when its process dies) for as
+  long as a run works towards that output; a second run into the same place is refused at
+  once instead of silently replacing the first one's result. `atomic_dir` takes the claim
+  itself, and a new folder is moved into place only if nothing else appeared there meanwhile.
+* **No stale leftovers.** The temporary names carry the writer's process id and host
+  (``.<name>.<uuid>.<pid>-<host>.partial``); a run that was killed (SIGKILL, power loss)
+  leaves one behind, and the next write to the same place removes it once that process is
+  gone.
+* **Clear errors.** A full disk or a missing permission while writing becomes an
+  `InputError` naming the path and the space needed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
+import errno
+import hashlib
+import json
+import logging
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import threading
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ctp2mri.errors import InputError
+from ctp2mri.errors import (
+    DISK_FULL,
+    NOT_PERMITTED,
+    InputError,
+    OutputWriteError,
+    disk_full_message,
+    os_error_message,
+    permission_message,
+)
+from ctp2mri.interrupts import deferred
+
+try:  # POSIX; Windows locks a byte with msvcrt instead
+    import fcntl
+except ImportError:  # pragma: no cover - exercised on Windows only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LOCK_SUFFIX", "atomic_dir", "atomic_path", "claim_output", "clean_stale_partials",
+           "ensure_writable_dir"]
+
+_log = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".ctp2mri-lock"
+# errors meaning "this file system has no locks": claims then rely on the exclusive rename alone
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -34,6 +81,8 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".ctp2mri-write-test-"):
             pass
     except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise InputError(disk_full_message(path)) from None
         raise InputError(
             f"cannot write to output folder {path}: {exc.strerror or exc}. "
             "Choose a folder you have write permission for."
@@ -50,49 +99,362 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
+# writers and stale leftovers ---------------------------------------------------------------
+def _host_tag() -> str:
+    """4 hex digits naming this machine: a pid means nothing on another host sharing the disk."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
+
+
+def _writer_tag() -> str:
+    return f"{os.getpid()}-{_host_tag()}"
+
+
+def _temp_name(path: Path, kind: str, suffix: str = "") -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{_writer_tag()}.{kind}{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        return psutil.pid_exists(pid)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def clean_stale_partials(path: str | os.PathLike, legacy: bool = False) -> list[Path]:
+    """Remove the temporary files/folders that killed writers left beside ``path``.
+
+    A leftover is stale when its writer (the pid and host in its name) is a process of this
+    machine that no longer runs. ``legacy`` also removes leftovers without a writer tag (from
+    older versions); only pass it while holding `claim_output` on ``path``, which proves no
+    writer is active there. A stale ``.old`` (a previous result being swapped out when its
+    writer died) is moved back to ``path`` if nothing took its place. Returns what was removed.
+    """
+    path = Path(path)
+    tagged = r"(?:\.(\d+)-([0-9a-f]{4}))?"  # .<pid>-<host>, absent in older versions' names
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[0-9a-f]{{8}}{tagged}\.(?:partial|old)")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    host = _host_tag()
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None:
+            continue
+        pid, tag = match.group(1), match.group(2)
+        stale = (legacy if pid is None else tag == host and int(pid) != os.getpid() and not _pid_alive(int(pid)))
+        if not stale:
+            continue
+        leftover = Path(entry.path)
+        if entry.name.endswith(".old") and not os.path.lexists(path):
+            # the writer died between its two renames: this is the only copy of the previous result
+            try:
+                os.rename(leftover, path)
+                _log.warning("restored %s from %s, left by an interrupted run", path, leftover.name)
+            except OSError:
+                pass  # never delete it
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        removed.append(leftover)
+    if removed:
+        _log.info("removed %d leftover(s) of interrupted runs beside %s", len(removed), path)
+    return removed
+
+
+# claims ----------------------------------------------------------------------------------
+@dataclass
+class _Claim:
+    thread: int
+    fd: int | None
+    lock: Path
+    created: list[Path] = field(default_factory=list)
+    depth: int = 1
+
+
+_CLAIMS: dict[str, _Claim] = {}
+_CLAIMS_LOCK = threading.Lock()
+
+
+def _lock_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}{LOCK_SUFFIX}")
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those created (deepest last)."""
+    missing = []
+    here = folder
+    while not here.exists() and here != here.parent:
+        missing.append(here)
+        here = here.parent
+    if here.exists() and not here.is_dir():
+        raise InputError(f"cannot create output folder {folder}: {here} exists and is a file, not a "
+                         "writable folder; choose another output folder")
+    created = []
+    for p in reversed(missing):
+        try:
+            p.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            _remove_empty(created)
+            raise InputError(_write_failure(p, exc)) from None
+        created.append(p)
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders a failed claim created, if nothing was written into them."""
+    for p in reversed(created):
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+def _write_failure(path: Path, exc: OSError) -> str:
+    if exc.errno in DISK_FULL:
+        return disk_full_message(path)
+    if exc.errno in NOT_PERMITTED:
+        return permission_message(path, exc)
+    return f"cannot write {path}: {os_error_message(exc)}"
+
+
+def _try_lock(fd: int) -> bool:
+    """Lock ``fd`` without waiting: True when locked, False when another process holds it."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # pragma: no cover - Windows
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
+def _owner(fd: int) -> str:
+    """Who holds a lock, from the note its holder wrote (best effort)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        note = json.loads(os.read(fd, 4096).decode() or "{}")
+        return f"pid {note['pid']} on {note['host']}, started {note['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "process unknown"
+
+
+def _acquire(path: Path) -> tuple[int | None, list[Path]]:
+    """Lock ``path``'s lock file; (fd or None where the file system has no locks, folders created)."""
+    lock = _lock_file(path)
+    created = _make_parents(lock.parent)
+    try:
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                locked = _try_lock(fd)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in _NO_LOCKS:
+                    return None, created
+                raise
+            if not locked:
+                owner = _owner(fd)
+                os.close(fd)
+                raise InputError(f"{path} is being written by another ctp2mri run ({owner}); wait for it to "
+                                 "finish, or choose another output folder")
+            # The previous holder deletes the file as it lets go: if it did so between our open
+            # and our lock, we hold a lock on a deleted file. Open the current one again.
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+                break
+            os.close(fd)
+        note = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(note).encode())
+        return fd, created
+    except InputError:
+        _remove_empty(created)
+        raise
+    except OSError as exc:
+        _remove_empty(created)
+        raise InputError(_write_failure(lock.parent, exc)) from None
+
+
+def _release(claim: _Claim) -> None:
+    if claim.fd is not None:
+        with contextlib.suppress(OSError):
+            claim.lock.unlink()  # unlink while still locked: see the re-open in `_acquire`
+        with contextlib.suppress(OSError):
+            if fcntl is not None:
+                # explicit unlock: forked children (DataLoader workers) share the descriptor
+                fcntl.flock(claim.fd, fcntl.LOCK_UN)
+        os.close(claim.fd)
+    _remove_empty(claim.created)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def claim_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``path`` (a file or folder to be written) for this run, or raise `InputError` when
+    another run holds it.
+
+    The claim lasts until the context exits; the operating system drops it if the process
+    dies. Nested claims of the same path from the same thread are allowed (the CLI claims a
+    run's output, the core function and `atomic_dir` claim it again); another thread is
+    refused like another process. Missing parent folders are created and removed again on
+    exit if nothing was written into them.
+    """
+    given = Path(path)
+    path = Path(os.path.abspath(given))  # "out/.." and "." name their folder, not "" or ".."
+    if not path.name:  # a file-system root: nothing beside it to lock
+        yield given
+        return
+    key = os.path.join(os.path.realpath(path.parent), path.name)
+    with _CLAIMS_LOCK:
+        claim = _CLAIMS.get(key)
+        if claim is not None:
+            if claim.thread != threading.get_ident():
+                raise InputError(f"{path} is being written by another task of this program; wait for it to "
+                                 "finish, or choose another output folder")
+            claim.depth += 1
+        else:
+            fd, created = _acquire(path)
+            claim = _CLAIMS[key] = _Claim(threading.get_ident(), fd, _lock_file(path), created)
+    try:
+        yield given
+    finally:
+        with _CLAIMS_LOCK:
+            claim.depth -= 1
+            if claim.depth == 0:
+                del _CLAIMS[key]
+                _release(claim)
+
+
+# atomic writes -----------------------------------------------------------------------------
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path, tmp: Path, needed: int | None) -> Iterator[None]:
+    """A full disk or a refused write while filling ``tmp`` → an `OutputWriteError` whose message
+    names ``path`` and the space needed (rather than a hidden temporary name)."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            size = needed if needed or not tmp.exists() else _tree_bytes(tmp)
+            raise OutputWriteError(exc.errno, disk_full_message(path, size, at_least=not needed), path) from None
+        if exc.errno in NOT_PERMITTED:
+            raise OutputWriteError(exc.errno, permission_message(path, exc), path) from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it onto ``path``.
 
     The temporary name keeps the extension, so format-sniffing writers (nibabel,
-    SimpleITK) write the intended format.
+    SimpleITK) write the intended format. ``needed_bytes`` (the expected size) makes a
+    full-disk message say how much space is needed.
     """
     path = Path(path)
     ensure_writable_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{_suffix(path)}")
+    clean_stale_partials(path)
+    tmp = _temp_name(path, "partial", _suffix(path))
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with _write_errors(path, tmp, needed_bytes):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
+def _occupied(path: Path) -> bool:
+    return path.exists() and (path.is_file() or any(path.iterdir()))
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    """``tmp`` becomes ``path``; without ``overwrite`` only if ``path`` is still absent or empty."""
+    if overwrite and path.exists():
+        old = _temp_name(path, "old")
+        try:
+            with deferred():  # Ctrl-C between the two renames would leave neither result in place
+                os.replace(path, old)
+                try:
+                    os.replace(tmp, path)
+                except OSError:
+                    os.replace(old, path)  # put the previous result back
+                    raise
+        finally:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            elif os.path.lexists(old):  # overwriting a file with a folder: rmtree would leave it behind
+                old.unlink()
+        return
+    try:
+        # rename replaces an empty folder but fails on a non-empty one: a result that another
+        # writer put there meanwhile is never lost
+        os.rename(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise InputError(f"{path} was written by another run while this one was working; nothing was "
+                             "replaced. Choose another output folder, or pass overwrite to replace it") from None
+        raise
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False,
+               needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it becomes ``path``.
 
     An existing ``path`` is refused unless ``overwrite``; then it is swapped out only after
-    the new folder is complete, so the old content survives any failure.
+    the new folder is complete, so the old content survives any failure. ``path`` is claimed
+    (`claim_output`) while the folder is written, and leftovers of killed writers beside it
+    are removed first. ``needed_bytes`` (the expected size) makes a full-disk message say how
+    much space is needed.
     """
     path = Path(path)
-    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
-        raise InputError(f"{path} already exists and is not empty; pass overwrite to replace it")
-    ensure_writable_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # overwriting a file with a folder: rmtree would silently leave it behind
-                old.unlink()
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with claim_output(path):
+        clean_stale_partials(path, legacy=True)
+        if _occupied(path) and not overwrite:
+            raise InputError(f"{path} already exists and is not empty; pass overwrite to replace it")
+        ensure_writable_dir(path.parent)
+        tmp = _temp_name(path, "partial")
+        try:
+            with _write_errors(path, tmp, needed_bytes):
+                tmp.mkdir()
+                yield tmp
+                _move_into_place(tmp, path, overwrite)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,33 @@ import numpy as np
 from ctp2mri.errors import InputError
 
 
+def check_affine(affine: np.ndarray, what: str = "the image") -> np.ndarray:
+    """``affine`` as a float 4×4 array, or an `InputError` when it cannot place voxels in space.
+
+    Refused: another shape, NaN/inf entries, a last row other than (0, 0, 0, 1), and a
+    singular 3×3 part (an all-zero matrix, a zero-length or two parallel voxel axes), which
+    would put every voxel at one point, or plane, and break every resampling.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    fix = ("Re-export it with its orientation (a NIfTI's sform/qform, a DICOM's position and "
+           "orientation), or correct the header.")
+    if affine.shape != (4, 4):
+        raise InputError(f"affine must be 4×4, got shape {affine.shape}")
+    if not np.isfinite(affine).all():
+        raise InputError(f"{what} has a voxel-to-world affine with NaN or infinite entries. {fix}")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    # |det| / product of the column lengths is the sine-like volume factor of the axes:
+    # 1 for orthogonal axes, 0 for parallel ones, whatever the voxel size.
+    if np.any(spacing < 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(spacing)):
+        raise InputError(f"{what} has a singular voxel-to-world affine (voxel spacing "
+                         f"{tuple(round(float(s), 4) for s in spacing)} mm, axes not independent): "
+                         f"its voxels have no position in space. {fix}")
+    if not np.allclose(affine[3], (0.0, 0.0, 0.0, 1.0)):
+        raise InputError(f"{what} has an affine whose last row is {affine[3].tolist()}, not "
+                         f"(0, 0, 0, 1). {fix}")
+    return affine
+
+
 @dataclass
 class Volume:
     """Array + 4×4 voxel-to-world (RAS+, mm) affine, optionally with frame times.
@@ -39,8 +66,12 @@ class Volume:
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
         self.affine = np.asarray(self.affine, dtype=np.float64)
-        if self.affine.shape != (4, 4):
-            raise InputError(f"affine must be 4×4, got shape {self.affine.shape}")
+        check_affine(self.affine)
+        kind = self.array.dtype.kind
+        if kind not in "biuf":  # complex, RGB (structured), strings, objects: no intensities to use
+            raise InputError(f"the image holds voxels of type {self.array.dtype} (complex, colour or "
+                             "non-numeric); ctp2mri reads real-valued images (integer or floating point "
+                             "intensities). Convert it to a greyscale image first.")
         if self.array.ndim not in (3, 4):
             raise InputError(
                 f"a volume needs 3 (x, y, z) or 4 (x, y, z, time) dimensions, "
@@ -127,15 +158,20 @@ class Volume:
             return self  # integer voxels are always finite
         # Frame by frame: a clinical float CTP would otherwise need a GB-sized boolean copy.
         frames = range(self.n_frames) if self.is_4d else [None]
+        # The pipeline computes in float32: a float64 value beyond its range becomes inf there.
+        # (NaN fails the comparison too, so one pass finds both.)
+        limit = float(np.finfo(np.float32).max)
         for t in frames:
             frame = self.array[..., t] if t is not None else self.array
-            bad = ~np.isfinite(frame)
+            bad = ~(np.abs(frame) <= limit)
             if bad.any():
                 first = tuple(int(i) for i in np.argwhere(bad)[0]) + ((t,) if t is not None else ())
                 where = f" in frame {t}" if t is not None else ""
+                n_huge = int(np.isfinite(frame[bad]).sum())
+                what = (f"{int(bad.sum())} NaN/inf voxels" if not n_huge else
+                        f"{int(bad.sum())} NaN/inf or out-of-range (|value| > {limit:.3g}) voxels")
                 raise InputError(
-                    f"{name} contains {int(bad.sum())} NaN/inf voxels{where} (first at index "
-                    f"{first}); fix or mask them before use"
+                    f"{name} contains {what}{where} (first at index {first}); fix or mask them before use"
                 )
         return self
 

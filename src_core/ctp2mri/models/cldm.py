@@ -25,7 +25,9 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from ctp2mri.errors import InputError
-from ctp2mri.models.conditioning import SpatialRescaler
+from ctp2mri.models.conditioning import CONDITION_ENCODERS, PerfusionEncoder, build_condition_encoder
+
+PARAMETERIZATIONS = ("eps", "z0-residual")
 
 
 class ConditionalLDM(nn.Module):
@@ -57,6 +59,20 @@ class ConditionalLDM(nn.Module):
         (CompVis ``LatentDiffusion.scale_factor``). 1.0 is the official VQ-f4 setting; a
         unit-variance latent (1 / std, ``train-ldm --scale-factor auto``) keeps the noise
         schedule's signal-to-noise ratios as designed when the autoencoder's latents are small.
+    condition_encoder
+        ``"rescaler"``: the paper's F (`SpatialRescaler`, weights under ``rescaler.``);
+        ``"perfusion"``: the learned full-resolution `PerfusionEncoder` (under
+        ``perfusion_encoder.``), whose output channels replace the 15 rescaled frames.
+    condition_options
+        Constructor arguments of the `PerfusionEncoder` (``out_channels``, ``hidden_channels``,
+        ``down_channels``, ``sigmas``, ``latent_channels`` for the auxiliary z_0 head).
+    parameterization
+        ``"eps"``: the UNet predicts ε (the paper). ``"z0-residual"`` (predict and refine; needs
+        the perfusion encoder's heads): the UNet predicts a correction u to the encoder's own
+        estimate, ẑ_0 = ẑ_0(c̃) + u, and ε̂ = (z_t − √ᾱ_t ẑ_0) / √(1 − ᾱ_t) follows from the
+        schedule's ᾱ_t, which the caller passes (`predict_noise`). The zero-initialised output
+        convolution makes an untrained model sample the encoder's estimate, lesion included;
+        training refines the detail the estimate lacks.
     """
 
     def __init__(
@@ -72,6 +88,9 @@ class ConditionalLDM(nn.Module):
         rescaler_multiplier: float = 0.5,
         use_flash_attention: bool = False,
         scale_factor: float = 1.0,
+        condition_encoder: str = "rescaler",
+        condition_options: dict | None = None,
+        parameterization: str = "eps",
     ) -> None:
         super().__init__()
         self.config = json.loads(
@@ -88,6 +107,9 @@ class ConditionalLDM(nn.Module):
                     rescaler_multiplier=rescaler_multiplier,
                     use_flash_attention=use_flash_attention,
                     scale_factor=float(scale_factor),
+                    **({} if condition_encoder == "rescaler" else
+                       dict(condition_encoder=condition_encoder, condition_options=dict(condition_options or {}))),
+                    **({} if parameterization == "eps" else dict(parameterization=parameterization)),
                 )
             )
         )
@@ -99,17 +121,26 @@ class ConditionalLDM(nn.Module):
         # The UNet halves the grid len(channels) - 1 times and concatenates skips, so the
         # latent size must divide by this.
         self.size_multiple = 2 ** (len(channels) - 1)
-        self.rescaler = SpatialRescaler(
-            n_stages=rescaler_stages,
-            method="bilinear",
-            multiplier=rescaler_multiplier,
-            in_channels=condition_channels,
-            out_channels=condition_channels,
-            bias=False,
-        )
+        if parameterization not in PARAMETERIZATIONS:
+            raise InputError(f"unknown parameterization {parameterization!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
+        self.parameterization = parameterization
+        if condition_encoder not in CONDITION_ENCODERS:
+            raise InputError(f"unknown condition encoder {condition_encoder!r}; "
+                             f"choose one of {', '.join(CONDITION_ENCODERS)}")
+        self.condition_encoder = condition_encoder
+        encoder = build_condition_encoder(condition_encoder, condition_channels, rescaler_stages,
+                                          rescaler_multiplier, condition_options)
+        # The attribute names keep the paper model's weight names (rescaler.*) unchanged.
+        if condition_encoder == "rescaler":
+            self.rescaler = encoder
+        else:
+            self.perfusion_encoder = encoder
+        if parameterization != "eps" and not self.has_condition_head:
+            raise InputError("the z0-residual parameterization refines the perfusion encoder's own estimate; it needs "
+                             "the perfusion encoder with heads (condition_options latent_channels > 0)")
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
-            in_channels=latent_channels + condition_channels,
+            in_channels=latent_channels + encoder.out_channels,
             out_channels=latent_channels,
             num_res_blocks=num_res_blocks,
             channels=list(channels),
@@ -128,12 +159,27 @@ class ConditionalLDM(nn.Module):
                 f"Resample the perfusion series to {self.condition_channels} time points "
                 "(ctp2mri preprocess)."
             )
-        return self.rescaler(c)
+        return self.encoder(c)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The condition encoder: F (`SpatialRescaler`) or the `PerfusionEncoder`."""
+        return self.rescaler if self.condition_encoder == "rescaler" else self.perfusion_encoder
+
+    @property
+    def has_condition_head(self) -> bool:
+        """Whether the condition encoder predicts z_0 and the lesion (the auxiliary condition loss)."""
+        return isinstance(self.encoder, PerfusionEncoder) and self.encoder.condition_head is not None
 
     def predict_noise(
-        self, z_t: torch.Tensor, t: torch.Tensor, c_tilde: torch.Tensor
+        self, z_t: torch.Tensor, t: torch.Tensor, c_tilde: torch.Tensor,
+        alphas_cumprod_t: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ε̂ = ε_θ(z_t, t, c̃) with an already rescaled condition."""
+        """ε̂ = ε_θ(z_t, t, c̃) with an already rescaled condition.
+
+        ``alphas_cumprod_t`` (ᾱ_t per row, from the noise schedule) is needed by the
+        ``z0-residual`` parameterization to turn its ẑ_0 into ε̂; ``eps`` ignores it.
+        """
         if z_t.ndim != 4 or z_t.shape[1] != self.latent_channels:
             raise InputError(
                 f"z_t must be shaped (batch, {self.latent_channels}, h, w); got {tuple(z_t.shape)}"
@@ -153,8 +199,25 @@ class ConditionalLDM(nn.Module):
         t = torch.as_tensor(t, device=z_t.device)
         if t.ndim == 0:
             t = t.expand(z_t.shape[0])
-        return self.unet(torch.cat([z_t, c_tilde.to(z_t.dtype)], dim=1), t)
+        out = self.unet(torch.cat([z_t, c_tilde.to(z_t.dtype)], dim=1), t)
+        if self.parameterization == "eps":
+            return out
+        if alphas_cumprod_t is None:
+            raise InputError("this cLDM predicts ẑ0 as a correction of its condition's estimate; pass the schedule's "
+                             "ᾱ_t (alphas_cumprod_t) to turn it into ε̂")
+        a = torch.as_tensor(alphas_cumprod_t, device=z_t.device, dtype=out.dtype).reshape(-1, 1, 1, 1)
+        z0_hat = self.encoder.heads(c_tilde)[0].to(out.dtype) + out
+        return (z_t - a.sqrt() * z0_hat) / (1.0 - a).sqrt()
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """ε̂ for noisy latents z_t (B, 3, h, w), steps t (B,), raw CTP slices c (B, 15, 4h, 4w)."""
-        return self.predict_noise(z_t, t, self.encode_condition(c))
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor, with_condition_latent: bool = False,
+                alphas_cumprod_t: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """ε̂ for noisy latents z_t (B, 3, h, w), steps t (B,), raw CTP slices c (B, 15, 4h, 4w).
+
+        With ``with_condition_latent``, also the condition heads' ẑ_0 and lesion logit (what the
+        auxiliary condition loss scores; one forward, so DDP sees every parameter used).
+        """
+        c_tilde = self.encode_condition(c)
+        eps_hat = self.predict_noise(z_t, t, c_tilde, alphas_cumprod_t)
+        if not with_condition_latent:
+            return eps_hat
+        return (eps_hat, *self.encoder.heads(c_tilde))

@@ -45,16 +45,28 @@ from ctp2mri.phantom.perfusion import (
     ctp_curves,
     draw_perfusion_params,
 )
+from ctp2mri.phantom.vessels import (
+    BLOOD_BASELINE_HU,
+    VEIN,
+    VesselMap,
+    VesselParams,
+    blood_curves,
+    draw_vessel_params,
+    vessel_map,
+)
 from ctp2mri.profiles import Profile, get_profile
 from ctp2mri.progress import CancelToken, ProgressCallback
 
-PHANTOM_VERSION = "1.0"
+PHANTOM_VERSION = "2.0"  # 2.0: arteries and sinuses in the CT perfusion, truth/ maps in each case
+#: Versions whose diffusion images equal this one's for the same seed (2.0 changed the CT only).
+DIFFUSION_VERSIONS = ("1.0", "2.0")
 ACQUISITION_WINDOW_S = 42.0  # the paper scanner's 15 frames, every 3 s from 0 s
 MAX_ACQUISITION_S = 300.0
 MAX_FRAMES = 120  # clinical protocols use 10–60; more only costs memory
 SPLIT_FRACTIONS = {"val": 0.15, "test": 0.15}
 SPLITS_FILE = "splits.json"
-_STREAMS = ("anatomy", "lesion", "perfusion", "diffusion", "misalignment", "ctp_noise", "mri_noise")
+# New streams go at the end: SeedSequence.spawn gives the earlier ones the same children.
+_STREAMS = ("anatomy", "lesion", "perfusion", "diffusion", "misalignment", "ctp_noise", "mri_noise", "vessels")
 
 
 @dataclass
@@ -116,6 +128,7 @@ class _Draws:
     plan: LesionPlan
     perfusion: PerfusionParams
     scanner: DiffusionParams
+    vessels: VesselParams
     ctp_noise: np.random.Generator
     mri_noise: np.random.Generator
 
@@ -130,6 +143,7 @@ def _draw(seed: int, prof: Profile) -> _Draws:
         plan=draw_lesion_plan(rng["lesion"]),
         perfusion=draw_perfusion_params(rng["perfusion"]),
         scanner=draw_diffusion_params(rng["diffusion"]),
+        vessels=draw_vessel_params(rng["vessels"]),
         ctp_noise=rng["ctp_noise"],
         mri_noise=rng["mri_noise"],
     )
@@ -148,6 +162,7 @@ class _Geometry:
     penumbra: np.ndarray
     ctp: Tissue | None = None
     level_ctp: np.ndarray | None = None
+    ctp_points: np.ndarray | None = None  # (3, nx, ny, nz) MNI position of every CT voxel
 
 
 def _geometry(draws: _Draws, prof: Profile, with_ctp: bool = True) -> _Geometry:
@@ -167,6 +182,7 @@ def _geometry(draws: _Draws, prof: Profile, with_ctp: bool = True) -> _Geometry:
         points = deformation.template_points(shape, affine, draws.misalignment, elastic)
         ctp = sample_tissue(templates, points)
         geometry.ctp, geometry.level_ctp = ctp, levels.level(plan.score(ctp.points))
+        geometry.ctp_points = points
     return geometry
 
 
@@ -213,7 +229,7 @@ def simulate_case(
     g = _geometry(draws, prof)
     mri, ctp, plan = g.mri, g.ctp, draws.plan
 
-    hu, perfusion_maps = ctp_curves(ctp, g.level_ctp, plan, draws.perfusion, times, draws.ctp_noise)
+    hu, perfusion_maps, vessels, vof = _ctp_with_vessels(draws, g, prof, times)
     images, dwi_sigma = diffusion_images(
         mri.fractions, g.level_mri, plan, draws.scanner, draws.mri_noise
     )
@@ -239,6 +255,8 @@ def simulate_case(
         **draws.perfusion.describe(),
         "frame_times": [round(float(t), 6) for t in times],
         "aif_hu": [round(float(v), 3) for v in arterial_input(times, draws.perfusion)],
+        "vof_hu": [round(float(v), 3) for v in vof],
+        **draws.vessels.describe(),
         **draws.scanner.describe(),
         "dwi_noise_sigma": round(dwi_sigma, 4),
         "misalignment": {"shift_mm": np.round(draws.misalignment.shift_mm, 4).tolist(),
@@ -252,7 +270,7 @@ def simulate_case(
 
     case = Case(
         # Skull-stripped like the paper's registered data: 0 outside the brain.
-        ctp=vol(ctp.scatter(hu), frame_times=times, modality="CTP", units="HU"),
+        ctp=vol(hu, frame_times=times, modality="CTP", units="HU"),
         dwi=vol(mri.scatter(images["dwi"]), modality="DWI", b_value=draws.scanner.b_value),
         adc=vol(mri.scatter(images["adc"]), modality="ADC", units="1e-6 mm2/s"),
         lesion=vol(core, modality="lesion"),
@@ -272,8 +290,45 @@ def simulate_case(
         **{k: vol(ctp.scatter(v), geometry="ctp") for k, v in perfusion_maps.items()},
         "penumbra_ctp": vol(ctp.scatter(ctp_penumbra, dtype=np.uint8), geometry="ctp"),
         "ctp_brain": vol(ctp.brain.astype(np.uint8), geometry="ctp"),
+        "vessel_fraction": vol(vessels.fraction, geometry="ctp"),
+        "vessels": vol(vessels.kind(), geometry="ctp"),
     }
+    case.truth = {k: maps[k] for k in TRUTH_MAPS}
     return PhantomCase(case, maps)
+
+
+#: Ground truth written into each case folder's truth/ (on the CT perfusion's geometry); never
+#: read as a model input.
+TRUTH_MAPS = ("cbf", "cbv", "mtt", "tmax", "vessels", "vessel_fraction")
+
+
+def _ctp_with_vessels(draws: _Draws, g: _Geometry, prof: Profile, times: np.ndarray
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray], VesselMap, np.ndarray]:
+    """The CT perfusion on the whole grid: tissue curves in the brain, blood mixed into the
+    voxels the vessels cross (by their partial volume), then the noise over both.
+
+    Returns the HU array (nx, ny, nz, T), the perfusion maps per brain voxel, the vessel map
+    and the venous output function at the frame times (HU above the blood baseline).
+    """
+    ctp, p = g.ctp, draws.perfusion
+    vessels = vessel_map(g.ctp_points, np.asarray(prof.spacing), draws.deformation, draws.vessels.radius_scale)
+    share = 1.0 - vessels.fraction[ctp.brain]
+    tissue_hu, maps = ctp_curves(ctp, g.level_ctp, draws.plan, p, times, None, tissue_share=share)
+    dt = 0.1
+    fine = arterial_input(np.arange(0.0, float(times.max()) + 30.0, dt), p)
+    plan = draws.plan
+    curves = blood_curves(vessels, fine, dt, times, draws.vessels,
+                          plan.territory if plan.has_lesion else None, plan.hemisphere if plan.has_lesion else None)
+    hu = ctp.scatter(tissue_hu)
+    hit = vessels.fraction > 0
+    blood = p.gain * (BLOOD_BASELINE_HU + curves[vessels.segment[hit]])
+    hu[hit] += vessels.fraction[hit, None] * blood
+    region = ctp.brain | hit
+    hu[hit & ~ctp.brain] += p.offset_hu  # the tissue curves carry it already
+    hu[region] += p.noise_sigma_hu * draws.ctp_noise.standard_normal((int(region.sum()), times.size),
+                                                                      dtype=np.float32)
+    vein = next(i for i, (seg, _) in enumerate(vessels.segments) if seg.kind == VEIN)
+    return hu.astype(np.float32), maps, vessels, curves[vein]
 
 
 def generate_case(

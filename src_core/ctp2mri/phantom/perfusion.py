@@ -1,15 +1,18 @@
 """CT perfusion by indicator-dilution theory: HU time curves of every brain voxel.
 
-Tissue enhancement ``ΔHU(t) = κ · k_H · ρ/6000 · CBF · (AIF ⊛ R)(t − Tmax)`` with residue
-``R(τ) = exp(−τ/MTT)``, ``MTT = 60 · CBV/CBF``. For an exponential residue the deconvolved
-residue peaks at the tissue's bolus delay, so that delay *is* Tmax. The convolution is done
-once per case on a 0.1 s grid for a log-spaced table of MTTs; every voxel then reads its
-curve from the table at its own MTT and delay (bilinear), without a per-voxel convolution.
+Tissue enhancement ``ΔHU(t) = ρ/k_H · CBF/6000 · (AIF ⊛ R)(t − Tmax)`` (Østergaard's
+indicator-dilution convention: CBF in ml/100 g/min, ρ the brain density, k_H the large- to
+small-vessel haematocrit correction) with residue ``R(τ) = exp(−τ/MTT)``, ``MTT = 60 ·
+CBV/CBF``. For an exponential residue the deconvolved residue peaks at the tissue's bolus
+delay, so that delay *is* Tmax. The convolution is done once per case on a 0.1 s grid for a
+log-spaced table of MTTs; every voxel then reads its curve from the table at its own MTT and
+delay (bilinear), without a per-voxel convolution.
 
-Calibration ``κ``: the phantom's gamma-variate bolus (α ≈ 3, β ≈ 1.5 s, peak 270–330 HU)
-carries about a quarter of the iodine a clinical 40–50 ml bolus does, so with textbook CBF and
-CBV the tissue would enhance only ~6 HU. ``κ`` scales the tissue's share of the bolus so that
-peak enhancement lands at the clinical GM 15–30 HU and WM 5–10 HU (tests check it).
+The arterial bolus is a clinical one (gamma variate α ≈ 3, β 2.2–2.8 s: a full width at half
+maximum of 9–11 s; peak 380–480 HU), so that with textbook CBF and CBV the tissue's peak
+enhancement lands at the clinical GM 15–30 HU and WM 5–10 HU (tests check it) with the
+physical scale: a perfusion analysis of the phantom reads its CBF and CBV in true units.
+(Phantom 1.0 had a narrower, smaller bolus and scaled the tissue by an empirical 3.34 instead.)
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ from ctp2mri.phantom.anatomy import Tissue
 from ctp2mri.phantom.fields import SmoothField, smooth_field
 from ctp2mri.phantom.lesions import CORE, DEEPEST, NORMAL, PENUMBRA, LesionPlan
 
-K_H = 0.73  # large-vessel to capillary haematocrit correction
+K_H = 0.73  # large-vessel to capillary haematocrit correction, (1 − 0.45) / (1 − 0.25)
 RHO = 1.04  # brain density, g/ml
-ENHANCEMENT_CALIBRATION = 3.34  # κ, see the module docstring
 NORMAL_CBF = np.array([55.0, 22.0])  # grey, white matter, ml/100 g/min
 NORMAL_CBV = np.array([4.0, 2.0])  # ml/100 g
 FINE_DT = 0.1  # s, grid of the convolution
@@ -69,9 +71,9 @@ def draw_perfusion_params(rng: np.random.Generator) -> PerfusionParams:
     """Draw bolus timing and shape, normal tissue delay, noise, gain/offset, baseline HU."""
     return PerfusionParams(
         bolus_arrival_s=rng.uniform(5.0, 10.0),
-        aif_peak_hu=rng.uniform(270.0, 330.0),
+        aif_peak_hu=rng.uniform(380.0, 480.0),
         aif_alpha=rng.uniform(2.9, 3.1),
-        aif_beta_s=rng.uniform(1.4, 1.6),
+        aif_beta_s=rng.uniform(2.2, 2.8),
         recirculation=rng.uniform(0.05, 0.15),
         recirculation_delay_s=rng.uniform(9.0, 13.0),
         tissue_delay_s=rng.uniform(0.0, 2.0),
@@ -127,8 +129,8 @@ class ResidueTable:
 
 
 def enhancement_scale() -> float:
-    """HU per (ml/100 g/min · HU·s): converts CBF × (AIF ⊛ R) into tissue enhancement."""
-    return ENHANCEMENT_CALIBRATION * K_H * RHO / 6000.0
+    """HU per (ml/100 g/min · HU·s): converts CBF × (AIF ⊛ R) into tissue enhancement (ρ/k_H/6000)."""
+    return RHO / K_H / 6000.0
 
 
 def ischaemic_parameters(
@@ -153,9 +155,14 @@ def ctp_curves(
     plan: LesionPlan,
     params: PerfusionParams,
     frame_times: np.ndarray,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
+    tissue_share: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Noisy CT-perfusion HU curves of every brain voxel, and the perfusion maps behind them.
+
+    ``rng`` None leaves the noise out (the caller adds it after mixing in the vessels);
+    ``tissue_share`` (n_brain,) is the part of each voxel that is tissue rather than blood
+    (1 − vessel fraction; default 1): it scales the tissue's enhancement, baseline and maps.
 
     Returns
     -------
@@ -188,11 +195,13 @@ def ctp_curves(
 
     baseline = tissue.fractions.T.astype(np.float64) @ np.asarray(params.baseline_hu)
     baseline -= plan.core_hypodensity_hu * np.clip(level - CORE, 0.0, 1.0)
-    hu = params.gain * (baseline[:, None] + delta) + params.offset_hu
-    hu += params.noise_sigma_hu * rng.standard_normal(hu.shape, dtype=np.float32)
+    share = np.ones(baseline.shape) if tissue_share is None else np.asarray(tissue_share, dtype=np.float64)
+    hu = params.gain * share[:, None] * (baseline[:, None] + delta) + params.offset_hu
+    if rng is not None:
+        hu += params.noise_sigma_hu * rng.standard_normal(hu.shape, dtype=np.float32)
 
-    cbf = flow * rel_cbf * (fractions.T @ NORMAL_CBF)
-    cbv = flow * rel_cbv * (fractions.T @ NORMAL_CBV)
+    cbf = share * flow * rel_cbf * (fractions.T @ NORMAL_CBF)
+    cbv = share * flow * rel_cbv * (fractions.T @ NORMAL_CBV)
     mtt = np.where(cbf > 0, 60.0 * cbv / np.maximum(cbf, 1e-9), 0.0)
     maps = {"cbf": cbf, "cbv": cbv, "mtt": mtt, "tmax": tmax}
     return hu.astype(np.float32), {k: v.astype(np.float32) for k, v in maps.items()}

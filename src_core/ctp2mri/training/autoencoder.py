@@ -30,8 +30,8 @@ from ctp2mri.training.distributed import init_distributed, shutdown
 __all__ = ["AE_BASE_LR", "train_autoencoder"]
 
 AE_BASE_LR = 4.5e-6  # base_learning_rate of the official VQGAN.yaml
-LOG_COLUMNS = ("step", "epoch", "loss", "rec_loss", "codebook_loss", "g_loss", "d_weight", "d_loss", "codes_restarted",
-               "lr", "seconds")
+LOG_COLUMNS = ("step", "epoch", "loss", "rec_loss", "lesion_rec_loss", "codebook_loss", "g_loss", "d_weight", "d_loss",
+               "codes_restarted", "lr", "seconds")
 
 
 def train_autoencoder(
@@ -49,6 +49,7 @@ def train_autoencoder(
     grad_clip: float | None = None,
     codebook_restart: int = 0,
     lesion_oversample: float | None = None,
+    lesion_weight: float = 0.0,
     device: str = "auto",
     precision: str = "fp32",
     resume: bool = False,
@@ -97,6 +98,9 @@ def train_autoencoder(
     resume
         Continue the run in ``out`` exactly (weights, optimisers, data position, RNGs); refused if
         a setting that changes the computation differs.
+    lesion_weight
+        Weight of `ctp2mri.losses.lesion_reconstruction_loss`, the L1 over lesion voxels added to
+        the reconstruction (0: off, as the official VQGAN); a resume-checked setting.
     seed
         Seed of initialisation, data order and augmentation.
     num_workers
@@ -113,20 +117,22 @@ def train_autoencoder(
     -------
     Path of the run folder / checkpoint.
     """
+    loop.check_run_numbers(steps=steps, batch_size=batch_size, seed=seed, num_workers=num_workers,
+                           checkpoint_every=checkpoint_every, log_every=log_every, lr=lr, grad_clip=grad_clip)
     info = init_distributed(device)
     try:
         return _train(info, data, Path(out), profile, int(steps), int(batch_size), lr, base_lr, scale_lr,
                       int(disc_start), float(disc_weight), float(codebook_weight), grad_clip,
                       int(codebook_restart), loop.check_lesion_oversample(lesion_oversample), precision, resume,
                       int(seed), int(num_workers), int(checkpoint_every), int(log_every), autoencoder_config,
-                      discriminator_config, progress, cancel)
+                      discriminator_config, progress, cancel, lesion_weight=_lesion_weight(lesion_weight))
     finally:
         shutdown(info)
 
 
 def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, disc_start, disc_weight,
            codebook_weight, grad_clip, codebook_restart, lesion_oversample, precision, resume, seed, num_workers,
-           checkpoint_every, log_every, ae_config, d_config, progress, cancel) -> Path:
+           checkpoint_every, log_every, ae_config, d_config, progress, cancel, *, lesion_weight: float = 0.0) -> Path:
     dev = info.device
     precision = loop.check_precision(precision, dev)
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
@@ -142,6 +148,7 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
         "disc_start": disc_start, "disc_weight": disc_weight, "codebook_weight": codebook_weight,
         "disc_loss": "hinge", "perceptual_weight": 0.0, "reconstruction": "l1", "grad_clip": grad_clip,
         "codebook_restart": codebook_restart, **loop.sampling_setting(lesion_oversample),
+        **({"lesion_weight": lesion_weight} if lesion_weight else {}),
         "precision": precision, "seed": seed, "num_workers": num_workers, "device": str(dev),
         "checkpoint_every": checkpoint_every, "log_every": log_every, "data": loop.data_identity(dataset),
         "autoencoder": ae_config, "discriminator": d_config,
@@ -191,7 +198,8 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
 
     batches = iter(stream)
     while step < steps:
-        x = next(batches)["target"].to(dev, non_blocking=True)
+        batch = next(batches)
+        x = batch["target"].to(dev, non_blocking=True)
         # Lightning's global_step: the index of this step, starting at 0.
         use_gan = discriminator_factor(step, disc_start) > 0
         with loop.autocast(precision, dev):
@@ -203,7 +211,8 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
                 logits_fake = disc(x_rec)
                 disc.requires_grad_(True)
         loss, parts = autoencoder_loss(x, x_rec, codebook, logits_fake, ae.last_layer, step, disc_start,
-                                       disc_weight, codebook_weight)
+                                       disc_weight, codebook_weight, batch["lesion"].to(dev, non_blocking=True),
+                                       lesion_weight)
         _optimise(opt_ae, loss, ae, scaler, grad_clip)
         values = {"loss": float(loss.detach()), "epoch": stream.epoch, "lr": lr_value, **parts}
         if use_gan:
@@ -225,6 +234,16 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
         cancelled = run.end_step(step, values)
         run.finish_step(step, cancelled, save)
     return out
+
+
+def _lesion_weight(value: float) -> float:
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"the lesion weight must be a number ≥ 0, got {value!r}") from None
+    if not (weight >= 0 and weight < float("inf")):
+        raise InputError(f"the lesion weight must be a finite number ≥ 0, got {value!r}")
+    return weight
 
 
 def _restart_codes(ae: VQAutoencoder, opt: torch.optim.Optimizer, usage: torch.Tensor, z: torch.Tensor,

@@ -97,6 +97,9 @@ def train_bbdm(
     """
     if loss_type not in BRIDGE_LOSSES:
         raise InputError(f"unknown bridge loss {loss_type!r}; choose one of {', '.join(BRIDGE_LOSSES)}")
+    loop.check_run_numbers(steps=steps, batch_size=batch_size, seed=seed, num_workers=num_workers,
+                           checkpoint_every=checkpoint_every, log_every=log_every, lr=lr, grad_accum=grad_accum,
+                           ema_decay=ema_decay, weight_decay=weight_decay, grad_clip=grad_clip)
     info = init_distributed(device)
     try:
         return _train(info, data, Path(autoencoder), Path(out), int(steps), int(batch_size), lr, base_lr, scale_lr,

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.diffusion import NoiseSchedule
 from ctp2mri.errors import InputError
-from ctp2mri.losses import latent_loss
+from ctp2mri.losses import condition_loss, latent_loss, min_snr_weights, weighted_latent_loss
 from ctp2mri.models import ConditionalLDM, model_config
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.training import loop
@@ -39,7 +39,8 @@ from ctp2mri.training.ema import EMA
 __all__ = ["LDM_BASE_LR", "diffuse", "latent_scale_factor", "optimise", "restore_run", "train_latent_model", "train_ldm"]
 
 LDM_BASE_LR = 2e-6  # base_learning_rate of the official ldm.yaml (and the paper)
-LOG_COLUMNS = ("step", "epoch", "loss", "lr", "seconds")
+LOG_COLUMNS = ("step", "epoch", "loss", "condition_loss", "condition_latent", "condition_lesion", "condition_bce",
+               "lr", "seconds")
 
 
 def train_ldm(
@@ -66,6 +67,11 @@ def train_ldm(
     schedule: NoiseSchedule | None = None,
     scale_factor: float | str | None = None,
     lesion_oversample: float | None = None,
+    condition: str | None = None,
+    loss_weighting: str = "uniform",
+    snr_gamma: float = 5.0,
+    condition_loss_weight: float = 0.0,
+    parameterization: str = "eps",
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> Path:
@@ -119,6 +125,21 @@ def train_ldm(
     lesion_oversample
         Draw slices with lesion this many times as often as the others (`loop.lesion_sampling`);
         None (default) draws uniformly, as the paper. The objective stays Eq. 4.
+    condition
+        Condition encoder: ``"rescaler"`` (the paper's F), ``"perfusion"`` (the learned
+        full-resolution `ctp2mri.models.conditioning.PerfusionEncoder`, with a z_0 head when
+        ``condition_loss_weight > 0``), or None for the network config's.
+    loss_weighting, snr_gamma
+        ``"uniform"``: Eq. 4 as the paper; ``"min-snr"``: each sample's ε-loss weighted by
+        min(SNR_t, γ) / SNR_t (`ctp2mri.losses.min_snr_weights`).
+    condition_loss_weight
+        Weight of the auxiliary condition loss (`ctp2mri.losses.condition_loss`: the encoder's
+        ẑ_0 and lesion heads against z_0 and the lesion mask; needs the perfusion encoder, which
+        then gets the heads); 0: off, as the paper.
+    parameterization
+        ``"eps"`` (the paper) or ``"z0-residual"``: the UNet refines the perfusion encoder's own
+        estimate of z_0 (`ctp2mri.models.ConditionalLDM`); the loss stays the ε-loss (Eq. 4,
+        optionally min-SNR weighted), computed from the ε̂ that estimate implies.
     progress, cancel
         ``progress(step, steps, {"loss", "lr", …})`` after each step; a cancel saves a
         resumable checkpoint, then raises `ctp2mri.errors.Cancelled`.
@@ -127,38 +148,131 @@ def train_ldm(
     -------
     Path of the run folder / checkpoint.
     """
+    loop.check_run_numbers(steps=steps, batch_size=batch_size, seed=seed, num_workers=num_workers,
+                           checkpoint_every=checkpoint_every, log_every=log_every, lr=lr, grad_accum=grad_accum,
+                           ema_decay=ema_decay, weight_decay=weight_decay, grad_clip=grad_clip)
+    objective = latent_objective(loss_weighting, snr_gamma, condition_loss_weight, parameterization)
     info = init_distributed(device)
     try:
         return _train(info, data, Path(autoencoder), Path(out), int(steps), int(batch_size), lr, base_lr, scale_lr,
                       int(grad_accum), float(weight_decay), float(ema_decay), grad_clip, precision, resume,
                       int(seed), int(num_workers), int(checkpoint_every), int(log_every), cldm_config,
                       schedule or NoiseSchedule(), _scale_setting(scale_factor),
-                      loop.check_lesion_oversample(lesion_oversample), progress, cancel)
+                      loop.check_lesion_oversample(lesion_oversample), progress, cancel,
+                      objective=objective, condition=condition)
     finally:
         shutdown(info)
 
 
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
+
+
+def latent_objective(loss_weighting: str = "uniform", snr_gamma: float = 5.0,
+                     condition_loss_weight: float = 0.0, parameterization: str = "eps") -> dict[str, Any]:
+    """The base objective's settings as recorded in a checkpoint (validated)."""
+    from ctp2mri.models.cldm import PARAMETERIZATIONS
+
+    if parameterization not in PARAMETERIZATIONS:
+        raise InputError(f"unknown parameterization {parameterization!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise InputError(f"unknown loss weighting {loss_weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    gamma, weight = _finite(snr_gamma, "the min-SNR γ"), _finite(condition_loss_weight, "the condition loss weight")
+    if gamma <= 0:
+        raise InputError(f"the min-SNR γ must be positive, got {snr_gamma!r}")
+    if weight < 0:
+        raise InputError(f"the condition loss weight must be ≥ 0, got {condition_loss_weight!r}")
+    objective: dict[str, Any] = {"parameterization": parameterization, "loss": "l2 (Eq. 4)"}
+    if loss_weighting != "uniform":
+        objective.update(loss_weighting=loss_weighting, snr_gamma=gamma)
+    if weight > 0:
+        objective["condition_loss_weight"] = weight
+    return objective
+
+
+def _finite(value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise InputError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
 def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum, weight_decay, ema_decay,
            grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every, cldm_config, schedule,
-           scale_factor, lesion_oversample, progress, cancel) -> Path:
-    def loss_for(model_train, autoencoder, schedule, generator, precision):
-        dev = schedule.device
-        scale = getattr(model_train, "module", model_train).scale_factor
-
-        def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-            _, t, eps, z_t = diffuse(autoencoder, schedule, batch["target"].to(dev, non_blocking=True), generator,
-                                     precision, scale)
-            with loop.autocast(precision, dev):
-                eps_hat = model_train(z_t, t, batch["cond"].to(dev, non_blocking=True))
-            return latent_loss(eps, eps_hat), {}  # Eq. 4
-
-        return loss_fn
-
+           scale_factor, lesion_oversample, progress, cancel, *, objective, condition) -> Path:
+    loss_fn_for = functools.partial(base_loss_for, objective=objective)
+    overrides: dict[str, Any] = {} if scale_factor is None else {"scale_factor": scale_factor}
+    if condition is not None or objective.get("condition_loss_weight") or objective["parameterization"] != "eps":
+        overrides.update(_condition_overrides(condition, cldm_config, objective))
     return train_latent_model(
         info, "cldm", ConditionalLDM, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum,
         weight_decay, ema_decay, grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every,
-        cldm_config, schedule, {"parameterization": "eps", "loss": "l2 (Eq. 4)"}, loss_for, progress, cancel,
-        {} if scale_factor is None else {"scale_factor": scale_factor}, lesion_oversample=lesion_oversample)
+        cldm_config, schedule, objective, loss_fn_for, progress, cancel, overrides,
+        lesion_oversample=lesion_oversample)
+
+
+def _condition_overrides(condition: str | None, cldm_config: dict[str, Any] | None,
+                         objective: dict[str, Any]) -> dict[str, Any]:
+    """Network-config entries for ``condition`` (and a z_0 head when the condition loss is on)."""
+    from ctp2mri.models.conditioning import CONDITION_ENCODERS
+    from ctp2mri.profiles import PROFILES
+
+    config = cldm_config or model_config(next(iter(PROFILES)), "cldm")
+    encoder = condition or config.get("condition_encoder", "rescaler")
+    if encoder not in CONDITION_ENCODERS:
+        raise InputError(f"unknown condition encoder {encoder!r}; choose one of {', '.join(CONDITION_ENCODERS)}")
+    residual = objective["parameterization"] != "eps"
+    wants_head = bool(objective.get("condition_loss_weight")) or residual
+    if encoder == "rescaler":
+        if wants_head:
+            raise InputError("the condition loss and the z0-residual parameterization need the perfusion encoder "
+                             "(--condition perfusion); the paper's rescaler has no z_0 head")
+        return {"condition_encoder": "rescaler"}
+    options = dict(config.get("condition_options") or DEFAULT_PERFUSION_ENCODER)
+    options["latent_channels"] = int(config.get("latent_channels", 3)) if wants_head else 0
+    return {"condition_encoder": "perfusion", "condition_options": options,
+            **({"parameterization": objective["parameterization"]} if residual else {})}
+
+
+#: `PerfusionEncoder` widths of ``--condition perfusion`` when the network config names none.
+DEFAULT_PERFUSION_ENCODER: dict[str, Any] = {"out_channels": 32, "hidden_channels": 32, "down_channels": 64,
+                                             "sigmas": [1.0, 2.5]}
+
+
+def base_loss_for(model_train: torch.nn.Module, autoencoder: torch.nn.Module, schedule: NoiseSchedule,
+                  generator: torch.Generator, precision: str, *, objective: dict[str, Any]
+                  ) -> Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]:
+    """The cLDM's per-batch loss: Eq. 4, optionally min-SNR weighted, plus the condition loss."""
+    dev = schedule.device
+    net = getattr(model_train, "module", model_train)
+    scale = net.scale_factor
+    gamma = objective.get("snr_gamma") if objective.get("loss_weighting") == "min-snr" else None
+    weight = float(objective.get("condition_loss_weight") or 0.0)
+    if weight and not net.has_condition_head:
+        raise InputError("the condition loss needs a condition encoder with a z_0 head")
+
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        z0, t, eps, z_t = diffuse(autoencoder, schedule, batch["target"].to(dev, non_blocking=True), generator,
+                                  precision, scale)
+        c = batch["cond"].to(dev, non_blocking=True)
+        a_t = schedule.alphas_cumprod[t]
+        with loop.autocast(precision, dev):
+            out = model_train(z_t, t, c, with_condition_latent=bool(weight), alphas_cumprod_t=a_t)
+        eps_hat, z0_c, lesion_logit = out if weight else (out, None, None)
+        if gamma is None:
+            loss = latent_loss(eps, eps_hat)  # Eq. 4
+        else:
+            loss = weighted_latent_loss(eps, eps_hat, min_snr_weights(schedule.alphas_cumprod[t], gamma))
+        parts: dict[str, float] = {}
+        if weight:
+            aux, parts = condition_loss(z0_c, z0, lesion_logit, batch["lesion"].to(dev, non_blocking=True))
+            parts["condition_loss"] = float(aux.detach())
+            loss = loss + weight * aux
+        return loss, parts
+
+    return loss_fn
 
 
 def _scale_setting(value: float | str | None) -> float | str | None:

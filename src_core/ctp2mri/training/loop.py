@@ -44,8 +44,8 @@ from ctp2mri.training.distributed import DistInfo, all_gather_objects, barrier, 
 
 __all__ = [
     "LOG_FILE", "PRECISIONS", "BatchStream", "Run", "RunLog", "autocast", "base_config", "check_precision",
-    "check_lesion_oversample", "check_resume_config", "command_line", "data_identity", "effective_lr",
-    "lesion_sampling", "load_dataset", "make_grad_scaler", "noise_generator", "prepare_out_dir", "resume_state",
+    "check_lesion_oversample", "check_run_numbers", "check_resume_config", "command_line", "data_identity",
+    "effective_lr", "lesion_sampling", "load_dataset", "make_grad_scaler", "noise_generator", "prepare_out_dir", "resume_state",
     "rng_restore", "rng_snapshot", "sampling_setting", "seed_everything",
 ]
 
@@ -125,6 +125,26 @@ def load_dataset(data: Any, profile: str, seed: int, split: str = "train",
             raise InputError(f"the dataset is on the {data.profile.name} grid but the {profile} profile was asked for")
         return data
     return SliceDataset(data, split=split, profile=profile, seed=seed, progress=progress, cancel=cancel)
+
+
+def check_run_numbers(*, steps: Any, batch_size: Any, seed: Any, num_workers: Any, checkpoint_every: Any,
+                      log_every: Any, lr: Any = None, grad_accum: Any = 1, ema_decay: Any = None,
+                      weight_decay: Any = 0.0, grad_clip: Any = None) -> None:
+    """Refuse a non-finite or out-of-range training setting before anything is loaded.
+
+    NaN slips through ``< 0``-style checks and would train a network into NaN weights (or, as
+    an EMA decay, stop the run at its first step with a bare ValueError)."""
+    from ctp2mri.checks import number, optional_number, whole
+
+    for value, name in ((steps, "steps"), (batch_size, "batch size"), (checkpoint_every, "checkpoint interval"),
+                        (log_every, "log interval"), (grad_accum, "gradient accumulation")):
+        whole(value, name, minimum=1)
+    whole(seed, "seed", minimum=0, maximum=2**63 - 1)
+    whole(num_workers, "num_workers", minimum=0)
+    optional_number(lr, "learning rate", above=0.0)
+    optional_number(ema_decay, "EMA decay", minimum=0.0, maximum=1.0)
+    number(weight_decay, "weight decay", minimum=0.0)
+    optional_number(grad_clip, "gradient clipping norm", above=0.0)
 
 
 def check_lesion_oversample(factor: float | None) -> float | None:
@@ -237,10 +257,21 @@ class BatchStream:
                                           self.batches_per_epoch * self.batch_size]
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True,
                                 num_workers=self.num_workers, pin_memory=self.info.device.type == "cuda",
-                                generator=torch.Generator().manual_seed(self.seed + self.epoch))
+                                generator=torch.Generator().manual_seed(self.seed + self.epoch),
+                                worker_init_fn=_leave_signals_to_the_main_process if self.num_workers else None)
             for batch in loader:
                 self.batch_in_epoch += 1
                 yield batch
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C and SIGTERM: the terminal sends them to the whole process
+    group, and a worker dying of one would abort the run before the main process could save its
+    checkpoint (it stops cleanly after the step and then shuts the workers down)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # output folder, resume -------------------------------------------------------------------------
@@ -395,7 +426,7 @@ class Run:
             save()
         if cancelled:
             raise Cancelled(f"training cancelled at step {step}; the checkpoint in {self.out} resumes it "
-                            "(run the same command with --resume)")
+                            "(run the same command with --resume)", checkpoint=self.out, step=step)
 
 
 def _portable(state: Any) -> Any:

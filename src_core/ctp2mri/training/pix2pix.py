@@ -39,11 +39,16 @@ PIX2PIX_LR = 2e-4  # Pix2Pix's Adam learning rate
 LOG_COLUMNS = ("step", "epoch", "loss", "l1_loss", "g_gan_loss", "d_loss", "lr", "seconds")
 
 
-def pix2pix_generator_loss(x: torch.Tensor, x_hat: torch.Tensor, logits_fake: torch.Tensor,
+def pix2pix_generator_loss(x: torch.Tensor, x_hat: torch.Tensor, logits_fake: torch.Tensor | None,
                            lambda_l1: float = 100.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_G = BCE(D(c, x̂), real) + λ_L1 · mean |x − x̂| (Pix2Pix Eq. 4, vanilla GAN loss)."""
-    gan = F.binary_cross_entropy_with_logits(logits_fake.float(), torch.ones_like(logits_fake, dtype=torch.float32))
+    """L_G = BCE(D(c, x̂), real) + λ_L1 · mean |x − x̂| (Pix2Pix Eq. 4, vanilla GAN loss).
+
+    Without ``logits_fake`` (the L1-only reference regressor) the GAN term is left out.
+    """
     l1 = (x.float() - x_hat.float()).abs().mean()
+    if logits_fake is None:
+        return lambda_l1 * l1, {"l1_loss": float(l1.detach())}
+    gan = F.binary_cross_entropy_with_logits(logits_fake.float(), torch.ones_like(logits_fake, dtype=torch.float32))
     return gan + lambda_l1 * l1, {"l1_loss": float(l1.detach()), "g_gan_loss": float(gan.detach())}
 
 
@@ -62,6 +67,8 @@ def train_pix2pix(
     batch_size: int = 16,
     lr: float | None = None,
     lambda_l1: float = 100.0,
+    adversarial: bool = True,
+    lesion_oversample: float | None = None,
     grad_clip: float | None = None,
     device: str = "auto",
     precision: str = "fp32",
@@ -92,6 +99,13 @@ def train_pix2pix(
         Adam learning rate of both networks (default 2·10⁻⁴, Pix2Pix's; not scaled by batch).
     lambda_l1
         Weight of the L1 term (Pix2Pix's 100).
+    adversarial
+        False trains the generator on the L1 term alone, with no discriminator: the fast
+        deterministic reference regressor ("U-Net (L1)") that shows what a non-generative model
+        learns in the same CPU budget as the cLDM.
+    lesion_oversample
+        Draw slices with lesion this many times as often as the others (`loop.lesion_sampling`);
+        None: uniform, as Pix2Pix.
     grad_clip
         Clip each network's gradient norm to this (off by default).
     device, precision, resume, seed, num_workers, checkpoint_every, log_every
@@ -106,19 +120,23 @@ def train_pix2pix(
     -------
     Path of the run folder / checkpoint (``kind: "pix2pix"``).
     """
-    if not float(lambda_l1) >= 0:
-        raise InputError(f"--lambda-l1 must be a number ≥ 0, got {lambda_l1}")
+    if not 0 <= float(lambda_l1) < float("inf"):
+        raise InputError(f"--lambda-l1 must be a finite number ≥ 0, got {lambda_l1}")
+    loop.check_run_numbers(steps=steps, batch_size=batch_size, seed=seed, num_workers=num_workers,
+                           checkpoint_every=checkpoint_every, log_every=log_every, lr=lr, grad_clip=grad_clip)
     info = init_distributed(device)
     try:
         return _train(info, data, Path(out), profile, int(steps), int(batch_size), lr, float(lambda_l1), grad_clip,
                       precision, resume, int(seed), int(num_workers), int(checkpoint_every), int(log_every),
-                      generator_config, discriminator_config, progress, cancel)
+                      generator_config, discriminator_config, progress, cancel, adversarial=bool(adversarial),
+                      lesion_oversample=loop.check_lesion_oversample(lesion_oversample))
     finally:
         shutdown(info)
 
 
 def _train(info, data, out, profile, steps, batch_size, lr, lambda_l1, grad_clip, precision, resume, seed,
-           num_workers, checkpoint_every, log_every, g_config, d_config, progress, cancel) -> Path:
+           num_workers, checkpoint_every, log_every, g_config, d_config, progress, cancel, *, adversarial: bool = True,
+           lesion_oversample: float | None = None) -> Path:
     dev = info.device
     precision = loop.check_precision(precision, dev)
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
@@ -137,7 +155,10 @@ def _train(info, data, out, profile, steps, batch_size, lr, lambda_l1, grad_clip
         "grad_clip": grad_clip, "precision": precision, "seed": seed, "num_workers": num_workers, "device": str(dev),
         "checkpoint_every": checkpoint_every, "log_every": log_every, "data": loop.data_identity(dataset),
         "pix2pix": g_config, "discriminator": d_config,
+        # recorded only when not the default, so that runs saved before these options resume
+        **({} if adversarial else {"adversarial": False}), **loop.sampling_setting(lesion_oversample),
     }
+    weights, sampling = loop.lesion_sampling(dataset, lesion_oversample, info)
 
     loop.seed_everything(seed)
     gen = Pix2PixGenerator(**g_config).to(dev)
@@ -164,13 +185,14 @@ def _train(info, data, out, profile, steps, batch_size, lr, lambda_l1, grad_clip
 
     g_train = DDP(gen, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else gen
     d_train = DDP(disc, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else disc
-    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, **position)
+    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, weights=weights, **position)
     run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
     gen.train()
     disc.train()
 
     def save() -> None:
-        config = loop.base_config("pix2pix", profile, settings, dataset, step, data, {"inference_network": "model"})
+        config = loop.base_config("pix2pix", profile, settings, dataset, step, data,
+                                  {"inference_network": "model", "sampling": sampling})
         state = {"step": step, "position": stream.position(),
                  "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
                  "scaler": scaler.state_dict() if scaler is not None else None}
@@ -183,23 +205,27 @@ def _train(info, data, out, profile, steps, batch_size, lr, lambda_l1, grad_clip
         x = batch["target"].to(dev, non_blocking=True)
         with loop.autocast(precision, dev):
             x_hat = g_train(c)
-            # Real and synthetic pairs in one forward: DDP allows one forward per backward.
-            logits = d_train(torch.cat([torch.cat([c, x], 1), torch.cat([c, x_hat.detach()], 1)]))
-        logits_real, logits_fake = logits.split(x.shape[0])
-        d_loss = pix2pix_discriminator_loss(logits_real, logits_fake)
-        optimiser_step(opt_d, d_loss, disc, scaler, grad_clip)
-        with loop.autocast(precision, dev):
-            # D scores x̂ for the generator; its own weights get no gradient from this term.
-            disc.requires_grad_(False)
-            logits_fake = disc(torch.cat([c, x_hat], 1))
-            disc.requires_grad_(True)
+        values = {"epoch": stream.epoch, "lr": lr_value}
+        logits_fake = None
+        if adversarial:
+            with loop.autocast(precision, dev):
+                # Real and synthetic pairs in one forward: DDP allows one forward per backward.
+                logits = d_train(torch.cat([torch.cat([c, x], 1), torch.cat([c, x_hat.detach()], 1)]))
+            logits_real, logits_fake = logits.split(x.shape[0])
+            d_loss = pix2pix_discriminator_loss(logits_real, logits_fake)
+            optimiser_step(opt_d, d_loss, disc, scaler, grad_clip)
+            values["d_loss"] = float(d_loss.detach())
+            with loop.autocast(precision, dev):
+                # D scores x̂ for the generator; its own weights get no gradient from this term.
+                disc.requires_grad_(False)
+                logits_fake = disc(torch.cat([c, x_hat], 1))
+                disc.requires_grad_(True)
         g_loss, parts = pix2pix_generator_loss(x, x_hat, logits_fake, lambda_l1)
         optimiser_step(opt_g, g_loss, gen, scaler, grad_clip)
         if scaler is not None:
             scaler.update()
         step += 1
-        values = {"loss": float(g_loss.detach()), "d_loss": float(d_loss.detach()), "epoch": stream.epoch,
-                  "lr": lr_value, **parts}
+        values.update(loss=float(g_loss.detach()), **parts)
         cancelled = run.end_step(step, values)
         run.finish_step(step, cancelled, save)
     return out

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ctp2mri.bundled import resolve_model
 from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.diffusion import BrownianBridge, NoiseSchedule
 from ctp2mri.errors import InputError
@@ -97,7 +98,8 @@ def post_train(
     base
         Checkpoint folder of a trained cLDM (``ctp2mri train-ldm``, or an earlier post-training),
         or of a cBBDM (``ctp2mri train-ldm --model-type cbbdm``): the result has the base's
-        kind, and a cBBDM keeps its bridge objective (and loss type) as the latent term.
+        kind, and a cBBDM keeps its bridge objective (and loss type) as the latent term. A
+        bundled model's name (``demo-base``) works too (`ctp2mri.bundled.resolve_model`).
     out
         Run folder: new or empty, or (``resume``) a post-training run saved before. It ends up a
         cLDM checkpoint like the base's (``model``, ``ema``, ``autoencoder``; the base's
@@ -143,10 +145,13 @@ def post_train(
         if not (np.isfinite(float(value)) and float(value) >= 0):
             raise InputError(f"--{name} must be a finite number ≥ 0, got {value}")
     lesion_oversample = loop.check_lesion_oversample(lesion_oversample)
+    loop.check_run_numbers(steps=steps, batch_size=batch_size, seed=seed, num_workers=num_workers,
+                           checkpoint_every=checkpoint_every, log_every=log_every, lr=lr, grad_accum=grad_accum,
+                           ema_decay=ema_decay, weight_decay=weight_decay, grad_clip=grad_clip)
     info = init_distributed(device)
     try:
-        return _post_train(info, data, Path(base), Path(out), float(lambda_image), float(lambda_lesion), target,
-                           int(steps), int(batch_size), lr, base_lr, scale_lr, int(grad_accum), float(weight_decay),
+        return _post_train(info, data, resolve_model(base), Path(out), float(lambda_image), float(lambda_lesion),
+                           target, int(steps), int(batch_size), lr, base_lr, scale_lr, int(grad_accum), float(weight_decay),
                            float(ema_decay), grad_clip, lesion_oversample, bool(gradient_checkpointing), init,
                            precision, resume, int(seed), int(num_workers), int(checkpoint_every), int(log_every),
                            lesions, progress, cancel)
@@ -301,7 +306,8 @@ def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, sch
     scale = getattr(model, "module", model).scale_factor
     z0, t, eps, z_t = diffuse(autoencoder, schedule, x, generator, precision, scale)
     with loop.autocast(precision, dev):
-        eps_hat = model(z_t, t, batch["cond"].to(dev, non_blocking=True))
+        eps_hat = model(z_t, t, batch["cond"].to(dev, non_blocking=True),
+                        alphas_cumprod_t=schedule.alphas_cumprod[t])
     latent = latent_loss(eps, eps_hat)  # Eq. 4
     parts = {"latent_loss": float(latent.detach()), "lesion_voxels": float(lesion.sum()),
              "lesion_slices": float((lesion.flatten(1).amax(1) > 0).float().mean())}
