@@ -45,13 +45,21 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     result = train_demo(work, "smoke", bundle=bundle, device="cpu", on_stage=said.append)
     rec = RECIPES["smoke"]
     for name, steps in (("autoencoder", rec.ae_steps), ("cldm_base", rec.ldm_steps),
-                        ("cldm_post_trained", rec.pt_steps)):
+                        ("cldm_post_trained", rec.pt_steps), ("reference_unet", rec.reference_steps)):
         assert read_config(work / name)["provenance"]["steps"] == steps
+    # the v4 levers reached their trainers; the reference is the L1-only U-Net
+    base_training = read_config(work / "cldm_base")["training"]
+    assert base_training["parameterization"] == rec.parameterization == "z0-residual"
+    assert base_training["condition_loss_weight"] == rec.condition_loss_weight
+    assert base_training["lesion_latent_weight"] == rec.lesion_latent_weight
+    assert read_config(work / "autoencoder")["training"]["lesion_weight"] == rec.ae_lesion_weight
+    assert read_config(work / "reference_unet")["training"]["adversarial"] is False
+    assert "timings_s" in result and "reference" in result["timings_s"]
     for name, factor in (("autoencoder", rec.ae_lesion_oversample), ("cldm_base", rec.ldm_lesion_oversample)):
         assert factor and read_config(work / name)["training"]["lesion_oversample"] == factor  # reached the trainer
     # The bundle ships weights only: no optimiser state, no discriminator, EMA + autoencoder.
     for name, networks in (("autoencoder", {"model"}), ("cldm_base", {"ema", "autoencoder"}),
-                           ("cldm_post_trained", {"ema", "autoencoder"})):
+                           ("cldm_post_trained", {"ema", "autoencoder"}), ("reference_unet", {"model"})):
         files = {p.name for p in (bundle / name).iterdir()}
         assert set(read_config(bundle / name)["networks"]) == networks
         assert {f"{n}.safetensors" for n in networks} <= files
@@ -64,14 +72,15 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     scales = [load_checkpoint(bundle / name, names=["ema"])[0]["ema"].scale_factor
               for name in ("cldm_base", "cldm_post_trained")]
     assert rec.ldm_scale_factor == "auto" and scales[0] == scales[1] != 1.0
-    # Base and post-trained were evaluated alike on the test split.
+    # Base, post-trained and reference were evaluated alike on the test split.
     rows = (work / "evaluation" / "per_case.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * len(json.loads((work / "data" / "splits.json").read_text())["test"])
-    assert set(result["summary"]) == {"cLDM (base)", "cLDM-PT (λ_image 0.01, λ_lesion 0.02)"}
+    assert len(rows) == 1 + 3 * len(json.loads((work / "data" / "splits.json").read_text())["test"])
+    assert set(result["summary"]) == {"cLDM (base)", "cLDM-PT (λ_image 0.01, λ_lesion 0.02)", "U-Net (L1), reference"}
+    assert "lesion_auc" in rows[0] and "perfusion_core_dice" in rows[0]
     # A second run finds every stage done and trains nothing.
     said.clear()
     train_demo(work, "smoke", device="cpu", evaluate_models=False, on_stage=said.append)
-    assert sum("done" in line for line in said) == 3
+    assert sum("done" in line for line in said) == 4
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--model", str(bundle / "cldm_post_trained"), "--steps", "2",

@@ -210,3 +210,36 @@ def test_z0_residual_training_records_and_samples(plain, ae_dir, tmp_path):
     assert cfg["networks"]["ema"]["config"]["condition_options"]["latent_channels"] == 3
     images = sample_slices(load_model(out, "cpu"), torch.as_tensor(plain.cond[:1], dtype=torch.float32), n_steps=3)
     assert torch.isfinite(images).all()
+
+
+def test_lesion_latent_loss_is_eq7_in_latent_space(plain, ae_dir, tmp_path):
+    from ctp2mri.losses import lesion_latent_loss
+
+    z0, z0_hat = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    z0_hat[0, :, 0, 0] = 2.0
+    lesion = torch.zeros(2, 1, 16, 16)
+    lesion[0, 0, :2, :4] = 1  # half of latent pixel (0, 0)
+    # Σ m (z0 − ẑ0)² / (Σ m · C) = 0.5 · 3 · 4 / (0.5 · 3)
+    assert float(lesion_latent_loss(z0, z0_hat, lesion)) == pytest.approx(4.0)
+    assert float(lesion_latent_loss(z0, z0_hat, torch.zeros_like(lesion))) == 0.0
+    config = {**TINY_CLDM, "condition_options": TINY_ENCODER}
+    out = train_ldm(plain, ae_dir, tmp_path / "les", steps=2, batch_size=4, lr=1e-3, cldm_config=config,
+                    condition="perfusion", parameterization="z0-residual", lesion_latent_weight=1.0, **COMMON)
+    assert read_config(out)["training"]["lesion_latent_weight"] == 1.0
+    with open(out / "log.csv") as f:
+        assert all(r["lesion_latent_loss"] != "" for r in csv.DictReader(f))
+
+
+def test_post_training_keeps_the_base_objective_and_parameterization(plain, ae_dir, tmp_path):
+    from ctp2mri.training import post_train
+
+    config = {**TINY_CLDM, "condition_options": TINY_ENCODER}
+    base = train_ldm(plain, ae_dir, tmp_path / "base", steps=2, batch_size=4, lr=1e-3, cldm_config=config,
+                     condition="perfusion", loss_weighting="min-snr", parameterization="z0-residual", **COMMON)
+    out = post_train(plain, base, tmp_path / "pt", steps=2, batch_size=4, lr=1e-3, **COMMON)
+    training = read_config(out)["training"]
+    assert training["parameterization"] == "z0-residual"
+    assert training["loss_weighting"] == "min-snr" and training["snr_gamma"] == 5.0
+    assert read_config(out)["networks"]["ema"]["config"]["parameterization"] == "z0-residual"
+    images = sample_slices(load_model(out, "cpu"), torch.as_tensor(plain.cond[:1], dtype=torch.float32), n_steps=2)
+    assert torch.isfinite(images).all()

@@ -1,6 +1,6 @@
 """The digital stroke phantom: geometry, indicator-dilution physics, diffusion contrast, lesions.
 
-Every check is a physical or geometric fact from /work/shared/phantom.md, measured on real
+Every check is a physical or geometric fact from docs/phantom.md, measured on real
 generated cases (demo profile) with the noise averaged out over many voxels.
 """
 

@@ -1,4 +1,4 @@
-"""One case → normalised axial slices (the DESIGN.md normalisation contract).
+"""One case → normalised axial slices (the normalisation contract of docs/contracts.md).
 
 Shared by the training dataset (`ctp2mri.data`), evaluation and synthesis, so that every
 path normalises a case the same way: CTP [0, 200] HU → [−1, 1], DWI/ADC clipped to the

@@ -1,4 +1,4 @@
-"""The case-folder contract (DESIGN.md): one folder per patient, five NIfTI files on one grid.
+"""The case-folder contract (docs/contracts.md): one folder per patient, five NIfTI files on one grid.
 
 ``ctp.nii.gz`` (4-D x·y·z·t, HU), ``dwi.nii.gz``, ``adc.nii.gz`` (10⁻⁶ mm²/s),
 ``lesion.nii.gz`` (uint8), ``mask.nii.gz`` (uint8 brain mask), optional ``case.json``.

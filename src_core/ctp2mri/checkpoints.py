@@ -1,6 +1,6 @@
 """Checkpoints: a folder of ``config.json`` + safetensors files. Loading never unpickles.
 
-Layout (DESIGN.md "Checkpoint" contract)::
+Layout (docs/contracts.md, "Checkpoint")::
 
     my-model/
       config.json                   format, version, kind, profile, networks, schedule,

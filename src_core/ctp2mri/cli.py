@@ -158,10 +158,12 @@ def _cmd_train_ldm(args: argparse.Namespace) -> int:
     extra: dict = {} if args.scale_factor is None else {"scale_factor": args.scale_factor}
     if args.model_type == "cldm":
         extra.update(condition=args.condition, loss_weighting=args.loss_weighting,
-                     condition_loss_weight=args.condition_loss, parameterization=args.parameterization)
+                     condition_loss_weight=args.condition_loss, parameterization=args.parameterization,
+                     lesion_latent_weight=args.lesion_latent_weight)
     elif (args.condition not in (None, "rescaler") or args.loss_weighting != "uniform" or args.condition_loss
-          or args.parameterization != "eps"):
-        raise InputError("--condition, --loss-weighting, --condition-loss and --parameterization apply to the cLDM only")
+          or args.parameterization != "eps" or args.lesion_latent_weight):
+        raise InputError("--condition, --loss-weighting, --condition-loss, --parameterization and "
+                         "--lesion-latent-weight apply to the cLDM only")
     progress, close = _rank0_progress("train-ldm")
     try:
         out = train(args.data, args.autoencoder, args.out, steps=args.steps,
@@ -295,6 +297,8 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     ldm.add_argument("--parameterization", choices=["eps", "z0-residual"], default="eps",
                      help="eps: the UNet predicts the noise (the paper); z0-residual: it refines the perfusion "
                      "encoder's own estimate of the latent (predict and refine)")
+    ldm.add_argument("--lesion-latent-weight", type=_NONNEGATIVE, default=0.0, metavar="W",
+                     help="add W × ‖M⊙(z0 − ẑ0)‖², Eq. 7 in latent space, to the base objective (0: off, the paper)")
     ldm.set_defaults(func=_cmd_train_ldm)
 
     pt = sub.add_parser("post-train", help="lesion-aware post-training of a cLDM or cBBDM (Eq. 5–8)",
@@ -533,7 +537,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    "name from the checkpoint: cLDM, cLDM-PT, cBBDM, cBBDM-PT, Pix2Pix); repeat to compare; "
                    "a single autoencoder checkpoint gives reconstruction metrics")
     p.add_argument("--data", required=True, type=Path, help="data folder with case folders and splits.json")
-    p.add_argument("--split", default="test", help="split of splits.json (default test)")
+    p.add_argument("--split", default="test", help="split of splits.json (default test), or all: every case folder")
     p.add_argument("--no-perfusion", action="store_true",
                    help="skip the CTP perfusion core (rCBF < 30 %%) scored beside the models' cores")
     p.add_argument("--steps", type=_COUNT, default=200, help="sampler steps (default 200, DDIM as the paper)")
@@ -567,7 +571,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from ctp2mri.evaluate_autoencoder import evaluate_autoencoder, format_autoencoder_report
 
         print(format_autoencoder_report(evaluate_autoencoder(
-            args.model[0], args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+            args.model[0], args.data, split=None if args.split == "all" else args.split, batch_size=args.batch_size,
+            device=args.device,
             figure=args.figure)))
         if args.figure:
             print(f"figure: {args.figure}")
@@ -588,7 +593,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     fid_message = fid_status(args.fid_weights)
     progress, close = tqdm_progress("evaluate", unit="slice-step")
     try:
-        rows, summary = evaluate(None, args.data, split=args.split, n_steps=args.steps,
+        rows, summary = evaluate(None, args.data, split=None if args.split == "all" else args.split, n_steps=args.steps,
                                  eta=args.eta, seed=args.seed, batch_size=args.batch_size,
                                  device=args.device, out_csv=args.out, progress=progress,
                                  max_cases=args.max_cases, figure=args.figure,
@@ -679,14 +684,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train-demo", help="reproduce the bundled demo models (≈1 h 20 min on a 2-core CPU)",
-                       description="Phantom data → autoencoder → base cLDM → lesion-aware post-training → "
-                       "bundle → evaluation of base vs post-trained on the test split. Each stage is a "
-                       "resumable run in --out; re-running continues an interrupted recipe.")
+                       description="Phantom data → autoencoder → base cLDM (beside it, the L1 reference U-Net) → "
+                       "lesion-aware post-training → bundle → evaluation of base, post-trained and reference on "
+                       "the test split. Each stage is a resumable run in --out; re-running continues an "
+                       "interrupted recipe.")
     t.add_argument("--out", type=Path, required=True, help="work folder (data, runs, evaluation)")
     t.add_argument("--bundle", type=Path, help="copy the shippable weights here (e.g. resources/models/demo)")
-    t.add_argument("--recipe", choices=["demo", "demo-v2", "smoke"], default="demo",
-                   help="demo (the bundled models' recipe), demo-v2 (the previous bundle's) or smoke "
-                   "(seconds; checks the pipeline)")
+    t.add_argument("--recipe", choices=["demo", "demo-paper", "demo-v3", "demo-v2", "smoke"], default="demo",
+                   help="demo (the bundled models' recipe, v4), demo-paper (v4's data and steps with the paper's "
+                   "condition and objective), demo-v3 / demo-v2 (earlier bundles) or smoke (seconds, useless models)")
     t.add_argument("--device", default="cpu", help="training device (default cpu: the recipe's timings)")
     t.add_argument("--threads", type=cli_whole(minimum=0), default=0,
                    help="torch CPU threads (0: torch's default; 1 is faster on a machine busy with other work)")

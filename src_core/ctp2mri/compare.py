@@ -12,7 +12,7 @@ Conventions
 -----------
 * Arrays are 3-D ``(X, Y, Z)`` volumes on one grid, axial slices along ``Z`` (the last axis),
   as in `ctp2mri.io.volume.Volume`; ``spacing`` is ``(x, y, z)`` in mm.
-* DWI and ADC are compared in the contract's normalised space (DESIGN.md): clipped to the
+* DWI and ADC are compared in the contract's normalised space (docs/contracts.md): clipped to the
   0.5–99.5 % brain quantiles and mapped to [−1, 1], times the brain mask. Both the ground
   truth and the synthetic image are mapped with the **ground truth's** quantile range.
   Normalising the synthetic image with its own quantiles would hide global intensity

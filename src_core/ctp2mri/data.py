@@ -9,7 +9,7 @@ left-right flip is a flip of H) and columns along the second (posterior → ante
 key         shape        content
 ==========  ===========  =======================================================================
 ``target``  (2, H, W)    DWI, ADC: clipped to the case's 0.5–99.5 % brain quantiles → [−1, 1],
-                         × brain (DESIGN.md normalisation contract), float32
+                         × brain (normalisation contract, docs/contracts.md), float32
 ``cond``    (T, H, W)    the T = 15 CTP frames: [0, 200] HU → [−1, 1], × brain, float32
 ``brain``   (1, H, W)    brain mask, float32 in {0, 1}
 ``lesion``  (1, H, W)    lesion (infarct core) mask inside the brain, float32 in {0, 1}

@@ -6,7 +6,7 @@ call these, so the numbers agree everywhere.
 
 Conventions
 -----------
-* Images are compared in the normalised space of the contract (DESIGN.md): DWI and ADC
+* Images are compared in the normalised space of the contract (docs/contracts.md): DWI and ADC
   clipped to the case's 0.5–99.5 % brain quantiles and mapped to [−1, 1], times the brain
   mask. The data range is therefore 2, the default of `psnr` and `ms_ssim`; MAE is in the
   same units. (Code that maps to [0, 1] instead reports MAE halved and PSNR 6.02 dB lower.)

@@ -1,6 +1,6 @@
 """From a scanner's CT perfusion (and MRI) to a case folder on the model grid.
 
-Brain mask from the CTP itself, the normalisation contract (DESIGN.md), 15-frame temporal
+Brain mask from the CTP itself, the normalisation contract (docs/contracts.md), 15-frame temporal
 resampling and `preprocess_case`, the core of ``ctp2mri preprocess``. Spatial resampling
 lives in `ctp2mri.resample`, CTP → DWI registration in `ctp2mri.registration`; both are
 re-exported here.
@@ -200,7 +200,7 @@ def _ellipsoid(radius_voxels: np.ndarray) -> np.ndarray:
     return sum(g**2 for g in grid) <= 1.0
 
 
-# normalisation (DESIGN.md contract) ------------------------------------------------------
+# normalisation (docs/contracts.md) ------------------------------------------------------
 def _brain(mask: Volume | np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
     m = np.asarray(mask.array if isinstance(mask, Volume) else mask) != 0
     if shape[: m.ndim] != m.shape:
@@ -501,7 +501,7 @@ def _preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: Path, prof: 
             "none: CTP and MRI assumed to share world coordinates" if mri else None),
         "temporal": {"n_frames_in": ctp.n_frames, "n_frames": ctp_t.n_frames,
                      "times_s": np.round(ctp_t.frame_times, 3).tolist()},
-        "stored": "CTP in raw HU (int16); normalisation happens at training time (DESIGN.md)",
+        "stored": "CTP in raw HU (int16); normalisation happens at training time (docs/contracts.md)",
         "notices": notices,
     }}
     case = Case(ctp=ctp_t, mask=mask_g, info=info, **mri_g)

@@ -1,4 +1,4 @@
-"""Model grids of the two profiles (DESIGN.md, phantom.md).
+"""Model grids of the two profiles (docs/contracts.md, docs/phantom.md).
 
 ``paper``: the paper's 1 × 1 × 5 mm grid with 192 × 224 axial slices.
 ``demo``: 2 × 2 × 5 mm with 96 × 112 slices, small enough for a 2-core CPU.

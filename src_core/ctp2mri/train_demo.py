@@ -64,6 +64,7 @@ class DemoRecipe:
     loss_weighting: str = "uniform"  # Eq. 4 as the paper, or "min-snr"
     condition_loss_weight: float = 0.0  # the perfusion encoder's auxiliary heads (0: off)
     parameterization: str = "eps"  # or "z0-residual": the UNet refines the encoder's estimate
+    lesion_latent_weight: float = 0.0  # Eq. 7 in latent space in the base objective (0: off)
     ema_decay: float = 0.999
     pt_steps: int = 600
     pt_batch: int = 8
@@ -79,17 +80,29 @@ class DemoRecipe:
     seed: int = 0
 
 
+#: The levers that make the v4 bundle draw the infarct core (REPORT.md §D): the autoencoder's
+#: lesion term, the learned perfusion encoder with lesion-aware heads, min-SNR weighting, the
+#: predict-and-refine parameterization, Eq. 7 in latent space, and the L1 reference beside it.
+V4_LEVERS = dict(ae_lesion_weight=0.3, condition="perfusion", loss_weighting="min-snr", condition_loss_weight=1.0,
+                 parameterization="z0-residual", lesion_latent_weight=1.0)
+
 RECIPES: dict[str, DemoRecipe] = {
-    # ~1 h 20 min on a 2-core CPU: what resources/models/demo (v3) was trained with. 160 cases
+    # what resources/models/demo (v4) was trained with (REPORT.md §D, the times in recipe.json):
+    # phantom 2.0, the v3 data and sampling, the levers above; the reference U-Net trains in a
+    # second process beside the base cLDM, one thread each.
+    "demo": DemoRecipe(ldm_steps=3000, reference_steps=8000, **V4_LEVERS),
+    # the v4 recipe with the paper's condition and objective: the rescaler, Eq. 4 (REPORT.md §D)
+    "demo-paper": DemoRecipe(ldm_steps=3000),
+    # ~1 h 20 min on a 2-core CPU: the third bundle (v3, REPORT.md §A–C history). 160 cases
     # (25 training lesions over 7 ml, against 3 in v2's 32) and lesion slices drawn more often
     # at every stage: v2's autoencoder, trained without either, erased the ADC lesion (REPORT.md §C).
-    "demo": DemoRecipe(),
+    "demo-v3": DemoRecipe(),
     # the second bundle (v2, REPORT.md §1–5 history): 32 cases, uniform draws, 1000/5000/300 steps
     "demo-v2": DemoRecipe(cases=32, ae_steps=1000, ae_lesion_oversample=None, ldm_steps=5000,
                           ldm_lesion_oversample=None, pt_steps=300, pt_lesion_oversample=None),
     # seconds: exercises the whole pipeline (tests, a smoke run); the models are useless.
     "smoke": DemoRecipe(cases=5, ae_steps=3, ae_batch=2, codebook_restart=2, ldm_steps=3, ldm_batch=2,
-                        pt_steps=2, pt_batch=2, eval_steps=2),
+                        pt_steps=2, pt_batch=2, eval_steps=2, reference_steps=2, reference_batch=2, **V4_LEVERS),
 }
 
 
@@ -124,13 +137,102 @@ def bundle_checkpoint(run: str | os.PathLike, dest: str | os.PathLike, networks:
     return dest
 
 
+def _train_reference(data: str, run: str, rec: dict[str, Any], device: str, resume: bool, threads: int | None
+                     ) -> tuple[str, float]:
+    """The L1 reference U-Net of a recipe; returns (run folder, seconds)."""
+    import torch
+
+    from ctp2mri.training.pix2pix import train_pix2pix
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    out = train_pix2pix(data, run, profile="demo", steps=rec["reference_steps"], batch_size=rec["reference_batch"],
+                        adversarial=False, lesion_oversample=rec["ldm_lesion_oversample"], device=device,
+                        resume=resume, seed=rec["seed"], checkpoint_every=max(1, rec["reference_steps"] // 4),
+                        num_workers=0)
+    return str(out), time.perf_counter() - start
+
+
+def _reference_child(connection: Any, *args: Any) -> None:
+    """Entry of the spawned process: the result, or the error's text, goes back through the pipe."""
+    try:
+        connection.send(("ok", _train_reference(*args)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        connection.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        connection.close()
+
+
+class _ReferenceStage:
+    """The reference stage: in a spawned process with one thread while the base trains (CPU), or
+    in this process after it (GPU). `abort` stops the child when the recipe is interrupted; the
+    child's last checkpoint lets a rerun resume it."""
+
+    def __init__(self, out: Path, data: Path, rec: DemoRecipe, device: str, say: Callable[[str], None],
+                 timings: dict[str, float], timed: Callable[[str, Callable[[], Any]], Any]) -> None:
+        self.run = out / BUNDLE_NAMES["reference"]
+        self.args = (str(data), str(self.run), asdict(rec), device)
+        self.steps, self.say, self.timings, self.timed = rec.reference_steps, say, timings, timed
+        self.state = _stage_done(self.run, self.steps)
+        self.process: Any = None
+
+    def start(self) -> None:
+        import multiprocessing
+
+        import torch
+
+        if self.state:
+            self.say(f"reference: done ({self.steps} steps) in {self.run}")
+            return
+        if self.args[3] != "cpu":
+            return  # a GPU trains one model at a time: after the base, in `result`
+        self.say(f"reference: {'resuming' if self.state is False else 'training'} {self.steps} steps → {self.run}, "
+                 "in a second process beside the base cLDM (one thread each)")
+        self.threads_before = torch.get_num_threads()
+        torch.set_num_threads(max(1, self.threads_before - 1))
+        context = multiprocessing.get_context("spawn")
+        self.connection, child_end = context.Pipe(duplex=False)
+        self.process = context.Process(target=_reference_child, args=(child_end, *self.args, self.state is False, 1),
+                                       daemon=True)
+        self.process.start()
+        child_end.close()
+
+    def abort(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+
+    def result(self) -> Path:
+        if self.state:
+            return self.run
+        if self.process is None:
+            self.say(f"reference: {'resuming' if self.state is False else 'training'} {self.steps} steps → {self.run}")
+            return Path(self.timed("reference", lambda: _train_reference(*self.args, self.state is False, None))[0])
+        import torch
+
+        try:
+            status, value = self.connection.recv()
+        except EOFError:
+            status, value = "error", f"the process stopped with exit code {self.process.exitcode}"
+        finally:
+            self.process.join()
+            torch.set_num_threads(self.threads_before)
+        if status != "ok":
+            raise InputError(f"the reference U-Net's training failed ({value}); rerun train-demo to resume it")
+        path, seconds = value
+        self.timings["reference"] = round(self.timings.get("reference", 0.0) + seconds, 1)
+        return Path(path)
+
+
 def _base_objective(rec: DemoRecipe) -> dict[str, Any]:
     """The base cLDM's condition and objective settings (nothing for the paper's: older runs resume)."""
     if (rec.condition == "rescaler" and rec.loss_weighting == "uniform" and not rec.condition_loss_weight
-            and rec.parameterization == "eps"):
+            and rec.parameterization == "eps" and not rec.lesion_latent_weight):
         return {}
     return {"condition": rec.condition, "loss_weighting": rec.loss_weighting,
-            "condition_loss_weight": rec.condition_loss_weight, "parameterization": rec.parameterization}
+            "condition_loss_weight": rec.condition_loss_weight, "parameterization": rec.parameterization,
+            "lesion_latent_weight": rec.lesion_latent_weight}
 
 
 def _stage_progress(progress: ProgressCallback | None, stage: str) -> ProgressCallback | None:
@@ -175,7 +277,6 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
     """
     from ctp2mri.phantom import generate_dataset
     from ctp2mri.training import post_train, train_autoencoder, train_ldm
-    from ctp2mri.training.pix2pix import train_pix2pix
 
     rec = RECIPES[recipe] if isinstance(recipe, str) else recipe
     if isinstance(recipe, str) and recipe not in RECIPES:
@@ -216,25 +317,32 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
         lesion_oversample=rec.ae_lesion_oversample, lesion_weight=rec.ae_lesion_weight, device=device, resume=resume,
         seed=rec.seed, checkpoint_every=max(1, rec.ae_steps // 4), num_workers=0,
         progress=_stage_progress(progress, "autoencoder"), cancel=cancel))
-    base = stage("base", rec.ldm_steps, lambda resume: train_ldm(
-        data, ae, out / "cldm_base", steps=rec.ldm_steps, batch_size=rec.ldm_batch, lr=rec.ldm_lr,
-        ema_decay=rec.ema_decay, scale_factor=rec.ldm_scale_factor, lesion_oversample=rec.ldm_lesion_oversample,
-        device=device, resume=resume, seed=rec.seed,
-        checkpoint_every=max(1, rec.ldm_steps // 4), num_workers=0,
-        progress=_stage_progress(progress, "base cLDM"), cancel=cancel, **_base_objective(rec)))
-    post = stage("post_trained", rec.pt_steps, lambda resume: post_train(
-        data, base, out / "cldm_post_trained", lambda_image=rec.lambda_image, lambda_lesion=rec.lambda_lesion,
-        target=rec.target, steps=rec.pt_steps, batch_size=rec.pt_batch, lr=rec.pt_lr, ema_decay=rec.ema_decay,
-        lesion_oversample=rec.pt_lesion_oversample, device=device, resume=resume, seed=rec.seed,
-        checkpoint_every=max(1, rec.pt_steps // 3), num_workers=0,
-        progress=_stage_progress(progress, "post-training"), cancel=cancel))
+    # The reference regressor trains beside the base cLDM, in its own process on the other core:
+    # the same CPU time, without adding it to the recipe's wall time (sequentially, when the
+    # base is on a GPU or the reference is done).
+    reference = _ReferenceStage(out, data, rec, device, say, timings, timed) if rec.reference_steps else None
+    if reference is not None:
+        reference.start()
+    try:
+        base = stage("base", rec.ldm_steps, lambda resume: train_ldm(
+            data, ae, out / "cldm_base", steps=rec.ldm_steps, batch_size=rec.ldm_batch, lr=rec.ldm_lr,
+            ema_decay=rec.ema_decay, scale_factor=rec.ldm_scale_factor, lesion_oversample=rec.ldm_lesion_oversample,
+            device=device, resume=resume, seed=rec.seed,
+            checkpoint_every=max(1, rec.ldm_steps // 4), num_workers=0,
+            progress=_stage_progress(progress, "base cLDM"), cancel=cancel, **_base_objective(rec)))
+        post = stage("post_trained", rec.pt_steps, lambda resume: post_train(
+            data, base, out / "cldm_post_trained", lambda_image=rec.lambda_image, lambda_lesion=rec.lambda_lesion,
+            target=rec.target, steps=rec.pt_steps, batch_size=rec.pt_batch, lr=rec.pt_lr, ema_decay=rec.ema_decay,
+            lesion_oversample=rec.pt_lesion_oversample, device=device, resume=resume, seed=rec.seed,
+            checkpoint_every=max(1, rec.pt_steps // 3), num_workers=0,
+            progress=_stage_progress(progress, "post-training"), cancel=cancel))
+    except BaseException:
+        if reference is not None:
+            reference.abort()  # the child keeps its last checkpoint: a rerun resumes it
+        raise
     paths = {"data": data, "autoencoder": ae, "base": base, "post_trained": post}
-    if rec.reference_steps:
-        paths["reference"] = stage("reference", rec.reference_steps, lambda resume: train_pix2pix(
-            data, out / BUNDLE_NAMES["reference"], profile="demo", steps=rec.reference_steps,
-            batch_size=rec.reference_batch, adversarial=False, lesion_oversample=rec.ldm_lesion_oversample,
-            device=device, resume=resume, seed=rec.seed, checkpoint_every=max(1, rec.reference_steps // 2),
-            num_workers=0, progress=_stage_progress(progress, "reference U-Net"), cancel=cancel))
+    if reference is not None:
+        paths["reference"] = reference.result()
 
     if bundle is not None:
         bundle = ensure_writable_dir(Path(bundle))

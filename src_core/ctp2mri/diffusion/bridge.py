@@ -23,7 +23,7 @@ t = T is y, training draws t ∈ {1, …, T}. BBDM's code instead uses T values 
 from 0.001 to 0.999 to stay clear of 0/0 at the ends; here the two ends are handled in
 closed form (see `BrownianBridge.posterior_variance` and `bridge_step`), so m reaches 0 and 1.
 
-Like the noise schedule, the bridge knows nothing of the network (STYLE.md).
+Like the noise schedule, the bridge knows nothing of the network.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Timestep = Union[int, torch.Tensor]
 class NoiseSchedule:
     """CompVis "linear" schedule: √β_t linear from √β_start to √β_end over T steps.
 
-    Holds only the schedule: it knows nothing of the network (STYLE.md). All arrays are
+    Holds only the schedule: it knows nothing of the network. All arrays are
     computed and kept in float64 so that the per-step coefficients are exact to ~1e-15; they
     are cast to the working dtype of the latents only when applied.
 

@@ -1,7 +1,7 @@
 """Digital stroke phantom: paired CT perfusion and diffusion MRI with known ground truth.
 
 No public CTP/DWI pairs can be downloaded, so the project makes its own from physics
-(/work/shared/phantom.md): MNI152 anatomy warped per case (`anatomy`), an infarct core in a
+(docs/phantom.md): MNI152 anatomy warped per case (`anatomy`), an infarct core in a
 larger penumbra within a vascular territory (`lesions`), indicator-dilution CT perfusion
 (`perfusion`) and b0/DWI/ADC with Rician noise (`diffusion`), assembled by `generate`.
 """

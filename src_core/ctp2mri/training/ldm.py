@@ -29,7 +29,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.diffusion import NoiseSchedule
 from ctp2mri.errors import InputError
-from ctp2mri.losses import condition_loss, latent_loss, min_snr_weights, weighted_latent_loss
+from ctp2mri.losses import (
+    condition_loss,
+    latent_loss,
+    lesion_latent_loss,
+    min_snr_weights,
+    weighted_latent_loss,
+)
 from ctp2mri.models import ConditionalLDM, model_config
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.training import loop
@@ -39,8 +45,8 @@ from ctp2mri.training.ema import EMA
 __all__ = ["LDM_BASE_LR", "diffuse", "latent_scale_factor", "optimise", "restore_run", "train_latent_model", "train_ldm"]
 
 LDM_BASE_LR = 2e-6  # base_learning_rate of the official ldm.yaml (and the paper)
-LOG_COLUMNS = ("step", "epoch", "loss", "condition_loss", "condition_latent", "condition_lesion", "condition_bce",
-               "lr", "seconds")
+LOG_COLUMNS = ("step", "epoch", "loss", "lesion_latent_loss", "condition_loss", "condition_latent", "condition_lesion",
+               "condition_bce", "lr", "seconds")
 
 
 def train_ldm(
@@ -72,6 +78,7 @@ def train_ldm(
     snr_gamma: float = 5.0,
     condition_loss_weight: float = 0.0,
     parameterization: str = "eps",
+    lesion_latent_weight: float = 0.0,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> Path:
@@ -140,6 +147,10 @@ def train_ldm(
         ``"eps"`` (the paper) or ``"z0-residual"``: the UNet refines the perfusion encoder's own
         estimate of z_0 (`ctp2mri.models.ConditionalLDM`); the loss stays the ε-loss (Eq. 4,
         optionally min-SNR weighted), computed from the ε̂ that estimate implies.
+    lesion_latent_weight
+        Weight of `ctp2mri.losses.lesion_latent_loss`, ‖M ⊙ (z_0 − ẑ_0)‖² with ẑ_0 from Eq. 5,
+        added to the base objective (0: off, as the paper, which uses the lesion only in
+        post-training).
     progress, cancel
         ``progress(step, steps, {"loss", "lr", …})`` after each step; a cancel saves a
         resumable checkpoint, then raises `ctp2mri.errors.Cancelled`.
@@ -151,7 +162,8 @@ def train_ldm(
     loop.check_run_numbers(steps=steps, batch_size=batch_size, seed=seed, num_workers=num_workers,
                            checkpoint_every=checkpoint_every, log_every=log_every, lr=lr, grad_accum=grad_accum,
                            ema_decay=ema_decay, weight_decay=weight_decay, grad_clip=grad_clip)
-    objective = latent_objective(loss_weighting, snr_gamma, condition_loss_weight, parameterization)
+    objective = latent_objective(loss_weighting, snr_gamma, condition_loss_weight, parameterization,
+                                 lesion_latent_weight)
     info = init_distributed(device)
     try:
         return _train(info, data, Path(autoencoder), Path(out), int(steps), int(batch_size), lr, base_lr, scale_lr,
@@ -168,7 +180,8 @@ LOSS_WEIGHTINGS = ("uniform", "min-snr")
 
 
 def latent_objective(loss_weighting: str = "uniform", snr_gamma: float = 5.0,
-                     condition_loss_weight: float = 0.0, parameterization: str = "eps") -> dict[str, Any]:
+                     condition_loss_weight: float = 0.0, parameterization: str = "eps",
+                     lesion_latent_weight: float = 0.0) -> dict[str, Any]:
     """The base objective's settings as recorded in a checkpoint (validated)."""
     from ctp2mri.models.cldm import PARAMETERIZATIONS
 
@@ -186,6 +199,11 @@ def latent_objective(loss_weighting: str = "uniform", snr_gamma: float = 5.0,
         objective.update(loss_weighting=loss_weighting, snr_gamma=gamma)
     if weight > 0:
         objective["condition_loss_weight"] = weight
+    lesion_weight = _finite(lesion_latent_weight, "the lesion latent weight")
+    if lesion_weight < 0:
+        raise InputError(f"the lesion latent weight must be ≥ 0, got {lesion_latent_weight!r}")
+    if lesion_weight > 0:
+        objective["lesion_latent_weight"] = lesion_weight
     return objective
 
 
@@ -250,6 +268,7 @@ def base_loss_for(model_train: torch.nn.Module, autoencoder: torch.nn.Module, sc
     scale = net.scale_factor
     gamma = objective.get("snr_gamma") if objective.get("loss_weighting") == "min-snr" else None
     weight = float(objective.get("condition_loss_weight") or 0.0)
+    lesion_weight = float(objective.get("lesion_latent_weight") or 0.0)
     if weight and not net.has_condition_head:
         raise InputError("the condition loss needs a condition encoder with a z_0 head")
 
@@ -261,14 +280,17 @@ def base_loss_for(model_train: torch.nn.Module, autoencoder: torch.nn.Module, sc
         with loop.autocast(precision, dev):
             out = model_train(z_t, t, c, with_condition_latent=bool(weight), alphas_cumprod_t=a_t)
         eps_hat, z0_c, lesion_logit = out if weight else (out, None, None)
-        if gamma is None:
-            loss = latent_loss(eps, eps_hat)  # Eq. 4
-        else:
-            loss = weighted_latent_loss(eps, eps_hat, min_snr_weights(schedule.alphas_cumprod[t], gamma))
+        snr_weights = None if gamma is None else min_snr_weights(a_t, gamma)
+        loss = latent_loss(eps, eps_hat) if gamma is None else weighted_latent_loss(eps, eps_hat, snr_weights)  # Eq. 4
         parts: dict[str, float] = {}
+        if lesion_weight:
+            z0_hat = schedule.predict_z0(z_t, t, eps_hat.float())  # Eq. 5
+            lesion_term = lesion_latent_loss(z0, z0_hat, batch["lesion"].to(dev, non_blocking=True))
+            parts["lesion_latent_loss"] = float(lesion_term.detach())
+            loss = loss + lesion_weight * lesion_term
         if weight:
-            aux, parts = condition_loss(z0_c, z0, lesion_logit, batch["lesion"].to(dev, non_blocking=True))
-            parts["condition_loss"] = float(aux.detach())
+            aux, aux_parts = condition_loss(z0_c, z0, lesion_logit, batch["lesion"].to(dev, non_blocking=True))
+            parts.update(aux_parts, condition_loss=float(aux.detach()))
             loss = loss + weight * aux
         return loss, parts
 

@@ -39,7 +39,7 @@ from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.diffusion import BrownianBridge, NoiseSchedule
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.losses import latent_loss, total_loss
+from ctp2mri.losses import latent_loss, min_snr_weights, total_loss, weighted_latent_loss
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.training import loop
 from ctp2mri.training.bbdm import bridge_post_training_loss
@@ -231,6 +231,13 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
     if kind == "cbbdm":
         settings.update(parameterization="grad", loss_type=bridge_loss_type,
                         loss=f"Eq. 8 with the bridge objective ({bridge_loss_type}) for Eq. 4")
+    # L_latent of Eq. 8 is the base's own objective: a base trained with min-SNR weights keeps them
+    base_training = base_cfg.get("training") or {}
+    snr_gamma = base_training.get("snr_gamma") if base_training.get("loss_weighting") == "min-snr" else None
+    if kind == "cldm":
+        settings["parameterization"] = base_training.get("parameterization", "eps")
+        if snr_gamma is not None:
+            settings.update(loss_weighting="min-snr", snr_gamma=snr_gamma)
 
     loop.seed_everything(seed)
     model = nets[init].to(dev)
@@ -278,7 +285,7 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
                                              lambda_lesion, target, precision, gradient_checkpointing,
                                              bridge_loss_type)
         return post_training_loss(model_train, autoencoder, schedule, batch, generator, lambda_image, lambda_lesion,
-                                  target, precision, gradient_checkpointing)
+                                  target, precision, gradient_checkpointing, snr_gamma=snr_gamma)
 
     optimise(info, model, model_train, ema, opt, scaler, stream, run, step, steps, grad_accum, grad_clip,
              lr_value, loss_fn, save)
@@ -288,8 +295,12 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
 def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, schedule: NoiseSchedule,
                        batch: Mapping[str, Any], generator: torch.Generator, lambda_image: float = 0.01,
                        lambda_lesion: float = 0.02, target: str = "input", precision: str = "fp32",
-                       gradient_checkpointing: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+                       gradient_checkpointing: bool = False, snr_gamma: float | None = None,
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_total (Eq. 8) of one batch, attached to ``model``'s graph, and its parts as floats.
+
+    ``snr_gamma`` weights the latent term with min-SNR-γ, as a base trained with it was (None:
+    Eq. 4 unweighted, the paper's).
 
     ``batch`` holds ``target``, ``cond``, ``brain``, ``lesion`` (`SliceDataset` samples
     collated); ``generator`` draws t and ε on ``schedule``'s device. ``autoencoder`` must be
@@ -308,7 +319,10 @@ def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, sch
     with loop.autocast(precision, dev):
         eps_hat = model(z_t, t, batch["cond"].to(dev, non_blocking=True),
                         alphas_cumprod_t=schedule.alphas_cumprod[t])
-    latent = latent_loss(eps, eps_hat)  # Eq. 4
+    if snr_gamma is None:
+        latent = latent_loss(eps, eps_hat)  # Eq. 4
+    else:
+        latent = weighted_latent_loss(eps, eps_hat, min_snr_weights(schedule.alphas_cumprod[t], snr_gamma))
     parts = {"latent_loss": float(latent.detach()), "lesion_voxels": float(lesion.sum()),
              "lesion_slices": float((lesion.flatten(1).amax(1) > 0).float().mean())}
     if lambda_image == 0 and lambda_lesion == 0:
