@@ -157,11 +157,19 @@ class SynthesisWidget(Container):
                                tooltip="K samples per slice; K > 1 adds uncertainty maps")
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
         self.run_button = PushButton(text="Run")
+        # a whole folder of case folders, written to disk (ctp2mri synthesize FOLDER --out OUT)
+        self.folder = FileEdit(label="Case folders", mode="d",
+                               tooltip="A folder of case folders (each holding ctp.nii.gz) to synthesise "
+                               "one after the other; finished cases are skipped on a rerun")
+        self.folder_out = FileEdit(label="Output folder", mode="d",
+                                   tooltip="Each case's results go to OUTPUT/<case>/, the summary to "
+                                   "OUTPUT/summary.csv")
+        self.run_folder_button = PushButton(text="Run folder")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.extend([self.ctp, self.model, self.checkpoint, self.device, self.sampler,
-                     self.steps, self.samples, self.seed, self.run_button, self.cancel_button,
-                     self.status])
+                     self.steps, self.samples, self.seed, self.run_button, self.folder,
+                     self.folder_out, self.run_folder_button, self.cancel_button, self.status])
         self.progress_bar = QProgressBar()
         self.progress_bar.setTextVisible(True)
         self.progress_bar.setVisible(False)
@@ -180,6 +188,7 @@ class SynthesisWidget(Container):
         self._closed = False  # the Qt widget is gone: late worker signals are dropped
 
         self.run_button.changed.connect(self.run)
+        self.run_folder_button.changed.connect(self.run_folder)
         self.cancel_button.changed.connect(self.cancel)
         self.sampler.changed.connect(self._on_sampler)
         self.model.changed.connect(self._on_model)
@@ -295,6 +304,60 @@ class SynthesisWidget(Container):
         self.worker.start()
         return self.worker
 
+    def run_folder(self) -> Any:
+        """Synthesise every case folder of the chosen folder into the output folder, in a worker
+        (`ctp2mri.cohort.synthesize_cohort`); returns the worker (None on bad input). No layers are
+        added: the results are files, listed in OUTPUT/summary.csv."""
+        from ctp2mri.cohort import is_cohort
+
+        if self.busy:
+            return None
+        try:
+            folder, out = (self._chosen_folder(edit, what) for edit, what in (
+                (self.folder, "a folder of case folders"), (self.folder_out, "an output folder")))
+            model = self._model_path()
+            if not is_cohort([folder]):
+                raise InputError(f"{folder} holds no case folders (folders with ctp.nii.gz); choose the "
+                                 "folder that holds them")
+        except InputError as exc:
+            show_error(str(exc))
+            return None
+        settings = {"sampler": self.sampler.value, "steps": self.steps.value, "samples": self.samples.value,
+                    "seed": self.seed.value, "device": self.device.value}
+        token = CancelToken()
+        emit = self.relay.reported.emit
+
+        def work() -> Any:
+            from ctp2mri.cohort import collect_cases, synthesize_cohort
+
+            cases, _ = collect_cases([folder])
+            return synthesize_cohort(cases, model, out, progress=lambda s, t, i: emit(s, t, dict(i)),
+                                     cancel=token, **settings)
+
+        self.cancel_token = token
+        self._set_running(True)
+        self.status.value = f"Synthesising the cases in {folder.name!r}…"
+        self.worker = create_worker(work, _start_thread=False, _connect={
+            "returned": self._on_folder_returned, "errored": self._on_error, "finished": self._on_finished})
+        self.worker.start()
+        return self.worker
+
+    @staticmethod
+    def _chosen_folder(edit: FileEdit, what: str) -> Path:
+        text = str(edit.value).strip()
+        if text in ("", "."):
+            raise InputError(f"choose {what} ({edit.label})")
+        return Path(text).expanduser()
+
+    def _on_folder_returned(self, result: Any) -> None:
+        if self._closed:
+            return
+        counts = {s: result.count(s) for s in ("ok", "skipped", "failed")}
+        self.status.value = (f"Folder done: {counts['ok']} ok, {counts['skipped']} skipped (finished earlier), "
+                             f"{counts['failed']} failed; summary: {result.summary}")
+        for outcome in result.failed:
+            show_warning(f"{outcome.case} failed: {outcome.message}")
+
     def cancel(self) -> None:
         """Ask the running synthesis to stop; it ends within one denoising step."""
         if self.cancel_token is not None:
@@ -302,7 +365,7 @@ class SynthesisWidget(Container):
             self.status.value = "Cancelling…"
 
     def _set_running(self, running: bool) -> None:
-        self.run_button.enabled = not running
+        self.run_button.enabled = self.run_folder_button.enabled = not running
         self.cancel_button.enabled = running
         self.progress_bar.setVisible(running)
         self.progress_bar.setRange(0, 0)  # busy until the first step is reported
@@ -313,6 +376,10 @@ class SynthesisWidget(Container):
             return  # a report queued before the run ended
         self.progress_bar.setRange(0, total)
         self.progress_bar.setValue(step)
+        if "case" in info:  # a folder run: one report per case
+            self.progress_bar.setFormat(f"case {step}/{total}" + (f" · {info['case']}" if info["case"] else "")
+                                        + (f" · {info['failed']} failed" if info.get("failed") else ""))
+            return
         parts = [f"step {step}/{total}"]
         if "slices_total" in info:
             parts.append(f"{info['slices_done']}/{info['slices_total']} slices")

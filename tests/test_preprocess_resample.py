@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,7 @@ from ctp2mri.io.volume import Volume
 from ctp2mri.preprocess import model_grid, resample_like, resample_to_grid, to_profile
 from ctp2mri.profiles import get_profile
 from ctp2mri.progress import CancelToken
-from ctp2mri.resample import temporal_reduce
+from ctp2mri.resample import _FrameReader, temporal_reduce
 
 
 def _rotation(degrees_z: float, degrees_x: float) -> np.ndarray:
@@ -130,6 +132,29 @@ def test_memory_mapped_series_streams_to_the_same_result(tmp_path):
     # equal up to the float32 rounding of the affine in the NIfTI header
     np.testing.assert_allclose(resample_to_grid(mapped, *grid).array, resample_to_grid(series, *grid).array,
                                atol=1e-4)
+
+
+def _rss_file_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_frames_read_from_a_memory_map_do_not_stay_resident(tmp_path):
+    """A clinical series read frame by frame must not end up wholly in this process's RSS."""
+    frames = np.arange(8, dtype=np.int16)
+    series = Volume(np.ones((128, 128, 64, 1), np.int16) * frames, IN_AFFINE, frame_times=frames.astype(float))
+    save_nifti(series, tmp_path / "ctp.nii")  # 16 MiB, memory-mapped when loaded
+    mapped = load_volume(tmp_path / "ctp.nii")
+    read = _FrameReader(mapped)
+    before = _rss_file_kib()
+    for t in range(8):
+        assert np.all(read(t) == t)
+    assert _rss_file_kib() - before < 4 * 1024  # one 2 MiB frame at a time, not 16 MiB
+    for t in (3, 0):  # released pages read back from the file
+        assert np.all(read(t) == t)
 
 
 def test_cancel_is_checked_between_frames():

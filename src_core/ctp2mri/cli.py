@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from ctp2mri.checks import cli_number, cli_whole
+from ctp2mri.cli_cohort import synthesize_cohort_command, with_cohorts
+from ctp2mri.cli_doctor import add_doctor
+from ctp2mri.cli_import import add_import
 from ctp2mri.cli_perfusion import add_perfusion
 from ctp2mri.errors import Cancelled, InputError, user_message
 from ctp2mri.interrupts import exit_code, handle_interrupts
@@ -389,7 +392,9 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
                        description="Synthesise DWI and ADC from a CT-perfusion series with a trained "
                        "cLDM, on the CTP's own grid; writes dwi, adc, core (ADC < threshold) and, with "
                        "--samples > 1, per-voxel uncertainty, plus report.json.")
-    p.add_argument("ctp", type=Path, help="4-D CTP: NIfTI, NRRD, MHA or a DICOM series folder")
+    p.add_argument("ctp", type=Path, nargs="+",
+                   help="4-D CTP: NIfTI, NRRD, MHA or a DICOM series folder; several, a folder of case "
+                   "folders or a CSV list run a cohort into OUT/<case>/ with OUT/summary.csv (docs/cohorts.md)")
     p.add_argument("--model", required=True, type=Path, help="cLDM checkpoint folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--sampler", choices=["ddim", "dpm++2m"], default="dpm++2m",
@@ -408,7 +413,7 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ground-truth", type=Path, help="lesion mask to score the core estimate against")
     p.add_argument("--series-uid", help="pick one series from a DICOM folder holding several")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_cmd_synthesize)
+    p.set_defaults(func=with_cohorts(_cmd_synthesize, synthesize_cohort_command))
 
 
 # bench -----------------------------------------------------------------------------------
@@ -716,8 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"ctp2mri {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_phantom, _add_preprocess, _add_training, _add_synthesize, add_perfusion,
-                _add_evaluate, _add_bench):
+    for add in (_add_demo, _add_phantom, _add_preprocess, _add_training, _add_synthesize, add_perfusion, add_import,
+                _add_evaluate, _add_bench, add_doctor):
         add(sub)
     return parser
 
@@ -726,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
 #: Commands whose first Ctrl-C/SIGTERM lets the current training step finish and saves a checkpoint,
 #: with the flag that continues them (None: the same command again continues).
 _RESUMABLE = {"train-autoencoder": "--resume", "train-ldm": "--resume", "post-train": "--resume",
-              "train-pix2pix": "--resume", "ablate": None, "train-demo": None}
+              "train-pix2pix": "--resume", "ablate": None, "train-demo": None,
+              "import-isles24": None, "import-bids": None}
 
 
 def _claimed_output(args: argparse.Namespace) -> contextlib.AbstractContextManager:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ctp2mri.cli_cohort import perfusion_cohort_command, with_cohorts
+
 
 def _cmd_perfusion(args: argparse.Namespace) -> int:
     from ctp2mri.perfusion.output import run_perfusion
@@ -39,7 +41,9 @@ def add_perfusion(sub: argparse._SubParsersAction) -> None:
                        "venous output functions (or --aif-mask), delay-insensitive deconvolution, the maps on "
                        "the CTP's own grid, the ischaemic core (rCBF below 30 %% of the healthy hemisphere), "
                        "the hypoperfused tissue (Tmax > 6 s) and their mismatch, report.json and perfusion.png.")
-    p.add_argument("ctp", type=Path, help="4-D CTP: NIfTI, NRRD, MHA or a DICOM series folder")
+    p.add_argument("ctp", type=Path, nargs="+",
+                   help="4-D CTP: NIfTI, NRRD, MHA or a DICOM series folder; several, a folder of case "
+                   "folders or a CSV list run a cohort into OUT/<case>/ with OUT/summary.csv (docs/cohorts.md)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--mask", type=Path, help="brain mask on the CTP grid (default: derived from the CTP)")
     p.add_argument("--aif-mask", type=Path, help="region on the CTP grid holding the artery to read the AIF from "
@@ -54,4 +58,4 @@ def add_perfusion(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--series-uid", help="pick one series from a DICOM folder holding several")
     p.add_argument("--no-figure", action="store_true", help="skip perfusion.png")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_cmd_perfusion)
+    p.set_defaults(func=with_cohorts(_cmd_perfusion, perfusion_cohort_command))

@@ -376,7 +376,7 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
                     mask: str | os.PathLike | Volume | None = None, register: bool = False,
                     transform: str = "rigid", n_frames: int = 15, overwrite: bool = False,
                     progress: ProgressCallback | None = None,
-                    cancel: CancelToken | None = None) -> Path:
+                    cancel: CancelToken | None = None, extra_info: dict[str, Any] | None = None) -> Path:
     """Bring one CTP (and its MRI) onto the model grid and write a case folder.
 
     Steps: load and validate; brain mask (given on the CTP or DWI grid, or derived from the
@@ -391,19 +391,22 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
     MRI that covers less than `MIN_MRI_COVERAGE` of the CTP's brain is refused either way
     (the overlap is recorded in ``case.json``). Warnings (frames resampled, an implausible
     brain mask, the overlap after registration) are listed under ``notices`` there.
-    ``out_dir`` is claimed for the whole run (`claim_output`).
+    ``out_dir`` is claimed for the whole run (`claim_output`). ``extra_info`` (JSON-ready) is
+    written into ``case.json`` beside ``preprocess``, in the same atomic write (the importers'
+    provenance, `ctp2mri.import_isles`).
     """
     with claim_output(out_dir):
         return _preprocess_case(ctp_path, Path(out_dir), as_profile(profile), dwi, adc, lesion, mask, register,
                                 transform, whole(n_frames, "n_frames (--frames)", minimum=2), overwrite,
-                                progress, cancel)
+                                progress, cancel, extra_info or {})
 
 
 def _preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: Path, prof: Profile,
                      dwi: str | os.PathLike | Volume | None, adc: str | os.PathLike | Volume | None,
                      lesion: str | os.PathLike | Volume | None, mask: str | os.PathLike | Volume | None,
                      register: bool, transform: str, n_frames: int, overwrite: bool,
-                     progress: ProgressCallback | None, cancel: CancelToken | None) -> Path:
+                     progress: ProgressCallback | None, cancel: CancelToken | None,
+                     extra_info: dict[str, Any]) -> Path:
     _check_output(out_dir, overwrite)
     if register and dwi is None:
         raise InputError("registration needs a DWI to register the CTP to; pass dwi (--dwi)")
@@ -503,7 +506,7 @@ def _preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: Path, prof: 
                      "times_s": np.round(ctp_t.frame_times, 3).tolist()},
         "stored": "CTP in raw HU (int16); normalisation happens at training time (docs/contracts.md)",
         "notices": notices,
-    }}
+    }, **extra_info}
     case = Case(ctp=ctp_t, mask=mask_g, info=info, **mri_g)
     write_case(case, out_dir, overwrite=overwrite)
     stages.finish("write")

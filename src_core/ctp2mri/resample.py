@@ -17,6 +17,7 @@ part of the frame that the output grid can see (plus a margin) is read at all.
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,7 +189,33 @@ class _FrameReader:
     def __call__(self, t: int) -> np.ndarray:
         frame = self.volume.array[..., t] if self.volume.is_4d else self.volume.array
         np.copyto(self.buffer, frame[self.crop], casting="unsafe")
+        _release_mapped_pages(frame)
         return self.buffer
+
+
+def _release_mapped_pages(frame: np.ndarray) -> None:
+    """Unmap a memory-mapped frame's pages from this process once it has been copied.
+
+    They stay in the page cache, so a later read is still fast; without this a clinical
+    series read frame by frame ends with all of it resident (RSS 1.8 × the file in
+    `ctp2mri bench perfusion`). Best effort: anything but a contiguous frame of a NumPy
+    memmap is left alone.
+    """
+    base = frame
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    handle = getattr(base, "_mmap", None)
+    if handle is None or not hasattr(handle, "madvise") or not (frame.flags.f_contiguous or frame.flags.c_contiguous):
+        return
+    try:
+        start = np.frombuffer(handle, dtype=np.uint8).ctypes.data
+        first = frame.ctypes.data - start
+        lo = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the frame only
+        hi = (first + frame.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            handle.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (AttributeError, BufferError, OSError, ValueError):
+        pass
 
 
 # model grid ------------------------------------------------------------------------------

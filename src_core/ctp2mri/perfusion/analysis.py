@@ -137,7 +137,7 @@ class PerfusionResult:
             return Volume(vol.array, affine.copy(), meta=vol.meta)
         target = Volume(np.zeros(shape, dtype=np.uint8), affine)
         interp = "linear" if name in self.maps else "nearest"
-        return resample_like(vol, target, interpolator=interp)
+        return resample_like(vol, target, interpolation=interp)
 
     def report(self) -> dict[str, Any]:
         """JSON-ready summary: volumes (ml), thresholds, reference, AIF/VOF curves and places."""
