@@ -5,24 +5,32 @@ builds a local training set from case folders and/or the case open in the viewer
 DWI, ADC, brain mask and lesion layers; the lesion as it is at Start, painted or corrected
 with napari's Labels tools), picks the base cLDM and the settings, and presses Start.
 "Save viewer case…" writes the viewer case as a case folder and lists it, so several
-annotated cases, opened one after the other, make one training set. The worker thread
-builds the `SliceDataset` (`napari_ctp2mri._training_set`), post-trains, and
-optionally scores the base and the new model on the training cases (`ctp2mri.evaluate`).
-The new checkpoint is registered with `register_model`, so the synthesis widget offers it.
+annotated cases, opened one after the other, make one training set.
+
+The run itself happens in a child process (`ctp2mri.training.child`): the viewer keeps its
+CPU time, the child's (GPU) memory is released when it ends, and a crash of the child (killed,
+out of memory) is reported without taking the viewer with it. The data go to the child as
+files: the case folders, and the viewer case written (with its lesion as it is at Start) to a
+temporary case folder. The child builds the `SliceDataset`, post-trains, and optionally scores
+the base and the new model on the training cases (`ctp2mri.evaluate`). The new checkpoint is
+registered with `register_model`, so the synthesis widget offers it.
 
 Progress, loss plot, cancel
 ---------------------------
-The core reports ``progress(step, total, info)`` in the worker thread; the callback only
-emits a queued Qt signal, so the progress bar and the loss history are updated in the GUI
-thread. The loss plot (matplotlib, embedded) is redrawn by a timer at most every
-`PLOT_INTERVAL_MS`, whatever the step rate. Cancel sets a `CancelToken`: the core saves a
-resumable checkpoint at the end of the running step, then raises `Cancelled`; "Continue the
-saved run" resumes it.
+A worker thread reads the child's events (JSON lines) and only emits a queued Qt signal per
+report, so the progress bar and the loss history are updated in the GUI thread. The loss plot
+(matplotlib, embedded) is redrawn by a timer at most every `PLOT_INTERVAL_MS`, whatever the
+step rate. Cancel signals the child (SIGTERM): the core saves a resumable checkpoint at the
+end of the running step and the child exits; "Continue the saved run" resumes it. A child
+that has not stopped `CANCEL_TIMEOUT_S` later, or when Cancel ("Stop now") is pressed again,
+is killed.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -61,13 +69,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ctp2mri.checkpoints import read_config
 from ctp2mri.data import resolve_cases
 from ctp2mri.devices import available_devices
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.progress import CancelToken
-from ctp2mri.training.loop import prepare_out_dir
-from ctp2mri.training.post_train import post_train
+from ctp2mri.training.child import ChildFailed, ChildRun
 from napari_ctp2mri._loss_plot import LossPlot
 from napari_ctp2mri._synthesis_widget import (
     MODELS_CHANGED,
@@ -77,13 +83,12 @@ from napari_ctp2mri._synthesis_widget import (
     register_model,
 )
 from napari_ctp2mri._training_set import (
+    BASE_LABEL,
     CASE_ROLES,
-    before_after,
-    case_from_layers,
+    NEW_LABEL,
     check_case_layers,
     metric_rows,
     save_viewer_case,
-    training_dataset,
     viewer_case_name,
 )
 
@@ -96,6 +101,7 @@ PLOT_INTERVAL_MS = 500  # the loss plot is updated at most this often
 DEFAULT_STEPS = 200  # a few minutes of a demo-profile model on a laptop CPU
 DEFAULT_BATCH = 8
 DEFAULT_EVAL_STEPS = 10  # DDIM steps of the before/after check: a quick look, not Table 1
+CANCEL_TIMEOUT_S = 30.0  # a cancelled child that has not stopped by then is killed
 SEED = 0
 MAX_WIDTH_PX = 460
 # Layer kinds per role: (layer type, dimensions offered; None = any). Labels of any shape are
@@ -129,21 +135,15 @@ class _ProgressRelay(QObject):
 
 
 def _prefetch() -> None:
-    """Import, ahead of Start, what a run's first steps would import.
+    """Import, ahead of Start, what the widget's workers import (writing case folders).
 
-    torch's optimisers import ``torch._dynamo`` on their first step: seconds of imports that
-    hold the GIL for up to ~0.3 s at a time, which would stall the viewer at the start of
-    every session's first run. Imported in a worker while the user sets up, they cost the
-    viewer only short hiccups once, and the run none.
-
-    Every worker calls it first: torch's module initialisation is not safe against a second
-    thread importing torch modules at the same time, so the imports happen under one lock,
-    once (a later call returns as soon as the first has finished).
+    Training and evaluation run in a child process, so the viewer's process no longer imports
+    their modules (``torch._dynamo``, the evaluation). Every worker calls it first: module
+    initialisation is not safe against a second thread importing the same modules at the same
+    time, so the imports happen under one lock, once.
     """
     with _IMPORT_LOCK:
-        import torch._dynamo  # noqa: F401
-
-        import ctp2mri.evaluate  # noqa: F401
+        import ctp2mri.casefolder  # noqa: F401
 
 
 _PREFETCH = {"started": False, "done": False}  # one prefetch per session
@@ -166,7 +166,7 @@ def _row(label: str, *widgets: Any, labels: bool = False) -> Container:
 
 
 class PostTrainWidget(Container):
-    """Lesion-aware post-training of a cLDM on a local training set, in a worker thread.
+    """Lesion-aware post-training of a cLDM on a local training set, in a child process.
 
     Parameters
     ----------
@@ -277,7 +277,8 @@ class PostTrainWidget(Container):
         # case folders this widget wrote → the viewer case each holds (re-saving replaces them)
         self._saved: dict[Path, str] = {}
         self.worker: Any = None
-        self.cancel_token: CancelToken | None = None
+        self.cancel_token: CancelToken | None = None  # set by Cancel, also before the child exists
+        self.child: ChildRun | None = None  # the running run's child process
         self.result: PostTrainResult | None = None
         self.last_step = 0  # the last post-training step reported in this run
         self._run: dict[str, Any] = {}  # the running run's output folder, label, ETA anchors
@@ -536,47 +537,51 @@ class PostTrainWidget(Container):
         evaluate, eval_steps = self.evaluate.value, self.eval_steps.value
         token = CancelToken()
         emit = self.relay.reported.emit
-
-        def reporter(phase: str) -> Any:
-            def report(step: int, total: int, info: dict[str, Any]) -> None:
-                emit(phase, step, total, dict(info))  # the GUI thread gets its own copy
-            return report
+        job = {"base": str(base), "out": str(out), "seed": SEED, "settings": settings,
+               "evaluate": {"n_steps": eval_steps, "labels": [BASE_LABEL, NEW_LABEL]} if evaluate else None}
 
         def work() -> PostTrainResult:
-            started = time.perf_counter()
             _prefetch()
-            prepare_out_dir(out, settings["resume"])  # a full folder fails now, not after the data
-            config = read_config(base)
-            if config.get("kind") != "cldm":
-                raise InputError(f"{base} holds a {config.get('kind')!r} checkpoint; the base model "
-                                 "must be a cLDM (ctp2mri train-ldm, or an earlier post-training)")
-            sources: list[Any] = list(folders)
-            if layers is not None:
-                sources.append(case_from_layers(layers))
-            dataset = training_dataset(sources, config["profile"], seed=SEED,
-                                       require_lesion=settings["lambda_lesion"] > 0,
-                                       progress=reporter("data"), cancel=token)
-            # num_workers 0: the slices are in memory already, and forking a Qt process is unsafe
-            post_train(dataset, base, out, **settings, seed=SEED, num_workers=0,
-                       progress=reporter("train"), cancel=token)
-            result = PostTrainResult(out, base, settings["steps"], 0.0, None)
-            if evaluate:
-                try:
-                    rows = before_after(base, out, sources, n_steps=eval_steps, seed=SEED,
-                                        device=settings["device"], progress=reporter("eval"),
-                                        cancel=token)
-                    result.metrics = metric_rows(rows)
-                except Cancelled:  # the model is trained and saved; only the check was stopped
-                    result.metrics_note = "metrics cancelled"
-            result.seconds = time.perf_counter() - started
-            return result
+            sources = [str(f) for f in folders]
+            tmp = None
+            try:
+                if layers is not None:  # the viewer case goes to the child as a case folder
+                    tmp = tempfile.mkdtemp(prefix="ctp2mri-viewer-case-")
+                    sources.append(str(save_viewer_case(layers, tmp)))
+                token.raise_if_cancelled()
+                child = ChildRun({**job, "sources": sources}).start()
+                self.child = child
+                if token.cancelled:  # Cancel pressed while the child was being started
+                    child.cancel(CANCEL_TIMEOUT_S)
+                final: dict[str, Any] = {}
+                for event in child:
+                    if event["event"] == "progress":
+                        # the GUI thread gets its own copy (a queued signal)
+                        emit(event["phase"], event["step"], event["total"], event["info"])
+                    else:
+                        final = event
+            finally:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            kind = final.get("event")
+            if kind == "done":
+                rows = final.get("rows")
+                return PostTrainResult(out, base, final["steps"], final["seconds"],
+                                       metric_rows(rows) if rows is not None else None,
+                                       final.get("metrics_note", ""))
+            if kind == "cancelled":
+                raise Cancelled(final.get("message") or "cancelled", checkpoint=final.get("checkpoint"),
+                                step=final.get("step"))
+            if kind == "error" and final.get("user_error"):
+                raise InputError(final["message"])
+            raise ChildFailed(final)
 
-        self.cancel_token, self.result, self.last_step = token, None, 0
+        self.cancel_token, self.result, self.last_step, self.child = token, None, 0, None
         self._run = {"out": out, "label": self.model_name.value.strip() or out.name}
         self._set_running(True)
         self.loss_plot.reset(settings["steps"])
         self.metrics_table.setVisible(False)
-        self.status.value = "Checking the inputs…"
+        self.status.value = "Starting the post-training process…"
         # errored is connected at creation: a worker without an errored handler re-raises
         # its exception in the Qt event loop (a traceback instead of a notification)
         self.worker = create_worker(work, _start_thread=False, _connect={
@@ -585,14 +590,30 @@ class PostTrainWidget(Container):
         return self.worker
 
     def cancel(self) -> None:
-        """Ask the run to stop: after the running step, with a resumable checkpoint."""
-        if self.cancel_token is not None:
-            self.cancel_token.cancel()
-            self.status.value = "Cancelling: saving a checkpoint after the running step…"
+        """Ask the run to stop: after the running step, with a resumable checkpoint (the child
+        is killed if it has not stopped `CANCEL_TIMEOUT_S` later). Pressed again: stop now."""
+        token = self.cancel_token
+        if token is None:
+            return
+        if token.cancelled:  # "Stop now": the steps since the last checkpoint are lost
+            if self.child is not None:
+                self.child.kill()
+            self.status.value = "Stopping the post-training process now…"
+            return
+        token.cancel()  # first, then the child: the worker sets the child, then reads the token
+        child = self.child
+        if child is not None:
+            child.cancel(CANCEL_TIMEOUT_S)
+        self.cancel_button.text = "Stop now"
+        self.cancel_button.tooltip = "Kill the post-training process at once (no checkpoint of the running steps)"
+        self.status.value = "Cancelling: saving a checkpoint after the running step…"
 
     def _set_running(self, running: bool) -> None:
         self.start_button.enabled = not running
         self.cancel_button.enabled = running
+        self.cancel_button.text = "Cancel"
+        self.cancel_button.tooltip = ("Stop after the running step, keeping a checkpoint that "
+                                      "'Continue the saved run' resumes")
         self.progress_bar.setVisible(running)
         self.progress_bar.setRange(0, 0)  # busy until the first report
         self.progress_bar.setFormat("")
@@ -663,26 +684,34 @@ class PostTrainWidget(Container):
         if self._closed:
             return
         if isinstance(exc, Cancelled):
-            self._notify_cancelled()
+            self._notify_cancelled(exc)
         elif isinstance(exc, InputError):
             self.status.value = "Failed: see the notification"
             show_error(str(exc))
+        elif isinstance(exc, ChildFailed) and exc.crashed:
+            # killed (the OOM killer, by hand) or a native crash: only the child is gone
+            self.status.value = ("Failed: the post-training process ended unexpectedly; the viewer "
+                                 "is unaffected (see the notification)")
+            show_error(f"Post-training failed: {exc}")
+        elif isinstance(exc, ChildFailed):  # a bug in the child, with its type
+            self.status.value = "Failed: see the notification"
+            show_error(f"Post-training failed ({exc.event.get('type', 'error')}): {exc}")
         else:  # a bug, not the user's fault: still a notification, with its type
             self.status.value = "Failed: see the notification"
             show_error(f"Post-training failed ({type(exc).__name__}): {exc}")
 
-    def _notify_cancelled(self) -> None:
-        out = self._run.get("out")
-        if out is not None and self.last_step > 0 and (Path(out) / "config.json").is_file():
-            message = (f"Post-training cancelled at step {self.last_step}; the checkpoint in {out} "
+    def _notify_cancelled(self, exc: Cancelled) -> None:
+        out = exc.checkpoint or self._run.get("out")
+        if exc.step is not None and out is not None and (Path(out) / "config.json").is_file():
+            message = (f"Post-training cancelled at step {exc.step}; the checkpoint in {out} "
                        "keeps it: tick 'Continue the saved run' and press Start to resume")
         else:
-            message = "Post-training cancelled before the first step; nothing was saved"
+            message = "Post-training cancelled before its first checkpoint; nothing was saved"
         self.status.value = message
         show_info(message)
 
     def _on_finished(self) -> None:
-        self.worker, self.cancel_token = None, None
+        self.worker, self.cancel_token, self.child = None, None, None
         if not self._closed:
             self._set_running(False)
 
@@ -695,5 +724,7 @@ class PostTrainWidget(Container):
         for event, callback in self._hooks:
             event.disconnect(callback)
         self._hooks = []
-        if self.cancel_token is not None:
+        if self.cancel_token is not None and not self.cancel_token.cancelled:
             self.cancel_token.cancel()
+            if self.child is not None:  # it saves a checkpoint and exits (killed if it does not)
+                self.child.cancel(CANCEL_TIMEOUT_S)

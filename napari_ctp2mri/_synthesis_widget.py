@@ -78,7 +78,8 @@ def model_choices() -> list[tuple[str, Path]]:
 
 
 #: Labels under which the bundled models are offered (the autoencoder alone cannot synthesise).
-BUNDLED_LABELS = {"demo": "demo: post-trained cLDM (bundled)", "demo-base": "demo: base cLDM (bundled)"}
+BUNDLED_LABELS = {"demo": "demo: post-trained cLDM (bundled)", "demo-base": "demo: base cLDM (bundled)",
+                  "demo-reference": "demo: U-Net L1 reference (bundled)"}
 
 
 def register_bundled_models() -> None:

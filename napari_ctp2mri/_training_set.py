@@ -226,10 +226,8 @@ def before_after(base: str | os.PathLike, new: str | os.PathLike, sources: Seque
     temporary case folder first (the evaluation reads case folders), with their lesion as it
     is now. ``progress(done, total, info)`` counts thousandths of the whole evaluation.
     """
-    from ctp2mri.evaluate import evaluate
+    from ctp2mri.training.child import before_after_folders
 
-    models = {BASE_LABEL: base, NEW_LABEL: new}
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ctp2mri-eval-") as tmp:
         folders, taken = [], set()
         for index, source in enumerate(sources):
@@ -240,17 +238,8 @@ def before_after(base: str | os.PathLike, new: str | os.PathLike, sources: Seque
                 folders.append(write_case(source, Path(tmp) / name))
             else:
                 folders.append(Path(source))
-        for index, folder in enumerate(folders):
-            def report(step: int, total: int, info: dict[str, Any], index: int = index) -> None:
-                if progress is not None:
-                    done = (index + step / max(total, 1)) / len(folders)
-                    progress(round(1000 * done), 1000, {**info, "cases_done": index,
-                                                        "cases_total": len(folders)})
-            found, _ = evaluate(None, folder, split=None, n_steps=n_steps, seed=seed,
-                                batch_size=batch_size, device=device, models=models,
-                                progress=report, cancel=cancel)
-            rows.extend(found)
-    return rows
+        return before_after_folders({BASE_LABEL: base, NEW_LABEL: new}, folders, n_steps=n_steps, seed=seed,
+                                    batch_size=batch_size, device=device, progress=progress, cancel=cancel)
 
 
 def metric_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -34,7 +34,8 @@ def main() -> int:
     show_largest_lesion_slice(viewer)
     compare = CompareWidget(viewer)
     viewer.window.add_dock_widget(compare, name="Compare")
-    missing = [key for key, picked in compare.selected().items() if picked is None]
+    # the perfusion core is optional: this shot compares the synthesis with the truth only
+    missing = [key for key, picked in compare.selected().items() if picked is None and key != "perfusion_core"]
     if missing:
         raise SystemExit(f"the compare widget did not find the layers for {missing}")
     if compare.compute() is None:

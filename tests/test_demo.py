@@ -100,7 +100,7 @@ def test_synthesis_widget_lists_the_bundled_models_first(tmp_path, monkeypatch):
     import napari_ctp2mri._synthesis_widget as widget_module
 
     resources = tmp_path / "resources"
-    for sub in ("cldm_post_trained", "cldm_base", "autoencoder"):
+    for sub in ("cldm_post_trained", "cldm_base", "autoencoder", "reference_unet"):
         (resources / "models" / "demo" / sub).mkdir(parents=True)
         (resources / "models" / "demo" / sub / "config.json").write_text("{}")
     monkeypatch.setenv(bundled.RESOURCES_ENV, str(resources))

@@ -3,18 +3,22 @@
 Annotate → post-train → synthesise: a lesion painted with napari's Labels API on the sample
 case trains a tiny base cLDM for a few steps; the loss is plotted, the checkpoint written,
 loadable and offered in the synthesis widget, and the before/after metrics are the core's.
+The run happens in a child process (`ctp2mri.training.child`); killing it is reported and the
+viewer carries on.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import numpy as np
 import pytest
 from _helpers_cldm import one_thread, save_tiny_cldm
 from _helpers_napari import errors
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QTimer
 
 from ctp2mri.checkpoints import load_checkpoint, load_training_state
 from ctp2mri.errors import InputError
@@ -25,7 +29,7 @@ from napari_ctp2mri._training_set import before_after, case_from_layers, metric_
 pytestmark = pytest.mark.gui
 
 PLUGIN = "napari-ctp2mri"
-WAIT_MS = 60_000
+WAIT_MS = 180_000  # a run starts a child process (imports torch anew) on a busy machine
 STEPS = 3
 EVAL_STEPS = 2
 # The issue asks for < 200 ms; this machine's 2 cores are shared with training jobs, so the
@@ -196,31 +200,69 @@ def test_cancel_keeps_a_resumable_checkpoint_and_resume_finishes(make_napari_vie
     steps = []
 
     def cancel_after_first_step(phase, step, total, info):
-        # runs in the worker thread (direct connection), like a click right after step 1
-        if phase == "train":
+        if phase == "train":  # a click on Cancel when the first step is shown
             steps.append(step)
-            widget.cancel_token.cancel()
-    widget.relay.reported.connect(cancel_after_first_step, Qt.DirectConnection)
+            if len(steps) == 1:
+                widget.cancel()
+                assert widget.cancel_button.text == "Stop now"
+    widget.relay.reported.connect(cancel_after_first_step)
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
-    # step 1 had ended when the cancel came: the run stops at the end of the running step 2
-    assert steps == [1, 2]
+    # the child stops at the end of the step running when the signal came, and saves it
+    saved = load_training_state(out)["step"]
+    assert steps == list(range(1, saved + 1)) and saved < 50
     assert errors(notes) == []
     message = next(m for _, m in notes if "cancelled" in m)
-    assert "step 2" in message and str(out) in message
+    assert f"step {saved}" in message and str(out) in message
     assert widget.result is None and model_choices() == []  # nothing offered
-    assert load_training_state(out)["step"] == 2  # the checkpoint resumes the run
+    assert widget.cancel_button.text == "Cancel" and not widget.cancel_button.enabled
 
-    # Continue the saved run to 3 steps: it starts from step 3
+    # Continue the saved run one step further: it starts from the step after the saved one
     widget.relay.reported.disconnect(cancel_after_first_step)
-    widget.resume.value, widget.steps.value = True, 3
+    widget.resume.value, widget.steps.value = True, saved + 1
     assert widget.start() is not None
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
     assert errors(notes) == []
-    assert widget.loss_plot.steps == [3]
-    assert load_training_state(out)["step"] == 3
+    assert widget.loss_plot.steps == [saved + 1]
+    assert load_training_state(out)["step"] == saved + 1
     assert model_choices() == [(out.name, out)]
     assert load_checkpoint(out, names=["ema"], kind="cldm")[1]["training"]["data"]["cases"] == ["p001"]
+
+
+def test_a_killed_child_is_reported_and_a_later_run_works(make_napari_viewer, qtbot, base, tmp_path, notes):
+    out = tmp_path / "out"
+    viewer, widget = _widget(make_napari_viewer, base, out)
+    widget.steps.value = 100_000
+    widget.evaluate.value = False
+    killed = []
+
+    def kill_at_first_step(phase, step, total, info):
+        if phase == "train" and not killed:  # as the OOM killer or `kill -9` would
+            killed.append(widget.child.pid)
+            os.kill(widget.child.pid, signal.SIGKILL)
+    widget.relay.reported.connect(kill_at_first_step)
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert killed
+    message = errors(notes)[-1]
+    assert "ended by SIGKILL" in message and "out of memory" in message, message
+    assert "ended unexpectedly" in widget.status.value and "viewer is unaffected" in widget.status.value
+    assert widget.start_button.enabled and widget.result is None and widget.child is None
+    with pytest.raises(ProcessLookupError):  # the child is gone, and its memory with it
+        os.kill(killed[0], 0)
+
+    # the viewer goes on, and a later run works (a new output folder: the killed one holds
+    # whatever the child had written)
+    widget.relay.reported.disconnect(kill_at_first_step)
+    viewer.add_image(np.zeros((4, 5, 6), np.float32), name="still usable")
+    n_errors = len(errors(notes))
+    widget.steps.value = 2
+    widget.output.value = tmp_path / "second"
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert len(errors(notes)) == n_errors
+    assert widget.result is not None and load_training_state(tmp_path / "second")["step"] == 2
+    assert widget.status.value.startswith("Done")
 
 
 def test_saved_viewer_cases_make_one_training_set(make_napari_viewer, qtbot, base, tmp_path, notes):

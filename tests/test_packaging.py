@@ -34,7 +34,7 @@ def test_cli_entry_point_runs():
 
 def test_core_does_not_import_qt():
     code = ("import sys, ctp2mri, ctp2mri.io, ctp2mri.casefolder, ctp2mri.cli, ctp2mri.preprocess, "
-            "ctp2mri.phantom; bad = [m for m in sys.modules if m.split('.')[0] in "
+            "ctp2mri.phantom, ctp2mri.training.child; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('napari', 'qtpy', 'PyQt5', 'PySide2', 'PySide6', 'magicgui')]; print(bad); "
             "sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -235,6 +235,7 @@ def test_a_signal_during_training_saves_the_current_step_and_prints_the_resume_c
         return real_end_step(self, step, values)
 
     monkeypatch.setattr(loop.Run, "end_step", signal_at_step_2)
+    handler_before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under `cmd &`
     argv = _post_train_argv(data, base, out)
     with one_thread():
         code = main(argv)
@@ -250,7 +251,7 @@ def test_a_signal_during_training_saves_the_current_step_and_prints_the_resume_c
     with one_thread():
         assert main(shlex.split(resume)[1:]) == 0
     assert load_training_state(out)["step"] == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -23,6 +23,7 @@ BUNDLED_MODELS: dict[str, tuple[str, str]] = {
     "demo": ("demo/cldm_post_trained", "demo profile, lesion-aware post-trained cLDM (λ_image 0.01, λ_lesion 0.02)"),
     "demo-base": ("demo/cldm_base", "demo profile, base cLDM (Eq. 4 only)"),
     "demo-autoencoder": ("demo/autoencoder", "demo profile, VQGAN autoencoder"),
+    "demo-reference": ("demo/reference_unet", "demo profile, U-Net regressor trained with L1 only (the non-generative reference)"),
 }
 DEFAULT_MODEL = "demo"
 

@@ -365,7 +365,7 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
 
 def _evaluate(paths: dict[str, Path], folder: Path, rec: DemoRecipe, device: str,
               progress: ProgressCallback | None, cancel: CancelToken | None,
-              say: Callable[[str], None]) -> dict[str, Any]:
+              say: Callable[[str], None], max_cases: int | None = None) -> dict[str, Any]:
     from ctp2mri.evaluate import evaluate, format_report
     from ctp2mri.tables import format_table1
 
@@ -376,7 +376,7 @@ def _evaluate(paths: dict[str, Path], folder: Path, rec: DemoRecipe, device: str
         models["U-Net (L1), reference"] = paths["reference"]
     rows, summary = evaluate(None, paths["data"], split="test", n_steps=rec.eval_steps, seed=rec.seed,
                              device=device, out_csv=folder / "per_case.csv", models=models,
-                             sampler=rec.eval_sampler, figure=folder / "test_slices.png",
+                             sampler=rec.eval_sampler, figure=folder / "test_slices.png", max_cases=max_cases,
                              progress=_stage_progress(progress, "evaluation"), cancel=cancel)
     text = format_report(summary, rows, n_steps=rec.eval_steps, eta=0.0, seed=rec.seed, split="test")
     with atomic_path(folder / "report.txt") as tmp:
