@@ -245,6 +245,22 @@ def _stage_progress(progress: ProgressCallback | None, stage: str) -> ProgressCa
     return report
 
 
+def stage_timer(path: Path) -> tuple[dict[str, float], Callable[[str, Callable[[], Any]], Any]]:
+    """The recipe's ``timings.json`` and a ``timed(name, fn)`` that runs ``fn`` and adds its wall
+    time to ``name`` (a resumed stage accumulates), rewriting the file atomically each time."""
+    timings: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(timings, indent=2) + "\n")
+        return result
+
+    return timings, timed
+
+
 def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle: str | os.PathLike | None = None,
                device: str = "cpu", evaluate_models: bool = True,
                progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
@@ -283,16 +299,7 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
         raise InputError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     out = ensure_writable_dir(Path(out))
     say = on_stage or (lambda _text: None)
-    timings_path = out / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        result = fn()
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)
-        with atomic_path(timings_path) as tmp:
-            Path(tmp).write_text(json.dumps(timings, indent=2) + "\n")
-        return result
+    timings, timed = stage_timer(out / "timings.json")
 
     data = out / "data"
     if (data / "splits.json").is_file():

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shlex
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -369,7 +368,7 @@ def train_paper(out: str | os.PathLike, data: str | os.PathLike | None, recipe: 
     ``{"recipe", "plan", "paths", "timings_s", "summary"}``.
     """
     from ctp2mri.models import model_config
-    from ctp2mri.train_demo import BUNDLE_NAMES, _evaluate, _stage_done, _stage_progress, bundle_checkpoint
+    from ctp2mri.train_demo import BUNDLE_NAMES, _evaluate, _stage_done, _stage_progress, bundle_checkpoint, stage_timer
     from ctp2mri.training import post_train, train_autoencoder, train_ldm
 
     if isinstance(recipe, str) and recipe not in PAPER_RECIPES:
@@ -391,16 +390,7 @@ def train_paper(out: str | os.PathLike, data: str | os.PathLike | None, recipe: 
     out = ensure_writable_dir(Path(out))
     with atomic_path(out / "plan.json") as tmp:
         Path(tmp).write_text(json.dumps(the_plan, indent=2) + "\n")
-    timings_path = out / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        result = fn()
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)
-        with atomic_path(timings_path) as tmp:
-            Path(tmp).write_text(json.dumps(timings, indent=2) + "\n")
-        return result
+    timings, timed = stage_timer(out / "timings.json")
 
     def stage(name: str, steps: int, run_fn: Callable[[bool], Path]) -> Path:
         run = out / BUNDLE_NAMES[name]
