@@ -245,9 +245,12 @@ def _stage_progress(progress: ProgressCallback | None, stage: str) -> ProgressCa
     return report
 
 
-def stage_timer(path: Path) -> tuple[dict[str, float], Callable[[str, Callable[[], Any]], Any]]:
-    """The recipe's ``timings.json`` and a ``timed(name, fn)`` that runs ``fn`` and adds its wall
-    time to ``name`` (a resumed stage accumulates), rewriting the file atomically each time."""
+def stage_runner(out: Path, say: Callable[[str], None]) -> tuple[dict[str, float], Callable[..., Any],
+                                                                 Callable[..., Path]]:
+    """A recipe's ``timings.json``, ``timed(name, fn)`` — runs ``fn`` and adds its wall time to
+    ``name`` (a resumed stage accumulates), rewriting the file atomically — and ``stage(name,
+    steps, run_fn)``: skips a finished run in ``out``, else trains or resumes it, timed."""
+    path = out / "timings.json"
     timings: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -258,7 +261,16 @@ def stage_timer(path: Path) -> tuple[dict[str, float], Callable[[str, Callable[[
             Path(tmp).write_text(json.dumps(timings, indent=2) + "\n")
         return result
 
-    return timings, timed
+    def stage(name: str, steps: int, run_fn: Callable[[bool], Path]) -> Path:
+        run = out / BUNDLE_NAMES[name]
+        state = _stage_done(run, steps)
+        if state:
+            say(f"{name}: done ({steps} steps) in {run}")
+            return run
+        say(f"{name}: {'resuming' if state is False else 'training'} {steps} steps → {run}")
+        return timed(name, lambda: run_fn(state is False))
+
+    return timings, timed, stage
 
 
 def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle: str | os.PathLike | None = None,
@@ -299,7 +311,7 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
         raise InputError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     out = ensure_writable_dir(Path(out))
     say = on_stage or (lambda _text: None)
-    timings, timed = stage_timer(out / "timings.json")
+    timings, timed, stage = stage_runner(out, say)
 
     data = out / "data"
     if (data / "splits.json").is_file():
@@ -308,15 +320,6 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
         say(f"phantom data: {rec.cases} cases (seed {rec.data_seed}) → {data}")
         timed("phantom", lambda: generate_dataset(data, rec.cases, seed=rec.data_seed, profile="demo",
                                                    overwrite=True, cancel=cancel))
-
-    def stage(name: str, steps: int, run_fn: Callable[[bool], Path]) -> Path:
-        run = out / BUNDLE_NAMES[name]
-        state = _stage_done(run, steps)
-        if state:
-            say(f"{name}: done ({steps} steps) in {run}")
-            return run
-        say(f"{name}: {'resuming' if state is False else 'training'} {steps} steps → {run}")
-        return timed(name, lambda: run_fn(state is False))
 
     ae = stage("autoencoder", rec.ae_steps, lambda resume: train_autoencoder(
         data, out / "autoencoder", profile="demo", steps=rec.ae_steps, batch_size=rec.ae_batch, lr=rec.ae_lr,

@@ -368,7 +368,7 @@ def train_paper(out: str | os.PathLike, data: str | os.PathLike | None, recipe: 
     ``{"recipe", "plan", "paths", "timings_s", "summary"}``.
     """
     from ctp2mri.models import model_config
-    from ctp2mri.train_demo import BUNDLE_NAMES, _evaluate, _stage_done, _stage_progress, bundle_checkpoint, stage_timer
+    from ctp2mri.train_demo import BUNDLE_NAMES, _evaluate, _stage_progress, bundle_checkpoint, stage_runner
     from ctp2mri.training import post_train, train_autoencoder, train_ldm
 
     if isinstance(recipe, str) and recipe not in PAPER_RECIPES:
@@ -390,16 +390,7 @@ def train_paper(out: str | os.PathLike, data: str | os.PathLike | None, recipe: 
     out = ensure_writable_dir(Path(out))
     with atomic_path(out / "plan.json") as tmp:
         Path(tmp).write_text(json.dumps(the_plan, indent=2) + "\n")
-    timings, timed = stage_timer(out / "timings.json")
-
-    def stage(name: str, steps: int, run_fn: Callable[[bool], Path]) -> Path:
-        run = out / BUNDLE_NAMES[name]
-        state = _stage_done(run, steps)
-        if state:
-            say(f"{name}: done ({steps} steps) in {run}")
-            return run
-        say(f"{name}: {'resuming' if state is False else 'training'} {steps} steps → {run}")
-        return timed(name, lambda: run_fn(state is False))
+    timings, timed, stage = stage_runner(out, say)
 
     every = max(1, rec.checkpoint_every)
     common = dict(device=device, precision=precision, seed=rec.seed, num_workers=rec.num_workers)
