@@ -721,6 +721,7 @@ class PostTrainWidget(Container):
             self._plot_timer.stop()
         except RuntimeError:  # Qt deleted it already
             pass
+        self.loss_plot.close()
         for event, callback in self._hooks:
             event.disconnect(callback)
         self._hooks = []

@@ -80,6 +80,7 @@ def main() -> int:
     if not widget.busy:
         raise SystemExit(f"the run ended before the shot: {widget.status.value}")
     widget.loss_plot.redraw()
+    wait(app, widget.loss_plot.idle, 30, widget)
     save(viewer, app, args.png, settle_turns=20)
     print(f"wrote {args.png} at step {widget.last_step}")
     widget.cancel()

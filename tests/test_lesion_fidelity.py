@@ -5,6 +5,7 @@ lesion AUC that evaluation reports."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -243,3 +244,54 @@ def test_post_training_keeps_the_base_objective_and_parameterization(plain, ae_d
     assert read_config(out)["networks"]["ema"]["config"]["parameterization"] == "z0-residual"
     images = sample_slices(load_model(out, "cpu"), torch.as_tensor(plain.cond[:1], dtype=torch.float32), n_steps=2)
     assert torch.isfinite(images).all()
+
+
+def test_post_training_keeps_the_bases_lesion_terms_unless_told_eq4(plain, ae_dir, tmp_path):
+    from ctp2mri.training import post_train
+
+    config = {**TINY_CLDM, "condition_options": TINY_ENCODER}
+    base = train_ldm(plain, ae_dir, tmp_path / "base", steps=3, batch_size=4, lr=1e-3, cldm_config=config,
+                     condition="perfusion", condition_loss_weight=1.0, lesion_latent_weight=1.0,
+                     parameterization="z0-residual", **COMMON)
+
+    def logged(run):
+        with open(run / "log.csv") as f:
+            return list(csv.DictReader(f))
+
+    kept = post_train(plain, base, tmp_path / "kept", steps=2, batch_size=4, lr=1e-3, **COMMON)
+    training = read_config(kept)["training"]
+    assert training["latent_objective"] == "base"
+    assert training["condition_loss_weight"] == 1.0 and training["lesion_latent_weight"] == 1.0
+    rows = logged(kept)
+    assert len(rows) == 2 and all(float(r["condition_loss"]) > 0 for r in rows)
+    assert all(r["lesion_latent_loss"] not in ("", "nan") for r in rows)
+    # the latent part of Eq. 8 now holds the condition loss: larger than the ε-loss alone
+    assert all(float(r["latent_loss"]) > float(r["condition_loss"]) for r in rows)
+
+    plain_eq4 = post_train(plain, base, tmp_path / "eq4", steps=2, batch_size=4, lr=1e-3,
+                           latent_objective="eq4", **COMMON)
+    training = read_config(plain_eq4)["training"]
+    assert training["latent_objective"] == "eq4"
+    assert "condition_loss_weight" not in training and "lesion_latent_weight" not in training
+    assert all(r["condition_loss"] in ("", "nan") for r in logged(plain_eq4))
+    with pytest.raises(InputError, match="latent objective"):
+        post_train(plain, base, tmp_path / "bad", steps=1, latent_objective="latent", **COMMON)
+
+
+def test_post_training_continues_the_bases_ema(plain, ae_dir, tmp_path):
+    """The EMA's update count carries over: its first post-training update keeps d of the base's
+    average (d = min(decay, (1 + n)/(10 + n)) with n the base's steps + 1), not 10 %."""
+    from ctp2mri.training import post_train
+
+    base = train_ldm(plain, ae_dir, tmp_path / "base", steps=4, batch_size=4, lr=1e-3, cldm_config=TINY_CLDM,
+                     **COMMON)
+    out = post_train(plain, base, tmp_path / "pt", steps=1, batch_size=4, lr=1e-2, ema_decay=0.999,
+                     lambda_lesion=0.0, **COMMON)
+    state = json.loads((out / "training_state.json").read_text())
+    assert state["ema"]["num_updates"] == 4 + 1
+    nets, _ = load_checkpoint(base, names=["model", "ema"], kind="cldm")
+    new, _ = load_checkpoint(out, names=["model", "ema"], kind="cldm")
+    d = min(0.999, (1 + 5) / (10 + 5))
+    for name, p_ema in new["ema"].named_parameters():
+        expected = d * dict(nets["ema"].named_parameters())[name] + (1 - d) * dict(new["model"].named_parameters())[name]
+        torch.testing.assert_close(p_ema, expected, rtol=1e-5, atol=1e-6)

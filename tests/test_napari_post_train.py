@@ -138,6 +138,7 @@ def test_post_train_on_a_painted_lesion_registers_a_loadable_model(make_napari_v
 
     # the loss plot shows every step, total ≥ the latent part, image and lesion terms drawn
     plot = widget.loss_plot
+    qtbot.waitUntil(plot.idle, timeout=WAIT_MS)  # rendered off the GUI thread
     assert plot.points() == STEPS and plot.steps == [1, 2, 3]
     assert plot.axes.get_xlim() == (0.0, STEPS)  # the run's length, as it is shorter than 50
     for key in ("loss", "image_loss", "lesion_loss"):

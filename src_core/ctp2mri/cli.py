@@ -208,7 +208,7 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
                          ema_decay=args.ema_decay, lesion_oversample=args.lesion_oversample,
                          gradient_checkpointing=args.gradient_checkpointing, init=args.init,
-                         device=args.device, precision=args.precision, resume=args.resume,
+                         latent_objective=args.latent_objective, device=args.device, precision=args.precision, resume=args.resume,
                          seed=args.seed, num_workers=args.num_workers,
                          checkpoint_every=args.checkpoint_every, progress=progress, cancel=args.cancel)
     finally:
@@ -322,6 +322,9 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                     help="recompute decoder activations in backward to save memory")
     pt.add_argument("--init", choices=["model", "ema"], default="model",
                     help="start from the base's raw (official) or EMA weights")
+    pt.add_argument("--latent-objective", choices=["base", "eq4"], default="base",
+                    help="L_latent of Eq. 8: the base's whole objective (its lesion latent term and "
+                         "condition loss, if it was trained with them) or the ε-loss alone")
     pt.add_argument("--ema-decay", type=_FRACTION, default=0.9999)
     pt.add_argument("--grad-accum", type=_COUNT, default=1)
     pt.set_defaults(func=_cmd_post_train)

@@ -42,7 +42,8 @@ from ctp2mri.training import loop
 from ctp2mri.training.distributed import init_distributed, shutdown
 from ctp2mri.training.ema import EMA
 
-__all__ = ["LDM_BASE_LR", "diffuse", "latent_scale_factor", "optimise", "restore_run", "train_latent_model", "train_ldm"]
+__all__ = ["LDM_BASE_LR", "diffuse", "latent_scale_factor", "objective_terms", "optimise", "restore_run",
+           "train_latent_model", "train_ldm"]
 
 LDM_BASE_LR = 2e-6  # base_learning_rate of the official ldm.yaml (and the paper)
 LOG_COLUMNS = ("step", "epoch", "loss", "lesion_latent_loss", "condition_loss", "condition_latent", "condition_lesion",
@@ -266,35 +267,50 @@ def base_loss_for(model_train: torch.nn.Module, autoencoder: torch.nn.Module, sc
     dev = schedule.device
     net = getattr(model_train, "module", model_train)
     scale = net.scale_factor
-    gamma = objective.get("snr_gamma") if objective.get("loss_weighting") == "min-snr" else None
-    weight = float(objective.get("condition_loss_weight") or 0.0)
-    lesion_weight = float(objective.get("lesion_latent_weight") or 0.0)
-    if weight and not net.has_condition_head:
+    if float(objective.get("condition_loss_weight") or 0.0) and not net.has_condition_head:
         raise InputError("the condition loss needs a condition encoder with a z_0 head")
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         z0, t, eps, z_t = diffuse(autoencoder, schedule, batch["target"].to(dev, non_blocking=True), generator,
                                   precision, scale)
-        c = batch["cond"].to(dev, non_blocking=True)
-        a_t = schedule.alphas_cumprod[t]
-        with loop.autocast(precision, dev):
-            out = model_train(z_t, t, c, with_condition_latent=bool(weight), alphas_cumprod_t=a_t)
-        eps_hat, z0_c, lesion_logit = out if weight else (out, None, None)
-        snr_weights = None if gamma is None else min_snr_weights(a_t, gamma)
-        loss = latent_loss(eps, eps_hat) if gamma is None else weighted_latent_loss(eps, eps_hat, snr_weights)  # Eq. 4
-        parts: dict[str, float] = {}
-        if lesion_weight:
-            z0_hat = schedule.predict_z0(z_t, t, eps_hat.float())  # Eq. 5
-            lesion_term = lesion_latent_loss(z0, z0_hat, batch["lesion"].to(dev, non_blocking=True))
-            parts["lesion_latent_loss"] = float(lesion_term.detach())
-            loss = loss + lesion_weight * lesion_term
-        if weight:
-            aux, aux_parts = condition_loss(z0_c, z0, lesion_logit, batch["lesion"].to(dev, non_blocking=True))
-            parts.update(aux_parts, condition_loss=float(aux.detach()))
-            loss = loss + weight * aux
+        loss, parts, _ = objective_terms(model_train, schedule, z0, t, eps, z_t, batch, precision, objective)
         return loss, parts
 
     return loss_fn
+
+
+def objective_terms(model_train: torch.nn.Module, schedule: NoiseSchedule, z0: torch.Tensor, t: torch.Tensor,
+                    eps: torch.Tensor, z_t: torch.Tensor, batch: dict[str, Any], precision: str,
+                    objective: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """A cLDM's latent objective on one diffused batch: the loss, its parts, and ε̂.
+
+    Eq. 4 (min-SNR weighted when ``objective`` says so), plus the lesion latent term and the
+    condition loss at their weights in ``objective`` (`latent_objective`'s dict, as a
+    checkpoint's ``training`` records it). Base training and post-training share it, so a
+    post-trained model keeps optimising what its base was trained on.
+    """
+    dev = schedule.device
+    gamma = objective.get("snr_gamma") if objective.get("loss_weighting") == "min-snr" else None
+    weight = float(objective.get("condition_loss_weight") or 0.0)
+    lesion_weight = float(objective.get("lesion_latent_weight") or 0.0)
+    c = batch["cond"].to(dev, non_blocking=True)
+    a_t = schedule.alphas_cumprod[t]
+    with loop.autocast(precision, dev):
+        out = model_train(z_t, t, c, with_condition_latent=bool(weight), alphas_cumprod_t=a_t)
+    eps_hat, z0_c, lesion_logit = out if weight else (out, None, None)
+    snr_weights = None if gamma is None else min_snr_weights(a_t, gamma)
+    loss = latent_loss(eps, eps_hat) if gamma is None else weighted_latent_loss(eps, eps_hat, snr_weights)  # Eq. 4
+    parts: dict[str, float] = {}
+    if lesion_weight:
+        z0_hat = schedule.predict_z0(z_t, t, eps_hat.float())  # Eq. 5
+        lesion_term = lesion_latent_loss(z0, z0_hat, batch["lesion"].to(dev, non_blocking=True))
+        parts["lesion_latent_loss"] = float(lesion_term.detach())
+        loss = loss + lesion_weight * lesion_term
+    if weight:
+        aux, aux_parts = condition_loss(z0_c, z0, lesion_logit, batch["lesion"].to(dev, non_blocking=True))
+        parts.update(aux_parts, condition_loss=float(aux.detach()))
+        loss = loss + weight * aux
+    return loss, parts, eps_hat
 
 
 def _scale_setting(value: float | str | None) -> float | str | None:

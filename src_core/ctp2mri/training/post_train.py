@@ -39,21 +39,24 @@ from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.diffusion import BrownianBridge, NoiseSchedule
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.losses import latent_loss, min_snr_weights, total_loss, weighted_latent_loss
+from ctp2mri.losses import total_loss
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.training import loop
 from ctp2mri.training.bbdm import bridge_post_training_loss
 from ctp2mri.training.distributed import init_distributed, shutdown
 from ctp2mri.training.ema import EMA
 from ctp2mri.training.image_terms import TARGETS, image_space_terms
-from ctp2mri.training.ldm import LDM_BASE_LR, diffuse, optimise, restore_run
+from ctp2mri.training.ldm import LDM_BASE_LR, diffuse, objective_terms, optimise, restore_run
 
-__all__ = ["POST_TRAIN_LOG_COLUMNS", "TARGETS", "post_train", "post_training_loss"]
+__all__ = ["LATENT_OBJECTIVES", "POST_TRAIN_LOG_COLUMNS", "TARGETS", "post_train", "post_training_loss"]
 
 INITS = ("model", "ema")
+LATENT_OBJECTIVES = ("base", "eq4")  # L_latent of Eq. 8: the base's whole objective, or the ε-loss alone
+# the base's extra latent terms that "base" keeps (ctp2mri.training.ldm.latent_objective)
+OBJECTIVE_TERMS = ("condition_loss_weight", "lesion_latent_weight")
 POST_TRAINABLE = ("cldm", "cbbdm")  # checkpoint kinds post_train continues
-POST_TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "latent_loss", "image_loss", "lesion_loss", "lesion_voxels",
-                          "lesion_slices", "lr", "seconds")
+POST_TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "latent_loss", "image_loss", "lesion_loss", "lesion_latent_loss",
+                          "condition_loss", "lesion_voxels", "lesion_slices", "lr", "seconds")
 _log = logging.getLogger(__name__)
 
 
@@ -76,6 +79,7 @@ def post_train(
     lesion_oversample: float | None = None,
     gradient_checkpointing: bool = False,
     init: str = "model",
+    latent_objective: str = "base",
     device: str = "auto",
     precision: str = "fp32",
     resume: bool = False,
@@ -124,6 +128,11 @@ def post_train(
         ``ckpt_path``) or its ``"ema"`` weights; the new EMA starts from the base's EMA. A
         base without ``"model"`` weights (a bundled, inference-only checkpoint) starts from
         its EMA weights.
+    latent_objective
+        L_latent of Eq. 8. ``"base"``: the base's whole training objective (its min-SNR
+        weights, lesion latent term and condition loss; for a base trained as the paper, Eq. 4
+        alone); ``"eq4"``: the ε-loss alone (min-SNR weighted if the base was), dropping the
+        base's lesion terms.
     device, precision, resume, seed, num_workers, checkpoint_every, log_every
         As `train_ldm`.
     lesions
@@ -141,6 +150,9 @@ def post_train(
         raise InputError(f"unknown post-training target {target!r}; choose one of {', '.join(TARGETS)}")
     if init not in INITS:
         raise InputError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if latent_objective not in LATENT_OBJECTIVES:
+        raise InputError(f"unknown latent objective {latent_objective!r}; choose one of "
+                         f"{', '.join(LATENT_OBJECTIVES)}")
     for name, value in (("lambda-image", lambda_image), ("lambda-lesion", lambda_lesion)):
         if not (np.isfinite(float(value)) and float(value) >= 0):
             raise InputError(f"--{name} must be a finite number ≥ 0, got {value}")
@@ -154,7 +166,7 @@ def post_train(
                            target, int(steps), int(batch_size), lr, base_lr, scale_lr, int(grad_accum), float(weight_decay),
                            float(ema_decay), grad_clip, lesion_oversample, bool(gradient_checkpointing), init,
                            precision, resume, int(seed), int(num_workers), int(checkpoint_every), int(log_every),
-                           lesions, progress, cancel)
+                           lesions, progress, cancel, latent_objective=latent_objective)
     finally:
         shutdown(info)
 
@@ -182,7 +194,7 @@ def _dataset(data: Any, profile: str, seed: int, need_lesion: bool, lesions, pro
 def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, steps, batch_size, lr, base_lr,
                 scale_lr, grad_accum, weight_decay, ema_decay, grad_clip, lesion_oversample, gradient_checkpointing,
                 init, precision, resume, seed, num_workers, checkpoint_every, log_every, lesions, progress,
-                cancel) -> Path:
+                cancel, *, latent_objective: str = "base") -> Path:
     dev = info.device
     precision = loop.check_precision(precision, dev)
     if grad_accum < 1:
@@ -231,18 +243,27 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
     if kind == "cbbdm":
         settings.update(parameterization="grad", loss_type=bridge_loss_type,
                         loss=f"Eq. 8 with the bridge objective ({bridge_loss_type}) for Eq. 4")
-    # L_latent of Eq. 8 is the base's own objective: a base trained with min-SNR weights keeps them
+    # L_latent of Eq. 8 is the base's own objective ("base"): its min-SNR weights, lesion latent
+    # term and condition loss; "eq4" keeps only the (weighted) ε-loss.
     base_training = base_cfg.get("training") or {}
-    snr_gamma = base_training.get("snr_gamma") if base_training.get("loss_weighting") == "min-snr" else None
+    objective: dict[str, Any] = {}
     if kind == "cldm":
         settings["parameterization"] = base_training.get("parameterization", "eps")
-        if snr_gamma is not None:
-            settings.update(loss_weighting="min-snr", snr_gamma=snr_gamma)
+        keys = ("loss_weighting", "snr_gamma") + (OBJECTIVE_TERMS if latent_objective == "base" else ())
+        objective = {k: base_training[k] for k in keys if base_training.get(k) is not None}
+        if objective.get("loss_weighting") != "min-snr":
+            objective.pop("snr_gamma", None)
+        settings.update(objective, latent_objective=latent_objective)
+        if objective.get("condition_loss_weight") and not nets[init].has_condition_head:
+            raise InputError(f"{base_dir} was trained with a condition loss but its network has no condition head")
 
     loop.seed_everything(seed)
     model = nets[init].to(dev)
     ema = EMA(model, ema_decay)
     ema.module.load_state_dict(nets["ema"].state_dict())
+    # The average continues the base's: with its update count, the warm-up does not restart and
+    # throw the base's average away in the first steps (d_n = (1 + n)/(10 + n) is 0.1 at n = 0).
+    ema.num_updates = int(base_prov.get("steps") or 0)
     del nets
     opt = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=weight_decay)
     scaler = loop.make_grad_scaler(precision)
@@ -285,7 +306,7 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
                                              lambda_lesion, target, precision, gradient_checkpointing,
                                              bridge_loss_type)
         return post_training_loss(model_train, autoencoder, schedule, batch, generator, lambda_image, lambda_lesion,
-                                  target, precision, gradient_checkpointing, snr_gamma=snr_gamma)
+                                  target, precision, gradient_checkpointing, objective=objective)
 
     optimise(info, model, model_train, ema, opt, scaler, stream, run, step, steps, grad_accum, grad_clip,
              lr_value, loss_fn, save)
@@ -295,18 +316,19 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
 def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, schedule: NoiseSchedule,
                        batch: Mapping[str, Any], generator: torch.Generator, lambda_image: float = 0.01,
                        lambda_lesion: float = 0.02, target: str = "input", precision: str = "fp32",
-                       gradient_checkpointing: bool = False, snr_gamma: float | None = None,
+                       gradient_checkpointing: bool = False, objective: Mapping[str, Any] | None = None,
                        ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_total (Eq. 8) of one batch, attached to ``model``'s graph, and its parts as floats.
 
-    ``snr_gamma`` weights the latent term with min-SNR-γ, as a base trained with it was (None:
-    Eq. 4 unweighted, the paper's).
+    L_latent is ``objective`` (`ctp2mri.training.ldm.latent_objective`'s dict: min-SNR
+    weighting, the lesion latent term, the condition loss); None is Eq. 4 unweighted, the
+    paper's.
 
     ``batch`` holds ``target``, ``cond``, ``brain``, ``lesion`` (`SliceDataset` samples
     collated); ``generator`` draws t and ε on ``schedule``'s device. ``autoencoder`` must be
     frozen by the caller (its weights get no gradient because they do not require one; the
     decode itself stays differentiable in ẑ_0). With λ_image = λ_lesion = 0 nothing is decoded
-    and the loss is Eq. 4's.
+    and the loss is L_latent.
     """
     if target not in TARGETS:
         raise InputError(f"unknown post-training target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -316,17 +338,11 @@ def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, sch
     lesion = batch["lesion"].to(dev, non_blocking=True)
     scale = getattr(model, "module", model).scale_factor
     z0, t, eps, z_t = diffuse(autoencoder, schedule, x, generator, precision, scale)
-    with loop.autocast(precision, dev):
-        eps_hat = model(z_t, t, batch["cond"].to(dev, non_blocking=True),
-                        alphas_cumprod_t=schedule.alphas_cumprod[t])
-    if snr_gamma is None:
-        latent = latent_loss(eps, eps_hat)  # Eq. 4
-    else:
-        latent = weighted_latent_loss(eps, eps_hat, min_snr_weights(schedule.alphas_cumprod[t], snr_gamma))
-    parts = {"latent_loss": float(latent.detach()), "lesion_voxels": float(lesion.sum()),
+    latent, terms, eps_hat = objective_terms(model, schedule, z0, t, eps, z_t, batch, precision, dict(objective or {}))
+    parts = {"latent_loss": float(latent.detach()), **terms, "lesion_voxels": float(lesion.sum()),
              "lesion_slices": float((lesion.flatten(1).amax(1) > 0).float().mean())}
     if lambda_image == 0 and lambda_lesion == 0:
-        return latent, parts  # Eq. 4 alone: nothing to decode
+        return latent, parts  # L_latent alone: nothing to decode
 
     z0_hat = schedule.predict_z0(z_t, t, eps_hat.float())  # Eq. 5
     image, les = image_space_terms(autoencoder, z0_hat, z0, x, brain, lesion, target, precision,
