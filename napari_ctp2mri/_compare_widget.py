@@ -2,19 +2,8 @@
 
 A thin shell over `ctp2mri.compare`: the widget picks layers, turns them into arrays in the
 core's ``(X, Y, Z)`` order and shows what the core returns; it computes nothing itself.
-
-Side by side with contours
---------------------------
-napari's grid mode draws each group of ``stride`` consecutive layers in its own viewbox, all
-sharing one camera and the viewer's dims (so pan, zoom and slice stay linked). A layer
-cannot appear in two viewboxes, so the lesion gets one contour-only Labels layer per image,
-all *sharing the lesion layer's data array* (a painted correction shows in every cell). The
-layers are moved to the bottom of the layer list as pairs ``[image, contour]`` — ground
-truth, synthetic, and, when both ADCs are picked, the ADC pair — with ``stride = 2`` and two
-columns: ground truth on the left, synthetic on the right, DWI above ADC. A picked perfusion
-core (the perfusion widget's, from the CTP) is outlined the same way, one more contour per
-image (``stride = 3``). Other layers are hidden while the view is on (hidden layers take no
-viewbox) and come back when it is off.
+"Show lesion contours side by side" is napari's grid mode with contour layers
+(`napari_ctp2mri._side_by_side`).
 """
 
 from __future__ import annotations
@@ -48,7 +37,8 @@ from ctp2mri.compare import (
     table_to_csv,
 )
 from ctp2mri.errors import InputError
-from napari_ctp2mri._layers import _spatial_transform
+from napari_ctp2mri._layers import layer_attributes, spatial_transform
+from napari_ctp2mri._side_by_side import CONTOUR_SOURCES, SideBySide
 
 if TYPE_CHECKING:
     import napari
@@ -67,25 +57,13 @@ PICKERS = {
 # pickers whose default is a name prefix: the perfusion widget names its core layer after
 # the threshold, "perfusion core (rCBF<30%)"
 PREFIX_DEFAULTS = {"perfusion_core"}
-# masks outlined on every image of the side-by-side view, in this order
-CONTOUR_SOURCES = ("lesion", "perfusion_core")
 SLICE_DEBOUNCE_MS = 150
-CONTOUR_PX = 1  # Labels.contour thickness
 MAX_WIDTH_PX = 480
 
 
 def _transform(layer: Any) -> np.ndarray:
     """The layer's 4×4 data → world map (the grid it lies on in the viewer)."""
-    attributes = {"name": layer.name, "scale": layer.scale, "translate": layer.translate,
-                  "rotate": layer.rotate, "shear": layer.shear,
-                  "affine": layer.affine.affine_matrix}
-    return _spatial_transform(attributes, layer.ndim)
-
-
-def _grid(viewer: napari.viewer.Viewer) -> Any:
-    # napari ≥ 0.6 moved the grid to viewer.canvas; viewer.grid is deprecated there
-    canvas = getattr(viewer, "canvas", None)
-    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+    return spatial_transform(layer_attributes(layer), layer.ndim)
 
 
 class CompareWidget(Container):
@@ -101,7 +79,7 @@ class CompareWidget(Container):
         super().__init__(labels=True)
         self.viewer = viewer
         self.pickers: dict[str, ComboBox] = {}
-        self._contours: list[Labels] = []
+        self.view = SideBySide(viewer)  # its contour layers are views of masks, not inputs
         # pickers the user has not touched follow the default names as layers come and go
         self._auto = set(PICKERS)
         self._auto_setting = False
@@ -137,7 +115,6 @@ class CompareWidget(Container):
         self.worker: Any = None  # the running whole-volume worker, if any
         self.slice_worker: Any = None
         self._prepared = None
-        self._saved_view: dict[str, Any] | None = None
         self._slice_timer = QTimer(self.native)
         self._slice_timer.setSingleShot(True)
         self._slice_timer.setInterval(SLICE_DEBOUNCE_MS)
@@ -166,7 +143,7 @@ class CompareWidget(Container):
         def choices(_widget: Any = None) -> list[tuple[str, Any]]:
             # the contour layers are views of the lesion, not inputs
             return [(layer.name, layer) for layer in self.viewer.layers
-                    if isinstance(layer, kind) and layer not in self._contours]
+                    if isinstance(layer, kind) and layer not in self.view.contours]
         return choices
 
     def _on_pick(self, key: str) -> None:
@@ -190,7 +167,7 @@ class CompareWidget(Container):
         layer = layers[default] if default in layers else None  # noqa: SIM401
         if layer is None and key in PREFIX_DEFAULTS:
             layer = next((x for x in layers if x.name.startswith(default) and isinstance(x, kind)
-                          and x not in self._contours), None)
+                          and x not in self.view.contours), None)
         return layer if isinstance(layer, kind) else None
 
     def selected(self) -> dict[str, Any]:
@@ -374,45 +351,8 @@ class CompareWidget(Container):
             images += [layers["gt_adc"], layers["syn_adc"]]
         self._restore_view()
         # one contour per image of each outlined mask, e.g. "lesion contour (DWI)"
-        sources = [(PICKERS[key][0].lower(), layers[key]) for key in CONTOUR_SOURCES
-                   if layers[key] is not None]
-        grid = _grid(self.viewer)
-        self._saved_view = {
-            "visible": {layer: layer.visible for layer in self.viewer.layers},
-            "grid": (grid.enabled, grid.stride, grid.shape),
-            "sources": [source for _, source in sources],
-        }
-        order = []
-        for image in images:
-            order.append(image)
-            for what, source in sources:
-                contour = self.viewer.add_labels(
-                    source.data, name=f"{what} contour ({image.name})",
-                    scale=source.scale, translate=source.translate, rotate=source.rotate,
-                    shear=source.shear, affine=source.affine, colormap=source.colormap,
-                    opacity=1.0, metadata={"ctp2mri_contour_of": image.name},
-                    **{k: getattr(source, k) for k in ("units", "axis_labels")
-                       if hasattr(source, k)})
-                contour.contour = CONTOUR_PX  # not a constructor argument in napari
-                self._contours.append(contour)
-                order.append(contour)
-        for _, source in sources:
-            source.events.paint.connect(self._refresh_contours)
-            source.events.data.connect(self._refresh_contours)
-        for layer in self.viewer.layers:
-            layer.visible = layer in order
-        # one move per layer: napari's move_multiple misplaces some non-monotonic index lists
-        # (seen in napari 0.9 with two contours per image)
-        for position, layer in enumerate(order):
-            self.viewer.layers.move(self.viewer.layers.index(layer), position)
-        # both images in one window, so a contrast difference is a real difference
-        images[1].contrast_limits = images[0].contrast_limits
-        if len(images) == 4:
-            images[3].contrast_limits = images[2].contrast_limits
-        grid.stride = 1 + len(sources)
-        grid.shape = (len(images) // 2, 2)
-        grid.enabled = True
-        self.viewer.reset_view()  # fit the new viewboxes
+        self.view.show(images, [(PICKERS[key][0].lower(), layers[key]) for key in CONTOUR_SOURCES
+                                if layers[key] is not None])
         self._set_checkbox(True)
 
     def _set_checkbox(self, on: bool) -> None:
@@ -420,25 +360,6 @@ class CompareWidget(Container):
         with self.side_by_side.changed.blocked():
             self.side_by_side.value = on
 
-    def _refresh_contours(self, _event: Any = None) -> None:
-        for contour in self._contours:
-            contour.refresh()
-
     def _restore_view(self) -> None:
-        saved, self._saved_view = self._saved_view, None
-        for contour in self._contours:
-            if contour in self.viewer.layers:
-                self.viewer.layers.remove(contour)
-        self._contours = []
-        if saved is None:
-            return
-        for source in saved["sources"]:
-            source.events.paint.disconnect(self._refresh_contours)
-            source.events.data.disconnect(self._refresh_contours)
-        for layer, visible in saved["visible"].items():
-            if layer in self.viewer.layers:
-                layer.visible = visible
-        grid = _grid(self.viewer)
-        grid.enabled, grid.stride, grid.shape = saved["grid"]
-        self.viewer.reset_view()
-        self._set_checkbox(False)
+        if self.view.restore():
+            self._set_checkbox(False)

@@ -12,10 +12,10 @@ import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 
-__all__ = ["CurvePlot"]
+# the AIF and VOF voxel points are drawn in the same colours
+from napari_ctp2mri._perfusion_layers import AIF_COLOUR, VOF_COLOUR
 
-AIF_COLOUR = "#ff5555"  # the AIF voxel points are drawn in the same colours
-VOF_COLOUR = "#4f9dff"
+__all__ = ["AIF_COLOUR", "VOF_COLOUR", "CurvePlot"]
 
 
 class CurvePlot:

@@ -249,7 +249,7 @@ def layer_to_volume(data: Any, attributes: dict[str, Any]) -> Volume:
         )
     # napari order (t, k, j, i) → nibabel order (i, j, k, t)
     array = np.transpose(array, tuple(range(array.ndim))[::-1])
-    spatial = _spatial_transform(attributes, array.ndim)
+    spatial = spatial_transform(attributes, array.ndim)
     meta = (attributes.get("metadata") or {}).get(META_KEY)
     if meta is not None and _still_on_stored_grid(meta, array.shape, spatial):
         ornt = np.asarray(meta["ornt"], dtype=np.float64)
@@ -272,8 +272,12 @@ def layer_to_volume(data: Any, attributes: dict[str, Any]) -> Volume:
     return Volume(np.ascontiguousarray(array), affine_from_napari_spatial(spatial))
 
 
-def _spatial_transform(attributes: dict[str, Any], ndim: int) -> np.ndarray:
-    """4×4 data→world map of the layer's last three axes, as napari applies it."""
+def spatial_transform(attributes: dict[str, Any], ndim: int) -> np.ndarray:
+    """4×4 data→world map of the layer's last three axes, as napari applies it.
+
+    ``attributes`` as `layer_attributes` gives them (only the name and the transforms are
+    read); `InputError` if the transform mixes time with space.
+    """
     from napari.utils.transforms import Affine
 
     composite = Affine(
@@ -313,3 +317,38 @@ def _still_on_stored_grid(
     expected = napari_spatial_transform(displayed)
     tol = 1e-6 * max(1.0, float(np.abs(expected).max()))
     return bool(np.allclose(spatial, expected, rtol=0, atol=tol))
+
+
+# live layers --------------------------------------------------------------------------------
+def update_geometry(layer: Any, kwargs: dict[str, Any], ndim: int) -> None:
+    """Place an existing ``ndim``-D layer where new layer ``kwargs`` put it (rotation and shear
+    reset), changing only what differs: each setter redraws the layer."""
+    geometry = {"scale": kwargs.get("scale", np.ones(ndim)),
+                "translate": kwargs.get("translate", np.zeros(ndim)),
+                "rotate": np.eye(ndim), "shear": np.zeros(ndim * (ndim - 1) // 2),
+                "affine": kwargs.get("affine", np.eye(ndim + 1))}
+    for key, value in geometry.items():
+        current = getattr(layer, key)
+        current = getattr(current, "affine_matrix", current)
+        # usually all of them are unchanged
+        if np.shape(current) != np.shape(value) or not np.allclose(current, value):
+            setattr(layer, key, value)
+
+
+def checked_ctp_layer(viewer: Any, layer: Any, purpose: str) -> Any:
+    """``layer``, picked as the CTP ``purpose`` (e.g. "to analyse"), if it still is a 4-D
+    image of the viewer; else `InputError` saying what to pick or open."""
+    from napari.layers import Image
+
+    if layer is None:
+        others = [x.name for x in viewer.layers if isinstance(x, Image)]
+        hint = (f" (the image layers here, {', '.join(map(repr, others))}, are not 4-D)"
+                if others else "")
+        raise InputError(f"no CT perfusion layer {purpose}" + hint + "; open a 4-D CT perfusion "
+                         "series (time, z, y, x), e.g. File ▸ Open Sample ▸ Stroke phantom")
+    if layer not in viewer.layers:
+        raise InputError(f"the CTP layer {layer.name!r} was removed; pick another")
+    if not isinstance(layer, Image) or layer.ndim != 4 or layer.rgb:
+        raise InputError(f"layer {layer.name!r} has {layer.ndim} dimensions; the CTP must be "
+                         "a 4-D image (time, z, y, x)")
+    return layer

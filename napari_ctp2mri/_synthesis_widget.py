@@ -2,47 +2,48 @@
 
 A thin shell over `ctp2mri.synthesize.synthesize`: the widget collects the settings, runs
 the core in a napari worker thread and turns the returned volumes into layers on the CTP
-layer's geometry (`napari_ctp2mri._layers`). It holds no model logic.
+layer's geometry (`napari_ctp2mri._layers`). It holds no model logic; the models it offers
+are the registry's (`napari_ctp2mri._models`).
 
-Progress
---------
-`synthesize` reports through a plain ``progress(step, total, info)`` callback, called in the
-worker thread. The callback only emits a Qt signal of a `QObject` that lives in the GUI
-thread, so Qt queues each report to the event loop and the progress bar is updated there;
-the worker never touches a widget. Cancel sets a `CancelToken` that the core checks before
-every denoising step.
+Progress and cancel are the shared worker shell's (`napari_ctp2mri._worker_widget`):
+`synthesize` reports through a ``progress`` callback that only emits a queued Qt signal, and
+Cancel sets a `CancelToken` that the core checks before every denoising step.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import ComboBox, FileEdit, Label, PushButton, SpinBox
 from napari.layers import Image
-from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info, show_warning
-from psygnal import SignalInstance
-from qtpy.QtCore import QObject, QTimer, Signal
-from qtpy.QtWidgets import QProgressBar
+from napari.utils.notifications import show_error, show_warning
 
+from ctp2mri.settings import SAMPLER_STEPS
 from ctp2mri.devices import available_devices
-from ctp2mri.errors import Cancelled, InputError
+from ctp2mri.errors import InputError
 from ctp2mri.progress import CancelToken
 from ctp2mri.synthesize import SynthesisResult, synthesize
-from napari_ctp2mri._layers import META_KEY, LayerData, layer_to_volume, volume_to_layer_data
-# its old home: the post-training widget and the tests import it from here
-from napari_ctp2mri._layers import layer_attributes as _layer_attributes
+from napari_ctp2mri._layers import (
+    META_KEY,
+    LayerData,
+    checked_ctp_layer,
+    layer_attributes,
+    layer_to_volume,
+    update_geometry,
+    volume_to_layer_data,
+)
+from napari_ctp2mri._models import MODELS_CHANGED, ModelPicker
+from napari_ctp2mri._worker_widget import WorkerWidget, format_eta
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["MODELS_CHANGED", "SynthesisWidget", "model_choices", "register_model", "retired_name"]
+__all__ = ["LAYER_NAMES", "SynthesisWidget", "result_layers", "retired_name"]
 
 # Names the compare widget pre-selects ("synthetic DWI"/"synthetic ADC"); keep them in step.
 LAYER_NAMES = {"dwi": "synthetic DWI", "adc": "synthetic ADC",
@@ -50,62 +51,10 @@ LAYER_NAMES = {"dwi": "synthetic DWI", "adc": "synthetic ADC",
                "core": "core (synthetic ADC)"}
 SOURCE = "ctp2mri synthesize"  # Volume.meta["source"] of synthesize's outputs
 SAMPLERS = ("dpm++2m", "ddim")
-DEFAULT_STEPS = {"dpm++2m": 20, "ddim": 200}  # the CLI's defaults: fast solver vs the paper's
+DEFAULT_STEPS = SAMPLER_STEPS  # the CLI's defaults (ctp2mri.settings): fast solver vs the paper's
 CORE_COLOR = "yellow"  # distinct from the ground-truth lesion's red
 UNCERTAINTY_COLORMAP = "magma"
 MAX_WIDTH_PX = 420
-
-# registered models ---------------------------------------------------------------------------
-_MODELS: dict[str, Path] = {}
-#: Emitted (no arguments) when `register_model` changes the list; open widgets refresh.
-MODELS_CHANGED = SignalInstance()
-
-
-def register_model(label: str, path: str | os.PathLike) -> None:
-    """Offer a cLDM checkpoint folder in every synthesis widget's model list.
-
-    The bundled demo model registers itself here when it is installed, and the
-    post-training widget registers each model it writes. Registering a label again moves it
-    to the new path.
-    """
-    _MODELS[str(label)] = Path(path)
-    MODELS_CHANGED.emit()
-
-
-def model_choices() -> list[tuple[str, Path]]:
-    """``(label, checkpoint folder)`` of the registered models, in registration order."""
-    return list(_MODELS.items())
-
-
-#: Labels under which the bundled models are offered (the autoencoder alone cannot synthesise).
-BUNDLED_LABELS = {"demo": "demo: post-trained cLDM (bundled)", "demo-base": "demo: base cLDM (bundled)",
-                  "demo-reference": "demo: U-Net L1 reference (bundled)"}
-
-
-def register_bundled_models() -> None:
-    """Offer the bundled demo models (`ctp2mri.bundled`) that this installation has, default first."""
-    from ctp2mri.bundled import bundled_models
-
-    for name, path in bundled_models().items():
-        if name in BUNDLED_LABELS:
-            register_model(BUNDLED_LABELS[name], path)
-
-
-register_bundled_models()
-
-
-class _ProgressRelay(QObject):
-    """Carries the worker thread's progress reports to the GUI thread (queued signal)."""
-
-    reported = Signal(int, int, object)
-
-
-def format_eta(seconds: float) -> str:
-    """``"ETA 42 s"``/``"ETA 3 min 05 s"``; empty while no estimate exists (first step)."""
-    if seconds is None or not math.isfinite(seconds):
-        return ""
-    s = round(seconds)
-    return f"ETA {s} s" if s < 60 else f"ETA {s // 60} min {s % 60:02d} s"
 
 
 def retired_name(name: str) -> str:
@@ -132,7 +81,7 @@ def result_layers(result: SynthesisResult) -> list[LayerData]:
     return layers
 
 
-class SynthesisWidget(Container):
+class SynthesisWidget(WorkerWidget):
     """Synthesise DWI/ADC from a CTP layer with a cLDM, in a worker thread.
 
     Parameters
@@ -141,15 +90,14 @@ class SynthesisWidget(Container):
         The napari viewer (npe2 passes it).
     """
 
+    TASK = "Synthesis"
+
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(labels=True)
-        self.viewer = viewer
+        super().__init__(viewer)
         self.ctp = ComboBox(label="CTP", choices=self._ctp_choices, nullable=True,
                             tooltip="4-D CT perfusion layer (time, z, y, x)")
-        self.model = ComboBox(label="Model", choices=self._model_choices, nullable=True,
-                              tooltip="A registered model, or empty to use the folder below")
-        self.checkpoint = FileEdit(label="Checkpoint folder", mode="d",
-                                   tooltip="cLDM checkpoint folder (config.json + .safetensors)")
+        self.models = ModelPicker("Model", "cLDM checkpoint folder (config.json + .safetensors)")
+        self.model, self.checkpoint = self.models.model, self.models.checkpoint
         self.device = ComboBox(label="Device", choices=["auto", *available_devices()],
                                value="auto")
         self.sampler = ComboBox(label="Sampler", choices=list(SAMPLERS), value=SAMPLERS[0])
@@ -171,47 +119,27 @@ class SynthesisWidget(Container):
         self.extend([self.ctp, self.model, self.checkpoint, self.device, self.sampler,
                      self.steps, self.samples, self.seed, self.run_button, self.folder,
                      self.folder_out, self.run_folder_button, self.cancel_button, self.status])
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setTextVisible(True)
-        self.progress_bar.setVisible(False)
-        self.native.layout().addWidget(self.progress_bar)
+        self._add_progress_bar()
         self.status.native.setWordWrap(True)
         self.native.setMaximumWidth(MAX_WIDTH_PX)
-
-        # Parentless on purpose: it must outlive a widget closed mid-run, since the worker
-        # still reports through it until the cancel takes effect.
-        self.relay = _ProgressRelay()
-        self.relay.reported.connect(self._on_progress)
-        self.worker: Any = None  # the running worker, None when idle
-        self.cancel_token: CancelToken | None = None  # the running run's token
+        self.run_buttons = [self.run_button, self.run_folder_button]
         self.result: SynthesisResult | None = None  # the last finished run's result
-        self._pending: list[Callable[[], None]] = []  # layer updates not yet made
-        self._closed = False  # the Qt widget is gone: late worker signals are dropped
 
         self.run_button.changed.connect(self.run)
         self.run_folder_button.changed.connect(self.run_folder)
         self.cancel_button.changed.connect(self.cancel)
         self.sampler.changed.connect(self._on_sampler)
-        self.model.changed.connect(self._on_model)
         events = viewer.layers.events
-        self._hooks = [(event, self._on_layers_changed)
-                       for event in (events.inserted, events.removed, events.moved)]
-        self._hooks.append((MODELS_CHANGED, self._on_models_changed))
-        for event, callback in self._hooks:
-            event.connect(callback)
-        # a closed widget must stop listening and stop its run: the worker would otherwise
-        # report into deleted Qt objects
-        self.native.destroyed.connect(self._on_destroyed)
+        for event in (events.inserted, events.removed, events.moved):
+            self._listen(event, self._on_layers_changed)
+        self._listen(MODELS_CHANGED, self.models.refresh)
         self._on_layers_changed()
-        self._on_models_changed()
+        self.models.refresh()
 
     # choices ------------------------------------------------------------------------------
     def _ctp_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
         return [(layer.name, layer) for layer in self.viewer.layers
                 if isinstance(layer, Image) and layer.ndim == 4 and not layer.rgb]
-
-    def _model_choices(self, _widget: Any = None) -> list[tuple[str, Path]]:
-        return model_choices()
 
     def _on_layers_changed(self, _event: Any = None) -> None:
         current = self.ctp.value
@@ -220,53 +148,10 @@ class SynthesisWidget(Container):
         if current is None and layers:  # pick the reader's "CTP" layer, else the first
             self.ctp.value = next((x for x in layers if x.name == "CTP"), layers[0])
 
-    def _on_models_changed(self) -> None:
-        self.model.reset_choices()
-        if self.model.value is None and not str(self.checkpoint.value).strip(". "):
-            choices = model_choices()
-            self.model.value = choices[0][1] if choices else None
-        self._on_model()
-
-    def _on_model(self, _value: Any = None) -> None:
-        self.checkpoint.enabled = self.model.value is None
-
     def _on_sampler(self, sampler: str) -> None:
         # a step count left at the other sampler's default follows the new sampler's
         if self.steps.value in DEFAULT_STEPS.values():
             self.steps.value = DEFAULT_STEPS[sampler]
-
-    def _on_destroyed(self, *_args: Any) -> None:
-        self._closed = True
-        for event, callback in self._hooks:
-            event.disconnect(callback)
-        self._hooks = []
-        if self.cancel_token is not None:
-            self.cancel_token.cancel()
-
-    # inputs -----------------------------------------------------------------------------
-    def _model_path(self) -> Path:
-        if self.model.value is not None:
-            return Path(self.model.value)
-        text = str(self.checkpoint.value).strip()
-        if text in ("", "."):
-            raise InputError("choose a model: a registered one, or a cLDM checkpoint folder "
-                             "(holding config.json and .safetensors weights)")
-        return Path(text).expanduser()
-
-    def _ctp_layer(self) -> Any:
-        layer = self.ctp.value
-        if layer is None:
-            others = [x.name for x in self.viewer.layers if isinstance(x, Image)]
-            hint = (f" (the image layers here, {', '.join(map(repr, others))}, are not 4-D)"
-                    if others else "")
-            raise InputError("no CT perfusion layer to synthesise from" + hint + "; open a 4-D "
-                             "CT perfusion series (time, z, y, x), e.g. File ▸ Open Sample ▸ Stroke phantom")
-        if layer not in self.viewer.layers:
-            raise InputError(f"the CTP layer {layer.name!r} was removed; pick another")
-        if not isinstance(layer, Image) or layer.ndim != 4 or layer.rgb:
-            raise InputError(f"layer {layer.name!r} has {layer.ndim} dimensions; the CTP must be "
-                             "a 4-D image (time, z, y, x)")
-        return layer
 
     # run --------------------------------------------------------------------------------
     def run(self) -> Any:
@@ -274,36 +159,24 @@ class SynthesisWidget(Container):
         if self.busy:
             return None  # Run is disabled while running; a direct call is ignored too
         try:
-            layer = self._ctp_layer()
-            model = self._model_path()
+            layer = checked_ctp_layer(self.viewer, self.ctp.value, "to synthesise from")
+            model = self.models.path("a model")
         except InputError as exc:
             show_error(str(exc))
             return None
-        data, attributes = layer.data, _layer_attributes(layer)
+        data, attributes = layer.data, layer_attributes(layer)
         settings = {"model": model, "sampler": self.sampler.value, "steps": self.steps.value,
                     "samples": self.samples.value, "seed": self.seed.value,
                     "device": self.device.value}
-        token = CancelToken()
-        emit = self.relay.reported.emit
-
-        def report(step: int, total: int, info: dict[str, Any]) -> None:
-            emit(step, total, dict(info))  # the GUI thread gets its own copy
+        token, report = CancelToken(), self._reporter()
 
         def work() -> SynthesisResult:
             # the reorientation copy of a large CTP takes a while: here, not in the GUI thread
             ctp = layer_to_volume(data, attributes)
             return synthesize(ctp, **settings, progress=report, cancel=token)
 
-        self.cancel_token = token
-        self._set_running(True)
-        self.status.value = f"Preparing {layer.name!r} for the model…"
-        # errored is connected at creation: a worker without an errored handler re-raises
-        # its exception in the Qt event loop (a traceback instead of a notification)
-        self.worker = create_worker(work, _start_thread=False, _connect={
-            "returned": self._on_returned, "errored": self._on_error,
-            "finished": self._on_finished})
-        self.worker.start()
-        return self.worker
+        return self._start_worker(work, self._on_returned, token,
+                                  f"Preparing {layer.name!r} for the model…")
 
     def run_folder(self) -> Any:
         """Synthesise every case folder of the chosen folder into the output folder, in a worker
@@ -316,7 +189,7 @@ class SynthesisWidget(Container):
         try:
             folder, out = (self._chosen_folder(edit, what) for edit, what in (
                 (self.folder, "a folder of case folders"), (self.folder_out, "an output folder")))
-            model = self._model_path()
+            model = self.models.path("a model")
             if not is_cohort([folder]):
                 raise InputError(f"{folder} holds no case folders (folders with ctp.nii.gz); choose the "
                                  "folder that holds them")
@@ -325,23 +198,16 @@ class SynthesisWidget(Container):
             return None
         settings = {"sampler": self.sampler.value, "steps": self.steps.value, "samples": self.samples.value,
                     "seed": self.seed.value, "device": self.device.value}
-        token = CancelToken()
-        emit = self.relay.reported.emit
+        token, report = CancelToken(), self._reporter()
 
         def work() -> Any:
             from ctp2mri.cohort import collect_cases, synthesize_cohort
 
             cases, _ = collect_cases([folder])
-            return synthesize_cohort(cases, model, out, progress=lambda s, t, i: emit(s, t, dict(i)),
-                                     cancel=token, **settings)
+            return synthesize_cohort(cases, model, out, progress=report, cancel=token, **settings)
 
-        self.cancel_token = token
-        self._set_running(True)
-        self.status.value = f"Synthesising the cases in {folder.name!r}…"
-        self.worker = create_worker(work, _start_thread=False, _connect={
-            "returned": self._on_folder_returned, "errored": self._on_error, "finished": self._on_finished})
-        self.worker.start()
-        return self.worker
+        return self._start_worker(work, self._on_folder_returned, token,
+                                  f"Synthesising the cases in {folder.name!r}…")
 
     @staticmethod
     def _chosen_folder(edit: FileEdit, what: str) -> Path:
@@ -359,24 +225,9 @@ class SynthesisWidget(Container):
         for outcome in result.failed:
             show_warning(f"{outcome.case} failed: {outcome.message}")
 
-    def cancel(self) -> None:
-        """Ask the running synthesis to stop; it ends within one denoising step."""
-        if self.cancel_token is not None:
-            self.cancel_token.cancel()
-            self.status.value = "Cancelling…"
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.enabled = self.run_folder_button.enabled = not running
-        self.cancel_button.enabled = running
-        self.progress_bar.setVisible(running)
-        self.progress_bar.setRange(0, 0)  # busy until the first step is reported
-        self.progress_bar.setFormat("")
-
     def _on_progress(self, step: int, total: int, info: dict[str, Any]) -> None:
-        if self.worker is None or self._closed:
+        if not self._advance(step, total):
             return  # a report queued before the run ended
-        self.progress_bar.setRange(0, total)
-        self.progress_bar.setValue(step)
         if "case" in info:  # a folder run: one report per case
             self.progress_bar.setFormat(f"case {step}/{total}" + (f" · {info['case']}" if info["case"] else "")
                                         + (f" · {info['failed']} failed" if info.get("failed") else ""))
@@ -384,72 +235,25 @@ class SynthesisWidget(Container):
         parts = [f"step {step}/{total}"]
         if "slices_total" in info:
             parts.append(f"{info['slices_done']}/{info['slices_total']} slices")
-        eta = format_eta(info.get("eta_s", math.nan))
+        eta = format_eta(info.get("eta_s", math.nan))  # the core's estimate
         self.progress_bar.setFormat(" · ".join(parts + ([eta] if eta else [])))
-        if step >= total and not (self.cancel_token and self.cancel_token.cancelled):
-            self.status.value = "Mapping the result back onto the CTP's grid…"
-        elif not (self.cancel_token and self.cancel_token.cancelled):
-            self.status.value = "Sampling…"
+        if not self.cancelling:
+            self.status.value = ("Mapping the result back onto the CTP's grid…" if step >= total
+                                 else "Sampling…")
 
     def _on_returned(self, result: SynthesisResult) -> None:
-        if self._closed:
-            return
-        if self.cancel_token is not None and self.cancel_token.cancelled:
-            self._notify_cancelled()  # cancelled after the last step: keep the promise
+        if not self._accepts():
             return
         self.result = result
         self.status.value = "Adding the layers…"
-        self.cancel_button.enabled = False  # the result is in: nothing left to cancel
-        # One layer per event-loop turn: creating a layer's visuals takes napari a good
-        # fraction of a second on a slow machine, and five at once would freeze the viewer.
-        self._pending = self._layer_steps(result)
-        self._show_next()
+        self._apply_stepwise(self._layer_steps(result))  # five layers: one per event-loop turn
 
-    def _show_next(self) -> None:
-        if self._closed:
-            self._pending = []
-            return
-        if self._pending:
-            try:
-                self._pending[0]()
-            finally:  # popped after the step, so `busy` holds until the last layer is in
-                self._pending.pop(0)
-            if self._pending:
-                QTimer.singleShot(0, self._show_next)
-                return
+    def _on_applied(self) -> None:
         report = self.result.report
         self.status.value = (f"Done in {report['timings_s']['total_s']:.1f} s on "
                              f"{report['device']}: core {report['core_volume_ml']:.1f} ml")
         for notice in report.get("notices", []):
             show_warning(notice)
-        if self.worker is None:
-            self._set_running(False)
-
-    @property
-    def busy(self) -> bool:
-        """True from Run until the result's layers are all in the viewer (or it failed)."""
-        return self.worker is not None or bool(self._pending)
-
-    def _on_error(self, exc: Exception) -> None:
-        if self._closed:
-            return
-        if isinstance(exc, Cancelled):
-            self._notify_cancelled()
-        elif isinstance(exc, InputError):
-            self.status.value = "Failed: see the notification"
-            show_error(str(exc))
-        else:  # a bug, not the user's fault: still a notification, with its type
-            self.status.value = "Failed: see the notification"
-            show_error(f"Synthesis failed ({type(exc).__name__}): {exc}")
-
-    def _notify_cancelled(self) -> None:
-        self.status.value = "Cancelled"
-        show_info("Synthesis cancelled; no layers were added or changed")
-
-    def _on_finished(self) -> None:
-        self.worker, self.cancel_token = None, None
-        if not self._pending and not self._closed:  # else the last layer step ends the run
-            self._set_running(False)
 
     # layers -----------------------------------------------------------------------------
     def _layer_steps(self, result: SynthesisResult) -> list[Callable[[], None]]:
@@ -498,18 +302,8 @@ class SynthesisWidget(Container):
             return
         # Same layer, new data: the compare widget's choices and the user's colormap,
         # opacity and visibility stay; geometry and window follow the new result.
-        ndim = data.ndim
         old.data = data
-        geometry = {"scale": kwargs.get("scale", np.ones(ndim)),
-                    "translate": kwargs.get("translate", np.zeros(ndim)),
-                    "rotate": np.eye(ndim), "shear": np.zeros(ndim * (ndim - 1) // 2),
-                    "affine": kwargs.get("affine", np.eye(ndim + 1))}
-        for key, value in geometry.items():
-            current = getattr(old, key)
-            current = getattr(current, "affine_matrix", current)
-            # each setter redraws the layer: skip the unchanged ones (usually all of them)
-            if np.shape(current) != np.shape(value) or not np.allclose(current, value):
-                setattr(old, key, value)
+        update_geometry(old, kwargs, data.ndim)
         old.metadata = {**old.metadata, **kwargs["metadata"]}
         if "contrast_limits" in kwargs:
             old.contrast_limits = kwargs["contrast_limits"]

@@ -10,8 +10,8 @@ folders into the `SliceDataset` that `ctp2mri.training.post_train.post_train` tr
 `ctp2mri.evaluate.evaluate`, and `metric_rows` lays the result out as a small table.
 
 Layers are passed as ``(data, attributes)`` pairs, ``attributes`` being what
-`napari_ctp2mri._layers.layer_to_volume` reads (``_synthesis_widget._layer_attributes``), so
-nothing here holds a live layer.
+`napari_ctp2mri._layers.layer_to_volume` reads (`napari_ctp2mri._layers.layer_attributes`),
+so nothing here holds a live layer.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ctp2mri.casefolder import Case, write_case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
 from ctp2mri.progress import CancelToken, ProgressCallback
-from napari_ctp2mri._layers import META_KEY, _spatial_transform, layer_to_volume
+from napari_ctp2mri._layers import META_KEY, layer_to_volume, spatial_transform
 
 __all__ = [
     "BASE_LABEL",
@@ -73,7 +73,7 @@ CONTRASTS: tuple[tuple[str, str], ...] = (
 
 # viewer cases --------------------------------------------------------------------------------
 def _transform(name: str, attributes: Mapping[str, Any], ndim: int) -> np.ndarray:
-    return _spatial_transform({**attributes, "name": name}, ndim)
+    return spatial_transform({**attributes, "name": name}, ndim)
 
 
 def check_case_layers(layers: Mapping[str, LayerInput]) -> None:

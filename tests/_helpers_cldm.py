@@ -1,4 +1,6 @@
-"""A tiny, randomly initialised cLDM checkpoint in the trainer's format, for inference tests."""
+"""Tiny networks for the tests: the network configs the training and model tests share, and a
+randomly initialised cLDM checkpoint in the trainer's format (the session's ``tiny_cldm`` fixture
+in conftest.py) for the inference tests."""
 
 from __future__ import annotations
 
@@ -17,6 +19,21 @@ NORMALISATION = {"statistic": "median over cases", "n_cases": 2, "quantiles": [0
                  "ctp_hu_range": [0.0, 200.0],
                  "units": {"dwi": "scanner units (b = 1000 s/mm²)", "adc": "1e-6 mm²/s"},
                  "dwi": {"lo": 50.0, "hi": 220.0}, "adc": {"lo": 420.0, "hi": 2890.0}}
+
+# Networks far smaller than the demo profile's, in the trainers' config form (train_autoencoder's
+# autoencoder_config and discriminator_config, train_ldm's cldm_config; TINY_CLDM is also the
+# cBBDM's cbbdm_config): the loops, not the models, are under test. Shared by several modules:
+# derive a changed one ({**TINY_CLDM, ...}), never change these in place.
+TINY_AE = {"in_channels": 2, "out_channels": 2, "channels": [8, 16, 16], "num_res_blocks": 1, "embedding_dim": 3,
+           "num_embeddings": 64, "attention_levels": [False, False, False], "mid_attention": False,
+           "norm_num_groups": 8}
+TINY_D = {"in_channels": 2, "channels": 8, "num_layers": 2}
+TINY_CLDM = {"latent_channels": 3, "condition_channels": 15, "channels": [16, 16], "attention_levels": [False, True],
+             "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 8}
+
+# VQAutoencoder keyword arguments of the model and checkpoint tests: the demo grid (96 × 112) but
+# few channels, so each test runs in about a second.
+SMALL_AE = {"channels": [16, 32, 32], "num_res_blocks": 1, "num_embeddings": 64, "norm_num_groups": 8}
 
 
 def tiny_networks(seed: int = 0, scale_factor: float = 1.0) -> tuple[ConditionalLDM, ConditionalLDM, VQAutoencoder]:

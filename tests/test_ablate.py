@@ -7,17 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
-from _helpers_cldm import one_thread, save_tiny_cldm
 
 from ctp2mri.ablate import PAPER_GRID, ablate, parse_grid
 from ctp2mri.errors import InputError
-from ctp2mri.phantom import generate_dataset
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_paper_grid_is_table2_and_the_cli_form_parses():
@@ -30,10 +24,8 @@ def test_paper_grid_is_table2_and_the_cli_form_parses():
 
 
 @pytest.mark.slow
-def test_ablate_post_trains_each_pair_and_writes_table2(tmp_path):
-    data = tmp_path / "phantom"
-    generate_dataset(data, 3, seed=5)
-    base = save_tiny_cldm(tmp_path / "base")
+def test_ablate_post_trains_each_pair_and_writes_table2(phantom_data, tiny_cldm, tmp_path):
+    data, base = phantom_data, tiny_cldm
     out = tmp_path / "ablation"
     kwargs = {"grid": [(0, 0), (0.01, 0.02)], "steps": 1, "batch_size": 2, "eval_steps": 2,
               "eval_batch_size": 8, "seed": 1, "device": "cpu", "max_cases": 1,
@@ -68,13 +60,11 @@ def test_ablate_post_trains_each_pair_and_writes_table2(tmp_path):
     assert again[1]["DWI_mae_mean"] == rows[1]["DWI_mae_mean"]
 
 
-def test_ablate_cli_passes_lr_and_ema_decay_to_every_post_training_run(tmp_path, capsys):
+def test_ablate_cli_passes_lr_and_ema_decay_to_every_post_training_run(phantom_data, tiny_cldm, tmp_path, capsys):
     from ctp2mri.checkpoints import read_config
     from ctp2mri.cli import main
 
-    data = tmp_path / "phantom"
-    generate_dataset(data, 3, seed=5)
-    base = save_tiny_cldm(tmp_path / "base")
+    data, base = phantom_data, tiny_cldm
     out = tmp_path / "ablation"
     assert main(["ablate", "--from", str(base), "--data", str(data), "--out", str(out), "--grid", "0:0,0.01:0.02",
                  "--steps", "1", "--batch-size", "2", "--eval-steps", "1", "--max-cases", "1", "--device", "cpu",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_cldm import one_thread, save_tiny_cldm
+from _helpers_cldm import TINY_AE, TINY_CLDM, TINY_D
 
 from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.data import SliceDataset
@@ -18,39 +18,17 @@ from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.evaluate import evaluate, named_models, write_comparison
 from ctp2mri.inference import LoadedBridge, LoadedPix2Pix, load_model, model_label, sample_slices
 from ctp2mri.models import BrownianBridgeLDM
-from ctp2mri.phantom import generate_dataset
 from ctp2mri.progress import CancelToken
 from ctp2mri.training import post_train, train_autoencoder, train_bbdm, train_pix2pix
 from ctp2mri.training.bbdm import bridge_post_training_loss
 
-TINY_AE = {"in_channels": 2, "out_channels": 2, "channels": [8, 16, 16], "num_res_blocks": 1, "embedding_dim": 3,
-           "num_embeddings": 64, "attention_levels": [False, False, False], "mid_attention": False,
-           "norm_num_groups": 8}
-TINY_D = {"in_channels": 2, "channels": 8, "num_layers": 2}
-TINY_BB = {"latent_channels": 3, "condition_channels": 15, "channels": [16, 16], "attention_levels": [False, True],
-           "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 8}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_BB = TINY_CLDM  # the cBBDM's U-Net and rescaler: the tiny cLDM's widths
 TINY_G = {"in_channels": 15, "out_channels": 2, "channels": [8, 16, 16], "num_res_units": 0, "norm": "instance",
           "dropout": 0.0}
 TINY_PD = {"in_channels": 17, "channels": 8, "num_layers": 2}
 COMMON = {"device": "cpu", "num_workers": 0, "seed": 3, "log_every": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("phantom")
-    generate_dataset(root, 3, seed=5)  # demo profile; 2 train cases, 1 test case
-    return root
-
-
-@pytest.fixture(scope="module")
-def plain(data_dir) -> SliceDataset:
-    return SliceDataset(data_dir, split="train", seed=3, augment=False)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +198,7 @@ def test_post_train_continues_a_cbbdm_as_a_cbbdm(cbbdm_dir, plain, tmp_path):
 
 
 # --------------------------------------------------------------------------- Pix2Pix
-def test_pix2pix_resume_retraces_and_its_checkpoint_evaluates(plain, data_dir, pix2pix_dir, tmp_path):
+def test_pix2pix_resume_retraces_and_its_checkpoint_evaluates(plain, phantom_data, pix2pix_dir, tmp_path):
     kwargs = dict(steps=4, batch_size=4, checkpoint_every=10, generator_config=TINY_G,
                   discriminator_config=TINY_PD, **COMMON)
     train_pix2pix(plain, tmp_path / "full", **kwargs)
@@ -234,7 +212,7 @@ def test_pix2pix_resume_retraces_and_its_checkpoint_evaluates(plain, data_dir, p
 
     model = load_model(pix2pix_dir, "cpu")
     assert isinstance(model, LoadedPix2Pix) and model.weights == "model" and model_label(model.config) == "Pix2Pix"
-    rows, summary = evaluate(pix2pix_dir, data_dir, "test", n_steps=50, device="cpu")
+    rows, summary = evaluate(pix2pix_dir, phantom_data, "test", n_steps=50, device="cpu")
     assert [r["model"] for r in rows] == ["Pix2Pix"] and rows[0]["sampler"] == "generator" and rows[0]["steps"] == 1
     for key in ("DWI_mae", "ADC_mae", "DWI_psnr", "ADC_ms_ssim", "DWI_lesion_mae"):
         assert math.isfinite(rows[0][key]) and summary["Pix2Pix"][key]["n"] == 1, key
@@ -242,10 +220,10 @@ def test_pix2pix_resume_retraces_and_its_checkpoint_evaluates(plain, data_dir, p
 
 
 # --------------------------------------------------------------------------- comparison
-def test_several_kinds_are_scored_alike_and_written_as_one_table(data_dir, cbbdm_dir, pix2pix_dir, tmp_path):
-    cldm = save_tiny_cldm(tmp_path / "cldm")
-    models = {"Pix2Pix": pix2pix_dir, "cBBDM": cbbdm_dir, "cLDM": cldm}
-    rows, summary = evaluate(None, data_dir, "test", n_steps=2, seed=4, device="cpu", models=models)
+def test_several_kinds_are_scored_alike_and_written_as_one_table(phantom_data, cbbdm_dir, pix2pix_dir, tiny_cldm,
+                                                                 tmp_path):
+    models = {"Pix2Pix": pix2pix_dir, "cBBDM": cbbdm_dir, "cLDM": tiny_cldm}
+    rows, summary = evaluate(None, phantom_data, "test", n_steps=2, seed=4, device="cpu", models=models)
     assert [r["model"] for r in rows] == list(models) and len({r["case"] for r in rows}) == 1
     assert [(r["sampler"], r["steps"]) for r in rows] == [("generator", 1), ("bbdm", 2), ("ddim", 2)]
     assert all(r["seed"] == 4 and r["eta"] == 0.0 for r in rows)
@@ -264,11 +242,11 @@ def test_several_kinds_are_scored_alike_and_written_as_one_table(data_dir, cbbdm
         assert float(r["ADC_mae_mean"]) == pytest.approx(summary[r["model"]]["ADC_mae"]["mean"], rel=1e-12)
 
 
-def test_cli_trains_the_baselines_and_compares_named_models(data_dir, ae_dir, cbbdm_dir, pix2pix_dir, tmp_path,
+def test_cli_trains_the_baselines_and_compares_named_models(phantom_data, ae_dir, cbbdm_dir, pix2pix_dir, tmp_path,
                                                             capsys):
     from ctp2mri.cli import main
 
-    assert main(["evaluate", "--model", f"P2P={pix2pix_dir}", "--model", str(cbbdm_dir), "--data", str(data_dir),
+    assert main(["evaluate", "--model", f"P2P={pix2pix_dir}", "--model", str(cbbdm_dir), "--data", str(phantom_data),
                  "--steps", "1", "--device", "cpu", "--table", str(tmp_path / "cmp.md")]) == 0
     printed = capsys.readouterr().out
     assert "| P2P |" in printed and "| cBBDM |" in printed and "comparison:" in printed
@@ -278,9 +256,9 @@ def test_cli_trains_the_baselines_and_compares_named_models(data_dir, ae_dir, cb
         named_models([str(cbbdm_dir), str(cbbdm_dir)])
     # the training subcommands reach their trainers: resuming the tiny runs with the CLI's
     # demo-profile networks is refused naming the network the trainer built (and trains nothing)
-    assert main(["train-ldm", "--model-type", "cbbdm", "--data", str(data_dir), "--autoencoder", str(ae_dir),
+    assert main(["train-ldm", "--model-type", "cbbdm", "--data", str(phantom_data), "--autoencoder", str(ae_dir),
                  "--out", str(cbbdm_dir), "--steps", "4", "--resume", "--device", "cpu", "--num-workers", "0"]) == 2
     assert "cbbdm.channels: saved [16, 16], now [32, 64, 64]" in capsys.readouterr().err
-    assert main(["train-pix2pix", "--data", str(data_dir), "--out", str(pix2pix_dir), "--steps", "4", "--resume",
+    assert main(["train-pix2pix", "--data", str(phantom_data), "--out", str(pix2pix_dir), "--steps", "4", "--resume",
                  "--device", "cpu", "--num-workers", "0"]) == 2
     assert "pix2pix.channels: saved [8, 16, 16], now [32, 64, 128, 256, 256]" in capsys.readouterr().err

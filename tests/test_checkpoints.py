@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from _helpers_cldm import SMALL_AE
 from safetensors.torch import save_file
 
 from ctp2mri import checkpoints
@@ -24,7 +25,6 @@ from ctp2mri.checkpoints import (
 from ctp2mri.errors import InputError
 from ctp2mri.models import ConditionalLDM, PatchGANDiscriminator, VQAutoencoder
 
-TINY_AE = dict(channels=[16, 32, 32], num_res_blocks=1, num_embeddings=64, norm_num_groups=8)
 CONFIG = {
     "kind": "autoencoder",
     "profile": "demo",
@@ -36,7 +36,7 @@ CONFIG = {
 def _trained_ae():
     """A tiny autoencoder, its critic and an Adam optimizer after two steps (non-trivial state)."""
     torch.manual_seed(0)
-    ae = VQAutoencoder(**TINY_AE)
+    ae = VQAutoencoder(**SMALL_AE)
     disc = PatchGANDiscriminator(in_channels=2, channels=8, num_layers=2)
     opt = torch.optim.AdamW(ae.parameters(), lr=1e-3, betas=(0.5, 0.9))
     x = torch.randn(2, 2, 32, 32)
@@ -246,7 +246,7 @@ def test_shared_tensors_are_stored_separately():
 
 
 def test_training_state_without_a_pickle_free_form_is_refused(tmp_path):
-    ae = VQAutoencoder(**TINY_AE)
+    ae = VQAutoencoder(**SMALL_AE)
     with pytest.raises(TypeError, match="cannot be stored without pickle"):
         save_checkpoint(tmp_path / "c", {"model": ae}, CONFIG, {"sampler": object()})
     assert not (tmp_path / "c").exists()

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from _helpers_cldm import one_thread, save_tiny_cldm
 
 from ctp2mri.casefolder import Case, write_case
 from ctp2mri.cli import main
@@ -19,23 +18,17 @@ from ctp2mri.cohort import collect_cases, is_cohort
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_CASES, BAD = 10, "case_005"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
+def cohort(held_out_case, tmp_path_factory) -> Path:
     """Ten phantom case folders (six slices of one held-out case, as test_perfusion's small CTP),
     the sixth with its CTP file cut in half."""
-    from ctp2mri.phantom import case_seed, generate_case
-
     root = tmp_path_factory.mktemp("cohort") / "cases"
-    case = generate_case(case_seed(7, 3))
+    case = held_out_case
     affine = case.ctp.affine.copy()
     affine[:3, 3] += affine[:3, 2] * 14  # slices 14–19 where they lie
 
@@ -49,11 +42,6 @@ def cohort(tmp_path_factory) -> Path:
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     (root / "notes").mkdir()  # not a case folder: left out with a note
     return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_cldm(tmp_path_factory.mktemp("cohort_model") / "cldm")
 
 
 def _summary(out: Path) -> list[dict[str, str]]:
@@ -77,9 +65,9 @@ def _check_first_run(out: Path, rows: list[dict[str, str]], err: str) -> None:
     assert len(lines) == 1 and BAD in lines[0] and bad["message"] in lines[0] and "Traceback" not in err
 
 
-def test_synthesize_cohort_folder_of_cases(cohort, checkpoint, tmp_path, capsys):
+def test_synthesize_cohort_folder_of_cases(cohort, tiny_cldm, tmp_path, capsys):
     out = tmp_path / "synth"
-    argv = ["synthesize", str(cohort), "--model", str(checkpoint), "--out", str(out), "--device", "cpu",
+    argv = ["synthesize", str(cohort), "--model", str(tiny_cldm), "--out", str(out), "--device", "cpu",
             "--steps", "2", "--batch-size", "8"]
     started = time.perf_counter()
     assert main(argv) == 1  # a case failed
@@ -187,12 +175,12 @@ def test_inputs_become_cases(cohort, tmp_path):
         collect_cases([wrong])
 
 
-def test_cohort_errors_before_the_first_case_are_one_line(cohort, checkpoint, tmp_path, capsys):
+def test_cohort_errors_before_the_first_case_are_one_line(cohort, tiny_cldm, tmp_path, capsys):
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("id,scan\n1,a.nii.gz\n")
     for argv in (["perfusion", str(wrong), "--out", str(tmp_path / "o1")],
                  ["perfusion", str(cohort), "--out", str(tmp_path / "o2"), "--mask", str(wrong)],
-                 ["synthesize", str(cohort), "--model", str(checkpoint), "--out", str(tmp_path / "o3"),
+                 ["synthesize", str(cohort), "--model", str(tiny_cldm), "--out", str(tmp_path / "o3"),
                   "--device", "cpu", "--sampler", "dpm++2m", "--eta", "0.5"]):
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -18,19 +18,16 @@ from ctp2mri.casefolder import read_case
 from ctp2mri.data import Augmentation, SliceDataset, lesion_slice_weights, normalise_case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.phantom import generate_dataset
 from ctp2mri.preprocess import denormalise_mri
 
 ALL = ("ctp", "dwi", "adc", "lesion", "mask")
-# Dataset seed 7, 3 cases: train = case_001 (core on 13 slices) + case_002 (no lesion), test = case_000;
-# val is empty (splits need 4 cases for one).
-SEED = 7
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slices") / "ds"
-    generate_dataset(root, 3, seed=SEED)
+def data(held_out_data):
+    """Dataset seed 7, 3 cases (the session's, read-only): train = case_001 (core on 13 slices) +
+    case_002 (no lesion), test = case_000; val is empty (splits need 4 cases for one)."""
+    root = held_out_data
     splits = json.loads((root / "splits.json").read_text())
     cases = {name: read_case(root / name, require=ALL) for name in splits["train"]}
     return root, splits, cases

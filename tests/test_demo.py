@@ -97,7 +97,7 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
 
 
 def test_synthesis_widget_lists_the_bundled_models_first(tmp_path, monkeypatch):
-    import napari_ctp2mri._synthesis_widget as widget_module
+    import napari_ctp2mri._models as widget_module
 
     resources = tmp_path / "resources"
     for sub in ("cldm_post_trained", "cldm_base", "autoencoder", "reference_unet"):

@@ -8,19 +8,14 @@ import math
 
 import pytest
 import torch
-from _helpers_cldm import one_thread
 
 from ctp2mri.diffusion import BrownianBridge, bridge_loss, bridge_sample, bridge_step
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.progress import CancelToken
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 T = 1000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

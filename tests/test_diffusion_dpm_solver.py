@@ -192,6 +192,18 @@ def test_slices_of_a_batch_are_independent(schedule):
     torch.testing.assert_close(whole[1:2], one)
 
 
+def test_per_row_generators_draw_each_row_s_z_T_on_its_own(schedule):
+    """z_T from one generator per row does not depend on the rows drawn with it."""
+    def gens(rows: range) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(20 + r) for r in rows]
+
+    whole = dpm_solver_sample(smooth_model, SHAPE, None, schedule, 10, generator=gens(range(3)))
+    last = dpm_solver_sample(smooth_model, (1, *SHAPE[1:]), None, schedule, 10, generator=gens(range(2, 3)))
+    torch.testing.assert_close(whole[2:], last, rtol=0, atol=0)
+    with pytest.raises(InputError, match="1 noise generators for 3 rows"):
+        dpm_solver_sample(smooth_model, SHAPE, None, schedule, 10, generator=gens(range(1)))
+
+
 def test_progress_called_once_per_step(schedule):
     seen = []
     dpm_solver_sample(

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from _helpers_cldm import one_thread, save_tiny_cldm
+from _helpers_cldm import save_tiny_cldm
 
 from ctp2mri.casefolder import read_case
 from ctp2mri.data import normalise_case
@@ -25,41 +25,35 @@ from ctp2mri.evaluate import (
 )
 from ctp2mri.inference import load_model, sample_slices
 from ctp2mri.metrics import METRICS, channel_metrics, core_mask_from_adc, dice, flat_metrics
-from ctp2mri.phantom import generate_dataset
 from ctp2mri.progress import CancelToken
 from ctp2mri.tables import summarise
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 2
 CASES = ["case_000", "case_001"]  # both phantom cases of seed 7 have a core
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(held_out_data, tmp_path_factory):
+    """``generate_dataset(root, 2, seed=7)`` with both cases in the test split: the session's
+    seed-7 cases (a larger dataset's first cases equal a smaller one's), copied, since this
+    module writes its own splits.json."""
     root = tmp_path_factory.mktemp("evaluate") / "phantom"
-    generate_dataset(root, 2, seed=7)
+    for name in CASES:
+        shutil.copytree(held_out_data / name, root / name)
+    splits = json.loads((held_out_data / "splits.json").read_text())
     # two cases all go to "train" by default; make them the test split
-    splits = json.loads((root / "splits.json").read_text())
-    splits.update(train=[], test=CASES)
+    splits.update(train=[], test=CASES, case_seeds={name: splits["case_seeds"][name] for name in CASES})
     (root / "splits.json").write_text(json.dumps(splits))
     return root
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_cldm(tmp_path_factory.mktemp("evaluate-model") / "cldm")
-
-
-@pytest.fixture(scope="module")
-def result(data, checkpoint, tmp_path_factory):
+def result(data, tiny_cldm, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluate-out")
     calls = []
-    rows, summary = evaluate(checkpoint, data, "test", n_steps=STEPS, seed=3, batch_size=8, device="cpu",
+    rows, summary = evaluate(tiny_cldm, data, "test", n_steps=STEPS, seed=3, batch_size=8, device="cpu",
                              out_csv=out / "results.csv", figure=out / "figure.png",
                              progress=lambda step, total, info: calls.append((step, total, info)))
     return rows, summary, out, calls
@@ -81,11 +75,11 @@ def test_csv_has_one_row_per_case_with_the_table1_columns(result):
     assert not [p for p in out.iterdir() if p.name not in ("results.csv", "figure.png")]  # no temp files
 
 
-def test_numbers_equal_a_direct_recomputation(result, data, checkpoint):
+def test_numbers_equal_a_direct_recomputation(result, data, tiny_cldm):
     rows, summary, _, _ = result
     # one case resampled and scored by hand, as a (2, X, Y, Z) volume (the paper's per-case layout)
     name = CASES[1]
-    model = load_model(checkpoint, "cpu")
+    model = load_model(tiny_cldm, "cpu")
     case = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
     part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
     # every slice holding brain is scored
@@ -222,19 +216,19 @@ def test_report_is_table1_shaped_and_states_the_sampler(result):
     assert "Lesion contrast" in text and "(true " in text
 
 
-def test_several_models_share_cases_and_seeds(data, checkpoint):
+def test_several_models_share_cases_and_seeds(data, tiny_cldm):
     rows, summary = evaluate(None, data, "test", n_steps=1, device="cpu", max_cases=1,
-                             models={"a": checkpoint, "b": checkpoint})
+                             models={"a": tiny_cldm, "b": tiny_cldm})
     assert [(r["case"], r["model"]) for r in rows] == [("case_000", "a"), ("case_000", "b")]
     assert rows[0]["DWI_mae"] == rows[1]["DWI_mae"]  # same weights, same noise
     assert set(summary) == {"a", "b"}
 
 
-def test_several_seeds_give_a_row_per_case_and_seed(result, data, checkpoint, tmp_path, capsys):
+def test_several_seeds_give_a_row_per_case_and_seed(result, data, tiny_cldm, tmp_path, capsys):
     """--seed 3 4: seed 3's rows are the single-seed run's, and the summary is over all rows."""
     single, _, _, _ = result
     calls = []
-    rows, summary = evaluate(checkpoint, data, "test", n_steps=STEPS, seed=[3, 4], batch_size=8,
+    rows, summary = evaluate(tiny_cldm, data, "test", n_steps=STEPS, seed=[3, 4], batch_size=8,
                              device="cpu", progress=lambda *c: calls.append(c))
     assert [(r["case"], r["seed"]) for r in rows] == [(c, s) for c in CASES for s in (3, 4)]
     for row in rows[::2]:
@@ -248,11 +242,11 @@ def test_several_seeds_give_a_row_per_case_and_seed(result, data, checkpoint, tm
     text = format_report(summary, rows, n_steps=STEPS, eta=0.0, seed=[3, 4], split="test")
     assert "seeds 3, 4" in text and "over cases and seeds" in text
     with pytest.raises(InputError, match="different sampling seeds"):
-        evaluate(checkpoint, data, "test", n_steps=STEPS, seed=[3, 3], device="cpu")
+        evaluate(tiny_cldm, data, "test", n_steps=STEPS, seed=[3, 3], device="cpu")
     # the CLI takes them after one --seed and writes one CSV row per case and seed
     from ctp2mri.cli import main
 
-    assert main(["evaluate", "--model", str(checkpoint), "--data", str(data), "--steps", "1",
+    assert main(["evaluate", "--model", str(tiny_cldm), "--data", str(data), "--steps", "1",
                  "--seed", "5", "6", "--device", "cpu", "--max-cases", "1", "--out",
                  str(tmp_path / "r.csv"), "--table", str(tmp_path / "t.md")]) == 0
     with open(tmp_path / "r.csv", newline="") as f:
@@ -262,7 +256,7 @@ def test_several_seeds_give_a_row_per_case_and_seed(result, data, checkpoint, tm
     assert "seeds 5, 6" in capsys.readouterr().out
 
 
-def test_cancel_leaves_no_output(data, checkpoint, tmp_path):
+def test_cancel_leaves_no_output(data, tiny_cldm, tmp_path):
     token = CancelToken()
 
     def progress(step, total, info):
@@ -270,15 +264,15 @@ def test_cancel_leaves_no_output(data, checkpoint, tmp_path):
             token.cancel()  # during the second case, after the first was scored
 
     with pytest.raises(Cancelled):
-        evaluate(checkpoint, data, "test", n_steps=STEPS, device="cpu", out_csv=tmp_path / "r.csv",
+        evaluate(tiny_cldm, data, "test", n_steps=STEPS, device="cpu", out_csv=tmp_path / "r.csv",
                  figure=tmp_path / "f.png", progress=progress, cancel=token)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_prints_the_table_and_writes_the_csv(data, checkpoint, tmp_path, capsys):
+def test_cli_prints_the_table_and_writes_the_csv(data, tiny_cldm, tmp_path, capsys):
     from ctp2mri.cli import main
 
-    assert main(["evaluate", "--model", str(checkpoint), "--data", str(data), "--steps", "1",
+    assert main(["evaluate", "--model", str(tiny_cldm), "--data", str(data), "--steps", "1",
                  "--device", "cpu", "--max-cases", "1", "--out", str(tmp_path / "r.csv")]) == 0
     printed = capsys.readouterr().out
     assert "| cLDM |" in printed and "FID skipped" in printed and "DDIM, 1 steps" in printed
@@ -286,24 +280,24 @@ def test_cli_prints_the_table_and_writes_the_csv(data, checkpoint, tmp_path, cap
     # --out naming the CSV that --table writes beside its Markdown: refused before any sampling
     kept = (tmp_path / "r.csv").read_text()
     for table in ("r.md", "r"):
-        assert main(["evaluate", "--model", str(checkpoint), "--data", str(data), "--steps", "1", "--device", "cpu",
+        assert main(["evaluate", "--model", str(tiny_cldm), "--data", str(data), "--steps", "1", "--device", "cpu",
                      "--out", str(tmp_path / "r.csv"), "--table", str(tmp_path / table)]) == 2
         assert "is a file that --table" in capsys.readouterr().err
     assert (tmp_path / "r.csv").read_text() == kept and not (tmp_path / "r.md").exists()
 
 
 # bad input ---------------------------------------------------------------------------------------
-def test_data_folder_without_cases_or_split(checkpoint, data, tmp_path):
+def test_data_folder_without_cases_or_split(tiny_cldm, data, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match="splits.json"):
-        evaluate(checkpoint, empty, "test", n_steps=1, device="cpu")
+        evaluate(tiny_cldm, empty, "test", n_steps=1, device="cpu")
     with pytest.raises(InputError, match="no case folders"):
-        evaluate(checkpoint, empty, None, n_steps=1, device="cpu")
+        evaluate(tiny_cldm, empty, None, n_steps=1, device="cpu")
     with pytest.raises(InputError, match="no split 'holdout'"):
-        evaluate(checkpoint, data, "holdout", n_steps=1, device="cpu")
+        evaluate(tiny_cldm, data, "holdout", n_steps=1, device="cpu")
     with pytest.raises(InputError, match="split 'train' .* is empty"):
-        evaluate(checkpoint, data, "train", n_steps=1, device="cpu")
+        evaluate(tiny_cldm, data, "train", n_steps=1, device="cpu")
     with pytest.raises(InputError, match="no model"):
         evaluate(None, data, "test")
 
@@ -315,17 +309,17 @@ def test_model_of_another_profile_asks_for_preprocess(data, tmp_path):
     assert not (tmp_path / "r.csv").exists()
 
 
-def test_checkpoint_missing_a_file(data, checkpoint, tmp_path):
+def test_checkpoint_missing_a_file(data, tiny_cldm, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(checkpoint, broken)
+    shutil.copytree(tiny_cldm, broken)
     (broken / "ema.safetensors").unlink()
     with pytest.raises(InputError, match="ema.safetensors is missing"):
         evaluate(broken, data, "test", n_steps=1, device="cpu")
 
 
-def test_fid_weights_named_but_absent(data, checkpoint, tmp_path, monkeypatch):
+def test_fid_weights_named_but_absent(data, tiny_cldm, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="does not exist"):
-        evaluate(checkpoint, data, "test", n_steps=1, device="cpu", fid_weights=tmp_path / "inception.pt")
+        evaluate(tiny_cldm, data, "test", n_steps=1, device="cpu", fid_weights=tmp_path / "inception.pt")
     monkeypatch.delenv("CTP2MRI_FID_WEIGHTS", raising=False)
     assert fid_status().startswith("FID skipped: Inception weights not available offline")
     weights = tmp_path / "inception.safetensors"

@@ -61,11 +61,9 @@ def test_cli_dispatches_on_the_checkpoint_kind(data, checkpoint, capsys):
     assert "Autoencoder reconstruction on split 'test'" in capsys.readouterr().out
 
 
-def test_a_cldm_checkpoint_is_not_an_autoencoder(data, tmp_path):
-    from _helpers_cldm import save_tiny_cldm
-
+def test_a_cldm_checkpoint_is_not_an_autoencoder(data, tiny_cldm):
     with pytest.raises(InputError):
-        evaluate_autoencoder(save_tiny_cldm(tmp_path / "cldm"), data, split="test", device="cpu")
+        evaluate_autoencoder(tiny_cldm, data, split="test", device="cpu")
 
 
 def _recon_and_truth(data, checkpoint, split):

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from _helpers_cldm import NORMALISATION, one_thread, save_tiny_cldm
+from _helpers_cldm import NORMALISATION, save_tiny_cldm
 
 from ctp2mri.checkpoints import load_checkpoint
 from ctp2mri.diffusion import ddim_sample
@@ -14,24 +14,15 @@ from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.inference import load_model, sample_slices, slice_seed
 from ctp2mri.progress import CancelToken
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 H, W = 96, 112  # the demo grid
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_cldm(tmp_path_factory.mktemp("inference") / "cldm")
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return load_model(checkpoint, "cpu")
+def model(tiny_cldm):
+    return load_model(tiny_cldm, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +34,9 @@ def cond():
     return (torch.rand((7, 15, H, W), generator=g) * 2 - 1) * brain
 
 
-def test_load_model_uses_ema_weights_by_default(checkpoint, model):
-    nets, config = load_checkpoint(checkpoint, names=["ema", "model"])
-    for name, loaded in (("ema", model), ("model", load_model(checkpoint, "cpu", use_ema=False))):
+def test_load_model_uses_ema_weights_by_default(tiny_cldm, model):
+    nets, config = load_checkpoint(tiny_cldm, names=["ema", "model"])
+    for name, loaded in (("ema", model), ("model", load_model(tiny_cldm, "cpu", use_ema=False))):
         assert loaded.weights == name
         for key, value in nets[name].state_dict().items():
             torch.testing.assert_close(loaded.cldm.state_dict()[key], value, rtol=0, atol=0)
@@ -108,6 +99,21 @@ def test_result_does_not_depend_on_batch_size_or_companions(model, cond):
     torch.testing.assert_close(alone, whole[4:5], rtol=1e-5, atol=1e-5)
 
 
+def test_eta_noise_does_not_depend_on_batch_size(model, cond):
+    """DDIM η > 0 draws each slice's step noise from its own stream: batch sizes 1, 3 and 7
+    (with 2 samples per slice, so a batch may split a slice's samples) agree, and so does a
+    slice sampled alone under its id."""
+    whole = sample_slices(model, cond, n_steps=STEPS, eta=1.0, seed=2, batch_size=14, samples=2)
+    for batch_size in (1, 3, 7):
+        torch.testing.assert_close(sample_slices(model, cond, n_steps=STEPS, eta=1.0, seed=2, samples=2,
+                                                 batch_size=batch_size), whole, rtol=1e-5, atol=1e-5)
+    alone = sample_slices(model, cond[5:6], n_steps=STEPS, eta=1.0, seed=2, ids=[5], samples=2)
+    torch.testing.assert_close(alone, whole[10:12], rtol=1e-5, atol=1e-5)
+    # the η-noise is really drawn: η = 0 from the same z_T ends elsewhere
+    deterministic = sample_slices(model, cond, n_steps=STEPS, eta=0.0, seed=2, batch_size=14, samples=2)
+    assert (whole - deterministic).abs().mean() > 1e-3
+
+
 def test_seeding_is_deterministic_and_seed_dependent(model, cond):
     a = sample_slices(model, cond[:2], n_steps=STEPS, seed=11)
     b = sample_slices(model, cond[:2], n_steps=STEPS, seed=11)
@@ -158,9 +164,9 @@ def test_bad_condition_and_settings(model, cond):
         sample_slices(model, cond, n_steps=STEPS, ids=[0, 1])
 
 
-def test_checkpoint_missing_a_file_is_refused(checkpoint, tmp_path):
+def test_checkpoint_missing_a_file_is_refused(tiny_cldm, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(checkpoint, broken)
+    shutil.copytree(tiny_cldm, broken)
     (broken / "autoencoder.safetensors").unlink()
     with pytest.raises(InputError, match="autoencoder.safetensors is missing"):
         load_model(broken, "cpu")
@@ -176,8 +182,8 @@ def test_autoencoder_checkpoint_is_not_a_cldm(tmp_path):
         load_model(path, "cpu")
 
 
-def test_cuda_requested_without_gpu_is_a_clear_error(checkpoint):
+def test_cuda_requested_without_gpu_is_a_clear_error(tiny_cldm):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(InputError, match="CUDA"):
-        load_model(checkpoint, "cuda")
+        load_model(tiny_cldm, "cuda")

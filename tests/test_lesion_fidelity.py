@@ -11,32 +11,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers_cldm import TINY_AE, TINY_CLDM, TINY_D
 
 from ctp2mri.checkpoints import load_checkpoint, read_config
-from ctp2mri.data import SliceDataset
 from ctp2mri.errors import InputError
 from ctp2mri.inference import load_model, model_label, sample_slices
 from ctp2mri.losses import condition_loss, lesion_reconstruction_loss, min_snr_weights, weighted_latent_loss
 from ctp2mri.models import ConditionalLDM, model_config
 from ctp2mri.models.conditioning import PerfusionEncoder, perfusion_features
-from ctp2mri.phantom import generate_dataset
 from ctp2mri.training import train_autoencoder, train_ldm
 from ctp2mri.training.pix2pix import train_pix2pix
 
-TINY_AE = {"in_channels": 2, "out_channels": 2, "channels": [8, 16, 16], "num_res_blocks": 1, "embedding_dim": 3,
-           "num_embeddings": 64, "attention_levels": [False, False, False], "mid_attention": False, "norm_num_groups": 8}
-TINY_D = {"in_channels": 2, "channels": 8, "num_layers": 2}
-TINY_CLDM = {"latent_channels": 3, "condition_channels": 15, "channels": [16, 16], "attention_levels": [False, True],
-             "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 8}
 TINY_ENCODER = {"out_channels": 8, "hidden_channels": 8, "down_channels": 8, "sigmas": [1.0]}
 COMMON = {"device": "cpu", "num_workers": 0, "seed": 3, "log_every": 1}
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory) -> SliceDataset:
-    root = tmp_path_factory.mktemp("phantom")
-    generate_dataset(root, 3, seed=5)
-    return SliceDataset(root, split="train", seed=3, augment=False)
 
 
 # the encoder -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers_cldm import SMALL_AE
 from torch import nn
 
 from ctp2mri.errors import InputError
@@ -22,8 +23,8 @@ from ctp2mri.models import (
 )
 from ctp2mri.profiles import get_profile
 
-# Tiny networks: the demo grid (96 × 112) but few channels, so each test runs in about a second.
-TINY_AE = dict(channels=[16, 32, 32], num_res_blocks=1, num_embeddings=64, norm_num_groups=8)
+# Tiny networks: the demo grid (96 × 112) but few channels, so each test runs in about a second
+# (SMALL_AE, the autoencoder's, is shared with the checkpoint tests).
 TINY_LDM = dict(
     channels=[32, 32, 32],
     attention_levels=[False, False, True],
@@ -35,7 +36,7 @@ TINY_LDM = dict(
 @pytest.fixture
 def ae() -> VQAutoencoder:
     torch.manual_seed(0)
-    return VQAutoencoder(**TINY_AE)
+    return VQAutoencoder(**SMALL_AE)
 
 
 @pytest.fixture

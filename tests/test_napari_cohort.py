@@ -7,27 +7,18 @@ import csv
 import shutil
 
 import pytest
-from _helpers_cldm import one_thread, save_tiny_cldm
 from _helpers_napari import errors
 
 from ctp2mri.casefolder import Case, write_case
 from ctp2mri.io.volume import Volume
 from napari_ctp2mri._synthesis_widget import SynthesisWidget
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_thread")]
 WAIT_MS = 60_000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-def _cases(root, n=3, damaged=1):
-    from ctp2mri.phantom import case_seed, generate_case
-
-    case = generate_case(case_seed(7, 3))
+def _cases(case, root, n=3, damaged=1):
+    """``n`` case folders of six slices of ``case`` (the session's ``held_out_case``), one damaged."""
     affine = case.ctp.affine.copy()
     affine[:3, 3] += affine[:3, 2] * 14
 
@@ -42,13 +33,14 @@ def _cases(root, n=3, damaged=1):
     return root
 
 
-def test_run_folder_writes_each_case_and_reports_the_bad_one(make_napari_viewer, qtbot, tmp_path, notes):
-    cases = _cases(tmp_path / "cases")
+def test_run_folder_writes_each_case_and_reports_the_bad_one(make_napari_viewer, qtbot, held_out_case, tiny_cldm,
+                                                            tmp_path, notes):
+    cases = _cases(held_out_case, tmp_path / "cases")
     viewer = make_napari_viewer()
     widget = SynthesisWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Synthesis")
     widget.model.value = None
-    widget.checkpoint.value = save_tiny_cldm(tmp_path / "cldm")
+    widget.checkpoint.value = tiny_cldm
     widget.device.value = "cpu"
     widget.steps.value = 2
 

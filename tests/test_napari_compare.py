@@ -11,7 +11,8 @@ from _helpers_napari import errors
 from qtpy.QtCore import QCoreApplication, QEvent
 
 from ctp2mri.compare import compare_volumes, comparison_metrics, format_value
-from napari_ctp2mri._compare_widget import CompareWidget, _grid
+from napari_ctp2mri._compare_widget import CompareWidget
+from napari_ctp2mri._side_by_side import viewer_grid as _grid
 
 pytestmark = pytest.mark.gui
 

@@ -19,15 +19,15 @@ from napari_ctp2mri._layers import (
     voxel_to_world,
     world_to_voxel,
 )
-from napari_ctp2mri._perfusion_widget import (
+from napari_ctp2mri._perfusion_layers import (
     AIF_POINTS_NAME,
     MAP_LAYERS,
     POINT_LAYERS,
-    PerfusionWidget,
     aif_region_from_points,
     region_names,
     volume_rows,
 )
+from napari_ctp2mri._perfusion_widget import PerfusionWidget
 
 pytestmark = pytest.mark.gui
 

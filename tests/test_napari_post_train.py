@@ -22,8 +22,10 @@ from qtpy.QtCore import QTimer
 
 from ctp2mri.checkpoints import load_checkpoint, load_training_state
 from ctp2mri.errors import InputError
+from napari_ctp2mri._layers import layer_attributes as _layer_attributes
+from napari_ctp2mri._models import model_choices
 from napari_ctp2mri._post_train_widget import PostTrainWidget
-from napari_ctp2mri._synthesis_widget import SynthesisWidget, _layer_attributes, model_choices
+from napari_ctp2mri._synthesis_widget import SynthesisWidget
 from napari_ctp2mri._training_set import before_after, case_from_layers, metric_rows
 
 pytestmark = pytest.mark.gui
@@ -51,7 +53,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _empty_registry(monkeypatch):
-    import napari_ctp2mri._synthesis_widget as module
+    import napari_ctp2mri._models as module
 
     monkeypatch.setattr(module, "_MODELS", {})  # the registry is process-wide
 

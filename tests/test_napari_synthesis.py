@@ -7,41 +7,24 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from _helpers_cldm import one_thread, save_tiny_cldm
 from _helpers_napari import errors
 from napari.layers import Image, Labels
 from qtpy.QtCore import Qt, QTimer
 
 from ctp2mri.synthesize import synthesize
+from napari_ctp2mri._layers import layer_attributes as _layer_attributes
 from napari_ctp2mri._layers import layer_to_volume
-from napari_ctp2mri._synthesis_widget import (
-    LAYER_NAMES,
-    SynthesisWidget,
-    _layer_attributes,
-    format_eta,
-    model_choices,
-    register_model,
-    retired_name,
-)
+from napari_ctp2mri._models import model_choices, register_model
+from napari_ctp2mri._synthesis_widget import LAYER_NAMES, SynthesisWidget, retired_name
+from napari_ctp2mri._worker_widget import format_eta
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_thread")]
 
 PLUGIN = "napari-ctp2mri"
 WAIT_MS = 60_000
 STEPS = 2
 # The limit is 200 ms; a loaded 2-core CI machine gets some slack for scheduling.
 HEARTBEAT_LIMIT_MS = 400
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_cldm(tmp_path_factory.mktemp("synthesis_widget") / "cldm")
 
 
 def _widget(make_napari_viewer, checkpoint, sample=True):
@@ -85,8 +68,8 @@ def _run(widget, qtbot):
 
 
 def test_synthesis_adds_layers_on_the_ctp_geometry_and_rerun_replaces_them(
-        make_napari_viewer, qtbot, checkpoint, notes):
-    viewer, widget = _widget(make_napari_viewer, checkpoint)
+        make_napari_viewer, qtbot, tiny_cldm, notes):
+    viewer, widget = _widget(make_napari_viewer, tiny_cldm)
     ctp = viewer.layers["CTP"]
     assert widget.ctp.value is ctp  # pre-selected; the 3-D layers are not offered
     assert [name for name, _ in widget._ctp_choices()] == ["CTP"]
@@ -125,7 +108,7 @@ def test_synthesis_adds_layers_on_the_ctp_geometry_and_rerun_replaces_them(
     assert all(isinstance(viewer.layers[n], Image) for n in names[:-1])
 
     # the layers show synthesize's own result for these settings (the GUI adds nothing)
-    expected = synthesize(ctp_volume, checkpoint, steps=STEPS, samples=2, seed=0, device="cpu")
+    expected = synthesize(ctp_volume, tiny_cldm, steps=STEPS, samples=2, seed=0, device="cpu")
     np.testing.assert_array_equal(layer_to_volume(viewer.layers["synthetic ADC"].data,
                                                   _layer_attributes(viewer.layers["synthetic ADC"])
                                                   ).array, expected.adc.array)
@@ -174,8 +157,8 @@ def test_synthesis_adds_layers_on_the_ctp_geometry_and_rerun_replaces_them(
     assert errors(notes) == []
 
 
-def test_cancel_mid_run_adds_no_layers_and_says_so(make_napari_viewer, qtbot, checkpoint, notes):
-    viewer, widget = _widget(make_napari_viewer, checkpoint)
+def test_cancel_mid_run_adds_no_layers_and_says_so(make_napari_viewer, qtbot, tiny_cldm, notes):
+    viewer, widget = _widget(make_napari_viewer, tiny_cldm)
     before = [layer.name for layer in viewer.layers]
     steps = []
 
@@ -203,10 +186,10 @@ def test_cancel_mid_run_adds_no_layers_and_says_so(make_napari_viewer, qtbot, ch
     assert [layer.name for layer in viewer.layers] == before
 
 
-def test_bad_input_gives_notifications_not_exceptions(make_napari_viewer, qtbot, checkpoint,
+def test_bad_input_gives_notifications_not_exceptions(make_napari_viewer, qtbot, tiny_cldm,
                                                       tmp_path, notes):
     # no 4-D layer: only a 3-D image, which the CTP picker does not offer
-    viewer, widget = _widget(make_napari_viewer, checkpoint, sample=False)
+    viewer, widget = _widget(make_napari_viewer, tiny_cldm, sample=False)
     viewer.add_image(np.zeros((4, 5, 6), np.float32), name="DWI")
     assert widget.ctp.value is None
     assert widget.run() is None
@@ -226,16 +209,16 @@ def test_bad_input_gives_notifications_not_exceptions(make_napari_viewer, qtbot,
     assert len(viewer.layers) == n_layers
 
 
-def test_registered_models_are_offered(make_napari_viewer, checkpoint, monkeypatch):
-    import napari_ctp2mri._synthesis_widget as module
+def test_registered_models_are_offered(make_napari_viewer, tiny_cldm, monkeypatch):
+    import napari_ctp2mri._models as module
 
     monkeypatch.setattr(module, "_MODELS", {})  # the registry is process-wide
     viewer = make_napari_viewer()
     widget = SynthesisWidget(viewer)
-    register_model("tiny test model", checkpoint)
-    assert ("tiny test model", checkpoint) in model_choices()
-    assert checkpoint in widget.model.choices
-    assert widget.model.value == checkpoint and not widget.checkpoint.enabled  # offered first
+    register_model("tiny test model", tiny_cldm)
+    assert ("tiny test model", tiny_cldm) in model_choices()
+    assert tiny_cldm in widget.model.choices
+    assert widget.model.value == tiny_cldm and not widget.checkpoint.enabled  # offered first
     widget.model.value = None
     assert widget.checkpoint.enabled
     assert format_eta(float("nan")) == "" and format_eta(185) == "ETA 3 min 05 s"

@@ -1,8 +1,10 @@
 """The distribution installs every core subpackage and exposes the CLI and the manifest."""
 
 import configparser
+import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +34,34 @@ def test_cli_entry_point_runs():
         assert command in out.stdout
 
 
-def test_core_does_not_import_qt():
-    code = ("import sys, ctp2mri, ctp2mri.io, ctp2mri.casefolder, ctp2mri.cli, ctp2mri.preprocess, "
-            "ctp2mri.phantom, ctp2mri.training.child; bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('napari', 'qtpy', 'PyQt5', 'PySide2', 'PySide6', 'magicgui')]; print(bad); "
-            "sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+GUI_PACKAGES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "superqt")
+
+# Run in a fresh interpreter: import every module of the ctp2mri package, then print (last line,
+# JSON) the modules walked, those that failed to import and the GUI packages that came along.
+IMPORT_EVERY_MODULE = textwrap.dedent("""
+    import importlib, json, pkgutil, sys
+    import ctp2mri
+    modules, failed = ["ctp2mri"], []
+    for info in pkgutil.walk_packages(ctp2mri.__path__, "ctp2mri.", onerror=failed.append):
+        modules.append(info.name)
+        try:
+            importlib.import_module(info.name)
+        except Exception as exc:
+            failed.append(f"{info.name}: {exc!r}")
+    gui = sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[1:])
+    print(json.dumps({"modules": modules, "failed": failed, "gui": gui}))
+""")
+
+
+def test_no_core_module_imports_qt_or_napari():
+    """The core is Qt-free: no module of ctp2mri imports Qt, napari, magicgui or superqt."""
+    out = subprocess.run([sys.executable, "-c", IMPORT_EVERY_MODULE, *GUI_PACKAGES], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["failed"] == []
+    core = ROOT / "src_core" / "ctp2mri"
+    files = {".".join(path.relative_to(core.parent).with_suffix("").parts).removesuffix(".__init__")
+             for path in core.rglob("*.py")}
+    assert sorted(result["modules"]) == sorted(files)  # the walk reached every source file
+    assert result["gui"] == [], f"importing the core brought in {result['gui']}"

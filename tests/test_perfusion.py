@@ -197,8 +197,8 @@ def test_user_placed_aif_region(held_out):
 
 
 # bad input and the command line ----------------------------------------------------------------
-def _small_ctp(tmp_path, frames=15, flat=False, nan=False):
-    case = generate_case(case_seed(7, 3))
+def _small_ctp(case, tmp_path, frames=15, flat=False, nan=False):
+    """Six slices of ``case`` (the session's ``held_out_case``) as a CTP file."""
     ctp = case.ctp.array[:, :, 14:20, :frames].copy()
     if flat:
         ctp[:] = ctp[..., :1]
@@ -213,12 +213,13 @@ def _small_ctp(tmp_path, frames=15, flat=False, nan=False):
 @pytest.mark.parametrize("kind, message", [
     ("3d", "needs 4"), ("frames", "time points"), ("flat", "no contrast bolus"), ("nan", "NaN"),
 ])
-def test_bad_input_gets_one_line_and_no_output(tmp_path, capsys, kind, message):
+def test_bad_input_gets_one_line_and_no_output(held_out_case, tmp_path, capsys, kind, message):
     if kind == "3d":
         path = tmp_path / "ctp.nii.gz"
         save_nifti(Volume(np.full((20, 20, 5), 30.0, np.float32), np.eye(4)), path)
     else:
-        path = _small_ctp(tmp_path, frames=5 if kind == "frames" else 15, flat=kind == "flat", nan=kind == "nan")
+        path = _small_ctp(held_out_case, tmp_path, frames=5 if kind == "frames" else 15, flat=kind == "flat",
+                          nan=kind == "nan")
     out = tmp_path / "out"
     assert main(["perfusion", str(path), "--out", str(out), "--no-figure"]) == 2
     err = capsys.readouterr().err
@@ -227,8 +228,8 @@ def test_bad_input_gets_one_line_and_no_output(tmp_path, capsys, kind, message):
     assert not out.exists()
 
 
-def test_cli_writes_maps_on_the_ctp_grid_and_a_strict_report(tmp_path, capsys):
-    path = _small_ctp(tmp_path)
+def test_cli_writes_maps_on_the_ctp_grid_and_a_strict_report(held_out_case, tmp_path, capsys):
+    path = _small_ctp(held_out_case, tmp_path)
     ctp = load_nifti(path)
     out = tmp_path / "perf"
     assert main(["perfusion", str(path), "--out", str(out), "--min-island-ml", "0.2"]) == 0
@@ -250,9 +251,9 @@ def test_cli_writes_maps_on_the_ctp_grid_and_a_strict_report(tmp_path, capsys):
     assert (out / "report.json").is_file()
 
 
-def test_a_finer_ct_grid_is_analysed_on_blocks_and_written_back_on_its_own_grid(tmp_path):
+def test_a_finer_ct_grid_is_analysed_on_blocks_and_written_back_on_its_own_grid(held_out_case):
     """A clinical CT is finer than the working grid: the maps come back on the CT's voxels."""
-    case = generate_case(case_seed(7, 3))
+    case = held_out_case
     coarse = case.ctp.array[:, :, 14:20]
     fine = np.repeat(np.repeat(coarse, 2, axis=0), 2, axis=1)  # 1 × 1 mm in-plane
     affine = case.ctp.affine.copy()

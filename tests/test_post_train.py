@@ -7,42 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_cldm import one_thread, save_tiny_cldm
+from _helpers_cldm import save_tiny_cldm
 
 from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.data import SliceDataset
 from ctp2mri.diffusion import NoiseSchedule
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.losses import latent_loss
-from ctp2mri.phantom import generate_dataset
 from ctp2mri.progress import CancelToken
 from ctp2mri.training import post_train, post_training_loss
 from ctp2mri.training.ldm import diffuse
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 COMMON = {"device": "cpu", "num_workers": 0, "seed": 3, "log_every": 1, "batch_size": 4, "lr": 1e-3}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("phantom")
-    generate_dataset(root, 3, seed=5)  # demo profile; train split: 2 cases
-    return root
-
-
-@pytest.fixture(scope="module")
-def plain(data_dir) -> SliceDataset:
-    return SliceDataset(data_dir, split="train", seed=3, augment=False)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return save_tiny_cldm(tmp_path_factory.mktemp("base") / "cldm")
 
 
 def _networks(base: Path):
@@ -63,8 +41,8 @@ def _log(out: Path) -> list[dict[str, str]]:
 
 # --------------------------------------------------------------------------- one loss evaluation
 @pytest.mark.parametrize("target", ["input", "reconstruction"])
-def test_image_terms_reach_unet_and_rescaler_but_not_the_decoder(plain, base, target):
-    model, autoencoder = _networks(base)
+def test_image_terms_reach_unet_and_rescaler_but_not_the_decoder(plain, tiny_cldm, target):
+    model, autoencoder = _networks(tiny_cldm)
     batch = _batch(plain, lesion=True)
     schedule = NoiseSchedule()
 
@@ -87,8 +65,8 @@ def test_image_terms_reach_unet_and_rescaler_but_not_the_decoder(plain, base, ta
     assert all(p.grad is None and not p.requires_grad for p in autoencoder.parameters())
 
 
-def test_zero_lesion_batch_gives_zero_lesion_loss_and_finite_gradients(plain, base):
-    model, autoencoder = _networks(base)
+def test_zero_lesion_batch_gives_zero_lesion_loss_and_finite_gradients(plain, tiny_cldm):
+    model, autoencoder = _networks(tiny_cldm)
     batch = _batch(plain, lesion=False)
     assert batch["lesion"].sum() == 0
     loss, parts = post_training_loss(model, autoencoder, NoiseSchedule(), batch, torch.Generator().manual_seed(1),
@@ -99,8 +77,8 @@ def test_zero_lesion_batch_gives_zero_lesion_loss_and_finite_gradients(plain, ba
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_lambda_zero_zero_is_exactly_the_eq4_loss(plain, base):
-    model, autoencoder = _networks(base)
+def test_lambda_zero_zero_is_exactly_the_eq4_loss(plain, tiny_cldm):
+    model, autoencoder = _networks(tiny_cldm)
     batch = _batch(plain, lesion=True)
     schedule = NoiseSchedule()
     loss, _ = post_training_loss(model, autoencoder, schedule, batch, torch.Generator().manual_seed(2), 0.0, 0.0)
@@ -129,13 +107,13 @@ def test_a_scaled_base_decodes_its_one_step_estimate_over_the_scale(plain, tmp_p
 
 # --------------------------------------------------------------------------- whole runs
 @pytest.mark.parametrize("target", ["input", "reconstruction"])
-def test_post_train_writes_a_cldm_checkpoint_recording_base_lambdas_and_target(plain, base, tmp_path, target):
-    out = post_train(plain, base, tmp_path / "pt", lambda_image=0.05, lambda_lesion=0.1, target=target, steps=2,
+def test_post_train_writes_a_cldm_checkpoint_recording_base_lambdas_and_target(plain, tiny_cldm, tmp_path, target):
+    out = post_train(plain, tiny_cldm, tmp_path / "pt", lambda_image=0.05, lambda_lesion=0.1, target=target, steps=2,
                      **COMMON)
     nets, config = load_checkpoint(out, kind="cldm")  # synthesis loads it like any cLDM
-    base_nets, base_cfg = load_checkpoint(base)
+    base_nets, base_cfg = load_checkpoint(tiny_cldm)
     record = config["post_training"]
-    assert record["base"]["path"] == str(base.resolve())
+    assert record["base"]["path"] == str(tiny_cldm.resolve())
     assert record["base"]["provenance"]["command"] == base_cfg["provenance"]["command"]
     assert (record["lambda_image"], record["lambda_lesion"], record["target"]) == (0.05, 0.1, target)
     assert config["training"]["lambda_lesion"] == 0.1 and config["provenance"]["steps"] == 2
@@ -151,21 +129,21 @@ def test_post_train_writes_a_cldm_checkpoint_recording_base_lambdas_and_target(p
         assert float(r["loss"]) == pytest.approx(expected, rel=1e-5)
 
 
-def test_a_bundled_base_without_training_weights_starts_from_its_ema(plain, base, tmp_path):
+def test_a_bundled_base_without_training_weights_starts_from_its_ema(plain, tiny_cldm, tmp_path):
     from ctp2mri.train_demo import bundle_checkpoint
 
-    bundled = bundle_checkpoint(base, tmp_path / "bundled", ["ema", "autoencoder"])  # as resources/models
+    bundled = bundle_checkpoint(tiny_cldm, tmp_path / "bundled", ["ema", "autoencoder"])  # as resources/models
     out = post_train(plain, bundled, tmp_path / "pt", steps=1, **{**COMMON, "lr": 1e-12})
     config = read_config(out)
     assert config["post_training"]["init"] == "ema" and config["training"]["init"] == "ema"
     nets, _ = load_checkpoint(out)
-    base_ema = load_checkpoint(base, names=["ema"])[0]["ema"].state_dict()
+    base_ema = load_checkpoint(tiny_cldm, names=["ema"])[0]["ema"].state_dict()
     for k, v in nets["model"].state_dict().items():  # one step at lr 1e-12: still the base's EMA
         torch.testing.assert_close(v, base_ema[k], rtol=0, atol=1e-6)
 
 
-def test_lesion_oversampling_is_recorded_and_raises_the_lesion_share(plain, base, tmp_path):
-    out = post_train(plain, base, tmp_path / "pt", steps=3, lesion_oversample=20.0, **COMMON)
+def test_lesion_oversampling_is_recorded_and_raises_the_lesion_share(plain, tiny_cldm, tmp_path):
+    out = post_train(plain, tiny_cldm, tmp_path / "pt", steps=3, lesion_oversample=20.0, **COMMON)
     sampling = read_config(out)["post_training"]["sampling"]
     natural = sampling["lesion_slice_fraction"]
     assert 0 < natural < 0.5
@@ -174,9 +152,9 @@ def test_lesion_oversampling_is_recorded_and_raises_the_lesion_share(plain, base
     assert drawn > natural  # 12 slices drawn at an expected share of ~0.8 or more
 
 
-def test_cancel_then_resume_retraces_the_uninterrupted_run(plain, base, tmp_path):
+def test_cancel_then_resume_retraces_the_uninterrupted_run(plain, tiny_cldm, tmp_path):
     kwargs = dict(steps=3, checkpoint_every=10, target="reconstruction", **COMMON)
-    post_train(plain, base, tmp_path / "full", **kwargs)
+    post_train(plain, tiny_cldm, tmp_path / "full", **kwargs)
     token = CancelToken()
 
     def progress(step, total, info):
@@ -184,22 +162,22 @@ def test_cancel_then_resume_retraces_the_uninterrupted_run(plain, base, tmp_path
             token.cancel()
 
     with pytest.raises(Cancelled, match="--resume"):
-        post_train(plain, base, tmp_path / "cut", progress=progress, cancel=token, **kwargs)
+        post_train(plain, tiny_cldm, tmp_path / "cut", progress=progress, cancel=token, **kwargs)
     with pytest.raises(InputError, match="lambda_image"):
-        post_train(plain, base, tmp_path / "cut", resume=True, **{**kwargs, "lambda_image": 0.5})
-    post_train(plain, base, tmp_path / "cut", resume=True, **kwargs)
+        post_train(plain, tiny_cldm, tmp_path / "cut", resume=True, **{**kwargs, "lambda_image": 0.5})
+    post_train(plain, tiny_cldm, tmp_path / "cut", resume=True, **kwargs)
     full, cut = _log(tmp_path / "full"), _log(tmp_path / "cut")
     for column in ("loss", "image_loss", "lesion_loss"):
         assert [float(r[column]) for r in cut] == pytest.approx([float(r[column]) for r in full], abs=1e-6)
 
 
-def test_bad_settings_are_refused(plain, base, tmp_path):
+def test_bad_settings_are_refused(plain, tiny_cldm, tmp_path):
     with pytest.raises(InputError, match="target"):
-        post_train(plain, base, tmp_path / "a", target="x", steps=1, **COMMON)
+        post_train(plain, tiny_cldm, tmp_path / "a", target="x", steps=1, **COMMON)
     with pytest.raises(InputError, match="lambda-lesion"):
-        post_train(plain, base, tmp_path / "b", lambda_lesion=-1, steps=1, **COMMON)
+        post_train(plain, tiny_cldm, tmp_path / "b", lambda_lesion=-1, steps=1, **COMMON)
     with pytest.raises(InputError, match="'cldm' checkpoint"):
-        ae_only = load_checkpoint(base, names=["autoencoder"])[0]["autoencoder"]
+        ae_only = load_checkpoint(tiny_cldm, names=["autoencoder"])[0]["autoencoder"]
         from ctp2mri.checkpoints import save_checkpoint
 
         ae_dir = save_checkpoint(tmp_path / "ae", {"model": ae_only}, {"kind": "autoencoder", "profile": "demo"})

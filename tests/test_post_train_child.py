@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from _helpers_cldm import save_tiny_cldm
 
 from ctp2mri.checkpoints import load_checkpoint, load_training_state
 from ctp2mri.training.child import FINAL_EVENTS, start
@@ -25,11 +24,6 @@ def case_folder(tmp_path_factory) -> Path:
     from ctp2mri.phantom import generate_case
 
     return write_case(generate_case(1, profile="demo"), tmp_path_factory.mktemp("child") / "data" / "p001")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return save_tiny_cldm(tmp_path_factory.mktemp("child_base") / "base")
 
 
 def _job(base, out, folder, steps, resume=False, evaluate=None):
@@ -60,9 +54,9 @@ def _train_steps(events):
     return [e["step"] for e in events if e["event"] == "progress" and e["phase"] == "train"]
 
 
-def test_a_child_run_reports_progress_and_loss_and_writes_a_checkpoint(base, case_folder, tmp_path):
+def test_a_child_run_reports_progress_and_loss_and_writes_a_checkpoint(tiny_cldm, case_folder, tmp_path):
     out = tmp_path / "out"
-    run = start(_job(base, out, case_folder, 3, evaluate={"n_steps": 2, "labels": ["base", "new"]}))
+    run = start(_job(tiny_cldm, out, case_folder, 3, evaluate={"n_steps": 2, "labels": ["base", "new"]}))
     events = _drain(run)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "started" and kinds[-1] == "done", events[-1]
@@ -82,9 +76,9 @@ def test_a_child_run_reports_progress_and_loss_and_writes_a_checkpoint(base, cas
     assert config["training"]["steps"] == 3 and config["training"]["data"]["cases"] == ["p001"]
 
 
-def test_cancel_leaves_a_checkpoint_that_resume_continues(base, case_folder, tmp_path):
+def test_cancel_leaves_a_checkpoint_that_resume_continues(tiny_cldm, case_folder, tmp_path):
     out = tmp_path / "out"
-    run = start(_job(base, out, case_folder, 500))
+    run = start(_job(tiny_cldm, out, case_folder, 500))
 
     def cancel_at_first_step(event):
         if event["event"] == "progress" and event["phase"] == "train":
@@ -98,15 +92,15 @@ def test_cancel_leaves_a_checkpoint_that_resume_continues(base, case_folder, tmp
     assert Path(final["checkpoint"]) == out
     assert load_training_state(out)["step"] == step
 
-    resumed = _drain(start(_job(base, out, case_folder, step + 2, resume=True)))
+    resumed = _drain(start(_job(tiny_cldm, out, case_folder, step + 2, resume=True)))
     assert resumed[-1]["event"] == "done", resumed[-1]
     assert _train_steps(resumed) == [step + 1, step + 2]
     assert load_training_state(out)["step"] == step + 2
 
 
-def test_a_killed_child_gives_a_clear_error_event_not_a_hang(base, case_folder, tmp_path):
+def test_a_killed_child_gives_a_clear_error_event_not_a_hang(tiny_cldm, case_folder, tmp_path):
     out = tmp_path / "out"
-    run = start(_job(base, out, case_folder, 100_000))
+    run = start(_job(tiny_cldm, out, case_folder, 100_000))
 
     def kill_at_first_step(event):
         if event["event"] == "progress" and event["phase"] == "train":
@@ -119,8 +113,8 @@ def test_a_killed_child_gives_a_clear_error_event_not_a_hang(base, case_folder, 
     assert "no checkpoint was saved" in final["message"]
 
 
-def test_a_cancelled_child_that_does_not_stop_in_time_is_killed(base, case_folder, tmp_path):
-    run = start(_job(base, tmp_path / "out", case_folder, 100_000))
+def test_a_cancelled_child_that_does_not_stop_in_time_is_killed(tiny_cldm, case_folder, tmp_path):
+    run = start(_job(tiny_cldm, tmp_path / "out", case_folder, 100_000))
 
     def cancel_with_no_time_to_stop(event):
         if event["event"] == "progress" and event["phase"] == "train":

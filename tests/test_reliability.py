@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers_cldm import one_thread, save_tiny_cldm
+from _helpers_cldm import one_thread
 from _helpers_reliability import head_affine, listing, mri_like, save, tiny_head
 
 from ctp2mri import cli, progress
@@ -205,12 +205,9 @@ def test_reports_are_strict_json(tmp_path):
 
 # 4. Ctrl-C / SIGTERM during training --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def training_inputs(tmp_path_factory) -> tuple[Path, Path]:
-    from ctp2mri.phantom import generate_dataset
-
-    root = tmp_path_factory.mktemp("train")
-    generate_dataset(root / "data", 3, seed=5)
-    return root / "data", save_tiny_cldm(root / "base")
+def training_inputs(phantom_data, tiny_cldm) -> tuple[Path, Path]:
+    """(data, base) of the post-training runs."""
+    return phantom_data, tiny_cldm
 
 
 def _post_train_argv(data: Path, base: Path, out: Path, steps: int = 4) -> list[str]:

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from _helpers_cldm import NORMALISATION, one_thread, save_tiny_cldm
+from _helpers_cldm import NORMALISATION
 
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.inference import load_model, sample_slices
@@ -19,25 +19,16 @@ from ctp2mri.preprocess import resample_to_grid
 from ctp2mri.progress import CancelToken
 from ctp2mri.synthesize import auto_batch_size, run_synthesize, synthesize, write_outputs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 2
 DWI_RANGE = (NORMALISATION["dwi"]["lo"], NORMALISATION["dwi"]["hi"])
 ADC_RANGE = (NORMALISATION["adc"]["lo"], NORMALISATION["adc"]["hi"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_cldm(tmp_path_factory.mktemp("synthesize") / "cldm")
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return load_model(checkpoint, "cpu")
+def model(tiny_cldm):
+    return load_model(tiny_cldm, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -221,11 +212,11 @@ def test_bad_input_is_refused(case, model):
         synthesize(case.ctp.with_array(case.ctp.array[..., 0]), model, steps=STEPS)
 
 
-def test_cli_round_trip_keeps_the_affine_and_writes_every_file(oblique, checkpoint, tmp_path):
+def test_cli_round_trip_keeps_the_affine_and_writes_every_file(oblique, tiny_cldm, tmp_path):
     ctp, _ = oblique
     src = save_nifti(ctp, tmp_path / "ctp.nii.gz")
     out = tmp_path / "out"
-    run_synthesize(src, checkpoint, out, steps=STEPS, samples=2, device="cpu", seed=3)
+    run_synthesize(src, tiny_cldm, out, steps=STEPS, samples=2, device="cpu", seed=3)
     names = {"dwi.nii.gz", "adc.nii.gz", "core.nii.gz", "brain.nii.gz", "uncertainty_dwi.nii.gz",
              "uncertainty_adc.nii.gz", "report.json"}
     assert {p.name for p in out.iterdir()} == names
@@ -238,13 +229,13 @@ def test_cli_round_trip_keeps_the_affine_and_writes_every_file(oblique, checkpoi
     assert report["input"]["path"] == str(src) and report["samples"] == 2
     assert report["files"]["uncertainty_adc"] == "uncertainty_adc.nii.gz"
     with pytest.raises(InputError, match="already exists"):
-        run_synthesize(src, checkpoint, out, steps=STEPS, device="cpu")
+        run_synthesize(src, tiny_cldm, out, steps=STEPS, device="cpu")
     # overwrite replaces the folder; one sample writes no uncertainty
-    run_synthesize(src, checkpoint, out, steps=STEPS, device="cpu", overwrite=True)
+    run_synthesize(src, tiny_cldm, out, steps=STEPS, device="cpu", overwrite=True)
     assert not (out / "uncertainty_dwi.nii.gz").exists() and load_nifti(out / "adc.nii.gz").array.max() > 0
 
 
-def test_cancel_stops_within_a_step_and_leaves_no_files(oblique, checkpoint, tmp_path):
+def test_cancel_stops_within_a_step_and_leaves_no_files(oblique, tiny_cldm, tmp_path):
     ctp, _ = oblique
     src = save_nifti(ctp, tmp_path / "ctp.nii.gz")
     token, calls = CancelToken(), []
@@ -254,7 +245,7 @@ def test_cancel_stops_within_a_step_and_leaves_no_files(oblique, checkpoint, tmp
         token.cancel()
 
     with pytest.raises(Cancelled):
-        run_synthesize(src, checkpoint, tmp_path / "out", steps=5, device="cpu", progress=progress,
+        run_synthesize(src, tiny_cldm, tmp_path / "out", steps=5, device="cpu", progress=progress,
                        cancel=token)
     assert calls == [1]  # no second network call
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ctp.nii.gz"]
@@ -278,10 +269,10 @@ def test_auto_batch_size_is_bounded(model):
 
 
 @pytest.mark.slow  # ~6 s: a phantom case and five engine runs
-def test_bench_synthesize_times_batched_and_naive_runs(checkpoint):
+def test_bench_synthesize_times_batched_and_naive_runs(tiny_cldm):
     from ctp2mri.bench import bench_synthesize, format_bench_synthesize
 
-    r = bench_synthesize(model=checkpoint, steps=(2, 2), device="cpu", threads=1)
+    r = bench_synthesize(model=tiny_cldm, steps=(2, 2), device="cpu", threads=1)
     assert [run["sampler"] for run in r["runs"]] == ["ddim", "dpm++2m"]
     for run in r["runs"]:
         assert run["naive"]["batch_size"] == 1 and run["batched"]["batch_size"] > 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers_cldm import TINY_AE, TINY_CLDM, TINY_D
 
 from ctp2mri.checkpoints import load_checkpoint, load_training_state, read_config
 from ctp2mri.data import SliceDataset
@@ -19,37 +20,20 @@ from ctp2mri.diffusion import NoiseSchedule
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.losses import latent_loss
 from ctp2mri.models import ConditionalLDM, VQAutoencoder
-from ctp2mri.phantom import generate_dataset
 from ctp2mri.progress import CancelToken
 from ctp2mri.training import train_autoencoder, train_ldm
 from ctp2mri.training.distributed import DistInfo
 from ctp2mri.training.loop import BatchStream
 
-# Networks far smaller than the demo profile's: the loops, not the models, are under test.
-TINY_AE = {"in_channels": 2, "out_channels": 2, "channels": [8, 16, 16], "num_res_blocks": 1, "embedding_dim": 3,
-               "num_embeddings": 64, "attention_levels": [False, False, False], "mid_attention": False, "norm_num_groups": 8}
-TINY_D = {"in_channels": 2, "channels": 8, "num_layers": 2}
-TINY_CLDM = {"latent_channels": 3, "condition_channels": 15, "channels": [16, 16], "attention_levels": [False, True],
-                 "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 8}
+# TINY_AE, TINY_D, TINY_CLDM: networks far smaller than the demo profile's (the loops are under test)
 COMMON = {"device": "cpu", "num_workers": 0, "seed": 3, "log_every": 2}
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("phantom")
-    generate_dataset(root, 3, seed=5)  # demo profile; train split: 2 cases
-    return root
-
-
-@pytest.fixture(scope="module")
-def dataset(data_dir) -> SliceDataset:
-    return SliceDataset(data_dir, split="train", seed=3)
-
-
-@pytest.fixture(scope="module")
-def plain(data_dir) -> SliceDataset:
-    """The same slices without augmentation (cheaper where augmentation is not under test)."""
-    return SliceDataset(data_dir, split="train", seed=3, augment=False)
+def dataset(phantom_data) -> SliceDataset:
+    """The train split with augmentation (``plain``, from conftest, is the same slices without:
+    cheaper where augmentation is not under test)."""
+    return SliceDataset(phantom_data, split="train", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -303,18 +287,18 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_write_the_single_process_checkpoint_format(data_dir, ae_dir, tmp_path):
+def test_ddp_two_cpu_processes_write_the_single_process_checkpoint_format(phantom_data, ae_dir, tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(ae=TINY_AE, d=TINY_D, cldm=TINY_CLDM)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               "2", str(script), str(data_dir), str(tmp_path)],
+                               "2", str(script), str(phantom_data), str(tmp_path)],
                               check=False, capture_output=True, text=True, timeout=150, env=env)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"torchrun did not finish in 150 s; its output: {str(exc.stderr)[-3000:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    single = train_ldm(data_dir, ae_dir, tmp_path / "single", steps=2, batch_size=2, lr=1e-3,
+    single = train_ldm(phantom_data, ae_dir, tmp_path / "single", steps=2, batch_size=2, lr=1e-3,
                        cldm_config=TINY_CLDM, **COMMON)
     for kind, ddp_out, one_out in (("cldm", tmp_path / "ldm", single), ("autoencoder", tmp_path / "ae", ae_dir)):
         ddp_nets, ddp_cfg = load_checkpoint(ddp_out, build=False, kind=kind)
@@ -411,12 +395,13 @@ def test_base_training_oversamples_lesion_slices_and_resume_keeps_the_factor(tra
             train(tmp_path / "bad", lesion_oversample=bad)
 
 
-def test_cli_training_commands_pass_lesion_oversample_to_their_trainers(dataset, data_dir, ae_dir, tmp_path, capsys):
+def test_cli_training_commands_pass_lesion_oversample_to_their_trainers(dataset, phantom_data, ae_dir, tmp_path,
+                                                                       capsys):
     """Resuming a uniform-draw run with --lesion-oversample is refused, naming exactly that setting:
     the option reached the trainer (and nothing is trained)."""
     from ctp2mri.cli import main
 
-    same = ["--data", str(data_dir), "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--seed", "3",
+    same = ["--data", str(phantom_data), "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--seed", "3",
             "--device", "cpu", "--num-workers", "0", "--resume", "--lesion-oversample", "3"]
     ae_run = train_autoencoder(dataset, tmp_path / "ae", steps=1, batch_size=4, lr=1e-3, disc_start=2, **COMMON)
     assert main(["train-autoencoder", "--out", str(ae_run), "--disc-start", "2", *same]) == 2

@@ -63,7 +63,7 @@ def bundled_model(name: str = DEFAULT_MODEL) -> Path:
         raise InputError(
             f"the bundled model {name!r} is not installed (looked in ${RESOURCES_ENV}, the repository's "
             "resources/models and <prefix>/share/napari-ctp2mri/models). Reinstall from a full checkout, "
-            "or rebuild it with `ctp2mri train-demo --bundle resources/models/demo` (about an hour on a CPU)")
+            "or rebuild it with `ctp2mri train-demo --bundle resources/models/demo` (about 75 minutes on a 2-core CPU)")
     return found[name]
 
 

@@ -24,6 +24,17 @@ from ctp2mri.cli_perfusion import add_perfusion
 from ctp2mri.errors import Cancelled, InputError, user_message
 from ctp2mri.interrupts import exit_code, handle_interrupts
 from ctp2mri.progress import CancelToken
+from ctp2mri.settings import (
+    CORE_ADC_THRESHOLD,
+    DEFAULT_SAMPLER,
+    EMA_DECAY,
+    LAMBDA_IMAGE,
+    LAMBDA_LESION,
+    SAMPLER_STEPS,
+    sampler_steps,
+)
+
+_STEPS_HELP = "denoising steps (default: " + ", ".join(f"{k} {v}" for k, v in SAMPLER_STEPS.items()) + ")"
 
 # Option types: every number is checked (finite, in range) before a command starts.
 _COUNT = cli_whole(minimum=1)
@@ -200,20 +211,21 @@ def _cmd_train_pix2pix(args: argparse.Namespace) -> int:
 
 def _cmd_post_train(args: argparse.Namespace) -> int:
     from ctp2mri.training import post_train
+    from ctp2mri.training.post_train import PostTrainSettings
 
+    settings = PostTrainSettings(
+        lambda_image=args.lambda_image, lambda_lesion=args.lambda_lesion, target=args.target,
+        latent_objective=args.latent_objective, init=args.init, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, grad_accum=args.grad_accum, ema_decay=args.ema_decay, lesion_oversample=args.lesion_oversample,
+        gradient_checkpointing=args.gradient_checkpointing, precision=args.precision, seed=args.seed,
+        num_workers=args.num_workers, checkpoint_every=args.checkpoint_every)
     progress, close = _rank0_progress("post-train")
     try:
-        out = post_train(args.data, args.from_, args.out, lambda_image=args.lambda_image,
-                         lambda_lesion=args.lambda_lesion, target=args.target, steps=args.steps,
-                         batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
-                         ema_decay=args.ema_decay, lesion_oversample=args.lesion_oversample,
-                         gradient_checkpointing=args.gradient_checkpointing, init=args.init,
-                         latent_objective=args.latent_objective, device=args.device, precision=args.precision, resume=args.resume,
-                         seed=args.seed, num_workers=args.num_workers,
-                         checkpoint_every=args.checkpoint_every, progress=progress, cancel=args.cancel)
+        out = post_train(args.data, args.from_, args.out, settings, device=args.device, resume=args.resume,
+                         progress=progress, cancel=args.cancel)
     finally:
         close()
-    print(f"post-trained cLDM checkpoint: {out}")
+    print(f"post-trained checkpoint: {out}")
     return 0
 
 
@@ -281,7 +293,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                          "Runs under torchrun --nproc_per_node N for DDP.")
     _training_arguments(ldm)
     ldm.add_argument("--autoencoder", required=True, type=Path, help="trained autoencoder checkpoint")
-    ldm.add_argument("--ema-decay", type=_FRACTION, default=0.9999, help="EMA decay (default 0.9999)")
+    ldm.add_argument("--ema-decay", type=_FRACTION, default=EMA_DECAY, help=f"EMA decay (default {EMA_DECAY})")
     ldm.add_argument("--grad-accum", type=_COUNT, default=1, help="gradient accumulation steps")
     ldm.add_argument("--model-type", choices=["cldm", "cbbdm"], default="cldm",
                      help="cldm (the paper's, default) or cbbdm: the conditional Brownian-bridge baseline "
@@ -313,8 +325,10 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     _training_arguments(pt)
     pt.add_argument("--from", dest="from_", required=True, type=Path,
                     help="base cLDM (or cBBDM) checkpoint folder, or a bundled model's name (demo-base, demo)")
-    pt.add_argument("--lambda-image", type=_NONNEGATIVE, default=0.01, help="λ_image (paper's best 0.01)")
-    pt.add_argument("--lambda-lesion", type=_NONNEGATIVE, default=0.02, help="λ_lesion (paper's best 0.02)")
+    pt.add_argument("--lambda-image", type=_NONNEGATIVE, default=LAMBDA_IMAGE,
+                    help=f"λ_image (paper's best {LAMBDA_IMAGE})")
+    pt.add_argument("--lambda-lesion", type=_NONNEGATIVE, default=LAMBDA_LESION,
+                    help=f"λ_lesion (paper's best {LAMBDA_LESION})")
     pt.add_argument("--target", choices=["input", "reconstruction"], default="input",
                     help="x as the paper writes it (input) or D(z0) as the official code does")
     _lesion_oversample_argument(pt)
@@ -325,7 +339,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--latent-objective", choices=["base", "eq4"], default="base",
                     help="L_latent of Eq. 8: the base's whole objective (its lesion latent term and "
                          "condition loss, if it was trained with them) or the ε-loss alone")
-    pt.add_argument("--ema-decay", type=_FRACTION, default=0.9999)
+    pt.add_argument("--ema-decay", type=_FRACTION, default=EMA_DECAY, help=f"EMA decay (default {EMA_DECAY})")
     pt.add_argument("--grad-accum", type=_COUNT, default=1)
     pt.set_defaults(func=_cmd_post_train)
 
@@ -360,7 +374,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--device", default="auto")
     a.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     a.add_argument("--lr", type=_POSITIVE, help="post-training learning rate (default: the official scaling)")
-    a.add_argument("--ema-decay", type=_FRACTION, help="EMA decay of each post-training run (default 0.9999)")
+    a.add_argument("--ema-decay", type=_FRACTION, help=f"EMA decay of each post-training run (default {EMA_DECAY})")
     a.add_argument("--post-train-base", action="store_true",
                    help="post-train the 0:0 pair with Eq. 4 alone instead of reusing the base")
     a.set_defaults(func=_cmd_ablate)
@@ -400,9 +414,9 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
                    "folders or a CSV list run a cohort into OUT/<case>/ with OUT/summary.csv (docs/cohorts.md)")
     p.add_argument("--model", required=True, type=Path, help="cLDM checkpoint folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--sampler", choices=["ddim", "dpm++2m"], default="dpm++2m",
+    p.add_argument("--sampler", choices=list(SAMPLER_STEPS), default=DEFAULT_SAMPLER,
                    help="DDIM (the paper's) or DPM-Solver++(2M) (default, fewer steps)")
-    p.add_argument("--steps", type=_COUNT, default=20, help="denoising steps (default 20)")
+    p.add_argument("--steps", type=_COUNT, help=_STEPS_HELP)
     p.add_argument("--eta", type=_FRACTION, default=0.0, help="DDIM eta, 0–1 (default 0)")
     p.add_argument("--samples", type=_COUNT, default=1, help="samples per slice; >1 adds uncertainty maps")
     p.add_argument("--seed", type=_SEED, default=0)
@@ -410,8 +424,8 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast precision on GPU (CPU always runs fp32)")
-    p.add_argument("--core-threshold", type=cli_number(above=0.0, maximum=10000.0), default=620.0,
-                   help="core = ADC below this (10⁻⁶ mm²/s) inside the brain (default 620)")
+    p.add_argument("--core-threshold", type=cli_number(above=0.0, maximum=10000.0), default=CORE_ADC_THRESHOLD,
+                   help=f"core = ADC below this (10⁻⁶ mm²/s) inside the brain (default {CORE_ADC_THRESHOLD:g})")
     p.add_argument("--mask", type=Path, help="brain mask on the CTP grid (default: derived)")
     p.add_argument("--ground-truth", type=Path, help="lesion mask to score the core estimate against")
     p.add_argument("--series-uid", help="pick one series from a DICOM folder holding several")
@@ -548,8 +562,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split of splits.json (default test), or all: every case folder")
     p.add_argument("--no-perfusion", action="store_true",
                    help="skip the CTP perfusion core (rCBF < 30 %%) scored beside the models' cores")
-    p.add_argument("--steps", type=_COUNT, default=200, help="sampler steps (default 200, DDIM as the paper)")
-    p.add_argument("--sampler", choices=["ddim", "dpm++2m"], default="ddim",
+    p.add_argument("--steps", type=_COUNT, help=_STEPS_HELP)
+    p.add_argument("--sampler", choices=list(SAMPLER_STEPS), default="ddim",
                    help="ddim (the paper's, default) or dpm++2m (DPM-Solver++(2M), ~20 steps)")
     p.add_argument("--eta", type=_FRACTION, default=0.0,
                    help="DDIM and bridge-sampler eta (default 0: deterministic; BBDM's configs use 1)")
@@ -727,14 +741,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("ctp2mri_demo"), help="output folder (default ctp2mri_demo)")
     p.add_argument("--model", default="demo",
                    help="bundled model name (demo, demo-base) or a cLDM checkpoint folder (default demo)")
-    p.add_argument("--sampler", choices=["dpm++2m", "ddim"], default="dpm++2m")
-    p.add_argument("--steps", type=_COUNT, default=20, help="sampler steps (default 20)")
+    p.add_argument("--sampler", choices=list(SAMPLER_STEPS), default=DEFAULT_SAMPLER)
+    p.add_argument("--steps", type=_COUNT, help=_STEPS_HELP)
     p.add_argument("--seed", type=_SEED, default=0, help="sampling seed")
     p.add_argument("--case-seed", type=_SEED, default=5, help="phantom case seed (default 5: left MCA stroke)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.set_defaults(func=_cmd_demo)
 
-    t = sub.add_parser("train-demo", help="reproduce the bundled demo models (≈1 h 20 min on a 2-core CPU), or "
+    t = sub.add_parser("train-demo", help="reproduce the bundled demo models (≈ 75 min alone on a 2-core CPU), or "
                        "train the paper's recipe on your cases (--recipe paper --data CASES)",
                        description="Phantom data → autoencoder → base cLDM (beside it, the L1 reference U-Net) → "
                        "lesion-aware post-training → bundle → evaluation of base, post-trained and reference on "
@@ -887,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130  # Ctrl-C while starting up: nothing ran, nothing to report
     except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if getattr(args, "sampler", None) in SAMPLER_STEPS and getattr(args, "steps", 0) is None:
+        args.steps = sampler_steps(args.sampler)  # a sampling command without --steps
     try:
         return _run(args, argv)
     except KeyboardInterrupt as exc:  # a second signal while the first was being reported

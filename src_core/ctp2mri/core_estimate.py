@@ -14,14 +14,15 @@ import numpy as np
 
 from ctp2mri.io.volume import Volume
 from ctp2mri.metrics import core_comparison, core_mask_from_adc, volume_ml
+from ctp2mri.settings import CORE_ADC_THRESHOLD, MIN_CORE_COMPONENT_ML
 
 __all__ = ["CORE_THRESHOLD", "estimate_core"]
 
-CORE_THRESHOLD = 620.0  # ×10⁻⁶ mm²/s, the usual clinical ADC core threshold
+CORE_THRESHOLD = CORE_ADC_THRESHOLD  # the name the engine and cohorts use
 
 
 def estimate_core(adc: Volume, brain: Volume, threshold: float = CORE_THRESHOLD,
-                  min_component_ml: float = 0.2, ground_truth: Volume | None = None,
+                  min_component_ml: float = MIN_CORE_COMPONENT_ML, ground_truth: Volume | None = None,
                   ) -> tuple[Volume, dict[str, Any]]:
     """Core mask (uint8, on the ADC's grid) and a summary: volume, threshold, comparison.
 

@@ -19,6 +19,7 @@ import numpy as np
 from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
 from ctp2mri.metrics import METRICS
+from ctp2mri.settings import CORE_ADC_THRESHOLD
 from ctp2mri.tables import Summary, format_table1
 
 __all__ = ["CHANNELS", "comparison_paths", "format_report", "sampling_seeds", "write_comparison", "write_rows"]
@@ -115,7 +116,7 @@ def _contrast_lines(summary: Summary, metric: str = "lesion_contrast") -> list[s
     return lines
 
 
-_CORE_TITLE = ("Infarct core (synthetic ADC < 620 × 10⁻⁶ mm²/s, ADC mapped back with each "
+_CORE_TITLE = (f"Infarct core (synthetic ADC < {CORE_ADC_THRESHOLD:g} × 10⁻⁶ mm²/s, ADC mapped back with each "
                "case's own range) vs the lesion masks:")
 
 

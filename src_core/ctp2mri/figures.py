@@ -11,6 +11,7 @@ import numpy as np
 
 from ctp2mri.casefolder import Case
 from ctp2mri.io.atomic import atomic_path
+from ctp2mri.settings import CORE_ADC_THRESHOLD
 
 
 def time_to_peak(ctp: np.ndarray, frame_times: np.ndarray, smooth_voxels: float = 0.0) -> np.ndarray:
@@ -160,7 +161,7 @@ def evaluation_figure(slices: Sequence[EvaluationSlice], path: str | os.PathLike
                           va="center", fontsize=8)
     legend = "red: true core (lesion mask)"
     if any(s.pred_core is not None and np.any(s.pred_core) for s in slices):
-        legend += f"; cyan: core from the {predicted} ADC (< 620 × 10⁻⁶ mm²/s)"
+        legend += f"; cyan: core from the {predicted} ADC (< {CORE_ADC_THRESHOLD:g} × 10⁻⁶ mm²/s)"
     fig.text(0.5, 0.002, legend, ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     with atomic_path(path) as tmp:

@@ -13,10 +13,11 @@ sampler, `ctp2mri.diffusion.bridge_sample`, then decoded) and ``"pix2pix"``
 (`LoadedPix2Pix`: one generator pass).
 
 Seeding: slice ``i`` starts from z_T drawn by its own generator, seeded from
-``(seed, ids[i])``, on the CPU. A slice's result therefore depends neither on the batch it
-was sampled in nor on the device (up to floating-point summation order), so
-``batch_size`` is purely a speed/memory setting. The bridge starts from y itself; with
-η > 0 each row's step noise comes from the same per-row seed.
+``(seed, ids[i])``, on the CPU; with DDIM η > 0 the same generator goes on to draw that
+slice's step noise. A slice's result therefore depends neither on the batch it was sampled
+in nor on the device (up to floating-point summation order), so ``batch_size`` is purely a
+speed/memory setting. The bridge starts from y itself; with η > 0 each row's step noise
+comes from the same per-row seed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ctp2mri.models.cbbdm import BrownianBridgeLDM
 from ctp2mri.models.cldm import ConditionalLDM
 from ctp2mri.models.pix2pix import Pix2PixGenerator
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.settings import PRECISIONS
 
 __all__ = ["KIND_SAMPLERS", "MODEL_KINDS", "PRECISIONS", "SAMPLERS", "AnyLoadedModel", "LoadedBridge", "LoadedModel",
            "LoadedPix2Pix", "autocast_dtype", "default_sampler", "load_model", "model_label", "row_seed",
@@ -58,9 +60,8 @@ SAMPLERS = ("ddim", "dpm++2m")
 #: the cBBDM's skip-step Brownian-bridge sampler, the Pix2Pix generator's single pass.
 KIND_SAMPLERS: dict[str, tuple[str, ...]] = {"cldm": SAMPLERS, "cbbdm": ("bbdm",), "pix2pix": ("generator",)}
 MODEL_KINDS = tuple(KIND_SAMPLERS)
-#: Precision flag → autocast dtype (None: float32).
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
-                                             "fp16": torch.float16}
+#: Precision flag (`ctp2mri.settings.PRECISIONS`) → autocast dtype (None: float32).
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = dict(zip(PRECISIONS, (None, torch.bfloat16, torch.float16)))
 
 
 @dataclass
@@ -254,11 +255,17 @@ def row_seed(seed: int, slice_id: int, sample: int = 0) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def _initial_noise(rows: Sequence[tuple[int, int]], seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """z_T of each (slice id, sample) row from its own CPU generator (device- and batch-independent)."""
-    out = torch.empty((len(rows), *shape), dtype=torch.float32)
-    for r, (slice_id, sample) in enumerate(rows):
-        gen = torch.Generator(device="cpu").manual_seed(row_seed(seed, slice_id, sample))
+def _row_generators(rows: Sequence[tuple[int, int]], seed: int) -> list[torch.Generator]:
+    """One CPU generator per (slice id, sample) row, seeded by `row_seed`: the CPU stream is
+    the same on every device, and a row never draws from another row's stream."""
+    return [torch.Generator(device="cpu").manual_seed(row_seed(seed, slice_id, sample))
+            for slice_id, sample in rows]
+
+
+def _initial_noise(generators: Sequence[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """z_T of each row, the first draw of its own generator (device- and batch-independent)."""
+    out = torch.empty((len(generators), *shape), dtype=torch.float32)
+    for r, gen in enumerate(generators):
         out[r] = torch.randn(shape, generator=gen, dtype=torch.float32)
     return out
 
@@ -278,7 +285,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if device.type != "cuda":
         return None
-    return PRECISIONS[precision]
+    return AUTOCAST_DTYPES[precision]
 
 
 def _free(device: torch.device) -> None:
@@ -339,7 +346,7 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
         ``slice_seed(seed, ids[i])``). The bridge starts from y = F(c) and uses the seed for
         its η > 0 step noise only.
     batch_size
-        Rows (slice × sample) per network call; with η = 0 it does not change the result.
+        Rows (slice × sample) per network call; it does not change the result (for any η).
         On a CUDA out-of-memory error the batch is retried with half as many rows, down to 1.
     ids
         One integer per slice naming it for seeding (default ``0 … B−1``); give stable ids
@@ -377,9 +384,10 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
 
     Notes
     -----
-    With η > 0 the DDIM per-step noise comes from one generator per batch, seeded by the
-    batch's first row: reproducible for the same ``batch_size``, not across batch sizes
-    (`ddim_sample` draws that noise for the whole batch). The bridge draws it per row.
+    With η > 0 the DDIM per-step noise of a row continues its z_T generator's stream (one
+    stream per row, so seeds s and s + 1 share no draws), and the bridge draws it from a
+    generator per row too: η > 0 results, like η = 0 ones, do not depend on ``batch_size``
+    or on which slices are sampled together.
 
     Raises
     ------
@@ -445,7 +453,7 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
             y = model.network.encode_condition(condition(batch))  # x_T = y = F(c), once per batch
             generators = None
             if eta > 0:  # one CPU generator per row: a row's noise does not depend on its batch
-                generators = [torch.Generator(device="cpu").manual_seed(row_seed(seed, ids[i], k)) for i, k in batch]
+                generators = _row_generators([(ids[i], k) for i, k in batch], seed)
             x0 = bridge_sample(objective_model, y, y, model.bridge, n_steps, eta, generator=generators,
                                progress=report, cancel=cancel)
             return model.autoencoder.decode(x0, quantize=quantize).clamp_(-1.0, 1.0).cpu()
@@ -459,15 +467,14 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
 
         def run_batch(batch, report):
             c_tilde = model.cldm.encode_condition(condition(batch))  # once per batch, every step reuses it
-            x_t = _initial_noise([(ids[i], k) for i, k in batch], seed, latent).to(dev)
+            generators = _row_generators([(ids[i], k) for i, k in batch], seed)
+            x_t = _initial_noise(generators, latent).to(dev)
             if sampler == "ddim":
-                noise_gen = None
-                if eta > 0:
-                    first_slice, first_sample = batch[0]
-                    noise_gen = torch.Generator(device=dev).manual_seed(
-                        row_seed(seed + 1, ids[first_slice], first_sample))
+                # η > 0: each row's step noise goes on from its own z_T stream, so it does not
+                # depend on the batch; η = 0 draws nothing more, leaving the result as before.
                 z0 = ddim_sample(eps_model, x_t.shape, c_tilde, model.schedule, n_steps, eta,
-                                 generator=noise_gen, x_T=x_t, progress=report, cancel=cancel, device=dev)
+                                 generator=generators if eta > 0 else None, x_T=x_t, progress=report,
+                                 cancel=cancel, device=dev)
             else:
                 z0 = dpm_solver_sample(eps_model, x_t.shape, c_tilde, model.schedule, n_steps,
                                        order=2, x_T=x_t, progress=report, cancel=cancel, device=dev)

@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ctp2mri.settings import LAMBDA_IMAGE, LAMBDA_LESION
+
 __all__ = [
     "adaptive_gan_weight", "autoencoder_loss", "discriminator_factor", "generator_adversarial_loss",
     "condition_loss", "hinge_discriminator_loss", "image_loss", "lesion_latent_loss", "lesion_reconstruction_loss", "latent_loss", "lesion_loss",
@@ -151,7 +153,7 @@ def lesion_loss(x: torch.Tensor, x_hat: torch.Tensor, lesion: torch.Tensor) -> t
 
 
 def total_loss(latent: torch.Tensor, image: torch.Tensor | None = None, lesion: torch.Tensor | None = None,
-               lambda_image: float = 0.01, lambda_lesion: float = 0.02) -> torch.Tensor:
+               lambda_image: float = LAMBDA_IMAGE, lambda_lesion: float = LAMBDA_LESION) -> torch.Tensor:
     """L_total = L_latent + λ_image · L_image + λ_lesion · L_lesion (paper Eq. 8).
 
     The paper's best weights are λ_image = 0.01, λ_lesion = 0.02 (Table 2). A term whose λ

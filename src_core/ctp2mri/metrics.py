@@ -30,6 +30,7 @@ from monai.metrics.regression import compute_ssim_and_cs
 from scipy import ndimage
 
 from ctp2mri.errors import InputError
+from ctp2mri.settings import CORE_ADC_THRESHOLD, MIN_CORE_COMPONENT_ML
 
 __all__ = [
     "MS_SSIM_WEIGHTS", "CORE_ADC_THRESHOLD", "METRICS", "mae", "lesion_mae", "psnr", "ms_ssim",
@@ -39,7 +40,6 @@ __all__ = [
 
 # Wang, Simoncelli & Bovik 2003, finest scale first (MONAI's and torchmetrics' default).
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-CORE_ADC_THRESHOLD = 620.0  # 10⁻⁶ mm²/s, the usual clinical infarct-core threshold
 METRICS = ("mae", "lesion_mae", "psnr", "ms_ssim")  # per channel, in Table 1's order
 
 ArrayLike = Any  # np.ndarray | torch.Tensor | nested sequences
@@ -374,7 +374,7 @@ def volume_ml(mask: ArrayLike, spacing: Sequence[float]) -> float:
 
 
 def core_mask_from_adc(adc: ArrayLike, brain: ArrayLike, *, spacing: Sequence[float],
-                       threshold: float = CORE_ADC_THRESHOLD, min_component_ml: float = 0.2,
+                       threshold: float = CORE_ADC_THRESHOLD, min_component_ml: float = MIN_CORE_COMPONENT_ML,
                        exclude_rim_mm: float = 0.0) -> np.ndarray:
     """Infarct core: ADC below ``threshold`` inside the brain, small components removed.
 

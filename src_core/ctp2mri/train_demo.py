@@ -35,6 +35,7 @@ from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_dir, atomic_path, ensure_writable_dir
 from ctp2mri.io.jsonfile import strict_json
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.settings import LAMBDA_IMAGE, LAMBDA_LESION
 
 __all__ = ["RECIPES", "DemoRecipe", "bundle_checkpoint", "train_demo"]
 
@@ -69,8 +70,8 @@ class DemoRecipe:
     pt_steps: int = 600
     pt_batch: int = 8
     pt_lr: float = 1e-4
-    lambda_image: float = 0.01
-    lambda_lesion: float = 0.02
+    lambda_image: float = LAMBDA_IMAGE
+    lambda_lesion: float = LAMBDA_LESION
     target: str = "input"
     pt_lesion_oversample: float | None = 8.0
     reference_steps: int = 0  # the L1 U-Net reference regressor (0: none)

@@ -33,6 +33,7 @@ from typing import Any
 from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.settings import EMA_DECAY, LAMBDA_IMAGE, LAMBDA_LESION
 
 __all__ = ["PAPER_RECIPES", "PaperRecipe", "check_paper_data", "format_plan", "plan", "torchrun_commands",
            "train_paper"]
@@ -68,15 +69,15 @@ class PaperRecipe:
     ldm_steps: int = 100_000  # ours: the paper stops on the validation loss; ≈ 340 passes over its 14 083 slices
     ldm_batch: int = 48  # paper ("batch size of 48") and official
     ldm_base_lr: float = 2e-6  # paper ("base learning rate of 2 × 10⁻⁶", AdamW) and official (→ 9.6e-5)
-    ema_decay: float = 0.9999  # official (the EMA's default decay)
+    ema_decay: float = EMA_DECAY  # official (the EMA's default decay)
     scale_factor: float = 1.0  # official (VQ-f4 latents are diffused unscaled)
     timesteps: int = 1000  # paper (T = 1000); β linear 0.0015 → 0.0195 official (the trainers' default schedule)
     # lesion-aware post-training (Eq. 8), from the base's weights
     pt_steps: int = 20_000  # ours: neither states a count
     pt_batch: int = 6  # official post-training config (the paper's 48 is its base training's)
     pt_base_lr: float = 2e-6  # paper and official (→ 1.2e-5 at batch 6)
-    lambda_image: float = 0.01  # paper's best (Table 2) and official
-    lambda_lesion: float = 0.02  # paper's best (Table 2) and official
+    lambda_image: float = LAMBDA_IMAGE  # paper's best (Table 2) and official
+    lambda_lesion: float = LAMBDA_LESION  # paper's best (Table 2) and official
     target: str = "input"  # paper (Eq. 6–7 compare with x; the official code with D(z_0))
     init: str = "model"  # official (the base's raw weights); the post-training EMA starts from the base's EMA
     # evaluation of base and post-trained on the test split

@@ -1,4 +1,5 @@
-"""Speed and memory benchmarks behind ``ctp2mri bench preprocess | train | synthesize``.
+"""Speed and memory benchmarks behind ``ctp2mri bench preprocess | train | post-train | synthesize |
+perfusion``.
 
 Targets go into these commands, never into timed tests; each report states the machine,
 the sizes and what was (not) counted.

@@ -28,11 +28,12 @@ Like the noise schedule, the bridge knows nothing of the network.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ctp2mri.diffusion.noise import NoiseSource, check_noise_source, standard_normal
 from ctp2mri.errors import InputError
 from ctp2mri.progress import CancelToken, ProgressCallback
 
@@ -236,15 +237,6 @@ def bridge_step(bridge: BrownianBridge, x_t: torch.Tensor, t: int, s: int, x0_ha
     return x_s
 
 
-def _noise(shape: Sequence[int], generator: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """z ~ N(0, I): from one generator, or row by row from one generator per batch row (on
-    the CPU, so a row's noise does not depend on the batch it is sampled in)."""
-    if isinstance(generator, (list, tuple)):
-        rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generator]
-        return torch.stack(rows).to(device)
-    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-
-
 @torch.no_grad()
 def bridge_sample(
     objective_model: ObjectiveModel,
@@ -254,7 +246,7 @@ def bridge_sample(
     n_steps: int = 200,
     eta: float = 1.0,
     *,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    generator: NoiseSource = None,
     clip_x0: float | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
@@ -282,7 +274,8 @@ def bridge_sample(
     eta
         η ≥ 0: 0 is deterministic (the result depends on y alone), 1 BBDM's default posterior.
     generator
-        Source of the η > 0 noise: one generator, or one per batch row.
+        Source of the η > 0 noise: one generator, or one per batch row (then a row's noise
+        does not depend on the batch it is sampled in, see `ctp2mri.diffusion.noise`).
     clip_x0
         Clamp x̂_0 to ±clip_x0 at every step (off by default; latents are not bounded).
     progress, cancel
@@ -295,8 +288,7 @@ def bridge_sample(
     """
     if eta < 0:
         raise InputError(f"the bridge sampler's eta must be >= 0 (0 = deterministic, 1 = BBDM), got {eta}")
-    if isinstance(generator, (list, tuple)) and len(generator) != y.shape[0]:
-        raise InputError(f"{len(generator)} noise generators for {y.shape[0]} rows")
+    check_noise_source(generator, y.shape[0])
     timesteps = bridge.sample_timesteps(n_steps)
     x = y.clone()  # x_T = y: the bridge starts exactly at the condition's latent
     x0_hat = x
@@ -311,7 +303,7 @@ def bridge_sample(
         if s == 0:
             x = x0_hat  # m_0 = δ_0 = 0: the step to t = 0 lands on x̂_0 itself
         else:
-            noise = _noise(y.shape, generator, y.device, y.dtype) if eta > 0 else None
+            noise = standard_normal(y.shape, generator, y.device, y.dtype) if eta > 0 else None
             x = bridge_step(bridge, x, t, s, x0_hat, y, eta, noise)
         if progress is not None:
             progress(i + 1, len(timesteps), {"t": t})

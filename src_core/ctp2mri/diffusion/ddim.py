@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ctp2mri.diffusion.noise import NoiseSource, check_noise_source, standard_normal
 from ctp2mri.diffusion.schedule import NoiseSchedule
 from ctp2mri.errors import InputError
 from ctp2mri.progress import CancelToken, ProgressCallback
@@ -23,7 +24,7 @@ def ddim_sample(
     n_steps: int = 200,
     eta: float = 0.0,
     *,
-    generator: Optional[torch.Generator] = None,
+    generator: NoiseSource = None,
     x_T: Optional[torch.Tensor] = None,
     clip_z0: Optional[float] = None,
     compvis_last_step: bool = False,
@@ -56,6 +57,10 @@ def ddim_sample(
         η ≥ 0, the stochasticity of each step.
     generator
         Source of z_T (when ``x_T`` is not given) and of the η > 0 noise; fixes the result.
+        One generator draws each step's noise for the whole batch at once, so a row's noise
+        depends on the rows sampled with it; a sequence of one generator per row draws row
+        ``r`` from ``generator[r]`` alone, so a slice's result does not depend on its batch
+        (`ctp2mri.diffusion.noise`). With η = 0 and ``x_T`` given it is not used.
     x_T
         Starting noise of shape ``shape``, instead of drawing it.
     clip_z0
@@ -78,13 +83,15 @@ def ddim_sample(
     Raises
     ------
     InputError
-        ``n_steps`` outside 1 … T, η < 0, or ``x_T`` of the wrong shape.
+        ``n_steps`` outside 1 … T, η < 0, ``x_T`` of the wrong shape, or a generator list
+        whose length is not the batch size.
     ctp2mri.errors.Cancelled
         When ``cancel`` is set.
     """
     if eta < 0:
         raise InputError(f"DDIM eta must be >= 0 (0 = deterministic, 1 = DDPM-like), got {eta}")
     shape = tuple(int(s) for s in shape)
+    check_noise_source(generator, shape[0])
     if device is None:
         device = x_T.device if x_T is not None else getattr(cond, "device", schedule.device)
     if x_T is not None and tuple(x_T.shape) != shape:
@@ -93,8 +100,8 @@ def ddim_sample(
     abar = schedule.alphas_cumprod.cpu().double()  # ᾱ per timestep, float64 scalars below
     abar_end = abar[0].item() if compvis_last_step else 1.0  # ᾱ after the last step
 
-    z = x_T.to(device=device, dtype=dtype) if x_T is not None else torch.randn(
-        shape, generator=generator, device=device, dtype=dtype
+    z = x_T.to(device=device, dtype=dtype) if x_T is not None else standard_normal(
+        shape, generator, device, dtype
     )  # z_T ~ N(0, I)
     for i, k in enumerate(reversed(range(len(timesteps)))):
         if cancel is not None:
@@ -110,7 +117,7 @@ def ddim_sample(
         direction = max(1.0 - a_s - sigma**2, 0.0) ** 0.5 * eps  # direction pointing to z_t
         z = a_s**0.5 * z0 + direction  # z_s without noise
         if sigma > 0:
-            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # ε
+            noise = standard_normal(shape, generator, device, dtype)  # ε
             z = z + sigma * noise  # + σ_t ε
         if progress is not None:
             progress(i + 1, len(timesteps), {"t": t})

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ctp2mri.diffusion.ddim import EpsModel
+from ctp2mri.diffusion.noise import NoiseSource, check_noise_source, standard_normal
 from ctp2mri.diffusion.schedule import NoiseSchedule
 from ctp2mri.errors import InputError
 from ctp2mri.progress import CancelToken, ProgressCallback
@@ -63,7 +64,7 @@ def dpm_solver_sample(
     n_steps: int = 20,
     *,
     order: int = 2,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     x_T: torch.Tensor | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
@@ -94,7 +95,9 @@ def dpm_solver_sample(
     order
         2 for DPM-Solver++(2M); 1 gives DPM-Solver++(1), which is DDIM with η = 0.
     generator
-        Source of z_T when ``x_T`` is not given.
+        Source of z_T when ``x_T`` is not given: one generator, or one per row so that a
+        row's z_T does not depend on its batch (`ctp2mri.diffusion.noise`). The solver
+        draws nothing after z_T.
     x_T
         Starting noise of shape ``shape``, instead of drawing it.
     progress, cancel
@@ -111,13 +114,15 @@ def dpm_solver_sample(
     Raises
     ------
     InputError
-        ``n_steps`` outside 1 … T, ``order`` not 1 or 2, or ``x_T`` of the wrong shape.
+        ``n_steps`` outside 1 … T, ``order`` not 1 or 2, ``x_T`` of the wrong shape, or a
+        generator list whose length is not the batch size.
     ctp2mri.errors.Cancelled
         When ``cancel`` is set.
     """
     if order not in (1, 2):
         raise InputError(f"DPM-Solver++ order must be 1 or 2 (2 = the 2M solver), got {order}")
     shape = tuple(int(s) for s in shape)
+    check_noise_source(generator, shape[0])
     if device is None:
         device = x_T.device if x_T is not None else getattr(cond, "device", schedule.device)
     if x_T is not None and tuple(x_T.shape) != shape:
@@ -132,7 +137,7 @@ def dpm_solver_sample(
     z = (
         x_T.to(device=device, dtype=dtype)
         if x_T is not None
-        else torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        else standard_normal(shape, generator, device, dtype)
     )  # z_T ~ N(0, I)
     z0_prev, h_prev = None, None  # ẑ_0 and h of the previous step, the multistep buffer
     for i, t in enumerate(timesteps):

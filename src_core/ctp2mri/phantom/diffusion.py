@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctp2mri.phantom.lesions import CORE, LesionPlan
+from ctp2mri.settings import CORE_ADC_THRESHOLD
 
 # grey matter, white matter, CSF
 PROTON_DENSITY = np.array([0.8, 0.7, 1.0])
 T2_MS = np.array([100.0, 80.0, 2000.0])
 ADC = np.array([800.0, 720.0, 3000.0])  # 10⁻⁶ mm²/s
 ADC_DISPLAY_MAX = 4000.0  # clip of the derived map: noise in CSF can overshoot
-CLINICAL_CORE_ADC = 620.0  # 10⁻⁶ mm²/s: the usual threshold for segmenting the infarct core
+CLINICAL_CORE_ADC = CORE_ADC_THRESHOLD  # the core the phantom draws is what the clinical threshold marks
 CORE_EDGE_WEIGHT = 0.9
 SIGNAL_SCALE = 1000.0  # arbitrary scanner units of the b = 0 image
 

@@ -34,6 +34,7 @@ from ctp2mri.errors import InputError
 from ctp2mri.losses import total_loss
 from ctp2mri.models import BrownianBridgeLDM
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.settings import EMA_DECAY, LAMBDA_IMAGE, LAMBDA_LESION
 from ctp2mri.training import loop
 from ctp2mri.training.distributed import init_distributed, shutdown
 from ctp2mri.training.image_terms import TARGETS, image_space_terms
@@ -53,7 +54,7 @@ def train_bbdm(
     scale_lr: bool = True,
     grad_accum: int = 1,
     weight_decay: float = 0.01,
-    ema_decay: float = 0.9999,
+    ema_decay: float = EMA_DECAY,
     grad_clip: float | None = None,
     loss_type: str = "l1",
     device: str = "auto",
@@ -160,8 +161,8 @@ def bridge_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, b
 
 
 def bridge_post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, bridge: BrownianBridge,
-                              batch: Mapping[str, Any], generator: torch.Generator, lambda_image: float = 0.01,
-                              lambda_lesion: float = 0.02, target: str = "input", precision: str = "fp32",
+                              batch: Mapping[str, Any], generator: torch.Generator, lambda_image: float = LAMBDA_IMAGE,
+                              lambda_lesion: float = LAMBDA_LESION, target: str = "input", precision: str = "fp32",
                               gradient_checkpointing: bool = False, loss_type: str = "l1",
                               ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 8 for the Brownian bridge: L = L_bridge + λ_image L_image + λ_lesion L_lesion.

@@ -11,6 +11,8 @@ import copy
 import torch
 from torch import nn
 
+from ctp2mri.settings import EMA_DECAY
+
 __all__ = ["EMA"]
 
 
@@ -28,7 +30,7 @@ class EMA:
         update, so early, random weights are forgotten quickly.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True) -> None:
+    def __init__(self, model: nn.Module, decay: float = EMA_DECAY, warmup: bool = True) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
         self.decay = float(decay)

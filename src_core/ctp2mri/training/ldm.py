@@ -38,6 +38,7 @@ from ctp2mri.losses import (
 )
 from ctp2mri.models import ConditionalLDM, model_config
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.settings import EMA_DECAY
 from ctp2mri.training import loop
 from ctp2mri.training.distributed import init_distributed, shutdown
 from ctp2mri.training.ema import EMA
@@ -61,7 +62,7 @@ def train_ldm(
     scale_lr: bool = True,
     grad_accum: int = 1,
     weight_decay: float = 0.01,
-    ema_decay: float = 0.9999,
+    ema_decay: float = EMA_DECAY,
     grad_clip: float | None = None,
     device: str = "auto",
     precision: str = "fp32",

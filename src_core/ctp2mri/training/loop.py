@@ -40,6 +40,7 @@ from ctp2mri.checkpoints import (
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.settings import PRECISIONS
 from ctp2mri.training.distributed import DistInfo, all_gather_objects, barrier, mean_over_ranks
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 LOG_FILE = "log.csv"
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {"steps", "num_workers", "device", "checkpoint_every", "log_every"}
 

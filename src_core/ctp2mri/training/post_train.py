@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, fields, replace
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
 from ctp2mri.losses import total_loss
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.settings import EMA_DECAY, LAMBDA_IMAGE, LAMBDA_LESION
 from ctp2mri.training import loop
 from ctp2mri.training.bbdm import bridge_post_training_loss
 from ctp2mri.training.distributed import init_distributed, shutdown
@@ -48,7 +50,8 @@ from ctp2mri.training.ema import EMA
 from ctp2mri.training.image_terms import TARGETS, image_space_terms
 from ctp2mri.training.ldm import LDM_BASE_LR, diffuse, objective_terms, optimise, restore_run
 
-__all__ = ["LATENT_OBJECTIVES", "POST_TRAIN_LOG_COLUMNS", "TARGETS", "post_train", "post_training_loss"]
+__all__ = ["LATENT_OBJECTIVES", "POST_TRAIN_LOG_COLUMNS", "TARGETS", "PostTrainSettings", "post_train",
+           "post_training_loss"]
 
 INITS = ("model", "ema")
 LATENT_OBJECTIVES = ("base", "eq4")  # L_latent of Eq. 8: the base's whole objective, or the ε-loss alone
@@ -60,36 +63,77 @@ POST_TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "latent_loss", "image_loss", 
 _log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PostTrainSettings:
+    """What a post-training run is asked to do: Eq. 8's λs, target and latent objective, the
+    starting weights and the optimisation. The CLI, the widget's child process and the recipes
+    build one; the checkpoint's config records it (``training``). Checked when made.
+
+    Fields are the keyword arguments of `post_train` of the same names.
+    """
+
+    lambda_image: float = LAMBDA_IMAGE
+    lambda_lesion: float = LAMBDA_LESION
+    target: str = "input"
+    latent_objective: str = "base"
+    init: str = "model"
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float | None = None
+    base_lr: float = LDM_BASE_LR
+    scale_lr: bool = True
+    grad_accum: int = 1
+    weight_decay: float = 0.01
+    ema_decay: float = EMA_DECAY
+    grad_clip: float | None = None
+    lesion_oversample: float | None = None
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"
+    seed: int = 0
+    num_workers: int = 1
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InputError(f"unknown post-training target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.init not in INITS:
+            raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.latent_objective not in LATENT_OBJECTIVES:
+            raise InputError(f"unknown latent objective {self.latent_objective!r}; choose one of "
+                             f"{', '.join(LATENT_OBJECTIVES)}")
+        for name, value in (("lambda-image", self.lambda_image), ("lambda-lesion", self.lambda_lesion)):
+            if not (np.isfinite(float(value)) and float(value) >= 0):
+                raise InputError(f"--{name} must be a finite number ≥ 0, got {value}")
+        loop.check_run_numbers(steps=self.steps, batch_size=self.batch_size, seed=self.seed,
+                               num_workers=self.num_workers, checkpoint_every=self.checkpoint_every,
+                               log_every=self.log_every, lr=self.lr, grad_accum=self.grad_accum,
+                               ema_decay=self.ema_decay, weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+        if int(self.grad_accum) < 1:
+            raise InputError(f"gradient accumulation must be at least 1 forward per step, got {self.grad_accum}")
+        normal = {"lambda_image": float(self.lambda_image), "lambda_lesion": float(self.lambda_lesion),
+                  "steps": int(self.steps), "batch_size": int(self.batch_size), "grad_accum": int(self.grad_accum),
+                  "weight_decay": float(self.weight_decay), "ema_decay": float(self.ema_decay),
+                  "lesion_oversample": loop.check_lesion_oversample(self.lesion_oversample),
+                  "gradient_checkpointing": bool(self.gradient_checkpointing), "seed": int(self.seed),
+                  "num_workers": int(self.num_workers), "checkpoint_every": int(self.checkpoint_every),
+                  "log_every": int(self.log_every)}
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)
+
+
 def post_train(
     data: Any,
     base: str | os.PathLike,
     out: str | os.PathLike,
-    lambda_image: float = 0.01,
-    lambda_lesion: float = 0.02,
-    target: str = "input",
-    steps: int = 1000,
-    batch_size: int = 16,
-    lr: float | None = None,
-    base_lr: float = LDM_BASE_LR,
-    scale_lr: bool = True,
-    grad_accum: int = 1,
-    weight_decay: float = 0.01,
-    ema_decay: float = 0.9999,
-    grad_clip: float | None = None,
-    lesion_oversample: float | None = None,
-    gradient_checkpointing: bool = False,
-    init: str = "model",
-    latent_objective: str = "base",
+    settings: PostTrainSettings | None = None,
+    *,
     device: str = "auto",
-    precision: str = "fp32",
     resume: bool = False,
-    seed: int = 0,
-    num_workers: int = 1,
-    checkpoint_every: int = 500,
-    log_every: int = 10,
     lesions: Mapping[str, Volume | np.ndarray] | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    **options: Any,
 ) -> Path:
     """Post-train a cLDM (or cBBDM) checkpoint with the lesion-aware image-space objectives (Eq. 8).
 
@@ -104,6 +148,9 @@ def post_train(
         or of a cBBDM (``ctp2mri train-ldm --model-type cbbdm``): the result has the base's
         kind, and a cBBDM keeps its bridge objective (and loss type) as the latent term. A
         bundled model's name (``demo-base``) works too (`ctp2mri.bundled.resolve_model`).
+    settings, options
+        A `PostTrainSettings`, and/or its fields as keywords (which replace the settings' own);
+        the fields are described below.
     out
         Run folder: new or empty, or (``resume``) a post-training run saved before. It ends up a
         cLDM checkpoint like the base's (``model``, ``ema``, ``autoencoder``; the base's
@@ -146,27 +193,13 @@ def post_train(
     -------
     Path of the run folder / checkpoint.
     """
-    if target not in TARGETS:
-        raise InputError(f"unknown post-training target {target!r}; choose one of {', '.join(TARGETS)}")
-    if init not in INITS:
-        raise InputError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-    if latent_objective not in LATENT_OBJECTIVES:
-        raise InputError(f"unknown latent objective {latent_objective!r}; choose one of "
-                         f"{', '.join(LATENT_OBJECTIVES)}")
-    for name, value in (("lambda-image", lambda_image), ("lambda-lesion", lambda_lesion)):
-        if not (np.isfinite(float(value)) and float(value) >= 0):
-            raise InputError(f"--{name} must be a finite number ≥ 0, got {value}")
-    lesion_oversample = loop.check_lesion_oversample(lesion_oversample)
-    loop.check_run_numbers(steps=steps, batch_size=batch_size, seed=seed, num_workers=num_workers,
-                           checkpoint_every=checkpoint_every, log_every=log_every, lr=lr, grad_accum=grad_accum,
-                           ema_decay=ema_decay, weight_decay=weight_decay, grad_clip=grad_clip)
+    unknown = sorted(set(options) - {f.name for f in fields(PostTrainSettings)})
+    if unknown:
+        raise TypeError(f"post_train() got unexpected keyword arguments: {', '.join(unknown)}")
+    opts = replace(settings or PostTrainSettings(), **options)
     info = init_distributed(device)
     try:
-        return _post_train(info, data, resolve_model(base), Path(out), float(lambda_image), float(lambda_lesion),
-                           target, int(steps), int(batch_size), lr, base_lr, scale_lr, int(grad_accum), float(weight_decay),
-                           float(ema_decay), grad_clip, lesion_oversample, bool(gradient_checkpointing), init,
-                           precision, resume, int(seed), int(num_workers), int(checkpoint_every), int(log_every),
-                           lesions, progress, cancel, latent_objective=latent_objective)
+        return _post_train(info, data, resolve_model(base), Path(out), opts, resume, lesions, progress, cancel)
     finally:
         shutdown(info)
 
@@ -191,14 +224,12 @@ def _dataset(data: Any, profile: str, seed: int, need_lesion: bool, lesions, pro
     return dataset
 
 
-def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, steps, batch_size, lr, base_lr,
-                scale_lr, grad_accum, weight_decay, ema_decay, grad_clip, lesion_oversample, gradient_checkpointing,
-                init, precision, resume, seed, num_workers, checkpoint_every, log_every, lesions, progress,
-                cancel, *, latent_objective: str = "base") -> Path:
+def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrainSettings, resume: bool,
+                lesions: Mapping[str, Volume | np.ndarray] | None, progress: ProgressCallback | None,
+                cancel: CancelToken | None) -> Path:
     dev = info.device
-    precision = loop.check_precision(precision, dev)
-    if grad_accum < 1:
-        raise InputError(f"gradient accumulation must be at least 1 forward per step, got {grad_accum}")
+    init = opts.init
+    precision = loop.check_precision(opts.precision, dev)
     kind = read_config(base_dir).get("kind")
     if kind not in POST_TRAINABLE:
         raise InputError(f"{base_dir} is a {kind!r} checkpoint; post-training needs a 'cldm' checkpoint "
@@ -221,20 +252,20 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
         schedule = NoiseSchedule.from_config(base_cfg["schedule"]) if "schedule" in base_cfg else NoiseSchedule()
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     loop.barrier(info)
-    dataset = _dataset(data, profile, seed, lambda_lesion > 0, lesions,
+    dataset = _dataset(data, profile, opts.seed, opts.lambda_lesion > 0, lesions,
                        progress if info.is_main else None, cancel)
-    weights, sampling = loop.lesion_sampling(dataset, lesion_oversample, info)
+    weights, sampling = loop.lesion_sampling(dataset, opts.lesion_oversample, info)
     base_prov = base_cfg.get("provenance") or {}
-    lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, grad_accum, scale_lr, lr)
+    lr_value = loop.effective_lr(opts.base_lr, opts.batch_size, info.world_size, opts.grad_accum, opts.scale_lr, opts.lr)
     settings = {
-        "profile": profile, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
-        "world_size": info.world_size, "base_lr": base_lr, "scale_lr": scale_lr, "lr": lr_value,
-        "optimizer": "AdamW", "weight_decay": weight_decay, "ema_decay": ema_decay, "ema_warmup": True,
-        "grad_clip": grad_clip, "precision": precision, "seed": seed, "num_workers": num_workers,
-        "device": str(dev), "checkpoint_every": checkpoint_every, "log_every": log_every,
+        "profile": profile, "steps": opts.steps, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
+        "world_size": info.world_size, "base_lr": opts.base_lr, "scale_lr": opts.scale_lr, "lr": lr_value,
+        "optimizer": "AdamW", "weight_decay": opts.weight_decay, "ema_decay": opts.ema_decay, "ema_warmup": True,
+        "grad_clip": opts.grad_clip, "precision": precision, "seed": opts.seed, "num_workers": opts.num_workers,
+        "device": str(dev), "checkpoint_every": opts.checkpoint_every, "log_every": opts.log_every,
         "parameterization": "eps", "loss": "Eq. 8: Eq. 4 + λ_image Eq. 6 + λ_lesion Eq. 7",
-        "lambda_image": lambda_image, "lambda_lesion": lambda_lesion, "target": target, "init": init,
-        "lesion_oversample": lesion_oversample, "gradient_checkpointing": gradient_checkpointing,
+        "lambda_image": opts.lambda_image, "lambda_lesion": opts.lambda_lesion, "target": opts.target, "init": init,
+        "lesion_oversample": opts.lesion_oversample, "gradient_checkpointing": opts.gradient_checkpointing,
         "data": loop.data_identity(dataset), kind: nets[init].config, "schedule": schedule.config(),
         # what identifies the base for a resume check (its folder may move)
         "base": {"created": base_prov.get("created"), "git_commit": base_prov.get("git_commit"),
@@ -249,42 +280,42 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
     objective: dict[str, Any] = {}
     if kind == "cldm":
         settings["parameterization"] = base_training.get("parameterization", "eps")
-        keys = ("loss_weighting", "snr_gamma") + (OBJECTIVE_TERMS if latent_objective == "base" else ())
+        keys = ("loss_weighting", "snr_gamma") + (OBJECTIVE_TERMS if opts.latent_objective == "base" else ())
         objective = {k: base_training[k] for k in keys if base_training.get(k) is not None}
         if objective.get("loss_weighting") != "min-snr":
             objective.pop("snr_gamma", None)
-        settings.update(objective, latent_objective=latent_objective)
+        settings.update(objective, latent_objective=opts.latent_objective)
         if objective.get("condition_loss_weight") and not nets[init].has_condition_head:
             raise InputError(f"{base_dir} was trained with a condition loss but its network has no condition head")
 
-    loop.seed_everything(seed)
+    loop.seed_everything(opts.seed)
     model = nets[init].to(dev)
-    ema = EMA(model, ema_decay)
+    ema = EMA(model, opts.ema_decay)
     ema.module.load_state_dict(nets["ema"].state_dict())
     # The average continues the base's: with its update count, the warm-up does not restart and
     # throw the base's average away in the first steps (d_n = (1 + n)/(10 + n) is 0.1 at n = 0).
     ema.num_updates = int(base_prov.get("steps") or 0)
     del nets
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=opts.weight_decay)
     scaler = loop.make_grad_scaler(precision)
-    generator = loop.noise_generator(seed, info)
+    generator = loop.noise_generator(opts.seed, info)
     step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(POST_TRAIN_LOG_COLUMNS)
     if resume:
         step, position, log = restore_run(out, settings, model, ema, opt, scaler, generator, info)
-    if step >= steps:
-        raise InputError(f"the run in {out} has already post-trained {step} steps (≥ --steps {steps}); "
+    if step >= opts.steps:
+        raise InputError(f"the run in {out} has already post-trained {step} steps (≥ --steps {opts.steps}); "
                          "give a larger --steps to continue it")
 
     schedule = schedule.to(dev)
     model_train = DDP(model, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else model
-    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, weights=weights, **position)
-    run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
+    stream = loop.BatchStream(dataset, opts.batch_size, info, opts.seed, opts.num_workers, weights=weights, **position)
+    run = loop.Run(out, info, opts.steps, log, opts.checkpoint_every, opts.log_every, progress, cancel)
     model.train()
     record = {
         "base": {"path": str(base_dir.resolve()), "kind": base_cfg.get("kind"), "provenance": base_prov,
                  "training": base_cfg.get("training"), "post_training": base_cfg.get("post_training")},
-        "lambda_image": lambda_image, "lambda_lesion": lambda_lesion, "target": target, "init": init,
-        "sampling": sampling, "gradient_checkpointing": gradient_checkpointing,
+        "lambda_image": opts.lambda_image, "lambda_lesion": opts.lambda_lesion, "target": opts.target, "init": init,
+        "sampling": sampling, "gradient_checkpointing": opts.gradient_checkpointing,
         "post_training_data_normalisation": dataset.intensity_ranges(),
     }
 
@@ -302,20 +333,20 @@ def _post_train(info, data, base_dir, out, lambda_image, lambda_lesion, target, 
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         if kind == "cbbdm":
-            return bridge_post_training_loss(model_train, autoencoder, schedule, batch, generator, lambda_image,
-                                             lambda_lesion, target, precision, gradient_checkpointing,
+            return bridge_post_training_loss(model_train, autoencoder, schedule, batch, generator, opts.lambda_image,
+                                             opts.lambda_lesion, opts.target, precision, opts.gradient_checkpointing,
                                              bridge_loss_type)
-        return post_training_loss(model_train, autoencoder, schedule, batch, generator, lambda_image, lambda_lesion,
-                                  target, precision, gradient_checkpointing, objective=objective)
+        return post_training_loss(model_train, autoencoder, schedule, batch, generator, opts.lambda_image, opts.lambda_lesion,
+                                  opts.target, precision, opts.gradient_checkpointing, objective=objective)
 
-    optimise(info, model, model_train, ema, opt, scaler, stream, run, step, steps, grad_accum, grad_clip,
+    optimise(info, model, model_train, ema, opt, scaler, stream, run, step, opts.steps, opts.grad_accum, opts.grad_clip,
              lr_value, loss_fn, save)
     return out
 
 
 def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, schedule: NoiseSchedule,
-                       batch: Mapping[str, Any], generator: torch.Generator, lambda_image: float = 0.01,
-                       lambda_lesion: float = 0.02, target: str = "input", precision: str = "fp32",
+                       batch: Mapping[str, Any], generator: torch.Generator, lambda_image: float = LAMBDA_IMAGE,
+                       lambda_lesion: float = LAMBDA_LESION, target: str = "input", precision: str = "fp32",
                        gradient_checkpointing: bool = False, objective: Mapping[str, Any] | None = None,
                        ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_total (Eq. 8) of one batch, attached to ``model``'s graph, and its parts as floats.
