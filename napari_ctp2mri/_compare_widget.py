@@ -1,6 +1,6 @@
 """Compare widget: synthetic vs ground-truth DWI/ADC, lesion contours side by side, metrics.
 
-A thin shell over `ctp2mri.compare`: the widget picks layers, turns them into arrays in the
+A thin shell over `ctp2mri.evaluation.compare`: the widget picks layers, turns them into arrays in the
 core's ``(X, Y, Z)`` order and shows what the core returns; it computes nothing itself.
 "Show lesion contours side by side" is napari's grid mode with contour layers
 (`napari_ctp2mri._side_by_side`).
@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
     QTableWidgetItem,
 )
 
-from ctp2mri.compare import (
+from ctp2mri.evaluation.compare import (
     TABLE_NOTE,
     comparison_metrics,
     format_value,

@@ -14,7 +14,7 @@ released when it ends, and a crash of the child (killed, out of memory) is repor
 taking the viewer with it. The data go to the child as files: the case folders, and the viewer
 case written (with its lesion as it is at Start) to a temporary case folder. The child builds
 the `SliceDataset`, post-trains, and optionally scores the base and the new model on the
-training cases (`ctp2mri.evaluate`). The new checkpoint is registered with
+training cases (`ctp2mri.evaluation.evaluate`). The new checkpoint is registered with
 `napari_ctp2mri._models.register_model`, so the synthesis widget offers it.
 
 Progress, loss plot, cancel

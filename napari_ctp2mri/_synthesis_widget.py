@@ -1,6 +1,6 @@
 """Synthesis widget: a CTP layer in, synthetic DWI/ADC, uncertainty and core layers out.
 
-A thin shell over `ctp2mri.synthesize.synthesize`: the widget collects the settings, runs
+A thin shell over `ctp2mri.synthesis.synthesize.synthesize`: the widget collects the settings, runs
 the core in a napari worker thread and turns the returned volumes into layers on the CTP
 layer's geometry (`napari_ctp2mri._layers`). It holds no model logic; the models it offers
 are the registry's (`napari_ctp2mri._models`).
@@ -27,7 +27,7 @@ from ctp2mri.settings import SAMPLER_STEPS
 from ctp2mri.devices import available_devices
 from ctp2mri.errors import InputError
 from ctp2mri.progress import CancelToken
-from ctp2mri.synthesize import SynthesisResult, synthesize
+from ctp2mri.synthesis.synthesize import SynthesisResult, synthesize
 from napari_ctp2mri._layers import (
     META_KEY,
     LayerData,
@@ -180,9 +180,9 @@ class SynthesisWidget(WorkerWidget):
 
     def run_folder(self) -> Any:
         """Synthesise every case folder of the chosen folder into the output folder, in a worker
-        (`ctp2mri.cohort.synthesize_cohort`); returns the worker (None on bad input). No layers are
+        (`ctp2mri.synthesis.cohort.synthesize_cohort`); returns the worker (None on bad input). No layers are
         added: the results are files, listed in OUTPUT/summary.csv."""
-        from ctp2mri.cohort import is_cohort
+        from ctp2mri.synthesis.cohort import is_cohort
 
         if self.busy:
             return None
@@ -201,7 +201,7 @@ class SynthesisWidget(WorkerWidget):
         token, report = CancelToken(), self._reporter()
 
         def work() -> Any:
-            from ctp2mri.cohort import collect_cases, synthesize_cohort
+            from ctp2mri.synthesis.cohort import collect_cases, synthesize_cohort
 
             cases, _ = collect_cases([folder])
             return synthesize_cohort(cases, model, out, progress=report, cancel=token, **settings)

@@ -7,7 +7,7 @@ corrected with napari's Labels tools. `case_from_layers` turns their data into a
 `ctp2mri.casefolder.Case` on the CTP's grid; `training_dataset` mixes such cases with case
 folders into the `SliceDataset` that `ctp2mri.training.post_train.post_train` trains on;
 `before_after` scores the base and the post-trained model on the same cases with the core's
-`ctp2mri.evaluate.evaluate`, and `metric_rows` lays the result out as a small table.
+`ctp2mri.evaluation.evaluate.evaluate`, and `metric_rows` lays the result out as a small table.
 
 Layers are passed as ``(data, attributes)`` pairs, ``attributes`` being what
 `napari_ctp2mri._layers.layer_to_volume` reads (`napari_ctp2mri._layers.layer_attributes`),
@@ -255,7 +255,7 @@ def metric_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         MAE without lesion), ``change`` (new − base), ``better`` (True/False, None if NaN or
         unchanged) and ``digits`` to show.
     """
-    from ctp2mri.tables import summarise
+    from ctp2mri.evaluation.tables import summarise
 
     summary = summarise(rows)
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from ctp2mri.io.volume import Volume
-from ctp2mri.resample import resample_to_grid
+from ctp2mri.preprocessing.resample import resample_to_grid
 
 # The rotated case: the MRI scanner's world differs from the CT's by 4° and a few mm.
 ROTATION_DEG = (3.0, -2.0, 4.0)

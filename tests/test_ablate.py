@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctp2mri.ablate import PAPER_GRID, ablate, parse_grid
+from ctp2mri.evaluation.ablate import PAPER_GRID, ablate, parse_grid
 from ctp2mri.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,8 +15,8 @@ from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.data import SliceDataset
 from ctp2mri.diffusion import BrownianBridge
 from ctp2mri.errors import Cancelled, InputError
-from ctp2mri.evaluate import evaluate, named_models, write_comparison
-from ctp2mri.inference import LoadedBridge, LoadedPix2Pix, load_model, model_label, sample_slices
+from ctp2mri.evaluation.evaluate import evaluate, named_models, write_comparison
+from ctp2mri.synthesis.inference import LoadedBridge, LoadedPix2Pix, load_model, model_label, sample_slices
 from ctp2mri.models import BrownianBridgeLDM
 from ctp2mri.progress import CancelToken
 from ctp2mri.training import post_train, train_autoencoder, train_bbdm, train_pix2pix

@@ -14,7 +14,7 @@ import pytest
 
 from ctp2mri.casefolder import Case, write_case
 from ctp2mri.cli import main
-from ctp2mri.cohort import collect_cases, is_cohort
+from ctp2mri.synthesis.cohort import collect_cases, is_cohort
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
 

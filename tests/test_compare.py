@@ -1,4 +1,4 @@
-"""The compare widget's core (ctp2mri.compare): no Qt, real phantom images."""
+"""The compare widget's core (ctp2mri.evaluation.compare): no Qt, real phantom images."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from ctp2mri import metrics
-from ctp2mri.compare import (
+from ctp2mri.evaluation import metrics
+from ctp2mri.evaluation.compare import (
     METRIC_INFO,
     compare_volumes,
     comparison_metrics,
@@ -82,7 +82,7 @@ def test_synthetic_is_normalised_with_the_ground_truths_range(case):
 
 
 def metrics_normalised(array, brain):
-    from ctp2mri.preprocess import normalise_mri
+    from ctp2mri.preprocessing.preprocess import normalise_mri
 
     return normalise_mri(array, brain)[0]
 

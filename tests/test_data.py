@@ -18,7 +18,7 @@ from ctp2mri.casefolder import read_case
 from ctp2mri.data import Augmentation, SliceDataset, lesion_slice_weights, normalise_case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.preprocess import denormalise_mri
+from ctp2mri.preprocessing.preprocess import denormalise_mri
 
 ALL = ("ctp", "dwi", "adc", "lesion", "mask")
 

@@ -13,7 +13,7 @@ from ctp2mri import bundled
 from ctp2mri.checkpoints import read_config
 from ctp2mri.cli import main
 from ctp2mri.errors import InputError
-from ctp2mri.train_demo import RECIPES, train_demo
+from ctp2mri.recipes.train_demo import RECIPES, train_demo
 
 
 def test_resolve_model_takes_folders_and_bundled_names(tmp_path, monkeypatch):
@@ -120,7 +120,7 @@ def test_the_repository_ships_the_demo_models_small_loadable_and_documented():
     assert not list(root.rglob("training_state*"))  # weights only
     for doc in ("MODEL_CARD.md", "REPORT.md"):
         assert (root / doc).is_file(), doc
-    from ctp2mri.inference import load_model
+    from ctp2mri.synthesis.inference import load_model
 
     model = load_model("demo", device="cpu")
     base = read_config(found["demo-base"])

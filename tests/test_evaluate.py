@@ -16,17 +16,17 @@ from _helpers_cldm import save_tiny_cldm
 from ctp2mri.casefolder import read_case
 from ctp2mri.data import normalise_case
 from ctp2mri.errors import Cancelled, InputError
-from ctp2mri.evaluate import (
+from ctp2mri.evaluation.evaluate import (
     _score_case,
     case_seed,
     evaluate,
     fid_status,
     format_report,
 )
-from ctp2mri.inference import load_model, sample_slices
-from ctp2mri.metrics import METRICS, channel_metrics, core_mask_from_adc, dice, flat_metrics
+from ctp2mri.synthesis.inference import load_model, sample_slices
+from ctp2mri.evaluation.metrics import METRICS, channel_metrics, core_mask_from_adc, dice, flat_metrics
 from ctp2mri.progress import CancelToken
-from ctp2mri.tables import summarise
+from ctp2mri.evaluation.tables import summarise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,7 +186,7 @@ def test_progress_covers_every_slice_step(result):
 
 
 def test_figure_rows_show_every_model_on_the_largest_lesions():
-    from ctp2mri.evaluate import figure_rows
+    from ctp2mri.evaluation.evaluate import figure_rows
 
     cands = {c: [f"{c}/base", f"{c}/pt"] for c in ("a", "b", "c", "d")}
     voxels = {"a": 0, "b": 50, "c": 900, "d": 50}

@@ -9,8 +9,8 @@ from ctp2mri.checkpoints import save_checkpoint
 from ctp2mri.cli import main
 from ctp2mri.data import SliceDataset
 from ctp2mri.errors import InputError
-from ctp2mri.evaluate_autoencoder import evaluate_autoencoder, format_autoencoder_report
-from ctp2mri.metrics import mae, psnr
+from ctp2mri.evaluation.autoencoder import evaluate_autoencoder, format_autoencoder_report
+from ctp2mri.evaluation.metrics import mae, psnr
 from ctp2mri.models.autoencoder import VQAutoencoder
 from ctp2mri.phantom import generate_dataset
 
@@ -72,7 +72,7 @@ def _recon_and_truth(data, checkpoint, split):
 
     from ctp2mri.checkpoints import load_checkpoint
     from ctp2mri.phantom import phantom_maps
-    from ctp2mri.preprocess import normalise_mri
+    from ctp2mri.preprocessing.preprocess import normalise_mri
 
     dataset = SliceDataset(data, split=split, augment=False)
     ae = load_checkpoint(checkpoint, names=["model"])[0]["model"].eval()
@@ -151,8 +151,8 @@ def test_edited_or_foreign_cases_get_no_noise_free_reference(data, checkpoint, t
 
 
 def test_lesion_contrast_of_reconstruction_and_input_per_lesion_case(data, checkpoint):
-    from ctp2mri.metrics import lesion_contrast
-    from ctp2mri.preprocess import denormalise_mri
+    from ctp2mri.evaluation.metrics import lesion_contrast
+    from ctp2mri.preprocessing.preprocess import denormalise_mri
 
     with one_thread():
         result = evaluate_autoencoder(checkpoint, data, split="train", device="cpu", batch_size=8)

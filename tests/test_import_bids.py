@@ -25,7 +25,7 @@ from ctp2mri.cli import main
 from ctp2mri.io.bids import acquisition_time, find_subjects, parse_name, role_of, subject_files, trace_and_adc
 from ctp2mri.io.volume import Volume
 from ctp2mri.phantom import generate_case
-from ctp2mri.resample import resample_like
+from ctp2mri.preprocessing.resample import resample_like
 
 GOOD = ("sub-stroke0001", "sub-strokecase0002")
 BAD = ("sub-stroke0003", "sub-stroke0004")

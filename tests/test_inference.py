@@ -11,7 +11,7 @@ from _helpers_cldm import NORMALISATION, save_tiny_cldm
 from ctp2mri.checkpoints import load_checkpoint
 from ctp2mri.diffusion import ddim_sample
 from ctp2mri.errors import Cancelled, InputError
-from ctp2mri.inference import load_model, sample_slices, slice_seed
+from ctp2mri.synthesis.inference import load_model, sample_slices, slice_seed
 from ctp2mri.progress import CancelToken
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,8 +12,8 @@ from monai.metrics import MultiScaleSSIMMetric
 from monai.metrics.regression import compute_ssim_and_cs
 from scipy import ndimage
 
-from ctp2mri import metrics as M
-from ctp2mri import tables as T
+from ctp2mri.evaluation import metrics as M
+from ctp2mri.evaluation import tables as T
 from ctp2mri.errors import InputError
 
 
@@ -346,7 +346,7 @@ def test_lesion_auc_equals_monai_roc_auc_with_ties_and_direction():
     import torch
     from monai.metrics import compute_roc_auc
 
-    from ctp2mri.metrics import lesion_auc
+    from ctp2mri.evaluation.metrics import lesion_auc
 
     rng = np.random.default_rng(4)
     image = np.round(rng.normal(0.0, 1.0, (12, 10, 3)), 1)  # rounded: many ties

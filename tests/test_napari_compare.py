@@ -10,7 +10,7 @@ import pytest
 from _helpers_napari import errors
 from qtpy.QtCore import QCoreApplication, QEvent
 
-from ctp2mri.compare import compare_volumes, comparison_metrics, format_value
+from ctp2mri.evaluation.compare import compare_volumes, comparison_metrics, format_value
 from napari_ctp2mri._compare_widget import CompareWidget
 from napari_ctp2mri._side_by_side import viewer_grid as _grid
 
@@ -165,7 +165,7 @@ def test_wrong_layers_give_notifications_not_crashes(make_napari_viewer, qtbot, 
 
 
 def test_perfusion_core_rows_and_contours(make_napari_viewer, qtbot, notes):
-    from ctp2mri.metrics import dice, volume_ml
+    from ctp2mri.evaluation.metrics import dice, volume_ml
 
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "stroke-phantom")

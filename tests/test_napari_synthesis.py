@@ -11,7 +11,7 @@ from _helpers_napari import errors
 from napari.layers import Image, Labels
 from qtpy.QtCore import Qt, QTimer
 
-from ctp2mri.synthesize import synthesize
+from ctp2mri.synthesis.synthesize import synthesize
 from napari_ctp2mri._layers import layer_attributes as _layer_attributes
 from napari_ctp2mri._layers import layer_to_volume
 from napari_ctp2mri._models import model_choices, register_model

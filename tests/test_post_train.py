@@ -130,7 +130,7 @@ def test_post_train_writes_a_cldm_checkpoint_recording_base_lambdas_and_target(p
 
 
 def test_a_bundled_base_without_training_weights_starts_from_its_ema(plain, tiny_cldm, tmp_path):
-    from ctp2mri.train_demo import bundle_checkpoint
+    from ctp2mri.recipes.train_demo import bundle_checkpoint
 
     bundled = bundle_checkpoint(tiny_cldm, tmp_path / "bundled", ["ema", "autoencoder"])  # as resources/models
     out = post_train(plain, bundled, tmp_path / "pt", steps=1, **{**COMMON, "lr": 1e-12})

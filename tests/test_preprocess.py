@@ -12,7 +12,7 @@ from ctp2mri.casefolder import read_case
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.io.nifti import save_nifti
 from ctp2mri.io.volume import Volume
-from ctp2mri.preprocess import (
+from ctp2mri.preprocessing.preprocess import (
     brain_mask_from_ctp,
     denormalise_mri,
     normalise_ctp,

@@ -10,8 +10,8 @@ from scipy import ndimage
 from ctp2mri.casefolder import read_case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.preprocess import preprocess_case, register_to_dwi
-from ctp2mri.resample import transform_matrix
+from ctp2mri.preprocessing.preprocess import preprocess_case, register_to_dwi
+from ctp2mri.preprocessing.resample import transform_matrix
 
 # Labels: 0 air, 1 skull, 2 grey, 3 scalp, 4 white, 5 ventricle.
 CT_HU = np.array([-1000, 1000, 38, 45, 29, 5], np.float32)

@@ -11,10 +11,10 @@ from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.io import load_volume
 from ctp2mri.io.nifti import save_nifti
 from ctp2mri.io.volume import Volume
-from ctp2mri.preprocess import model_grid, resample_like, resample_to_grid, to_profile
+from ctp2mri.preprocessing.preprocess import model_grid, resample_like, resample_to_grid, to_profile
 from ctp2mri.profiles import get_profile
 from ctp2mri.progress import CancelToken
-from ctp2mri.resample import _FrameReader, temporal_reduce
+from ctp2mri.preprocessing.resample import _FrameReader, temporal_reduce
 
 
 def _rotation(degrees_z: float, degrees_x: float) -> np.ndarray:

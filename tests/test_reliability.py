@@ -165,7 +165,7 @@ def test_preprocess_refuses_a_dwi_that_does_not_overlap_and_registration_reports
                                      {"steps": 2.5}, {"samples": 0}, {"seed": -1}, {"batch_size": 0},
                                      {"steps": True}, {"eta": "0.1", "sampler": "ddim"}])
 def test_the_core_synthesize_refuses_non_finite_or_out_of_range_settings(setting):
-    from ctp2mri.synthesize import synthesize
+    from ctp2mri.synthesis.synthesize import synthesize
 
     with pytest.raises(InputError, match="must be a (finite|whole) number"):
         synthesize(tiny_head(), "demo", device="cpu", **setting)  # refused before the model is loaded
@@ -189,7 +189,7 @@ def test_the_core_trainers_refuse_non_finite_or_out_of_range_settings(setting, n
 
 def test_reports_are_strict_json(tmp_path):
     from ctp2mri.casefolder import Case, write_case
-    from ctp2mri.synthesize import SynthesisResult, write_outputs
+    from ctp2mri.synthesis.synthesize import SynthesisResult, write_outputs
 
     ctp = tiny_head(frames=2)
     blank = Volume(np.zeros(ctp.spatial_shape, np.float32), ctp.affine)
@@ -327,7 +327,7 @@ def test_volumes_refuse_affines_that_place_no_voxel(affine, match):
 ])
 def test_a_failed_write_is_one_line_naming_the_output_and_the_space_needed(
         code, expected, ctp_file, tmp_path, monkeypatch, capsys):
-    from ctp2mri import synthesize as engine
+    from ctp2mri.synthesis import synthesize as engine
 
     real_save = engine.save_nifti
     written = []
@@ -420,7 +420,7 @@ def test_a_previous_result_left_aside_by_a_killed_swap_is_restored(tmp_path):
 
 
 def test_sigterm_during_a_write_removes_the_temporary_folder_and_exits_143(ctp_file, tmp_path, monkeypatch, capsys):
-    from ctp2mri import synthesize as engine
+    from ctp2mri.synthesis import synthesize as engine
 
     real_save = engine.save_nifti
 
@@ -540,7 +540,7 @@ def test_a_noise_brain_is_accepted_with_a_warning_naming_the_figure(tmp_path, ca
 
 
 def test_brain_masks_outside_a_heads_volume_are_named(tmp_path):
-    from ctp2mri.preprocess import brain_mask_notice
+    from ctp2mri.preprocessing.preprocess import brain_mask_notice
 
     small = np.zeros((48, 56, 16), np.uint8)
     small[20:28, 20:28, :] = 1  # 8 × 8 voxels × 16 slices of 4 × 4 × 8 mm: 131 ml over 128 mm

@@ -12,12 +12,12 @@ import torch
 from _helpers_cldm import NORMALISATION
 
 from ctp2mri.errors import Cancelled, InputError
-from ctp2mri.inference import load_model, sample_slices
+from ctp2mri.synthesis.inference import load_model, sample_slices
 from ctp2mri.io.nifti import load_nifti, save_nifti
 from ctp2mri.io.volume import Volume
-from ctp2mri.preprocess import resample_to_grid
+from ctp2mri.preprocessing.preprocess import resample_to_grid
 from ctp2mri.progress import CancelToken
-from ctp2mri.synthesize import auto_batch_size, run_synthesize, synthesize, write_outputs
+from ctp2mri.synthesis.synthesize import auto_batch_size, run_synthesize, synthesize, write_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -252,7 +252,7 @@ def test_cancel_stops_within_a_step_and_leaves_no_files(oblique, tiny_cldm, tmp_
 
 
 def test_write_outputs_is_atomic_on_failure(oblique_result, tmp_path, monkeypatch):
-    import ctp2mri.synthesize as engine
+    import ctp2mri.synthesis.synthesize as engine
 
     def broken(volume, path, dtype=None):
         raise OSError("disk full (simulated)")

@@ -17,7 +17,7 @@ import numpy as np
 from ctp2mri.casefolder import CASE_FILES, Case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.preprocess import normalise_ctp, normalise_mri
+from ctp2mri.preprocessing.preprocess import normalise_ctp, normalise_mri
 from ctp2mri.profiles import PROFILES, Profile, get_profile
 
 TARGETS = ("dwi", "adc")  # target channels, in order

@@ -51,7 +51,7 @@ from ctp2mri.case_slices import (
 from ctp2mri.casefolder import CASE_FILES, CASE_INFO, Case, is_case_folder, read_case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.preprocess import CTP_HU_RANGE, MRI_QUANTILES
+from ctp2mri.preprocessing.preprocess import CTP_HU_RANGE, MRI_QUANTILES
 from ctp2mri.profiles import Profile, get_profile
 from ctp2mri.progress import CancelToken, ProgressCallback
 

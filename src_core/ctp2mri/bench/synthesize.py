@@ -16,7 +16,7 @@ _BENCH_NORMALISATION = {"dwi": {"lo": 50.0, "hi": 220.0}, "adc": {"lo": 420.0, "
 def _random_model(profile: str, device: Any) -> Any:
     """A `LoadedModel` of the profile's networks with random weights, on ``device``."""
     from ctp2mri.diffusion import NoiseSchedule
-    from ctp2mri.inference import LoadedModel
+    from ctp2mri.synthesis.inference import LoadedModel
     from ctp2mri.models.configs import build_network, model_config
 
     nets = {kind: build_network(kind, model_config(profile, kind)).to(device).eval().requires_grad_(False)
@@ -50,7 +50,7 @@ def bench_synthesize(model: str | os.PathLike | None = None, profile: str = "dem
                      device: str = "auto", precision: str = "fp32", naive: bool = True,
                      peak_tflops: float | None = None, threads: int | None = None,
                      seed: int = 0) -> dict[str, Any]:
-    """Seconds per volume, slices/s and peak memory of `ctp2mri.synthesize.synthesize`.
+    """Seconds per volume, slices/s and peak memory of `ctp2mri.synthesis.synthesize.synthesize`.
 
     The input is a digital-phantom case of the profile (its brain mask given, so the timing
     is the engine's). Each (sampler, steps) pair — ``steps[i]`` for ``samplers[i]`` — runs
@@ -99,9 +99,9 @@ def _bench_synthesize(model: str | os.PathLike | None, profile: str, steps: tupl
     import torch
 
     from ctp2mri.devices import resolve_device_with_notice
-    from ctp2mri.inference import load_model
+    from ctp2mri.synthesis.inference import load_model
     from ctp2mri.phantom import generate_case
-    from ctp2mri.synthesize import synthesize
+    from ctp2mri.synthesis.synthesize import synthesize
 
     if len(steps) != len(samplers):
         raise ValueError(f"steps {steps} and samplers {samplers} must pair up one to one")

@@ -129,7 +129,7 @@ class PerfusionResult:
 
     def on_ctp_grid(self, name: str) -> Volume:
         """A map (linear) or mask (nearest) resampled onto the CT perfusion's own grid."""
-        from ctp2mri.resample import resample_like
+        from ctp2mri.preprocessing.resample import resample_like
 
         shape, affine = self.ctp_grid
         vol = self.volume(name)
@@ -183,8 +183,8 @@ def _settings_dict(settings: PerfusionSettings) -> dict[str, Any]:
 
 def _brain_on_working_grid(brain: Volume | None, ctp: Volume, series: WorkingSeries,
                            progress: ProgressCallback | None, cancel: CancelToken | None) -> np.ndarray:
-    from ctp2mri.preprocess import brain_mask_from_ctp
-    from ctp2mri.resample import _BlockMean
+    from ctp2mri.preprocessing.preprocess import brain_mask_from_ctp
+    from ctp2mri.preprocessing.resample import _BlockMean
 
     if brain is None:
         brain = brain_mask_from_ctp(ctp, progress=progress, cancel=cancel)
@@ -200,7 +200,7 @@ def _brain_on_working_grid(brain: Volume | None, ctp: Volume, series: WorkingSer
 
 
 def _user_region(aif_region: Volume | None, ctp: Volume, series: WorkingSeries, head: np.ndarray) -> np.ndarray | None:
-    from ctp2mri.resample import _BlockMean
+    from ctp2mri.preprocessing.resample import _BlockMean
 
     if aif_region is None:
         return None
@@ -226,7 +226,7 @@ def analyse_perfusion(ctp: Volume, brain: Volume | None = None, aif_region: Volu
         4-D CT perfusion in HU with frame times (any grid; clinical series are analysed on a ~2 mm
         working grid, `curves.working_series`).
     brain
-        Brain mask on the CT's grid; None derives it from the CT (`ctp2mri.preprocess.brain_mask_from_ctp`).
+        Brain mask on the CT's grid; None derives it from the CT (`ctp2mri.preprocessing.preprocess.brain_mask_from_ctp`).
     aif_region
         A region on the CT's grid where the user placed the AIF (e.g. a sphere around a click on
         an artery); None selects it automatically.

@@ -74,7 +74,7 @@ def frame_times_of(ctp: Volume) -> np.ndarray:
 def working_series(ctp: Volume, spacing_mm: tuple[float, float, float] = WORKING_SPACING_MM,
                    progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> WorkingSeries:
     """Block-average the CT perfusion onto the working grid, one frame at a time (float32)."""
-    from ctp2mri.resample import _BlockMean, _FrameReader
+    from ctp2mri.preprocessing.resample import _BlockMean, _FrameReader
 
     times = frame_times_of(ctp)
     in_spacing = np.asarray(ctp.spacing)

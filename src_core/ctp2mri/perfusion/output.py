@@ -78,7 +78,7 @@ def perfusion_figure(result: PerfusionResult, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from ctp2mri.figures import radiological
+    from ctp2mri.evaluation.figures import radiological
 
     z = figure_slice(result)
     fig, axes = plt.subplots(1, 5, figsize=(17, 3.6), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.4]})
@@ -119,7 +119,7 @@ def run_perfusion(ctp: str | os.PathLike, out_dir: str | os.PathLike, *, mask: s
     from ctp2mri.io.atomic import claim_output
     from ctp2mri.perfusion.analysis import PerfusionSettings, analyse_perfusion
     from ctp2mri.perfusion.regions import RegionSettings
-    from ctp2mri.preprocess import check_spacing
+    from ctp2mri.preprocessing.preprocess import check_spacing
 
     out = Path(out_dir)
     if out.is_file():

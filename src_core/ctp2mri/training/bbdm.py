@@ -11,7 +11,7 @@ Each step, on the frozen autoencoder of a `ctp2mri train-autoencoder` run:
 The optimisation loop (AdamW, EMA, accumulation, DDP, checkpoints, log, exact resume,
 cancel) is the cLDM's (`ctp2mri.training.ldm.optimise` and `restore_run`); the checkpoint has
 ``kind: "cbbdm"`` with networks ``model``, ``ema`` and ``autoencoder`` and the bridge's
-schedule, so `ctp2mri.inference.load_model` samples it and `ctp2mri post-train` continues it.
+schedule, so `ctp2mri.synthesis.inference.load_model` samples it and `ctp2mri post-train` continues it.
 
 Lesion-aware post-training (paper §2.2, Table 3) of a cBBDM uses `bridge_post_training_loss`:
 the one-step estimate x̂_0 = x_t − ô (`BrownianBridge.predict_x0`) decoded by the frozen

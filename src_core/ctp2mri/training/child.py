@@ -271,9 +271,9 @@ def before_after_folders(models: Mapping[str, str | os.PathLike], folders: Seque
                          n_steps: int = 10, seed: int = 0, batch_size: int = 16, device: str = "auto",
                          progress: Callable[[int, int, dict[str, Any]], None] | None = None,
                          cancel: Any = None) -> list[dict[str, Any]]:
-    """`ctp2mri.evaluate.evaluate` rows of every model on every case folder (same noise for all
+    """`ctp2mri.evaluation.evaluate.evaluate` rows of every model on every case folder (same noise for all
     models); ``progress(done, total, info)`` counts thousandths of the whole evaluation."""
-    from ctp2mri.evaluate import evaluate
+    from ctp2mri.evaluation.evaluate import evaluate
 
     rows: list[dict[str, Any]] = []
     folders = [Path(f) for f in folders]

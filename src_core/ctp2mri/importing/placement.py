@@ -2,11 +2,11 @@
 
 Images on one grid form a group and move together. A group already in the CTP's space (on its
 grid, or with the same ``space-`` entity, e.g. both ``space-ncct``) stays; any other group is
-registered rigidly to the CTP (`ctp2mri.registration.estimate_ctp_to_dwi`: temporal-mean CTP,
+registered rigidly to the CTP (`ctp2mri.preprocessing.registration.estimate_ctp_to_dwi`: temporal-mean CTP,
 Mattes mutual information) through its DWI, else its ADC, else an image of the same grid found
 elsewhere in the subject (the ``space-ncct`` DWI or the NCCT for a lesion mask drawn there). The
 fitted transform is folded into the images' affines, so nothing is interpolated here: the one
-interpolation onto the model grid happens in `ctp2mri.preprocess.preprocess_case`.
+interpolation onto the model grid happens in `ctp2mri.preprocessing.preprocess.preprocess_case`.
 
 There is no ground truth for a registration of real data; the error reported is an estimate:
 the distance, over the reference image's foreground (the head), between the fit used and a
@@ -26,8 +26,8 @@ from ctp2mri.errors import InputError
 from ctp2mri.io.bids import BidsFile
 from ctp2mri.io.volume import Volume
 from ctp2mri.progress import CancelToken
-from ctp2mri.registration import estimate_ctp_to_dwi
-from ctp2mri.resample import resample_like, transform_matrix
+from ctp2mri.preprocessing.registration import estimate_ctp_to_dwi
+from ctp2mri.preprocessing.resample import resample_like, transform_matrix
 
 REGISTER_MODES = ("auto", "always", "never")
 _ANCHOR_ROLES = ("dwi", "adc", "ncct")

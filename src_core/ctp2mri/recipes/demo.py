@@ -52,7 +52,7 @@ def demo_figure(case: Any, result: Any, path: str | os.PathLike, metrics: dict[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ctp2mri.figures import radiological, time_to_peak
+    from ctp2mri.evaluation.figures import radiological, time_to_peak
 
     lesion = case.lesion.array > 0 if case.lesion is not None else np.zeros(case.dwi.shape, bool)
     k = int(np.argmax(lesion.sum(axis=(0, 1)))) if lesion.any() else case.dwi.shape[2] // 2
@@ -129,9 +129,9 @@ def run_demo(out: str | os.PathLike = "ctp2mri_demo", model: str | os.PathLike =
     ``demo.png`` and ``metrics.csv`` / ``metrics.json`` (whole-volume comparison, the numbers
     of the napari compare widget).
     """
-    from ctp2mri.compare import compare_volumes, table_to_csv
+    from ctp2mri.evaluation.compare import compare_volumes, table_to_csv
     from ctp2mri.perfusion import analyse_perfusion
-    from ctp2mri.synthesize import synthesize, write_outputs
+    from ctp2mri.synthesis.synthesize import synthesize, write_outputs
 
     out = ensure_writable_dir(Path(out))
     case, _ = _case(out, case_seed)

@@ -18,7 +18,7 @@ from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.io.itk import frame_to_sitk
 from ctp2mri.io.volume import Volume
 from ctp2mri.progress import CancelToken, ProgressCallback
-from ctp2mri.resample import resample_like, resample_to_grid, temporal_reduce, transform_matrix
+from ctp2mri.preprocessing.resample import resample_like, resample_to_grid, temporal_reduce, transform_matrix
 
 TRANSFORMS = ("rigid", "affine")
 REGIONS = ("head", "brain")
@@ -109,7 +109,7 @@ def estimate_ctp_to_dwi(ctp: Volume, dwi: Volume, transform: str = "rigid",
     fixed_array = np.asarray(dwi.array, dtype=np.float32)
     if region == "brain":
         if ctp_mask is None:
-            from ctp2mri.preprocess import brain_mask_from_ctp  # preprocess imports this module
+            from ctp2mri.preprocessing.preprocess import brain_mask_from_ctp  # preprocess imports this module
 
             ctp_mask = brain_mask_from_ctp(mean, working_spacing=working_spacing, cancel=cancel)
         else:

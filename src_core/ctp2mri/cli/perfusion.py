@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ctp2mri.cli_cohort import perfusion_cohort_command, with_cohorts
+from ctp2mri.cli.cohort import perfusion_cohort_command, with_cohorts
 
 
 def _cmd_perfusion(args: argparse.Namespace) -> int:

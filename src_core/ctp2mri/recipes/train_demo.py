@@ -377,8 +377,8 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
 def _evaluate(paths: dict[str, Path], folder: Path, rec: DemoRecipe, device: str,
               progress: ProgressCallback | None, cancel: CancelToken | None,
               say: Callable[[str], None], max_cases: int | None = None) -> dict[str, Any]:
-    from ctp2mri.evaluate import evaluate, format_report
-    from ctp2mri.tables import format_table1
+    from ctp2mri.evaluation.evaluate import evaluate, format_report
+    from ctp2mri.evaluation.tables import format_table1
 
     folder = ensure_writable_dir(folder)
     say(f"evaluation: base vs post-trained on the test split, {rec.eval_sampler} {rec.eval_steps} steps, seed {rec.seed}")

@@ -3,8 +3,8 @@
 Per subject: find its CTP, DWI, ADC and lesion mask by their BIDS names (`ctp2mri.io.bids`),
 preferring the requested space (``derivatives``: the ``space-*`` files co-registered to the
 NCCT; ``raw``: the native scans) and taking a role missing there from the other; bring the MRI
-into the CTP's world (`ctp2mri.import_place`: rigid registration where it is not already there);
-then `ctp2mri.preprocess.preprocess_case` derives the brain mask from the CTP, resamples
+into the CTP's world (`ctp2mri.importing.placement`: rigid registration where it is not already there);
+then `ctp2mri.preprocessing.preprocess.preprocess_case` derives the brain mask from the CTP, resamples
 everything once onto the profile's model grid and the CTP to 15 frames, and writes the case
 folder atomically with ``case.json`` → ``import`` (sources, registration and its error estimate,
 time between the scans, what the lesion means). A finished subject is skipped on a rerun; a
@@ -38,7 +38,7 @@ from ctp2mri.io.jsonfile import strict_json
 from ctp2mri.io.volume import Volume
 from ctp2mri.profiles import Profile
 from ctp2mri.progress import CancelToken, ProgressCallback
-from ctp2mri.resample import as_profile
+from ctp2mri.preprocessing.resample import as_profile
 
 SPACES = ("derivatives", "raw")
 SPLITS_FILE = "splits.json"
@@ -159,8 +159,8 @@ def import_subject(subject: str, files: list[BidsFile], folder: Path, root: Path
                    ) -> dict[str, Any]:
     """Import one subject into ``folder``; returns its summary row (`COLUMNS`)."""
     from ctp2mri import __version__
-    from ctp2mri.import_place import place_on_ctp
-    from ctp2mri.preprocess import preprocess_case
+    from ctp2mri.importing.placement import place_on_ctp
+    from ctp2mri.preprocessing.preprocess import preprocess_case
 
     chosen = select_files(files, space)
     notices: list[str] = []

@@ -6,11 +6,11 @@
 2. resample every frame onto the model's profile grid placed over the brain, then to the
    profile's 15 frames, and normalise per the contract;
 3. sample only the axial slices that contain brain (the others stay zero), K samples per
-   slice batched together, with DDIM or DPM-Solver++(2M) (`ctp2mri.inference.sample_slices`);
+   slice batched together, with DDIM or DPM-Solver++(2M) (`ctp2mri.synthesis.inference.sample_slices`);
 4. map the output back to DWI units and ADC in 10⁻⁶ mm²/s with the *model's* stored
    intensity ranges, average the K samples (their standard deviation is the uncertainty);
 5. resample onto the input's grid and affine, and estimate the core from the ADC
-   (`ctp2mri.core_estimate`).
+   (`ctp2mri.evaluation.core_estimate`).
 
 `write_outputs` writes the result atomically; `run_synthesize` is the CLI's whole command.
 """
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from ctp2mri.checks import number, whole
-from ctp2mri.core_estimate import CORE_THRESHOLD, estimate_core
+from ctp2mri.evaluation.core_estimate import CORE_THRESHOLD, estimate_core
 from ctp2mri.devices import resolve_device_with_notice
 from ctp2mri.errors import InputError
-from ctp2mri.inference import (
+from ctp2mri.synthesis.inference import (
     LoadedModel,
     autocast_dtype,
     load_model,
@@ -43,7 +43,7 @@ from ctp2mri.io.atomic import atomic_dir, claim_output
 from ctp2mri.io.jsonfile import strict_json
 from ctp2mri.io.nifti import save_nifti
 from ctp2mri.io.volume import Volume
-from ctp2mri.preprocess import (
+from ctp2mri.preprocessing.preprocess import (
     AIR_HU,
     CTP_HU_RANGE,
     brain_mask_from_ctp,

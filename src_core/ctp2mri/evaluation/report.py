@@ -1,7 +1,7 @@
 """What `ctp2mri evaluate` prints and writes: the per-case CSV, the Table-1-shaped report
 and the Markdown + CSV comparison of several models.
 
-Pure formatting of the rows `ctp2mri.evaluate.evaluate` returns and of their `summarise`
+Pure formatting of the rows `ctp2mri.evaluation.evaluate.evaluate` returns and of their `summarise`
 summary; nothing here samples or scores.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 
 from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
-from ctp2mri.metrics import METRICS
+from ctp2mri.evaluation.metrics import METRICS
 from ctp2mri.settings import CORE_ADC_THRESHOLD
-from ctp2mri.tables import Summary, format_table1
+from ctp2mri.evaluation.tables import Summary, format_table1
 
 __all__ = ["CHANNELS", "comparison_paths", "format_report", "sampling_seeds", "write_comparison", "write_rows"]
 
@@ -160,7 +160,7 @@ def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: 
     """Write the models' Table-1-shaped comparison: Markdown at ``path`` and CSV beside it.
 
     The Markdown holds the settings (split, cases, steps, η, seed), the Table 1 layout
-    (`ctp2mri.tables.format_table1`, best mean in bold), how each model was sampled and from
+    (`ctp2mri.evaluation.tables.format_table1`, best mean in bold), how each model was sampled and from
     which checkpoint, and the infarct-core numbers. The CSV (``path`` with suffix ``.csv``)
     has one row per model: ``model``, ``n_cases``, ``sampler``, ``steps``, ``eta``, ``seed``,
     ``weights``, ``checkpoint`` and ``{DWI,ADC}_{metric}_{mean,std}`` plus the core Dice,

@@ -19,11 +19,11 @@ from typing import Any
 
 from ctp2mri.bundled import resolve_model
 from ctp2mri.errors import InputError
-from ctp2mri.evaluate import CHANNELS, evaluate, write_rows
+from ctp2mri.evaluation.evaluate import CHANNELS, evaluate, write_rows
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
-from ctp2mri.metrics import METRICS
+from ctp2mri.evaluation.metrics import METRICS
 from ctp2mri.progress import CancelToken, ProgressCallback
-from ctp2mri.tables import format_table1
+from ctp2mri.evaluation.tables import format_table1
 
 __all__ = ["PAPER_GRID", "ablate", "format_table2", "pair_label", "parse_grid"]
 
@@ -109,7 +109,7 @@ def ablate(base: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.P
         Post-training settings (`ctp2mri.training.post_train`; extra keyword arguments in
         ``post_train_options``). Every pair uses the same seed.
     eval_steps, eval_batch_size, split, max_cases
-        Evaluation settings (`ctp2mri.evaluate.evaluate`): DDIM steps (paper 200), slices per
+        Evaluation settings (`ctp2mri.evaluation.evaluate.evaluate`): DDIM steps (paper 200), slices per
         batch, split, optional case limit. All pairs are sampled with the same seeds.
     seed, device
         Seed of post-training and sampling; device spec.
@@ -189,7 +189,7 @@ def format_table2(summary: Mapping[str, Any], lambdas: Mapping[str, tuple[float,
     """Markdown table shaped like the paper's Table 2: λ_image, λ_lesion, then MAE, lesion MAE,
     PSNR and MS-SSIM of DWI and ADC (mean ± SD, best bold), one row per pair in ``lambdas``' order.
 
-    Built on `ctp2mri.tables.format_table1` (same cells and bolding), its model column
+    Built on `ctp2mri.evaluation.tables.format_table1` (same cells and bolding), its model column
     replaced by the two λ columns.
     """
     labels = list(lambdas)

@@ -2,7 +2,7 @@
 
 Brain mask from the CTP itself, the normalisation contract (docs/contracts.md), 15-frame temporal
 resampling and `preprocess_case`, the core of ``ctp2mri preprocess``. Spatial resampling
-lives in `ctp2mri.resample`, CTP → DWI registration in `ctp2mri.registration`; both are
+lives in `ctp2mri.preprocessing.resample`, CTP → DWI registration in `ctp2mri.preprocessing.registration`; both are
 re-exported here.
 """
 
@@ -25,8 +25,8 @@ from ctp2mri.io.itk import frame_to_sitk, set_sitk_geometry
 from ctp2mri.io.volume import Volume
 from ctp2mri.profiles import Profile
 from ctp2mri.progress import CancelToken, ProgressCallback
-from ctp2mri.registration import estimate_ctp_to_dwi, register_to_dwi
-from ctp2mri.resample import (
+from ctp2mri.preprocessing.registration import estimate_ctp_to_dwi, register_to_dwi
+from ctp2mri.preprocessing.resample import (
     as_profile,
     model_grid,
     resample_like,
@@ -393,7 +393,7 @@ def preprocess_case(ctp_path: str | os.PathLike | Volume, out_dir: str | os.Path
     brain mask, the overlap after registration) are listed under ``notices`` there.
     ``out_dir`` is claimed for the whole run (`claim_output`). ``extra_info`` (JSON-ready) is
     written into ``case.json`` beside ``preprocess``, in the same atomic write (the importers'
-    provenance, `ctp2mri.import_isles`).
+    provenance, `ctp2mri.importing.isles24`).
     """
     with claim_output(out_dir):
         return _preprocess_case(ctp_path, Path(out_dir), as_profile(profile), dwi, adc, lesion, mask, register,

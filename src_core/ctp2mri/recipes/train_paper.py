@@ -369,7 +369,7 @@ def train_paper(out: str | os.PathLike, data: str | os.PathLike | None, recipe: 
     ``{"recipe", "plan", "paths", "timings_s", "summary"}``.
     """
     from ctp2mri.models import model_config
-    from ctp2mri.train_demo import BUNDLE_NAMES, _evaluate, _stage_progress, bundle_checkpoint, stage_runner
+    from ctp2mri.recipes.train_demo import BUNDLE_NAMES, _evaluate, _stage_progress, bundle_checkpoint, stage_runner
     from ctp2mri.training import post_train, train_autoencoder, train_ldm
 
     if isinstance(recipe, str) and recipe not in PAPER_RECIPES:

@@ -1,14 +1,14 @@
 """`ctp2mri evaluate`: sample a split's cases with trained models and score them as Table 1.
 
 For every case of the split: normalise it as the training data (`ctp2mri.data.normalise_case`,
-every axial slice that holds brain), synthesise DWI/ADC (`ctp2mri.inference`: DDIM for a
+every axial slice that holds brain), synthesise DWI/ADC (`ctp2mri.synthesis.inference`: DDIM for a
 cLDM, BBDM's bridge sampler for a cBBDM, one generator pass for Pix2Pix), and compare with
 the ground truth **in the normalised space** ([−1, 1], brain-masked), as the paper does: MAE,
-lesion MAE, PSNR and MS-SSIM per channel inside the brain (`ctp2mri.metrics.channel_metrics`).
+lesion MAE, PSNR and MS-SSIM per channel inside the brain (`ctp2mri.evaluation.metrics.channel_metrics`).
 One row per case (and model) goes to a CSV; the summary is the mean ± SD over cases, printed
 in the shape of the paper's Table 1. Several models are scored on the same cases with the
 same steps, η and per-slice seeds, and `write_comparison` writes their Table-1-shaped
-comparison (Markdown + CSV); the printing and writing live in `ctp2mri.evaluate_report`.
+comparison (Markdown + CSV); the printing and writing live in `ctp2mri.evaluation.report`.
 
 Infarct core: the synthetic ADC is mapped back to 10⁻⁶ mm²/s with the **case's own** ADC
 quantile range (the one its ground truth was normalised with) and thresholded
@@ -42,14 +42,14 @@ import torch
 from ctp2mri.casefolder import CASE_FILES, read_case
 from ctp2mri.data import TARGETS, CaseSlices, normalise_case, resolve_cases
 from ctp2mri.errors import InputError
-from ctp2mri.evaluate_report import (
+from ctp2mri.evaluation.report import (
     CHANNELS,
     format_report,
     sampling_seeds,
     write_comparison,
     write_rows,
 )
-from ctp2mri.inference import (
+from ctp2mri.synthesis.inference import (
     AnyLoadedModel,
     default_sampler,
     load_model,
@@ -60,7 +60,7 @@ from ctp2mri.inference import (
 )
 from ctp2mri.io.atomic import ensure_writable_dir
 from ctp2mri.io.nifti import load_nifti
-from ctp2mri.metrics import (
+from ctp2mri.evaluation.metrics import (
     channel_metrics,
     core_comparison,
     core_mask_from_adc,
@@ -69,9 +69,9 @@ from ctp2mri.metrics import (
     lesion_contrast,
     volume_ml,
 )
-from ctp2mri.preprocess import denormalise_mri
+from ctp2mri.preprocessing.preprocess import denormalise_mri
 from ctp2mri.progress import CancelToken, ProgressCallback
-from ctp2mri.tables import Summary, summarise
+from ctp2mri.evaluation.tables import Summary, summarise
 
 __all__ = [
     "CHANNELS",
@@ -249,7 +249,7 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     ----------
     model_path
         Checkpoint folder of a cLDM, cBBDM or Pix2Pix model, reported under its Table-1 name
-        (`ctp2mri.inference.model_label`: ``"cLDM"``, ``"cLDM-PT"``, ``"cBBDM"``, ``"Pix2Pix"``,
+        (`ctp2mri.synthesis.inference.model_label`: ``"cLDM"``, ``"cLDM-PT"``, ``"cBBDM"``, ``"Pix2Pix"``,
         …); may be None when ``models`` is given.
     data_dir
         Data folder of case folders with a ``splits.json`` (``ctp2mri phantom`` writes one).
@@ -258,7 +258,7 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     n_steps, eta, seed, batch_size
         Sampler settings, the same for every model (paper: 200 DDIM steps, η = 0; BBDM's bridge
         sampler takes the same steps and η; Pix2Pix makes one pass), the run seed (per-slice
-        noise from ``(seed, case, z)``, see `ctp2mri.inference.sample_slices`) and slices per
+        noise from ``(seed, case, z)``, see `ctp2mri.synthesis.inference.sample_slices`) and slices per
         batch. Several seeds sample every case once per seed, one row each: the summary is then
         over cases and seeds, which is what a comparison of samplers or models needs when a
         single draw's lesion MAE moves by ± 15 % from seed to seed (a few small lesions).
@@ -295,10 +295,10 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     (rows, summary)
         One dict per case, model and seed: ``case``, ``model``, ``n_slices``, ``lesion_voxels``,
         ``{DWI,ADC}_{mae,lesion_mae,psnr,ms_ssim}``, ``{DWI,ADC}_lesion_contrast[_true]``
-        (`ctp2mri.metrics.lesion_contrast` of the synthetic and the true image),
+        (`ctp2mri.evaluation.metrics.lesion_contrast` of the synthetic and the true image),
         ``core_{dice,pred_ml,true_ml,volume_diff_ml,abs_volume_diff_ml}`` (Dice NaN for a
         lesion-free case), ``core_gt_adc_dice``, ``{DWI,ADC}_lesion_auc[_true]``
-        (`ctp2mri.metrics.lesion_auc`), with ``perfusion`` ``perfusion_core_{dice,ml,abs_volume_diff_ml}``,
+        (`ctp2mri.evaluation.metrics.lesion_auc`), with ``perfusion`` ``perfusion_core_{dice,ml,abs_volume_diff_ml}``,
         and the sampler settings
         (``sampler``, ``steps`` = network calls per slice, ``eta``, ``seed``, ``weights``);
         and ``summarise(rows)``: mean ± SD per model (`format_report` prints it).
@@ -379,7 +379,7 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     if out_csv is not None:
         write_rows(rows, out_csv)
     if figure is not None:
-        from ctp2mri.figures import evaluation_figure
+        from ctp2mri.evaluation.figures import evaluation_figure
 
         evaluation_figure(figure_rows(candidates, lesion_voxels), figure)
     return rows, summary
@@ -401,7 +401,7 @@ def figure_rows(candidates: Mapping[str, Sequence[Any]], lesion_voxels: Mapping[
 def _figure_slice(name: str, label: str, case: Any, part: CaseSlices, pred: np.ndarray,
                   pred_core: np.ndarray) -> Any:
     """The case's slice with the most core (else the most brain), in units, for the figure."""
-    from ctp2mri.figures import EvaluationSlice
+    from ctp2mri.evaluation.figures import EvaluationSlice
 
     lesion_per_slice = part.lesion[:, 0].sum(axis=(1, 2))
     per_slice = lesion_per_slice if lesion_per_slice.any() else part.brain[:, 0].sum(axis=(1, 2))
@@ -421,7 +421,7 @@ def _figure_slice(name: str, label: str, case: Any, part: CaseSlices, pred: np.n
 
 # several models ------------------------------------------------------------------------------------
 def model_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """The Table-1 name of each checkpoint (`ctp2mri.inference.model_label`), read from its
+    """The Table-1 name of each checkpoint (`ctp2mri.synthesis.inference.model_label`), read from its
     config.json: ``cLDM``, ``cLDM-PT``, ``cBBDM``, ``cBBDM-PT``, ``Pix2Pix``."""
     from ctp2mri.checkpoints import read_config
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ctp2mri.io.volume import Volume
-from ctp2mri.metrics import core_comparison, core_mask_from_adc, volume_ml
+from ctp2mri.evaluation.metrics import core_comparison, core_mask_from_adc, volume_ml
 from ctp2mri.settings import CORE_ADC_THRESHOLD, MIN_CORE_COMPONENT_ML
 
 __all__ = ["CORE_THRESHOLD", "estimate_core"]
@@ -33,10 +33,10 @@ def estimate_core(adc: Volume, brain: Volume, threshold: float = CORE_THRESHOLD,
     brain
         Brain mask on the ADC's grid.
     threshold, min_component_ml
-        See `ctp2mri.metrics.core_mask_from_adc`.
+        See `ctp2mri.evaluation.metrics.core_mask_from_adc`.
     ground_truth
         Optional lesion (core) mask on the same grid; adds Dice and volume differences
-        (`ctp2mri.metrics.core_comparison`, the truth taken inside the brain).
+        (`ctp2mri.evaluation.metrics.core_comparison`, the truth taken inside the brain).
 
     Raises
     ------

@@ -1,4 +1,4 @@
-"""Several inputs for ``ctp2mri synthesize`` and ``ctp2mri perfusion``: the CLI side of `ctp2mri.cohort`.
+"""Several inputs for ``ctp2mri synthesize`` and ``ctp2mri perfusion``: the CLI side of `ctp2mri.synthesis.cohort`.
 
 ``with_cohorts(single, cohort)`` is what both commands register: one CTP (file, DICOM folder)
 runs the command as before; several inputs, a CSV list or a folder of case folders run the
@@ -21,7 +21,7 @@ Command = Callable[[argparse.Namespace], int]
 def with_cohorts(single: Command, cohort: Command) -> Command:
     """The command's function: ``cohort`` for cohort inputs, else ``single`` with ``args.ctp`` one path."""
     def run(args: argparse.Namespace) -> int:
-        from ctp2mri.cohort import is_cohort
+        from ctp2mri.synthesis.cohort import is_cohort
 
         if is_cohort(args.ctp):
             return cohort(args)
@@ -57,7 +57,7 @@ def _line(outcome) -> str:
 def _run(name: str, args: argparse.Namespace, start: Callable[..., object]) -> int:
     from tqdm.auto import tqdm
 
-    from ctp2mri.cohort import SUMMARY_FILE, collect_cases
+    from ctp2mri.synthesis.cohort import SUMMARY_FILE, collect_cases
     from ctp2mri.progress import tqdm_progress
 
     cases, notes = collect_cases(args.ctp)
@@ -82,8 +82,8 @@ def _run(name: str, args: argparse.Namespace, start: Callable[..., object]) -> i
 
 
 def synthesize_cohort_command(args: argparse.Namespace) -> int:
-    """``ctp2mri synthesize`` over several inputs (`ctp2mri.cohort.synthesize_cohort`)."""
-    from ctp2mri.cohort import synthesize_cohort
+    """``ctp2mri synthesize`` over several inputs (`ctp2mri.synthesis.cohort.synthesize_cohort`)."""
+    from ctp2mri.synthesis.cohort import synthesize_cohort
     from ctp2mri.devices import resolve_device_with_notice
 
     _refuse_single_options(args, ("mask", "ground_truth", "series_uid"))
@@ -101,8 +101,8 @@ def synthesize_cohort_command(args: argparse.Namespace) -> int:
 
 
 def perfusion_cohort_command(args: argparse.Namespace) -> int:
-    """``ctp2mri perfusion`` over several inputs (`ctp2mri.cohort.perfusion_cohort`)."""
-    from ctp2mri.cohort import perfusion_cohort
+    """``ctp2mri perfusion`` over several inputs (`ctp2mri.synthesis.cohort.perfusion_cohort`)."""
+    from ctp2mri.synthesis.cohort import perfusion_cohort
 
     _refuse_single_options(args, ("mask", "aif_mask", "series_uid"))
 

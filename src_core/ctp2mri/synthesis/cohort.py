@@ -446,16 +446,16 @@ def synthesize_cohort(cases: Sequence[CohortCase], model: Any, out_dir: str | os
                       overwrite: bool = False, progress: ProgressCallback | None = None,
                       cancel: CancelToken | None = None, on_case: Callable[[CaseOutcome], None] | None = None,
                       **settings: Any) -> CohortResult:
-    """`ctp2mri.synthesize.run_synthesize` over ``cases`` into ``OUT/<case>/`` (see `run_cohort`).
+    """`ctp2mri.synthesis.synthesize.run_synthesize` over ``cases`` into ``OUT/<case>/`` (see `run_cohort`).
 
     ``model`` (a checkpoint folder, a bundled model's name or a `LoadedModel`) is loaded once;
     ``settings`` are `synthesize`'s (sampler, steps, eta, samples, seed, batch_size, device,
     precision, core_threshold) and are checked before the first case. A case folder's
     ``mask.nii.gz`` is its brain mask and its ``lesion.nii.gz`` scores the core estimate.
     """
-    from ctp2mri.inference import LoadedModel, load_model, sampler_steps
-    from ctp2mri.core_estimate import CORE_THRESHOLD
-    from ctp2mri.synthesize import check_settings, run_synthesize
+    from ctp2mri.synthesis.inference import LoadedModel, load_model, sampler_steps
+    from ctp2mri.evaluation.core_estimate import CORE_THRESHOLD
+    from ctp2mri.synthesis.synthesize import check_settings, run_synthesize
 
     device = settings.pop("device", "auto")
     sampler, steps, eta = settings.get("sampler", "dpm++2m"), settings.get("steps", 20), settings.get("eta", 0.0)

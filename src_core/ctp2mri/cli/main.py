@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from ctp2mri.checks import cli_number, cli_whole
-from ctp2mri.cli_cohort import synthesize_cohort_command, with_cohorts
-from ctp2mri.cli_doctor import add_doctor
-from ctp2mri.cli_import import add_import
-from ctp2mri.cli_perfusion import add_perfusion
+from ctp2mri.cli.cohort import synthesize_cohort_command, with_cohorts
+from ctp2mri.cli.doctor import add_doctor
+from ctp2mri.cli.importing import add_import
+from ctp2mri.cli.perfusion import add_perfusion
 from ctp2mri.errors import Cancelled, InputError, user_message
 from ctp2mri.interrupts import exit_code, handle_interrupts
 from ctp2mri.progress import CancelToken
@@ -72,7 +72,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
               f"{info.get('penumbra_ml', 0):>13.1f}  {info.get('territory', '-')}")
         cases.append(case)
     if not args.no_figure:
-        from ctp2mri.figures import case_overview
+        from ctp2mri.evaluation.figures import case_overview
 
         shown = cases[: min(4, len(cases))]
         png = case_overview(shown, Path(args.out) / "overview.png")
@@ -97,7 +97,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 
 # preprocess ------------------------------------------------------------------------------
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from ctp2mri.preprocess import preprocess_case
+    from ctp2mri.preprocessing.preprocess import preprocess_case
     from ctp2mri.progress import tqdm_progress
 
     progress, close = tqdm_progress("preprocess")
@@ -230,7 +230,7 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    from ctp2mri.ablate import ablate, parse_grid
+    from ctp2mri.evaluation.ablate import ablate, parse_grid
 
     progress, close = _rank0_progress("ablate")
     try:
@@ -383,7 +383,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 # synthesize ------------------------------------------------------------------------------
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     from ctp2mri.progress import tqdm_progress
-    from ctp2mri.synthesize import run_synthesize
+    from ctp2mri.synthesis.synthesize import run_synthesize
 
     progress, close = tqdm_progress("synthesize")
     try:
@@ -546,7 +546,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 # evaluate --------------------------------------------------------------------------------
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    from ctp2mri.evaluate import FID_WEIGHTS_ENV
+    from ctp2mri.evaluation.evaluate import FID_WEIGHTS_ENV
 
     p = sub.add_parser("evaluate", help="score trained models on a split (Table 1 metrics)",
                        description="Synthesise DWI/ADC for every case of a split with DDIM and report "
@@ -590,7 +590,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if len(args.model) == 1 and Path(args.model[0]).exists() \
             and read_config(args.model[0]).get("kind") == "autoencoder":
-        from ctp2mri.evaluate_autoencoder import evaluate_autoencoder, format_autoencoder_report
+        from ctp2mri.evaluation.autoencoder import evaluate_autoencoder, format_autoencoder_report
 
         print(format_autoencoder_report(evaluate_autoencoder(
             args.model[0], args.data, split=None if args.split == "all" else args.split, batch_size=args.batch_size,
@@ -599,8 +599,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.figure:
             print(f"figure: {args.figure}")
         return 0
-    from ctp2mri.evaluate import evaluate, fid_status, format_report, named_models, write_comparison
-    from ctp2mri.evaluate_report import comparison_paths
+    from ctp2mri.evaluation.evaluate import evaluate, fid_status, format_report, named_models, write_comparison
+    from ctp2mri.evaluation.report import comparison_paths
     from ctp2mri.progress import tqdm_progress
 
     models = named_models(args.model)
@@ -640,7 +640,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from ctp2mri.demo import metrics_line, run_demo
+    from ctp2mri.recipes.demo import metrics_line, run_demo
     from ctp2mri.devices import resolve_device_with_notice
     from ctp2mri.progress import tqdm_progress
 
@@ -673,8 +673,8 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
     import torch
 
     from ctp2mri.progress import tqdm_progress
-    from ctp2mri.train_demo import train_demo
-    from ctp2mri.train_paper import PAPER_RECIPES
+    from ctp2mri.recipes.train_demo import train_demo
+    from ctp2mri.recipes.train_paper import PAPER_RECIPES
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -701,7 +701,7 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
 
 def _train_paper(args: argparse.Namespace) -> int:
     from ctp2mri.progress import tqdm_progress
-    from ctp2mri.train_paper import check_paper_data, format_plan, plan, torchrun_commands, train_paper
+    from ctp2mri.recipes.train_paper import check_paper_data, format_plan, plan, torchrun_commands, train_paper
 
     if args.plan:
         info = check_paper_data(args.data, need_test=not args.no_evaluate) if args.data is not None else None
@@ -908,6 +908,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # a second signal while the first was being reported
         return exit_code(exc)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ctp2mri.errors import InputError
-from ctp2mri.metrics import METRICS
+from ctp2mri.evaluation.metrics import METRICS
 
 __all__ = ["Summary", "format_table1", "summarise"]
 

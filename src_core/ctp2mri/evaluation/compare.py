@@ -1,10 +1,10 @@
 """Ground truth vs synthetic DWI/ADC of one case: the table of the napari compare widget.
 
 Qt-free, so the widget stays a thin shell and the numbers can be checked without a display.
-Everything is computed by `ctp2mri.metrics` with the conventions of ``ctp2mri evaluate``
+Everything is computed by `ctp2mri.evaluation.metrics` with the conventions of ``ctp2mri evaluate``
 (normalised space with the ground truth's ranges, the same core rule). The widget sees the
 synthetic images in intensity units, as the synthesis engine writes them (mapped back with
-the model's training ranges), so a number here matches `ctp2mri.evaluate`'s for the same
+the model's training ranges), so a number here matches `ctp2mri.evaluation.evaluate`'s for the same
 sample up to that round trip and the clipping of the synthetic image to the ground truth's
 range.
 
@@ -21,7 +21,7 @@ Conventions
   is trained and evaluated in (its output is denormalised with a fixed range, so this is
   the paper's comparison of a prediction with its normalised target). The ranges used are
   returned with the table.
-* Infarct core: `ctp2mri.metrics.core_mask_from_adc` on the ADC in 10⁻⁶ mm²/s (not
+* Infarct core: `ctp2mri.evaluation.metrics.core_mask_from_adc` on the ADC in 10⁻⁶ mm²/s (not
   normalised), computed once on the whole volume (its connected components are 3-D); a
   slice's core is that mask's slice.
 * Perfusion core: optionally, a core mask from the CT perfusion (``ctp2mri perfusion`` or the
@@ -46,7 +46,7 @@ import numpy as np
 
 from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_path
-from ctp2mri.metrics import (
+from ctp2mri.evaluation.metrics import (
     CORE_ADC_THRESHOLD,
     channel_metrics,
     core_mask_from_adc,
@@ -55,7 +55,7 @@ from ctp2mri.metrics import (
     lesion_contrast,
     volume_ml,
 )
-from ctp2mri.preprocess import MRI_QUANTILES, denormalise_mri, normalise_mri, normalise_mri_like
+from ctp2mri.preprocessing.preprocess import MRI_QUANTILES, denormalise_mri, normalise_mri, normalise_mri_like
 
 __all__ = [
     "TABLE_NOTE",
@@ -245,7 +245,7 @@ def comparison_metrics(prepared: PreparedComparison,
     dict
         Keys of `METRIC_INFO` in its order, those the inputs allow: ``{ch}_mae``,
         ``{ch}_lesion_mae``, ``{ch}_psnr``, ``{ch}_ms_ssim``, ``{ch}_lesion_contrast[_true]``
-        (`ctp2mri.metrics.lesion_contrast` of the synthetic and true image) per channel; ``core_dice``
+        (`ctp2mri.evaluation.metrics.lesion_contrast` of the synthetic and true image) per channel; ``core_dice``
         (synthetic vs ground-truth core), ``core_dice_lesion``, ``perfusion_core_dice_lesion``,
         ``gt_core_dice_lesion``, ``core_ml``, ``perfusion_core_ml``, ``gt_core_ml``, ``lesion_ml``.
     """

@@ -1,4 +1,4 @@
-"""``ctp2mri import-isles24`` (alias ``import-bids``): the command-line wrapper of `ctp2mri.import_isles`."""
+"""``ctp2mri import-isles24`` (alias ``import-bids``): the command-line wrapper of `ctp2mri.importing.isles24`."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ native scans; a file missing in that space is taken from the other and registere
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from ctp2mri.import_isles import format_summary, import_dataset
+    from ctp2mri.importing.isles24 import format_summary, import_dataset
     from ctp2mri.progress import tqdm_progress
 
     def report(row: dict) -> None:

@@ -2,7 +2,7 @@
 
 The latent diffusion model can never be better than its autoencoder: ``x → E → quantise → D``
 bounds what any sampler can reach. This scores that bound on a split's brain slices with the
-same metrics and normalised space as `ctp2mri.evaluate` (Table 1): MAE, lesion MAE, PSNR and
+same metrics and normalised space as `ctp2mri.evaluation.evaluate` (Table 1): MAE, lesion MAE, PSNR and
 MS-SSIM per channel inside the brain.
 
 On phantom cases it also scores the reconstruction against the *noise-free* DWI and ADC that
@@ -27,8 +27,8 @@ from ctp2mri.checkpoints import load_checkpoint
 from ctp2mri.data import SliceDataset, resolve_cases
 from ctp2mri.devices import resolve_device
 from ctp2mri.io.atomic import ensure_writable_dir
-from ctp2mri.metrics import channel_metrics, lesion_contrast
-from ctp2mri.preprocess import denormalise_mri, normalise_mri_like
+from ctp2mri.evaluation.metrics import channel_metrics, lesion_contrast
+from ctp2mri.preprocessing.preprocess import denormalise_mri, normalise_mri_like
 from ctp2mri.progress import CancelToken, ProgressCallback
 
 __all__ = ["evaluate_autoencoder", "format_autoencoder_report", "noise_free_slices"]
@@ -44,15 +44,15 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, data_dir: str | os.PathL
     """Reconstruct every brain slice of ``split`` and score it against the input.
 
     Returns ``{"split", "slices", "cases", "metrics": {"DWI": {...}, "ADC": {...}}}`` with the
-    metrics of `ctp2mri.metrics.channel_metrics` pooled over all slices (PSNR with data range
+    metrics of `ctp2mri.evaluation.metrics.channel_metrics` pooled over all slices (PSNR with data range
     2 in the contract's [−1, 1] space, inside the brain). When some cases are phantom cases
     (`noise_free_slices`), also ``"noise_free": {"cases", "metrics", "noise_floor"}``: the
     reconstruction and the noisy input, each scored against the noise-free images of those cases.
-    With lesion cases, ``"lesion_contrast"``: rDWI and rADC (`ctp2mri.metrics.lesion_contrast`,
+    With lesion cases, ``"lesion_contrast"``: rDWI and rADC (`ctp2mri.evaluation.metrics.lesion_contrast`,
     in units) of the reconstruction and of the input, per lesion case and their mean — whether
     the lesion survives the autoencoder at all, which bounds every latent model built on it.
     ``figure``: a PNG of input and reconstruction on the largest-lesion slice of the cases with
-    the largest lesions (`ctp2mri.figures.evaluation_figure`).
+    the largest lesions (`ctp2mri.evaluation.figures.evaluation_figure`).
     """
     if figure is not None:  # a folder that cannot be written fails before the reconstruction, not after
         ensure_writable_dir(Path(figure).parent)
@@ -98,8 +98,8 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, data_dir: str | os.PathL
 def _figure(dataset: SliceDataset, sources: list[Any], pred: torch.Tensor, path: str | os.PathLike) -> None:
     """Input vs reconstruction, in units, on the slice with the most lesion of each of the
     cases with the largest lesions (the most brain where no case has one)."""
-    from ctp2mri.evaluate import FIGURE_ROWS
-    from ctp2mri.figures import EvaluationSlice, evaluation_figure
+    from ctp2mri.evaluation.evaluate import FIGURE_ROWS
+    from ctp2mri.evaluation.figures import EvaluationSlice, evaluation_figure
 
     per_slice = dataset.lesion[:, 0].flatten(1).sum(1)
     if not per_slice.any():

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the per-case evaluation, reports, tables, figures and comparisons."""

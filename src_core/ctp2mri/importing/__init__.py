@@ -1,0 +1,1 @@
+"""Importing real data: ISLES'24 / BIDS subjects to case folders."""

@@ -1,0 +1,1 @@
+"""Preprocessing: reading CTP and MRI onto the model grid (resampling, registration)."""

@@ -1,0 +1,1 @@
+"""Recipes: the demo and the paper-profile training pipelines, and `ctp2mri demo`."""

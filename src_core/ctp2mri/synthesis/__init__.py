@@ -1,0 +1,1 @@
+"""Synthesis: sampling slices with a trained model, whole volumes, cohorts."""
