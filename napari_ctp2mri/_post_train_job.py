@@ -1,5 +1,7 @@
 """The post-training widget's run, without a widget: the job goes to a child process
-(`ctp2mri.training.child`), its events come back, and the last one becomes a result or an error.
+(`ctp2mri.training.child`, which runs the core's
+`ctp2mri.evaluation.post_train_compare.post_train_and_compare`), its events come back, and the
+last one becomes a result or an error.
 
 Called in the widget's worker thread. The data go to the child as files: the case folders,
 and the viewer case written (with its lesion as it is at Start) to a temporary case folder.
@@ -16,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ctp2mri.errors import Cancelled, InputError
+from ctp2mri.evaluation.before_after import metric_rows
 from ctp2mri.progress import CancelToken
 from ctp2mri.training.child import ChildFailed, ChildRun
-from napari_ctp2mri._training_set import LayerInput, metric_rows, save_viewer_case
+from napari_ctp2mri._training_set import LayerInput, save_viewer_case
 
 __all__ = ["CANCEL_TIMEOUT_S", "PostTrainResult", "prefetch", "run_in_child"]
 
@@ -34,7 +37,7 @@ class PostTrainResult:
     base: Path
     steps: int
     seconds: float
-    metrics: list[dict[str, Any]] | None  # `metric_rows`, None when not evaluated
+    metrics: list[dict[str, Any]] | None  # `ctp2mri.evaluation.before_after.metric_rows`, None when not evaluated
     metrics_note: str = ""  # why there are no metrics, when asked for
 
 

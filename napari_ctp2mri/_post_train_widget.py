@@ -3,18 +3,20 @@
 A thin shell over `ctp2mri.training.post_train.post_train` (paper §2.2, Eq. 5–8). The user
 builds a local training set from case folders and/or the case open in the viewer (its CTP,
 DWI, ADC, brain mask and lesion layers; the lesion as it is at Start, painted or corrected
-with napari's Labels tools), picks the base cLDM and the settings, and presses Start.
+with napari's Labels tools), picks the base cLDM (or cBBDM) and the settings, and presses Start.
 "Save viewer case…" writes the viewer case as a case folder and lists it, so several
 annotated cases, opened one after the other, make one training set
 (`napari_ctp2mri._training_set_panel`).
 
-The run itself happens in a child process (`ctp2mri.training.child`, driven by
-`napari_ctp2mri._post_train_job`): the viewer keeps its CPU time, the child's (GPU) memory is
-released when it ends, and a crash of the child (killed, out of memory) is reported without
-taking the viewer with it. The data go to the child as files: the case folders, and the viewer
-case written (with its lesion as it is at Start) to a temporary case folder. The child builds
-the `SliceDataset`, post-trains, and optionally scores the base and the new model on the
-training cases (`ctp2mri.evaluation.evaluate`). The new checkpoint is registered with
+The widget only gathers the inputs and shows the results. The run itself happens in a child
+process (`ctp2mri.training.child`, driven by `napari_ctp2mri._post_train_job`): the viewer keeps
+its CPU time, the child's (GPU) memory is released when it ends, and a crash of the child
+(killed, out of memory) is reported without taking the viewer with it. The data go to the child
+as files: the case folders, and the viewer case written (with its lesion as it is at Start) to a
+temporary case folder. The child runs the core's pipeline
+(`ctp2mri.evaluation.post_train_compare.post_train_and_compare`): it checks the output folder,
+builds the training set, post-trains, and optionally scores the base and the new model on the
+training cases (`ctp2mri.evaluation.before_after`). The new checkpoint is registered with
 `napari_ctp2mri._models.register_model`, so the synthesis widget offers it.
 
 Progress, loss plot, cancel
@@ -65,7 +67,6 @@ from ctp2mri.training.child import ChildFailed, ChildRun
 from napari_ctp2mri._loss_plot import LossPlot
 from napari_ctp2mri._models import MODELS_CHANGED, ModelPicker, register_model
 from napari_ctp2mri._post_train_job import CANCEL_TIMEOUT_S, PostTrainResult, prefetch, run_in_child
-from napari_ctp2mri._training_set import BASE_LABEL, NEW_LABEL
 from napari_ctp2mri._training_set_panel import TrainingSetMixin
 from napari_ctp2mri._worker_widget import FAILED, PhaseEta, PhaseProgressRelay, WorkerWidget
 
@@ -93,7 +94,7 @@ def _row(label: str, *widgets: Any, labels: bool = False) -> Container:
 
 
 class PostTrainWidget(TrainingSetMixin, WorkerWidget):
-    """Lesion-aware post-training of a cLDM on a local training set, in a child process.
+    """Lesion-aware post-training of a cLDM (or cBBDM) on a local training set, in a child process.
 
     Parameters
     ----------
@@ -108,7 +109,7 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
         super().__init__(viewer)
         self._init_training_set(viewer)  # the viewer case's pickers and the case folders
         # model and settings
-        self.models = ModelPicker("Base model", "Base cLDM checkpoint folder (config.json + .safetensors)")
+        self.models = ModelPicker("Base model", "Base cLDM or cBBDM checkpoint folder (config.json + .safetensors)")
         self.model, self.checkpoint = self.models.model, self.models.checkpoint
         self.lambda_image = FloatSpinBox(label="λ image", value=0.01, min=0.0, max=10.0, step=0.005,
                                          tooltip="Weight of the image-space term ‖x − x̂‖² (Eq. 6); "
@@ -209,22 +210,12 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
 
     # output -------------------------------------------------------------------------------
     def _output_path(self) -> Path:
+        """The output folder asked for; what it may hold is the core's to check, in the run."""
         text = str(self.output.value).strip()
         if text in ("", "."):
             raise InputError("choose an output folder for the post-trained model (a new or empty "
                              "folder; or the folder of a cancelled run, with 'Continue the saved run')")
-        out = Path(text).expanduser()
-        # prepare_out_dir's rules (checked again in the worker), worded for this widget
-        if out.exists() and not out.is_dir():
-            raise InputError(f"the output folder {out} is a file; choose a folder")
-        if self.resume.value:
-            if not (out / "config.json").is_file():
-                raise InputError(f"{out} holds no saved run to continue (no config.json); untick "
-                                 "'Continue the saved run' to start a new one")
-        elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-            raise InputError(f"the output folder {out} is not empty; choose a new or empty folder, "
-                             "or tick 'Continue the saved run' to continue the run saved there")
-        return out
+        return Path(text).expanduser()
 
     # run ----------------------------------------------------------------------------------
     def start(self) -> Any:
@@ -240,15 +231,14 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
         if layers is not None and not layers["lesion"][0].any() and self.lambda_lesion.value > 0:
             show_warning(f"the lesion layer {layers['lesion'][1]['name']!r} is empty, so this case "
                          "adds nothing to the lesion term (Eq. 7); paint the lesion first")
+        # ctp2mri.training.post_train.PostTrainSettings fields
         settings = {"lambda_image": self.lambda_image.value, "lambda_lesion": self.lambda_lesion.value,
-                    "steps": self.steps.value, "batch_size": self.batch_size.value,
+                    "steps": self.steps.value, "batch_size": self.batch_size.value, "seed": SEED,
                     # 1× is the paper's uniform sampling: no sampler at all, not weights of 1
-                    "lesion_oversample": self.oversample.value if self.oversample.value > 1 else None,
-                    "device": self.device.value, "resume": self.resume.value}
-        evaluate, eval_steps = self.evaluate.value, self.eval_steps.value
+                    "lesion_oversample": self.oversample.value if self.oversample.value > 1 else None}
         token = CancelToken()
-        job = {"base": str(base), "out": str(out), "seed": SEED, "settings": settings,
-               "evaluate": {"n_steps": eval_steps, "labels": [BASE_LABEL, NEW_LABEL]} if evaluate else None}
+        job = {"base": str(base), "out": str(out), "settings": settings, "device": self.device.value,
+               "resume": self.resume.value, "compare_steps": self.eval_steps.value if self.evaluate.value else None}
 
         emit = self.relay.reported.emit
 

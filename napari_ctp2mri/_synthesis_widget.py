@@ -1,8 +1,9 @@
 """Synthesis widget: a CTP layer in, synthetic DWI/ADC, uncertainty and core layers out.
 
-A thin shell over `ctp2mri.synthesis.synthesize.synthesize`: the widget collects the settings, runs
-the core in a napari worker thread and turns the returned volumes into layers on the CTP
-layer's geometry (`napari_ctp2mri._layers`). It holds no model logic; the models it offers
+A thin shell over `ctp2mri.synthesis.synthesize.synthesize`: the widget turns its controls into a
+`SampleSettings` (refusing a bad one before anything starts), runs the core in a napari worker
+thread and turns the returned volumes into layers on the CTP layer's geometry
+(`napari_ctp2mri._layers`). It holds no model logic; the models it offers
 are the registry's (`napari_ctp2mri._models`).
 
 Progress and cancel are the shared worker shell's (`napari_ctp2mri._worker_widget`):
@@ -23,10 +24,11 @@ from magicgui.widgets import ComboBox, FileEdit, Label, PushButton, SpinBox
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_warning
 
-from ctp2mri.settings import SAMPLER_STEPS
 from ctp2mri.devices import available_devices
 from ctp2mri.errors import InputError
 from ctp2mri.progress import CancelToken
+from ctp2mri.settings import DEFAULT_SAMPLER, SAMPLER_STEPS
+from ctp2mri.synthesis.sample_settings import SampleSettings
 from ctp2mri.synthesis.synthesize import SynthesisResult, synthesize
 from napari_ctp2mri._layers import (
     META_KEY,
@@ -50,7 +52,6 @@ LAYER_NAMES = {"dwi": "synthetic DWI", "adc": "synthetic ADC",
                "uncertainty_dwi": "uncertainty DWI", "uncertainty_adc": "uncertainty ADC",
                "core": "core (synthetic ADC)"}
 SOURCE = "ctp2mri synthesize"  # Volume.meta["source"] of synthesize's outputs
-SAMPLERS = ("dpm++2m", "ddim")
 DEFAULT_STEPS = SAMPLER_STEPS  # the CLI's defaults (ctp2mri.settings): fast solver vs the paper's
 CORE_COLOR = "yellow"  # distinct from the ground-truth lesion's red
 UNCERTAINTY_COLORMAP = "magma"
@@ -100,8 +101,8 @@ class SynthesisWidget(WorkerWidget):
         self.model, self.checkpoint = self.models.model, self.models.checkpoint
         self.device = ComboBox(label="Device", choices=["auto", *available_devices()],
                                value="auto")
-        self.sampler = ComboBox(label="Sampler", choices=list(SAMPLERS), value=SAMPLERS[0])
-        self.steps = SpinBox(label="Steps", min=1, max=1000, value=DEFAULT_STEPS[SAMPLERS[0]])
+        self.sampler = ComboBox(label="Sampler", choices=list(SAMPLER_STEPS), value=DEFAULT_SAMPLER)
+        self.steps = SpinBox(label="Steps", min=1, max=1000, value=DEFAULT_STEPS[DEFAULT_SAMPLER])
         self.samples = SpinBox(label="Samples", min=1, max=64, value=1,
                                tooltip="K samples per slice; K > 1 adds uncertainty maps")
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
@@ -154,6 +155,11 @@ class SynthesisWidget(WorkerWidget):
             self.steps.value = DEFAULT_STEPS[sampler]
 
     # run --------------------------------------------------------------------------------
+    def sample_settings(self) -> SampleSettings:
+        """The controls' sampling settings, checked (`InputError` names a bad one)."""
+        return SampleSettings(sampler=self.sampler.value, steps=self.steps.value, samples=self.samples.value,
+                              seed=self.seed.value)
+
     def run(self) -> Any:
         """Start a synthesis in a worker thread; returns the worker (None on bad input)."""
         if self.busy:
@@ -161,19 +167,18 @@ class SynthesisWidget(WorkerWidget):
         try:
             layer = checked_ctp_layer(self.viewer, self.ctp.value, "to synthesise from")
             model = self.models.path("a model")
+            settings = self.sample_settings()
         except InputError as exc:
             show_error(str(exc))
             return None
         data, attributes = layer.data, layer_attributes(layer)
-        settings = {"model": model, "sampler": self.sampler.value, "steps": self.steps.value,
-                    "samples": self.samples.value, "seed": self.seed.value,
-                    "device": self.device.value}
+        device = self.device.value
         token, report = CancelToken(), self._reporter()
 
         def work() -> SynthesisResult:
             # the reorientation copy of a large CTP takes a while: here, not in the GUI thread
             ctp = layer_to_volume(data, attributes)
-            return synthesize(ctp, **settings, progress=report, cancel=token)
+            return synthesize(ctp, model, settings, device=device, progress=report, cancel=token)
 
         return self._start_worker(work, self._on_returned, token,
                                   f"Preparing {layer.name!r} for the model…")
@@ -193,18 +198,18 @@ class SynthesisWidget(WorkerWidget):
             if not is_cohort([folder]):
                 raise InputError(f"{folder} holds no case folders (folders with ctp.nii.gz); choose the "
                                  "folder that holds them")
+            settings = self.sample_settings()
         except InputError as exc:
             show_error(str(exc))
             return None
-        settings = {"sampler": self.sampler.value, "steps": self.steps.value, "samples": self.samples.value,
-                    "seed": self.seed.value, "device": self.device.value}
+        device = self.device.value
         token, report = CancelToken(), self._reporter()
 
         def work() -> Any:
             from ctp2mri.synthesis.cohort import collect_cases, synthesize_cohort
 
             cases, _ = collect_cases([folder])
-            return synthesize_cohort(cases, model, out, progress=report, cancel=token, **settings)
+            return synthesize_cohort(cases, model, out, settings, device=device, progress=report, cancel=token)
 
         return self._start_worker(work, self._on_folder_returned, token,
                                   f"Synthesising the cases in {folder.name!r}…")

@@ -1,13 +1,12 @@
-"""A local training set from layers and case folders, and its before/after evaluation.
+"""A viewer case from layers: the post-training widget's part of the training set.
 
 Qt-free helpers of the post-training widget (`napari_ctp2mri._post_train_widget`), testable
 without a display. A *viewer case* is the five layers of one case open in napari: a 4-D CTP
 Image, DWI and ADC Images, brain mask and lesion Labels, the lesion often just painted or
 corrected with napari's Labels tools. `case_from_layers` turns their data into a
-`ctp2mri.casefolder.Case` on the CTP's grid; `training_dataset` mixes such cases with case
-folders into the `SliceDataset` that `ctp2mri.training.post_train.post_train` trains on;
-`before_after` scores the base and the post-trained model on the same cases with the core's
-`ctp2mri.evaluation.evaluate.evaluate`, and `metric_rows` lays the result out as a small table.
+`ctp2mri.casefolder.Case` on the CTP's grid, and `save_viewer_case` writes it as a case folder;
+with case folders it makes the training set of the core's post-train-and-compare pipeline
+(`ctp2mri.evaluation.post_train_compare`).
 
 Layers are passed as ``(data, attributes)`` pairs, ``attributes`` being what
 `napari_ctp2mri._layers.layer_to_volume` reads (`napari_ctp2mri._layers.layer_attributes`),
@@ -16,11 +15,9 @@ so nothing here holds a live layer.
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,46 +26,23 @@ import numpy as np
 from ctp2mri.casefolder import Case, write_case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.progress import CancelToken, ProgressCallback
 from napari_ctp2mri._layers import META_KEY, layer_to_volume, spatial_transform
 
 __all__ = [
-    "BASE_LABEL",
     "CASE_ROLES",
-    "NEW_LABEL",
     "LayerInput",
-    "before_after",
     "case_from_layers",
     "check_case_layers",
-    "metric_rows",
     "save_viewer_case",
-    "training_dataset",
     "viewer_case_name",
 ]
 
 LayerInput = tuple[Any, Mapping[str, Any]]  # (layer data, layer attributes)
-Source = Path | Case
 
 # role → what the user calls it; the roles are the case-folder contract's names
 CASE_ROLES: dict[str, str] = {"ctp": "CTP", "dwi": "DWI", "adc": "ADC", "mask": "brain mask",
                               "lesion": "lesion"}
 _MASK_ROLES = ("mask", "lesion")
-BASE_LABEL, NEW_LABEL = "base", "post-trained"
-# (row label, evaluate() column, lower is better): lesion terms first, what post-training targets
-METRICS: tuple[tuple[str, str, bool], ...] = (
-    ("Lesion MAE DWI", "DWI_lesion_mae", True),
-    ("Lesion MAE ADC", "ADC_lesion_mae", True),
-    ("MAE DWI", "DWI_mae", True),
-    ("MAE ADC", "ADC_mae", True),
-    ("PSNR DWI (dB)", "DWI_psnr", False),
-    ("PSNR ADC (dB)", "ADC_psnr", False),
-    ("Core Dice", "core_dice", False),
-)
-# (row label, evaluate() column): rDWI / rADC, better when closer to the ground truth's
-CONTRASTS: tuple[tuple[str, str], ...] = (
-    ("Lesion contrast DWI", "DWI_lesion_contrast"),
-    ("Lesion contrast ADC", "ADC_lesion_contrast"),
-)
 
 
 # viewer cases --------------------------------------------------------------------------------
@@ -185,101 +159,3 @@ def save_viewer_case(layers: Mapping[str, LayerInput], parent: str | os.PathLike
     """
     case = case_from_layers(layers, name)
     return write_case(case, Path(parent) / case.info["case"], overwrite=overwrite)
-
-
-# training set --------------------------------------------------------------------------------
-def training_dataset(sources: Sequence[Source], profile: str, *, seed: int = 0,
-                     require_lesion: bool = True, progress: ProgressCallback | None = None,
-                     cancel: CancelToken | None = None) -> Any:
-    """The post-training `SliceDataset` of case folders and in-memory cases.
-
-    Augmented as ``post_train`` augments a data folder's ``train`` split, on the base model's
-    ``profile`` grid; ``require_lesion`` (λ_lesion > 0) refuses cases without lesion mask.
-    """
-    from ctp2mri.data import SliceDataset
-
-    if not sources:
-        raise InputError("the training set is empty: add case folders, or tick 'Viewer case' and "
-                         "pick the layers of a case open in the viewer")
-    return SliceDataset(list(sources), profile=profile, augment=True, seed=seed,
-                        require_lesion=require_lesion, progress=progress, cancel=cancel)
-
-
-# before / after --------------------------------------------------------------------------------
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}-{n}"
-    taken.add(candidate)
-    return candidate
-
-
-def before_after(base: str | os.PathLike, new: str | os.PathLike, sources: Sequence[Source], *,
-                 n_steps: int = 10, seed: int = 0, batch_size: int = 16, device: str = "auto",
-                 progress: ProgressCallback | None = None,
-                 cancel: CancelToken | None = None) -> list[dict[str, Any]]:
-    """Score the base and the post-trained model on the training cases (`evaluate` rows).
-
-    Both models sample every brain slice of every case with DDIM (``n_steps``, η = 0) from the
-    same per-slice noise, so the difference is the models'. In-memory cases are written to a
-    temporary case folder first (the evaluation reads case folders), with their lesion as it
-    is now. ``progress(done, total, info)`` counts thousandths of the whole evaluation.
-    """
-    from ctp2mri.training.child import before_after_folders
-
-    with tempfile.TemporaryDirectory(prefix="ctp2mri-eval-") as tmp:
-        folders, taken = [], set()
-        for index, source in enumerate(sources):
-            if isinstance(source, Case):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                name = _unique(str(source.info.get("case") or f"case_{index:03d}"), taken)
-                folders.append(write_case(source, Path(tmp) / name))
-            else:
-                folders.append(Path(source))
-        return before_after_folders({BASE_LABEL: base, NEW_LABEL: new}, folders, n_steps=n_steps, seed=seed,
-                                    batch_size=batch_size, device=device, progress=progress, cancel=cancel)
-
-
-def metric_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean over cases of the lesion and image metrics, base vs post-trained.
-
-    The lesion contrasts (rDWI, rADC: is the painted lesion drawn at all) follow the lesion
-    MAEs; their label gives the ground truth's value, and closer to it is better.
-
-    Returns
-    -------
-    list of dict
-        ``label``, ``key``, ``base``, ``new`` (means, NaN where no case has a value, e.g. lesion
-        MAE without lesion), ``change`` (new − base), ``better`` (True/False, None if NaN or
-        unchanged) and ``digits`` to show.
-    """
-    from ctp2mri.evaluation.tables import summarise
-
-    summary = summarise(rows)
-
-    def mean(model: str, key: str) -> float:
-        return summary.get(model, {}).get(key, {}).get("mean", math.nan)
-
-    out = []
-    for label, key, lower_is_better in METRICS:
-        base, new = mean(BASE_LABEL, key), mean(NEW_LABEL, key)
-        change = new - base
-        better = None if not math.isfinite(change) else (change < 0) == lower_is_better and change != 0
-        out.append({"label": label, "key": key, "base": base, "new": new, "change": change,
-                    "better": better, "digits": 2 if "psnr" in key else 4})
-        if key == "ADC_lesion_mae":
-            out += [_contrast_row(c_label, c_key, mean) for c_label, c_key in CONTRASTS]
-    return out
-
-
-def _contrast_row(label: str, key: str, mean: Callable[[str, str], float]) -> dict[str, Any]:
-    base, new, true = mean(BASE_LABEL, key), mean(NEW_LABEL, key), mean(BASE_LABEL, f"{key}_true")
-    change = new - base
-    gaps = abs(new - true), abs(base - true)
-    better = None if not all(map(math.isfinite, (*gaps, change))) or gaps[0] == gaps[1] else gaps[0] < gaps[1]
-    shown = f"{label} (true {true:.2f})" if math.isfinite(true) else label
-    return {"label": shown, "key": key, "base": base, "new": new, "change": change,
-            "better": better, "digits": 3}
-

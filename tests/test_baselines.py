@@ -15,8 +15,10 @@ from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.data import SliceDataset
 from ctp2mri.diffusion import BrownianBridge
 from ctp2mri.errors import Cancelled, InputError
-from ctp2mri.evaluation.evaluate import evaluate, named_models, write_comparison
-from ctp2mri.synthesis.inference import LoadedBridge, LoadedPix2Pix, load_model, model_label, sample_slices
+from ctp2mri.evaluation.evaluate import evaluate, named_models
+from ctp2mri.evaluation.report import write_comparison
+from ctp2mri.synthesis.inference import sample_slices
+from ctp2mri.synthesis.loading import LoadedBridge, LoadedPix2Pix, load_model, model_label
 from ctp2mri.models import BrownianBridgeLDM
 from ctp2mri.progress import CancelToken
 from ctp2mri.training import post_train, train_autoencoder, train_bbdm, train_pix2pix
@@ -197,6 +199,18 @@ def test_post_train_continues_a_cbbdm_as_a_cbbdm(cbbdm_dir, plain, tmp_path):
     assert any(float(r["lesion_loss"]) > 0 for r in rows)
 
 
+def test_a_cbbdm_is_post_trained_and_compared_as_a_cldm_is(cbbdm_dir, phantom_data, tmp_path):
+    from ctp2mri.evaluation.post_train_compare import post_train_and_compare
+    from ctp2mri.training.post_train import PostTrainSettings
+
+    result = post_train_and_compare(cbbdm_dir, tmp_path / "pt", [phantom_data / "case_001"],
+                                    PostTrainSettings(steps=1, batch_size=2, lr=1e-3), device="cpu",
+                                    compare_steps=1)
+    assert model_label(load_checkpoint(result.out, names=["ema"], kind="cbbdm")[1]) == "cBBDM-PT"
+    assert [(r["case"], r["model"], r["sampler"]) for r in result.rows] == [
+        ("case_001", "base", "bbdm"), ("case_001", "post-trained", "bbdm")]
+
+
 # --------------------------------------------------------------------------- Pix2Pix
 def test_pix2pix_resume_retraces_and_its_checkpoint_evaluates(plain, phantom_data, pix2pix_dir, tmp_path):
     kwargs = dict(steps=4, batch_size=4, checkpoint_every=10, generator_config=TINY_G,
@@ -223,7 +237,7 @@ def test_pix2pix_resume_retraces_and_its_checkpoint_evaluates(plain, phantom_dat
 def test_several_kinds_are_scored_alike_and_written_as_one_table(phantom_data, cbbdm_dir, pix2pix_dir, tiny_cldm,
                                                                  tmp_path):
     models = {"Pix2Pix": pix2pix_dir, "cBBDM": cbbdm_dir, "cLDM": tiny_cldm}
-    rows, summary = evaluate(None, phantom_data, "test", n_steps=2, seed=4, device="cpu", models=models)
+    rows, summary = evaluate(models, phantom_data, "test", n_steps=2, seed=4, device="cpu")
     assert [r["model"] for r in rows] == list(models) and len({r["case"] for r in rows}) == 1
     assert [(r["sampler"], r["steps"]) for r in rows] == [("generator", 1), ("bbdm", 2), ("ddim", 2)]
     assert all(r["seed"] == 4 and r["eta"] == 0.0 for r in rows)

@@ -14,16 +14,10 @@ from _helpers_cldm import SMALL_AE
 from safetensors.torch import save_file
 
 from ctp2mri import checkpoints
-from ctp2mri.checkpoints import (
-    capture_rng_state,
-    load_checkpoint,
-    load_training_state,
-    read_config,
-    restore_rng_state,
-    save_checkpoint,
-)
+from ctp2mri.checkpoints import load_checkpoint, load_training_state, read_config, save_checkpoint
 from ctp2mri.errors import InputError
 from ctp2mri.models import ConditionalLDM, PatchGANDiscriminator, VQAutoencoder
+from ctp2mri.training.rng import capture_rng_state, restore_rng_state
 
 CONFIG = {
     "kind": "autoencoder",

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from ctp2mri.evaluation import metrics
+from ctp2mri.evaluation import lesion_metrics, metrics
 from ctp2mri.evaluation.compare import (
     METRIC_INFO,
     compare_volumes,
@@ -120,9 +120,9 @@ def test_slices_add_up_to_the_volume_and_match_the_metrics(case):
     lo, hi = prepared.ranges["ADC"]
     adc_units = (prepared.pred[1] + 1) * (hi - lo) / 2 + lo
     assert whole["ADC_lesion_contrast"] == pytest.approx(
-        metrics.lesion_contrast(adc_units, prepared.lesion, prepared.brain), rel=1e-6)
+        lesion_metrics.lesion_contrast(adc_units, prepared.lesion, prepared.brain), rel=1e-6)
     assert whole["ADC_lesion_contrast_true"] < whole["ADC_lesion_contrast"] < 1
-    assert slices[k]["DWI_lesion_contrast_true"] == pytest.approx(metrics.lesion_contrast(
+    assert slices[k]["DWI_lesion_contrast_true"] == pytest.approx(lesion_metrics.lesion_contrast(
         (prepared.target[0, ..., k] + 1) * np.subtract(*prepared.ranges["DWI"][::-1]) / 2
         + prepared.ranges["DWI"][0], prepared.lesion[..., k], brain_k), rel=1e-6)
 
@@ -152,8 +152,8 @@ def test_perfusion_core_rows_are_dice_and_volume_against_the_lesion(case):
     inside, lesion_in = (perfusion_core != 0) & brain, lesion & brain
     for scope, cut in (("volume", np.s_[...]), ("slice", np.s_[..., 2])):
         values = table[scope]
-        assert values["perfusion_core_dice_lesion"] == metrics.dice(inside[cut], lesion_in[cut])
-        assert values["perfusion_core_ml"] == metrics.volume_ml(inside[cut], SPACING)
+        assert values["perfusion_core_dice_lesion"] == lesion_metrics.dice(inside[cut], lesion_in[cut])
+        assert values["perfusion_core_ml"] == lesion_metrics.volume_ml(inside[cut], SPACING)
     assert 0 < table["volume"]["perfusion_core_dice_lesion"] < 1
     # beside the synthetic ADC core's rows, labelled as the widget shows them
     keys = list(table["volume"])

@@ -14,11 +14,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from ctp2mri.augmentation import Augmentation
 from ctp2mri.casefolder import read_case
-from ctp2mri.data import Augmentation, SliceDataset, lesion_slice_weights, normalise_case
+from ctp2mri.data import SliceDataset, normalise_case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
 from ctp2mri.preprocessing.preprocess import denormalise_mri
+from ctp2mri.training.sampling import lesion_slice_weights
 
 ALL = ("ctp", "dwi", "adc", "lesion", "mask")
 

@@ -120,7 +120,7 @@ def test_the_repository_ships_the_demo_models_small_loadable_and_documented():
     assert not list(root.rglob("training_state*"))  # weights only
     for doc in ("MODEL_CARD.md", "REPORT.md"):
         assert (root / doc).is_file(), doc
-    from ctp2mri.synthesis.inference import load_model
+    from ctp2mri.synthesis.loading import load_model
 
     model = load_model("demo", device="cpu")
     base = read_config(found["demo-base"])

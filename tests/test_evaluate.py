@@ -13,20 +13,18 @@ import pytest
 import torch
 from _helpers_cldm import save_tiny_cldm
 
-from ctp2mri.casefolder import read_case
+from ctp2mri.casefolder import read_case, write_case
 from ctp2mri.data import normalise_case
 from ctp2mri.errors import Cancelled, InputError
-from ctp2mri.evaluation.evaluate import (
-    _score_case,
-    case_seed,
-    evaluate,
-    fid_status,
-    format_report,
-)
-from ctp2mri.synthesis.inference import load_model, sample_slices
-from ctp2mri.evaluation.metrics import METRICS, channel_metrics, core_mask_from_adc, dice, flat_metrics
-from ctp2mri.progress import CancelToken
+from ctp2mri.evaluation.evaluate import evaluate, fid_status
+from ctp2mri.evaluation.lesion_metrics import core_mask_from_adc, dice
+from ctp2mri.evaluation.metrics import METRICS, channel_metrics, flat_metrics
+from ctp2mri.evaluation.report import format_report
+from ctp2mri.evaluation.scoring import case_seed, figure_rows, score_case
 from ctp2mri.evaluation.tables import summarise
+from ctp2mri.progress import CancelToken
+from ctp2mri.synthesis.inference import sample_slices
+from ctp2mri.synthesis.loading import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,7 +106,7 @@ def test_core_of_a_perfect_prediction_is_the_true_adc_core(data):
     name = CASES[0]
     case = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
     part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
-    row, core = _score_case(name, "oracle", case, part, part.target.copy(), {})
+    row, core = score_case(name, "oracle", case, part, part.target.copy(), {})
     assert row["DWI_mae"] == 0 and row["ADC_lesion_mae"] == 0 and row["ADC_psnr"] == math.inf
     assert row["DWI_ms_ssim"] == pytest.approx(1.0, abs=1e-6)
     true_core = core_mask_from_adc(case.adc.array, case.mask.array, spacing=case.ctp.spacing)
@@ -133,7 +131,7 @@ def test_lesion_contrast_is_one_when_the_lesion_is_painted_over(data):
     for c in range(2):
         channel = pred[:, c]
         channel[lesion] = np.median(channel[brain & ~lesion])
-    row, _ = _score_case(name, "painted over", case, part, pred, {})
+    row, _ = score_case(name, "painted over", case, part, pred, {})
     assert row["DWI_lesion_mae"] > 0.2 and row["DWI_mae"] < row["DWI_lesion_mae"] / 10
     for channel in ("DWI", "ADC"):
         assert row[f"{channel}_lesion_contrast"] == pytest.approx(1.0, abs=1e-3)
@@ -147,11 +145,11 @@ def test_lesion_free_case_has_no_dice_but_counts_its_false_core(data):
     full = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
     case = replace(full, lesion=replace(full.lesion, array=np.zeros_like(full.lesion.array)))
     part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
-    truth_row, _ = _score_case(name, "m", case, part, part.target.copy(), {})
+    truth_row, _ = score_case(name, "m", case, part, part.target.copy(), {})
     assert math.isnan(truth_row["core_dice"]) and math.isnan(truth_row["core_gt_adc_dice"])
     assert math.isnan(truth_row["ADC_lesion_contrast"]) and math.isnan(truth_row["ADC_lesion_mae"])
     assert truth_row["core_true_ml"] == 0 and truth_row["core_abs_volume_diff_ml"] == truth_row["core_pred_ml"]
-    lesion_row, _ = _score_case(CASES[0], "m", *_normalised(data, CASES[0]), {})
+    lesion_row, _ = score_case(CASES[0], "m", *_normalised(data, CASES[0]), {})
     rows = [{**truth_row, "model": "m"}, {**lesion_row, "model": "m"}]
     text = format_report(summarise(rows), rows, n_steps=1, eta=0.0, seed=0, split="test")
     assert f"Dice {lesion_row['core_dice']:.3f} over 1 lesion cases" in text
@@ -159,7 +157,7 @@ def test_lesion_free_case_has_no_dice_but_counts_its_false_core(data):
 
 
 def _normalised(data, name):
-    """(case, its slices, a perfect prediction) for `_score_case`."""
+    """(case, its slices, a perfect prediction) for `score_case`."""
     case = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
     part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
     return case, part, part.target.copy()
@@ -171,7 +169,7 @@ def test_case_without_lesion_mask_has_no_lesion_scores(data):
     part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
     pred = part.target.copy()
     pred[:, 1] = -1.0 * part.brain[:, 0]  # the lowest ADC everywhere in the brain: all core
-    row, core = _score_case(name, "m", case, part, pred, {})
+    row, core = score_case(name, "m", case, part, pred, {})
     assert math.isnan(row["DWI_lesion_mae"]) and math.isnan(row["core_dice"])
     brain_ml = case.mask.array.sum() * np.prod(case.ctp.spacing) / 1000
     assert row["core_pred_ml"] == pytest.approx(brain_ml, rel=1e-6) and core.sum() == case.mask.array.sum()
@@ -182,12 +180,11 @@ def test_progress_covers_every_slice_step(result):
     total = sum(r["n_slices"] for r in rows) * STEPS
     steps = [c[0] for c in calls]
     assert steps == sorted(steps) and steps[-1] == total and {c[1] for c in calls} == {total}
-    assert {c[2]["case"] for c in calls} == set(CASES)
+    assert {(c[2]["case"], c[2]["cases_done"], c[2]["cases_total"]) for c in calls} == {
+        (name, i, len(CASES)) for i, name in enumerate(CASES)}
 
 
 def test_figure_rows_show_every_model_on_the_largest_lesions():
-    from ctp2mri.evaluation.evaluate import figure_rows
-
     cands = {c: [f"{c}/base", f"{c}/pt"] for c in ("a", "b", "c", "d")}
     voxels = {"a": 0, "b": 50, "c": 900, "d": 50}
     assert figure_rows(cands, voxels, rows=4) == ["c/base", "c/pt", "b/base", "b/pt"]  # ties keep case order
@@ -216,9 +213,27 @@ def test_report_is_table1_shaped_and_states_the_sampler(result):
     assert "Lesion contrast" in text and "(true " in text
 
 
+def test_in_memory_cases_score_as_the_same_cases_written_as_folders(result, data, tiny_cldm, tmp_path):
+    """Cases in memory are scored directly (nothing written), with exactly the numbers of the
+    same cases in case folders, and of the data folder's split (but for the ``split`` column)."""
+    cases = [read_case(data / name) for name in CASES]
+    for case in cases:
+        case.path = None  # named by case.json's "case", as a case made in napari
+    folders = [write_case(case, tmp_path / "written" / case.info["case"]) for case in cases]
+    settings = dict(n_steps=STEPS, seed=3, batch_size=8, device="cpu")
+    in_memory, summary = evaluate(tiny_cldm, cases, **settings)
+    from_folders, _ = evaluate(tiny_cldm, folders, **settings)
+    assert [(r["case"], r["split"]) for r in in_memory] == [(name, "all") for name in CASES]
+    assert [list(r) for r in in_memory] == [list(r) for r in from_folders]
+    np.testing.assert_equal(in_memory, from_folders)  # to the last digit, NaN where NaN
+    split_rows, _, _, _ = result
+    np.testing.assert_equal([{**r, "split": "all"} for r in split_rows], in_memory)
+    assert summary["cLDM"]["DWI_mae"]["n"] == 2
+
+
 def test_several_models_share_cases_and_seeds(data, tiny_cldm):
-    rows, summary = evaluate(None, data, "test", n_steps=1, device="cpu", max_cases=1,
-                             models={"a": tiny_cldm, "b": tiny_cldm})
+    rows, summary = evaluate({"a": tiny_cldm, "b": tiny_cldm}, data, "test", n_steps=1, device="cpu",
+                             max_cases=1)
     assert [(r["case"], r["model"]) for r in rows] == [("case_000", "a"), ("case_000", "b")]
     assert rows[0]["DWI_mae"] == rows[1]["DWI_mae"]  # same weights, same noise
     assert set(summary) == {"a", "b"}
@@ -299,7 +314,7 @@ def test_data_folder_without_cases_or_split(tiny_cldm, data, tmp_path):
     with pytest.raises(InputError, match="split 'train' .* is empty"):
         evaluate(tiny_cldm, data, "train", n_steps=1, device="cpu")
     with pytest.raises(InputError, match="no model"):
-        evaluate(None, data, "test")
+        evaluate({}, data, "test")
 
 
 def test_model_of_another_profile_asks_for_preprocess(data, tmp_path):

@@ -151,7 +151,7 @@ def test_edited_or_foreign_cases_get_no_noise_free_reference(data, checkpoint, t
 
 
 def test_lesion_contrast_of_reconstruction_and_input_per_lesion_case(data, checkpoint):
-    from ctp2mri.evaluation.metrics import lesion_contrast
+    from ctp2mri.evaluation.lesion_metrics import lesion_contrast
     from ctp2mri.preprocessing.preprocess import denormalise_mri
 
     with one_thread():

@@ -11,8 +11,10 @@ from _helpers_cldm import NORMALISATION, save_tiny_cldm
 from ctp2mri.checkpoints import load_checkpoint
 from ctp2mri.diffusion import ddim_sample
 from ctp2mri.errors import Cancelled, InputError
-from ctp2mri.synthesis.inference import load_model, sample_slices, slice_seed
 from ctp2mri.progress import CancelToken
+from ctp2mri.synthesis.inference import sample_slices
+from ctp2mri.synthesis.loading import load_model
+from ctp2mri.synthesis.seeding import slice_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,7 +15,8 @@ from _helpers_cldm import TINY_AE, TINY_CLDM, TINY_D
 
 from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.errors import InputError
-from ctp2mri.synthesis.inference import load_model, model_label, sample_slices
+from ctp2mri.synthesis.inference import sample_slices
+from ctp2mri.synthesis.loading import load_model, model_label
 from ctp2mri.losses import condition_loss, lesion_reconstruction_loss, min_snr_weights, weighted_latent_loss
 from ctp2mri.models import ConditionalLDM, model_config
 from ctp2mri.models.conditioning import PerfusionEncoder, perfusion_features

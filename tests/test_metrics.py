@@ -12,6 +12,7 @@ from monai.metrics import MultiScaleSSIMMetric
 from monai.metrics.regression import compute_ssim_and_cs
 from scipy import ndimage
 
+from ctp2mri.evaluation import lesion_metrics as L
 from ctp2mri.evaluation import metrics as M
 from ctp2mri.evaluation import tables as T
 from ctp2mri.errors import InputError
@@ -212,40 +213,40 @@ def test_lesion_contrast_is_rdwi_radc(no_warnings):
     lesion = np.zeros_like(brain)
     lesion[0, 5:7, 5:7] = True
     adc[lesion] = 400.0
-    assert M.lesion_contrast(adc, lesion, brain) == pytest.approx(0.5)  # the median is tissue
+    assert L.lesion_contrast(adc, lesion, brain) == pytest.approx(0.5)  # the median is tissue
     dwi = np.where(brain, 100.0, 0.0)
     dwi[lesion] = 180.0
-    assert M.lesion_contrast(torch.from_numpy(dwi), lesion, brain) == pytest.approx(1.8)
+    assert L.lesion_contrast(torch.from_numpy(dwi), lesion, brain) == pytest.approx(1.8)
     # invisible: the lesion is the tissue around it
-    assert M.lesion_contrast(np.where(brain, 800.0, 0.0), lesion, brain) == pytest.approx(1.0)
-    assert math.isnan(M.lesion_contrast(adc, np.zeros_like(lesion), brain))  # no lesion
-    assert math.isnan(M.lesion_contrast(adc, brain, brain))  # no brain outside it
+    assert L.lesion_contrast(np.where(brain, 800.0, 0.0), lesion, brain) == pytest.approx(1.0)
+    assert math.isnan(L.lesion_contrast(adc, np.zeros_like(lesion), brain))  # no lesion
+    assert math.isnan(L.lesion_contrast(adc, brain, brain))  # no brain outside it
     with pytest.raises(InputError, match="lesion contrast"):
-        M.lesion_contrast(adc, lesion[:, :5], brain)
+        L.lesion_contrast(adc, lesion[:, :5], brain)
 
 
 # infarct core ------------------------------------------------------------------------------
 def test_dice_cases():
     a = np.zeros((4, 4, 4), bool)
     b = np.zeros_like(a)
-    assert M.dice(a, b) == 1.0  # both empty: agreement on "no core"
+    assert L.dice(a, b) == 1.0  # both empty: agreement on "no core"
     a[0, 0, :4] = True
-    assert M.dice(a, b) == 0.0  # one empty
-    assert M.dice(a, a) == 1.0
+    assert L.dice(a, b) == 0.0  # one empty
+    assert L.dice(a, a) == 1.0
     b[0, 0, :2] = True
-    assert M.dice(a, b) == pytest.approx(2 * 2 / (4 + 2))
+    assert L.dice(a, b) == pytest.approx(2 * 2 / (4 + 2))
     c = np.zeros_like(a)
     c[3, 3, 3] = True
-    assert M.dice(a, c) == 0.0  # disjoint
+    assert L.dice(a, c) == 0.0  # disjoint
 
 
 def test_volume_ml_with_anisotropic_spacing():
     mask = np.zeros((10, 10, 4), np.uint8)
     mask[:5, :2, :1] = 1  # 10 voxels of 2 × 2 × 5 mm = 200 mm³
-    assert M.volume_ml(mask, (2.0, 2.0, 5.0)) == pytest.approx(0.2)
-    assert M.volume_ml(mask, (1.0, 1.0, 5.0)) == pytest.approx(0.05)
+    assert L.volume_ml(mask, (2.0, 2.0, 5.0)) == pytest.approx(0.2)
+    assert L.volume_ml(mask, (1.0, 1.0, 5.0)) == pytest.approx(0.05)
     with pytest.raises(InputError, match="spacing"):
-        M.volume_ml(mask, (1.0, 1.0))
+        L.volume_ml(mask, (1.0, 1.0))
 
 
 def test_core_mask_from_synthetic_adc_keeps_blob_and_drops_speck():
@@ -264,24 +265,24 @@ def test_core_mask_from_synthetic_adc_keeps_blob_and_drops_speck():
     adc[chain] = 600.0
     assert brain[chain].all() and not blob[chain].any()
 
-    core = M.core_mask_from_adc(adc, brain, spacing=spacing)
+    core = L.core_mask_from_adc(adc, brain, spacing=spacing)
     assert core.dtype == bool
     np.testing.assert_array_equal(core, blob)
-    assert M.volume_ml(core, spacing) == pytest.approx(blob.sum() * 0.02)
-    kept = M.core_mask_from_adc(adc, brain, spacing=spacing, min_component_ml=0.0)
+    assert L.volume_ml(core, spacing) == pytest.approx(blob.sum() * 0.02)
+    kept = L.core_mask_from_adc(adc, brain, spacing=spacing, min_component_ml=0.0)
     assert kept.sum() == blob.sum() + 1 + 12
-    assert not M.core_mask_from_adc(adc, brain, spacing=spacing, threshold=450.0).any()
+    assert not L.core_mask_from_adc(adc, brain, spacing=spacing, threshold=450.0).any()
 
     # a partial-volume rim along the brain's edge (resampled zero background) and its guard
     edge = brain & ~ndimage.binary_erosion(brain)
     rimmed = adc.copy()
     rimmed[edge] = 300.0
-    assert M.core_mask_from_adc(rimmed, brain, spacing=spacing).sum() > blob.sum() + 100
-    guarded = M.core_mask_from_adc(rimmed, brain, spacing=spacing, exclude_rim_mm=5.0)
+    assert L.core_mask_from_adc(rimmed, brain, spacing=spacing).sum() > blob.sum() + 100
+    guarded = L.core_mask_from_adc(rimmed, brain, spacing=spacing, exclude_rim_mm=5.0)
     np.testing.assert_array_equal(guarded, blob)
 
-    cmp = M.core_comparison(core, blob[:, :, :] & (ii < 14), spacing)  # truth: half the blob
-    assert cmp["true_ml"] < cmp["pred_ml"] == pytest.approx(M.volume_ml(blob, spacing))
+    cmp = L.core_comparison(core, blob[:, :, :] & (ii < 14), spacing)  # truth: half the blob
+    assert cmp["true_ml"] < cmp["pred_ml"] == pytest.approx(L.volume_ml(blob, spacing))
     assert cmp["volume_diff_ml"] == pytest.approx(cmp["pred_ml"] - cmp["true_ml"])
     assert cmp["volume_diff_ml"] > 0  # overestimate is positive
     assert cmp["abs_volume_diff_ml"] == pytest.approx(abs(cmp["volume_diff_ml"]))
@@ -291,9 +292,9 @@ def test_core_mask_from_synthetic_adc_keeps_blob_and_drops_speck():
 def test_core_mask_refuses_adc_in_wrong_units():
     brain = np.ones((8, 8, 4), bool)
     with pytest.raises(InputError, match="10⁻⁶ mm²/s"):
-        M.core_mask_from_adc(np.full((8, 8, 4), 0.0008), brain, spacing=(1, 1, 5))
+        L.core_mask_from_adc(np.full((8, 8, 4), 0.0008), brain, spacing=(1, 1, 5))
     with pytest.raises(InputError, match="same grid"):
-        M.core_mask_from_adc(np.full((8, 8, 4), 800.0), brain[:, :, :2], spacing=(1, 1, 5))
+        L.core_mask_from_adc(np.full((8, 8, 4), 800.0), brain[:, :, :2], spacing=(1, 1, 5))
 
 
 # aggregation and Table 1 -------------------------------------------------------------------
@@ -346,7 +347,7 @@ def test_lesion_auc_equals_monai_roc_auc_with_ties_and_direction():
     import torch
     from monai.metrics import compute_roc_auc
 
-    from ctp2mri.evaluation.metrics import lesion_auc
+    from ctp2mri.evaluation.lesion_metrics import lesion_auc
 
     rng = np.random.default_rng(4)
     image = np.round(rng.normal(0.0, 1.0, (12, 10, 3)), 1)  # rounded: many ties

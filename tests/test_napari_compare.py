@@ -165,7 +165,7 @@ def test_wrong_layers_give_notifications_not_crashes(make_napari_viewer, qtbot, 
 
 
 def test_perfusion_core_rows_and_contours(make_napari_viewer, qtbot, notes):
-    from ctp2mri.evaluation.metrics import dice, volume_ml
+    from ctp2mri.evaluation.lesion_metrics import dice, volume_ml
 
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "stroke-phantom")

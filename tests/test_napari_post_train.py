@@ -16,19 +16,20 @@ import time
 
 import numpy as np
 import pytest
-from _helpers_cldm import one_thread, save_tiny_cldm
+from _helpers_cldm import save_tiny_cldm
 from _helpers_napari import errors
 from qtpy.QtCore import QTimer
 
 from ctp2mri.checkpoints import load_checkpoint, load_training_state
 from ctp2mri.errors import InputError
+from ctp2mri.evaluation.before_after import before_after, metric_rows
 from napari_ctp2mri._layers import layer_attributes as _layer_attributes
 from napari_ctp2mri._models import model_choices
 from napari_ctp2mri._post_train_widget import PostTrainWidget
 from napari_ctp2mri._synthesis_widget import SynthesisWidget
-from napari_ctp2mri._training_set import before_after, case_from_layers, metric_rows
+from napari_ctp2mri._training_set import case_from_layers, save_viewer_case
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_thread")]
 
 PLUGIN = "napari-ctp2mri"
 WAIT_MS = 180_000  # a run starts a child process (imports torch anew) on a busy machine
@@ -38,12 +39,6 @@ EVAL_STEPS = 2
 # test allows scheduling slack and the measured worst gap is printed (pytest -s) and reported.
 HEARTBEAT_LIMIT_MS = 1000
 PAINTED_SLICES = (15, 16)  # z indices of the sample case that hold lesion and brain
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +166,9 @@ def test_post_train_on_a_painted_lesion_registers_a_loadable_model(make_napari_v
               for role, combo in widget.pickers.items()}
     layers["lesion"] = (painted.data.copy(), _layer_attributes(painted))
     layers["lesion"][0][PAINTED_SLICES[0] + 3] = 0  # the stroke made after Start
-    expected = metric_rows(before_after(base, out, [case_from_layers(layers)], n_steps=EVAL_STEPS,
-                                        device="cpu"))
+    # as the child got it: a case folder (its CTP in whole HU)
+    sent = save_viewer_case(layers, tmp_path / "expected")
+    expected = metric_rows(before_after(base, out, [sent], n_steps=EVAL_STEPS, device="cpu"))
     shown = widget.result.metrics
     assert [row["label"] for row in shown] == [row["label"] for row in expected]
     np.testing.assert_allclose([[r["base"], r["new"]] for r in shown],
@@ -381,16 +377,24 @@ def test_wrong_layers_and_settings_give_notifications(make_napari_viewer, qtbot,
     assert widget.add_folders(tmp_path) == [] and "no case folders" in errors(notes)[-1]
     n_errors = len(errors(notes))
 
-    # a non-empty output folder, or nothing to continue
+    # a non-empty output folder, or nothing to continue: the core's rules, checked in the child
+    # before the cases are read, shown as a notification
+    def refused(message):
+        assert widget.start() is not None
+        qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+        assert len(errors(notes)) == n_errors + 1 and message in errors(notes)[-1]
+        assert widget.start_button.enabled and widget.result is None
+
     widget.use_viewer.value = True
     widget.pickers["lesion"].value = viewer.layers["lesion"]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("x")
-    assert widget.start() is None
-    assert "is not empty" in errors(notes)[-1] and "Continue the saved run" in errors(notes)[-1]
+    refused("is not empty")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["old.txt"]
     widget.resume.value = True
-    assert widget.start() is None and "no saved run to continue" in errors(notes)[-1]
-    n_errors = len(errors(notes))
+    n_errors += 1
+    refused("holds no checkpoint")
+    n_errors += 1
 
     # a base model folder that does not exist: found in the worker, shown as a notification
     widget.resume.value = False
@@ -426,30 +430,3 @@ def test_case_from_layers_reads_every_layer_on_the_ctp_grid():
     # shown again as a layer, it covers exactly the painted voxels
     shown = case_to_layer_data(type(truth)(ctp=truth.ctp, lesion=case.lesion))[1][0]
     np.testing.assert_array_equal(shown != 0, painted != 0)
-
-
-def test_metric_rows_average_cases_and_say_which_way_is_better():
-    rows = [{"case": c, "model": m, "DWI_lesion_mae": v, "DWI_psnr": p}
-            for c, m, v, p in (("a", "base", 0.4, 20.0), ("b", "base", 0.2, 22.0),
-                               ("a", "post-trained", 0.3, 19.0), ("b", "post-trained", 0.1, 21.0))]
-    table = {row["key"]: row for row in metric_rows(rows)}
-    mae, psnr = table["DWI_lesion_mae"], table["DWI_psnr"]
-    assert mae["base"] == pytest.approx(0.3) and mae["new"] == pytest.approx(0.2)
-    assert mae["change"] == pytest.approx(-0.1) and mae["better"] is True  # lower MAE: better
-    assert psnr["change"] == pytest.approx(-1.0) and psnr["better"] is False  # lower PSNR: worse
-    assert np.isnan(table["ADC_mae"]["base"]) and table["ADC_mae"]["better"] is None
-    assert [row["key"] for row in metric_rows(rows)][:4] == [
-        "DWI_lesion_mae", "ADC_lesion_mae", "DWI_lesion_contrast", "ADC_lesion_contrast"]
-
-
-def test_lesion_contrast_rows_are_better_when_closer_to_the_truth():
-    rows = [{"case": c, "model": m, "ADC_lesion_contrast": v, "ADC_lesion_contrast_true": 0.6,
-             "DWI_lesion_contrast": d, "DWI_lesion_contrast_true": 1.3}
-            for c, m, v, d in (("a", "base", 1.1, 1.0), ("b", "base", 0.9, 1.0),
-                               ("a", "post-trained", 0.8, 1.7), ("b", "post-trained", 0.8, 1.7))]
-    table = {row["key"]: row for row in metric_rows(rows)}
-    adc, dwi = table["ADC_lesion_contrast"], table["DWI_lesion_contrast"]
-    assert adc["label"] == "Lesion contrast ADC (true 0.60)" and adc["digits"] == 3
-    assert adc["base"] == pytest.approx(1.0) and adc["change"] == pytest.approx(-0.2)
-    assert adc["better"] is True  # 0.8 is nearer 0.6 than 1.0 is
-    assert dwi["change"] == pytest.approx(0.7) and dwi["better"] is False  # 1.7 overshoots 1.3 by more

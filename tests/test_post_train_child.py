@@ -26,11 +26,10 @@ def case_folder(tmp_path_factory) -> Path:
     return write_case(generate_case(1, profile="demo"), tmp_path_factory.mktemp("child") / "data" / "p001")
 
 
-def _job(base, out, folder, steps, resume=False, evaluate=None):
-    return {"base": str(base), "out": str(out), "sources": [str(folder)], "seed": 0, "threads": 1,
-            "evaluate": evaluate,
-            "settings": {"steps": steps, "batch_size": 2, "device": "cpu", "resume": resume,
-                         "lambda_image": 0.01, "lambda_lesion": 0.02}}
+def _job(base, out, folder, steps, resume=False, compare_steps=None):
+    return {"base": str(base), "out": str(out), "sources": [str(folder)], "threads": 1, "device": "cpu",
+            "resume": resume, "compare_steps": compare_steps,
+            "settings": {"steps": steps, "batch_size": 2, "seed": 0, "lambda_image": 0.01, "lambda_lesion": 0.02}}
 
 
 def _drain(run, on_event=None):
@@ -56,7 +55,7 @@ def _train_steps(events):
 
 def test_a_child_run_reports_progress_and_loss_and_writes_a_checkpoint(tiny_cldm, case_folder, tmp_path):
     out = tmp_path / "out"
-    run = start(_job(tiny_cldm, out, case_folder, 3, evaluate={"n_steps": 2, "labels": ["base", "new"]}))
+    run = start(_job(tiny_cldm, out, case_folder, 3, compare_steps=2))
     events = _drain(run)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "started" and kinds[-1] == "done", events[-1]
@@ -70,7 +69,7 @@ def test_a_child_run_reports_progress_and_loss_and_writes_a_checkpoint(tiny_cldm
                    for k in ("loss", "latent_loss", "image_loss", "lesion_loss"))
     done = events[-1]
     assert done["out"] == str(out) and done["steps"] == 3 and done["seconds"] > 0
-    assert {row["model"] for row in done["rows"]} == {"base", "new"}  # before/after, in the child
+    assert [row["model"] for row in done["rows"]] == ["base", "post-trained"]  # before/after, in the child
     assert run.returncode == 0
     nets, config = load_checkpoint(out, names=["ema"], kind="cldm")
     assert config["training"]["steps"] == 3 and config["training"]["data"]["cases"] == ["p001"]

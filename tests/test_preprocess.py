@@ -12,8 +12,8 @@ from ctp2mri.casefolder import read_case
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.io.nifti import save_nifti
 from ctp2mri.io.volume import Volume
+from ctp2mri.preprocessing.brain_mask import brain_mask_from_ctp
 from ctp2mri.preprocessing.preprocess import (
-    brain_mask_from_ctp,
     denormalise_mri,
     normalise_ctp,
     normalise_mri,

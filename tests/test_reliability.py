@@ -27,13 +27,16 @@ import pytest
 from _helpers_cldm import one_thread
 from _helpers_reliability import head_affine, listing, mri_like, save, tiny_head
 
-from ctp2mri import cli, progress
+from ctp2mri import progress
 from ctp2mri.cli import main
 from ctp2mri.errors import InputError, OutputWriteError, user_message
 from ctp2mri.io.atomic import atomic_dir, atomic_path, claim_output, clean_stale_partials
 from ctp2mri.io.jsonfile import strict_json
 from ctp2mri.io.volume import Volume
 
+# The module `main` runs in: main calls this module's build_parser, so patching the name the package
+# re-exports would not reach it (and the package's attribute `main` is the function, not this module).
+cli = importlib.import_module("ctp2mri.cli.main")
 SRC = str(Path(__file__).resolve().parents[1] / "src_core")
 
 
@@ -296,7 +299,7 @@ def test_dataloader_workers_leave_ctrl_c_to_the_main_process():
     code = textwrap.dedent(f"""
         import signal, sys
         sys.path.insert(0, {SRC!r})
-        from ctp2mri.training.loop import _leave_signals_to_the_main_process
+        from ctp2mri.training.batches import _leave_signals_to_the_main_process
         _leave_signals_to_the_main_process(0)
         print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)
     """)
@@ -540,7 +543,7 @@ def test_a_noise_brain_is_accepted_with_a_warning_naming_the_figure(tmp_path, ca
 
 
 def test_brain_masks_outside_a_heads_volume_are_named(tmp_path):
-    from ctp2mri.preprocessing.preprocess import brain_mask_notice
+    from ctp2mri.preprocessing.brain_mask import brain_mask_notice
 
     small = np.zeros((48, 56, 16), np.uint8)
     small[20:28, 20:28, :] = 1  # 8 × 8 voxels × 16 slices of 4 × 4 × 8 mm: 131 ml over 128 mm

@@ -4,6 +4,8 @@ progress/cancel, out-of-memory retries, bad input and the written files."""
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import FrozenInstanceError, replace
 
 import nibabel as nib
 import numpy as np
@@ -12,12 +14,16 @@ import torch
 from _helpers_cldm import NORMALISATION
 
 from ctp2mri.errors import Cancelled, InputError
-from ctp2mri.synthesis.inference import load_model, sample_slices
 from ctp2mri.io.nifti import load_nifti, save_nifti
 from ctp2mri.io.volume import Volume
 from ctp2mri.preprocessing.preprocess import resample_to_grid
 from ctp2mri.progress import CancelToken
-from ctp2mri.synthesis.synthesize import auto_batch_size, run_synthesize, synthesize, write_outputs
+from ctp2mri.settings import DEFAULT_SAMPLER, SAMPLER_STEPS
+from ctp2mri.synthesis.batch_size import auto_batch_size
+from ctp2mri.synthesis.inference import sample_slices
+from ctp2mri.synthesis.loading import load_model
+from ctp2mri.synthesis.sample_settings import SampleSettings
+from ctp2mri.synthesis.synthesize import run_synthesize, synthesize, write_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,6 +153,66 @@ def test_both_samplers_run_and_differ(case, model):
         synthesize(case.ctp, model, sampler="dpm++2m", eta=0.5, steps=STEPS)
     with pytest.raises(InputError, match="unknown sampler"):
         synthesize(case.ctp, model, sampler="euler", steps=STEPS)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"sampler": "euler"}, "unknown sampler 'euler'; choose one of dpm++2m, ddim"),
+    ({"sampler": "dpm++2m", "eta": 0.5}, "eta = 0.5 applies to DDIM only; dpm++2m is deterministic"),
+    ({"steps": 0}, "steps must be a whole number ≥ 1, got 0"),
+    ({"steps": 2.5}, "steps must be a whole number ≥ 1, got 2.5"),
+    ({"sampler": "ddim", "eta": 1.5}, "eta must be a finite number ≥ 0 and ≤ 1, got 1.5"),
+    ({"sampler": "ddim", "eta": float("nan")}, "eta must be a finite number ≥ 0 and ≤ 1, got nan"),
+    ({"samples": 0}, "samples must be a whole number ≥ 1, got 0"),
+    ({"seed": -1}, "seed must be a whole number ≥ 0"),
+    ({"batch_size": 0}, "batch size must be a whole number ≥ 1, got 0"),
+    ({"precision": "fp8"}, "unknown precision 'fp8'; choose one of fp32, bf16, fp16"),
+    ({"use_ema": "no"}, "use_ema must be True or False, got 'no'"),
+    ({"core_threshold": 0}, "core threshold (ADC, 10⁻⁶ mm²/s) must be a finite number > 0"),
+])
+def test_sample_settings_refuse_a_bad_value_with_one_clear_line(fields, words):
+    with pytest.raises(InputError, match=re.escape(words)) as caught:
+        SampleSettings(**fields)
+    assert "\n" not in str(caught.value)
+
+
+def test_sample_settings_defaults_steps_and_overrides(case, model):
+    default = SampleSettings()
+    assert default.sampler == DEFAULT_SAMPLER and default.steps is None and default.batch_size is None
+    assert default.n_steps == SAMPLER_STEPS[DEFAULT_SAMPLER]
+    assert replace(default, sampler="ddim").n_steps == SAMPLER_STEPS["ddim"]  # unset steps follow the sampler
+    assert replace(SampleSettings(steps=5), sampler="ddim").n_steps == 5  # given steps stay
+    whole = SampleSettings(steps=7.0, seed=3.0, eta=0)
+    assert type(whole.steps) is int and type(whole.seed) is int and type(whole.eta) is float
+    with pytest.raises(FrozenInstanceError):
+        default.seed = 1
+    # keyword overrides are checked as a whole with the settings they replace, before any work
+    with pytest.raises(InputError, match="applies to DDIM only"):
+        synthesize(case.ctp, model, SampleSettings(sampler="ddim", eta=0.5), sampler="dpm++2m")
+    with pytest.raises(TypeError, match="synthesize.. got unexpected keyword arguments: n_steps"):
+        synthesize(case.ctp, model, n_steps=STEPS)
+
+
+def test_settings_and_keyword_overrides_give_identical_output(case, model, tmp_path):
+    fields = {"sampler": "ddim", "steps": STEPS, "eta": 0.5, "samples": 2, "seed": 3, "batch_size": 4}
+    kw = {"brain_mask": case.mask}
+    by_settings = synthesize(case.ctp, model, SampleSettings(**fields), **kw)
+    by_keywords = synthesize(case.ctp, model, **fields, **kw)
+    overridden = synthesize(case.ctp, model, SampleSettings(seed=9, samples=1), **fields, **kw)
+    for other in (by_keywords, overridden):
+        for name in ("dwi", "adc", "core", "brain"):
+            assert np.array_equal(getattr(by_settings, name).array, getattr(other, name).array), name
+        for name in ("dwi", "adc"):
+            assert np.array_equal(by_settings.uncertainty[name].array, other.uncertainty[name].array)
+        for key in ("sampler", "steps", "eta", "samples", "seed", "batch_size", "network_calls"):
+            assert by_settings.report[key] == other.report[key], key
+    src, mask = tmp_path / "ctp.nii.gz", tmp_path / "mask.nii.gz"
+    save_nifti(case.ctp, src)
+    save_nifti(case.mask, mask)
+    run_synthesize(src, model, tmp_path / "settings", SampleSettings(**fields), mask=mask)
+    run_synthesize(src, model, tmp_path / "keywords", mask=mask, **fields)
+    for name in ("dwi", "adc", "uncertainty_adc"):
+        assert np.array_equal(load_nifti(tmp_path / "settings" / f"{name}.nii.gz").array,
+                              load_nifti(tmp_path / "keywords" / f"{name}.nii.gz").array), name
 
 
 def test_progress_reports_every_step(case, model):

@@ -13,7 +13,9 @@ from ctp2mri.casefolder import Case, write_case
 from ctp2mri.checkpoints import read_config
 from ctp2mri.cli import main
 from ctp2mri.io.volume import Volume
-from ctp2mri.recipes.train_paper import PAPER_RECIPES, forward_gflops, plan, torchrun_commands, train_paper
+from ctp2mri.recipes.paper_plan import forward_gflops, plan, torchrun_commands
+from ctp2mri.recipes.paper_recipe import PAPER_RECIPES
+from ctp2mri.recipes.train_paper import train_paper
 
 
 def _write_cases(root, names, shape=(192, 224), spacing=(1.0, 1.0, 5.0), n_slices=4, splits=None):

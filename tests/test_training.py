@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import subprocess
@@ -21,9 +22,9 @@ from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.losses import latent_loss
 from ctp2mri.models import ConditionalLDM, VQAutoencoder
 from ctp2mri.progress import CancelToken
-from ctp2mri.training import train_autoencoder, train_ldm
+from ctp2mri.training import TrainSettings, train_autoencoder, train_ldm
+from ctp2mri.training.batches import BatchStream
 from ctp2mri.training.distributed import DistInfo
-from ctp2mri.training.loop import BatchStream
 
 # TINY_AE, TINY_D, TINY_CLDM: networks far smaller than the demo profile's (the loops are under test)
 COMMON = {"device": "cpu", "num_workers": 0, "seed": 3, "log_every": 2}
@@ -147,6 +148,25 @@ def test_ldm_checkpoint_is_one_self_contained_folder(plain, ae_dir, tmp_path):
     ae_nets, _ = load_checkpoint(ae_dir, names=["model"])
     for k, v in ae_nets["model"].state_dict().items():  # the frozen autoencoder, unchanged
         assert torch.equal(v, nets["autoencoder"].state_dict()[k])
+
+
+def test_ldm_checkpoint_records_its_train_settings_and_resumes_from_them(plain, ae_dir, tmp_path):
+    settings = TrainSettings(steps=2, batch_size=4, lr=1e-3, grad_accum=2, grad_clip=1.0, ema_decay=0.9,
+                             lesion_oversample=2.0, loss_weighting="min-snr", snr_gamma=4.0, lesion_latent_weight=0.5,
+                             num_workers=0, seed=3, log_every=2)
+    out = train_ldm(plain, ae_dir, tmp_path / "ldm", settings, cldm_config=TINY_CLDM, device="cpu")
+    training = read_config(out)["training"]
+    record = settings.record(plain.profile.name, "fp32", DistInfo(0, 1, 0, torch.device("cpu")))
+    assert {k: training[k] for k in record} == record
+    for name in ("lesion_oversample", "loss_weighting", "snr_gamma", "lesion_latent_weight"):
+        assert training[name] == getattr(settings, name), name
+    assert "condition_loss_weight" not in training  # the paper's 0: not recorded, as before the option existed
+    # the settings object and its fields as keywords are one request: resume with either
+    train_ldm(plain, ae_dir, out, settings, steps=3, cldm_config=TINY_CLDM, device="cpu", resume=True)
+    with pytest.raises(InputError, match=r"snr_gamma: saved 4.0, now 5.0"):
+        train_ldm(plain, ae_dir, out, dataclasses.replace(settings, steps=4, snr_gamma=5.0), cldm_config=TINY_CLDM,
+                  device="cpu", resume=True)
+    assert len(_losses(out)) == 3
 
 
 def test_auto_scale_factor_is_one_over_the_latent_std_and_survives_resume(plain, ae_dir, tmp_path):
@@ -352,16 +372,16 @@ def test_ema_follows_litema_with_warmup_and_lr_scaling_follows_compvis():
 @pytest.mark.parametrize("trainer", ["autoencoder", "ldm"])
 def test_base_training_oversamples_lesion_slices_and_resume_keeps_the_factor(trainer, plain, ae_dir, tmp_path,
                                                                               monkeypatch):
-    from ctp2mri.training import loop
+    from ctp2mri.training import autoencoder, latent_run
 
     drawn: list[torch.Tensor | None] = []
 
-    class Recording(loop.BatchStream):
+    class Recording(BatchStream):
         def __init__(self, *args, weights=None, **kwargs):
             drawn.append(weights)
             super().__init__(*args, weights=weights, **kwargs)
 
-    monkeypatch.setattr(loop, "BatchStream", Recording)
+    monkeypatch.setattr(autoencoder if trainer == "autoencoder" else latent_run, "BatchStream", Recording)
     if trainer == "autoencoder":
         def train(out, **kw):
             return train_autoencoder(plain, out, steps=kw.pop("steps", 2), batch_size=4, lr=1e-3,

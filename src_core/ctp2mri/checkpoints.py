@@ -21,14 +21,12 @@ refused: unpickling runs arbitrary code from the file. Everything here goes thro
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import random
 import re
-import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +37,8 @@ from torch import nn
 import ctp2mri
 from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_dir
+from ctp2mri.provenance import provenance
+from ctp2mri.state_tree import decode_tree, encode_tree
 
 FORMAT = "ctp2mri-checkpoint"
 VERSION = 1
@@ -51,45 +51,6 @@ _MAX_LISTED = 12  # keys shown in a shape-mismatch message before "… and N mor
 
 
 # --------------------------------------------------------------------------- saving
-
-
-def git_commit() -> str | None:
-    """Commit of the source tree ctp2mri runs from (``+dirty`` if modified), or None."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def provenance(
-    command: str | None = None, data: Any = None, steps: int | None = None, **extra: Any
-) -> dict[str, Any]:
-    """Provenance block for config.json: when, by which code, from which data, how long."""
-    return {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "git_commit": git_commit(),
-        "ctp2mri_version": ctp2mri.__version__,
-        "torch_version": torch.__version__,
-        "data": data,
-        "steps": steps,
-        **extra,
-    }
-
-
 _WRAPPERS = (nn.parallel.DistributedDataParallel, torch.optim.swa_utils.AveragedModel)
 
 
@@ -177,7 +138,8 @@ def save_checkpoint(
         The keys ``format``, ``version``, ``networks`` and ``training_state`` are written here.
     training_state
         Optional tree of dicts / lists / tuples / scalars / strings / tensors / numpy arrays
-        (optimizer ``state_dict()``s, step, `capture_rng_state`, …), stored without pickle.
+        (optimizer ``state_dict()``s, step, RNG states, …), stored without pickle
+        (`ctp2mri.state_tree`).
     overwrite
         Replace an existing non-empty folder.
 
@@ -210,7 +172,7 @@ def save_checkpoint(
     state_json = None
     if training_state is not None:
         state_tensors: dict[str, torch.Tensor] = {}
-        state_json = _encode_tree(training_state, state_tensors, "")
+        state_json = encode_tree(training_state, state_tensors)
         files[TRAINING_STATE] = _tensors_for_file(state_tensors)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         mode = _default_file_mode(tmp)
@@ -432,86 +394,6 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any] | None:
         )
     try:
         tree = json.loads(file.read_text())
-        return _decode_tree(tree, tensors)
+        return decode_tree(tree, tensors)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{file} is damaged ({exc}); resume from another checkpoint") from None
-
-
-# --------------------------------------------------------------------------- state trees
-# A pickle-free codec for training state: JSON for structure and scalars, safetensors for
-# tensors. Dicts with non-string keys (optimizer state is keyed by parameter index) and
-# tuples (Adam's betas, RNG states) are tagged so they come back as they went in.
-
-
-def _encode_tree(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
-    if isinstance(obj, torch.Tensor):
-        key = where or "tensor"
-        while key in tensors:
-            key += "_"
-        tensors[key] = obj
-        return {"__tensor__": key}
-    if isinstance(obj, np.ndarray):
-        key = where or "array"
-        while key in tensors:
-            key += "_"
-        # safetensors has no unsigned 32/64-bit torch dtypes to round-trip; widen and record.
-        arr = obj.astype(np.int64) if obj.dtype in (np.uint32, np.uint64) else obj
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(arr))
-        return {"__ndarray__": key, "dtype": str(obj.dtype)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode_tree(v, tensors, f"{where}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode_tree(v, tensors, f"{where}.{i}") for i, v in enumerate(obj)]
-    if isinstance(obj, Mapping):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _encode_tree(v, tensors, f"{where}.{k}".lstrip(".")) for k, v in obj.items()}
-        items = [
-            [_encode_tree(k, tensors, f"{where}.key{i}"), _encode_tree(v, tensors, f"{where}.{k}")]
-            for i, (k, v) in enumerate(obj.items())
-        ]
-        return {"__items__": items}
-    raise TypeError(
-        f"training state at {where or '<root>'!r} is a {type(obj).__name__}, which cannot be "
-        "stored without pickle; convert it to tensors, numbers, strings, lists or dicts"
-    )
-
-
-def _decode_tree(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode_tree(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
-    if "__ndarray__" in obj:
-        return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
-    if "__tuple__" in obj:
-        return tuple(_decode_tree(v, tensors) for v in obj["__tuple__"])
-    if "__items__" in obj:
-        return {_decode_tree(k, tensors): _decode_tree(v, tensors) for k, v in obj["__items__"]}
-    return {k: _decode_tree(v, tensors) for k, v in obj.items()}
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy (legacy global), torch CPU and CUDA generator states, for exact resume."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of `capture_rng_state` (CUDA states only when CUDA is present)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.to(torch.uint8).cpu() for s in state["cuda"]])

@@ -19,26 +19,25 @@ key         shape        content
 
 Only slices holding brain are kept (``min_brain_fraction`` of the slice area), like the
 paper's brain-masked slices. Every case is read and normalised once, at construction, into
-contiguous tensors; nothing is re-read from NIfTI afterwards. Training augmentation (a
-left-right flip and a small affine, images bilinear, masks nearest neighbour) is a
-pure function of ``(seed, epoch, index)``, so it is reproducible whatever the DataLoader's
+contiguous tensors; nothing is re-read from NIfTI afterwards. Training augmentation
+(`ctp2mri.augmentation`: a left-right flip and a small affine, images bilinear, masks nearest
+neighbour) is a pure function of ``(seed, epoch, index)``, so it is reproducible whatever the DataLoader's
 worker count or sample order, and a resumed run sees the same augmented slices.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ctp2mri.augmentation import Augmentation
 from ctp2mri.case_slices import (
     PURPOSE,
     TARGETS,
@@ -48,20 +47,16 @@ from ctp2mri.case_slices import (
     lesion_volume,
     normalise_case,
 )
-from ctp2mri.casefolder import CASE_FILES, CASE_INFO, Case, is_case_folder, read_case
+from ctp2mri.casefolder import CASE_FILES, Case, is_case_folder, read_case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
 from ctp2mri.preprocessing.preprocess import CTP_HU_RANGE, MRI_QUANTILES
 from ctp2mri.profiles import Profile, get_profile
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.slice_cache import DATA_VERSION, cache_key, read_cache, write_cache
 
-__all__ = [
-    "DATA_VERSION", "TARGETS", "Augmentation", "CaseSlices", "LesionWeights", "SliceDataset",
-    "lesion_slice_weights", "normalise_case", "resolve_cases",
-]
+__all__ = ["TARGETS", "CaseSlices", "SliceDataset", "normalise_case", "resolve_cases"]
 
-# Part of every disk-cache key: bump it whenever normalisation or slice selection changes.
-DATA_VERSION = "1"
 SPLITS_FILE = "splits.json"
 
 CaseSource = Union[str, os.PathLike, Case]
@@ -130,73 +125,6 @@ def _split_cases(root: Path, split: str) -> list[Path | Case]:
     return folders
 
 
-# augmentation ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Augmentation:
-    """Training augmentation: a left-right flip and a small in-plane affine.
-
-    Applied jointly to images (bilinear) and masks (nearest), with zero padding (the
-    normalised background), then images and lesion are cut to the moved brain mask again so
-    the "zero outside the brain" contract holds for augmented samples too.
-    """
-
-    flip_prob: float = 0.5  # flip of H, the left-right axis: a stroke may sit in either hemisphere
-    affine_prob: float = 0.5
-    rotate_deg: float = 8.0  # ± in-plane rotation
-    scale: float = 0.05  # zoom within 1 ± scale
-    translate_px: float = 4.0  # ± shift along H and W in pixels
-
-    def __post_init__(self) -> None:
-        for name in ("flip_prob", "affine_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise InputError(f"augmentation {name} must lie in [0, 1], got {getattr(self, name)}")
-        for name in ("rotate_deg", "scale", "translate_px"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise InputError(f"augmentation {name} must be a non-negative number, got {getattr(self, name)}")
-        if self.scale >= 1:
-            raise InputError(f"augmentation scale must be below 1 (zoom within 1 ± scale), got {self.scale}")
-
-    def draw(self, rng: np.random.Generator) -> dict[str, Any]:
-        """One random draw: whether to flip, and the affine's angle, zooms and shifts (or None)."""
-        flip = bool(rng.random() < self.flip_prob)
-        affine = None
-        if rng.random() < self.affine_prob:
-            affine = {"angle": math.radians(self.rotate_deg) * rng.uniform(-1.0, 1.0),
-                      "zoom": 1.0 + self.scale * rng.uniform(-1.0, 1.0, size=2),
-                      "shift_px": self.translate_px * rng.uniform(-1.0, 1.0, size=2)}
-        return {"flip": flip, "affine": affine}
-
-    def apply(self, images: torch.Tensor, masks: torch.Tensor,
-              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment one slice: images (C, H, W) bilinearly, masks (M, H, W) by nearest neighbour.
-
-        The affine is a pixel-space rotation, anisotropic zoom and shift about the slice
-        centre, resampled with ``torch.nn.functional.grid_sample`` (zero padding). This
-        replaced MONAI's ``RandAffined``, which did the same at ~0.17 s per 19-channel demo
-        slice on this CPU — more than the network step itself; this takes ~2 ms.
-        """
-        draw = self.draw(rng)
-        if draw["flip"]:
-            images, masks = images.flip(-2), masks.flip(-2)
-        if draw["affine"] is None:
-            return images, masks
-        h, w = images.shape[-2:]
-        a = draw["affine"]
-        cos, sin = math.cos(a["angle"]), math.sin(a["angle"])
-        # Output pixel p (centred, in pixels, x along W, y along H) samples input A·p + b.
-        linear = np.array([[cos, -sin], [sin, cos]]) @ np.diag(1.0 / a["zoom"])
-        to_norm = np.diag([2.0 / w, 2.0 / h])  # pixels → grid_sample's [−1, 1] (align_corners=False)
-        theta = np.zeros((2, 3))
-        theta[:, :2] = to_norm @ linear @ np.linalg.inv(to_norm)
-        theta[:, 2] = to_norm @ a["shift_px"]
-        theta_t = torch.as_tensor(theta, dtype=torch.float32)[None]
-        grid = torch.nn.functional.affine_grid(theta_t, [1, 1, h, w], align_corners=False)
-        sample = torch.nn.functional.grid_sample
-        images = sample(images[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        masks = sample(masks[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
-        return images, masks
-
-
 # the dataset -----------------------------------------------------------------------------------
 class SliceDataset(Dataset):
     """Normalised axial slices of a set of cases, held in memory (see the module docstring).
@@ -232,7 +160,8 @@ class SliceDataset(Dataset):
     cache_dir
         Optional folder for an on-disk cache of each case folder's normalised slices
         (``<case>-<key>.safetensors``); the key hashes the case files' paths, sizes and
-        modification times, the settings and `DATA_VERSION`, so a changed case is re-read.
+        modification times, the settings and `DATA_VERSION`, so a changed case is re-read
+        (`ctp2mri.slice_cache`).
     progress, cancel
         Called after / checked before each case.
 
@@ -311,9 +240,10 @@ class SliceDataset(Dataset):
                    lesion: Volume | np.ndarray | None, cache: Path | None) -> tuple[CaseSlices, bool]:
         cache_file = None
         if cache is not None and isinstance(source, Path) and lesion is None:
-            cache_file = cache / f"{name}-{self._cache_key(source, prof)}.safetensors"
+            key = cache_key(source, prof, self.min_brain_fraction, self.cache_dtype)
+            cache_file = cache / f"{name}-{key}.safetensors"
             if cache_file.is_file():
-                part = _read_cache(cache_file, name)
+                part = read_cache(cache_file, name)
                 if part is not None:
                     if require_lesion and not part.has_lesion_mask:
                         raise InputError(f"case {name} has no {CASE_FILES['lesion']} ({PURPOSE['lesion']}); "
@@ -331,22 +261,8 @@ class SliceDataset(Dataset):
         dtype = np.float16 if self.cache_dtype == torch.float16 else np.float32
         part.target, part.cond = part.target.astype(dtype, copy=False), part.cond.astype(dtype, copy=False)
         if cache_file is not None:
-            _write_cache(cache_file, part)
+            write_cache(cache_file, part)
         return part, False
-
-    def _cache_key(self, folder: Path, prof: Profile | None) -> str:
-        digest = hashlib.sha256()
-        settings = {"version": DATA_VERSION, "profile": asdict(prof) if prof else None,
-                    "min_brain_fraction": self.min_brain_fraction, "dtype": str(self.cache_dtype),
-                    "ctp_hu_range": list(CTP_HU_RANGE), "quantiles": list(MRI_QUANTILES),
-                    "folder": str(folder.resolve())}
-        digest.update(json.dumps(settings, sort_keys=True).encode())
-        for filename in sorted((*CASE_FILES.values(), CASE_INFO)):
-            path = folder / filename
-            if path.is_file():
-                stat = path.stat()
-                digest.update(f"{filename}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-        return digest.hexdigest()[:24]
 
     # the Dataset protocol ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -446,63 +362,3 @@ def _unique_names(sources: Sequence[Path | Case]) -> list[str]:
     if len(set(names)) != len(names):
         raise InputError(f"case names are not unique: {names}; give each case its own name")
     return names
-
-
-# on-disk cache ---------------------------------------------------------------------------------
-def _write_cache(path: Path, part: CaseSlices) -> None:
-    from safetensors.torch import save_file
-
-    from ctp2mri.io.atomic import atomic_path
-
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(part, k)))
-               for k in ("target", "cond", "brain", "lesion", "slices")}
-    meta = {"name": part.name, "ranges": part.ranges, "profile": part.profile,
-            "has_lesion_mask": part.has_lesion_mask, "data_version": DATA_VERSION}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"case": json.dumps(meta)})
-
-
-def _read_cache(path: Path, name: str) -> CaseSlices | None:
-    """A cached case, or None when the file is unreadable (it is then rebuilt and replaced)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["case"])
-            t = {k: f.get_tensor(k) for k in ("target", "cond", "brain", "lesion", "slices")}
-    except Exception:  # noqa: BLE001 — any damage to a cache file only means a cache miss
-        return None
-    if meta.get("data_version") != DATA_VERSION:
-        return None
-    return CaseSlices(name, t["slices"].numpy(), t["target"].numpy(), t["cond"].numpy(), t["brain"].numpy(),
-                      t["lesion"].numpy(), {k: tuple(v) for k, v in meta["ranges"].items()}, meta["profile"],
-                      bool(meta["has_lesion_mask"]))
-
-
-# sampling --------------------------------------------------------------------------------------
-class LesionWeights(NamedTuple):
-    """Per-sample weights for ``torch.utils.data.WeightedRandomSampler``.
-
-    ``lesion_fraction`` is the share of lesion slices in the dataset, ``effective_fraction``
-    their expected share of the drawn samples.
-    """
-
-    weights: torch.Tensor
-    lesion_fraction: float
-    effective_fraction: float
-
-
-def lesion_slice_weights(dataset: SliceDataset, factor: float) -> LesionWeights:
-    """Weights that draw lesion-containing slices ``factor`` times as often as the others.
-
-    For lesion-aware post-training: the paper's lesions fill ~11 % of slices, so most batches
-    would carry no lesion term. With ``p`` the lesion-slice fraction the drawn share becomes
-    ``factor·p / (factor·p + 1 − p)``, reported as ``effective_fraction``.
-    """
-    factor = float(factor)
-    if not math.isfinite(factor) or factor <= 0:
-        raise InputError(f"the lesion over-sampling factor must be a positive number, got {factor}")
-    lesion = dataset.has_lesion.to(torch.float64)
-    weights = 1.0 + (factor - 1.0) * lesion
-    n = max(len(lesion), 1)
-    return LesionWeights(weights, float(lesion.sum()) / n, float((weights * lesion).sum() / weights.sum()))

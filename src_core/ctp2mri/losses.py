@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ctp2mri.settings import LAMBDA_IMAGE, LAMBDA_LESION
+from ctp2mri.settings import LAMBDA_IMAGE, LAMBDA_LESION, SNR_GAMMA
 
 __all__ = [
     "adaptive_gan_weight", "autoencoder_loss", "discriminator_factor", "generator_adversarial_loss",
@@ -49,7 +49,7 @@ def latent_loss(eps: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(eps_hat.float(), eps.float())
 
 
-def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float = SNR_GAMMA) -> torch.Tensor:
     """Per-sample weights min(SNR_t, γ) / SNR_t of the ε-loss (Min-SNR-γ, Hang et al. 2023).
 
     SNR_t = ᾱ_t / (1 − ᾱ_t). Not in the paper: the ε-objective weights the error in z_0 by

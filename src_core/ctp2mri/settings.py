@@ -7,8 +7,9 @@ project's choices for the demo profile.
 
 from __future__ import annotations
 
-__all__ = ["CORE_ADC_THRESHOLD", "DEFAULT_SAMPLER", "EMA_DECAY", "LAMBDA_IMAGE", "LAMBDA_LESION",
-           "MIN_CORE_COMPONENT_ML", "PRECISIONS", "SAMPLER_STEPS", "sampler_steps"]
+__all__ = ["AE_BASE_LR", "CORE_ADC_THRESHOLD", "DEFAULT_SAMPLER", "EMA_DECAY", "LAMBDA_IMAGE", "LAMBDA_LESION",
+           "LDM_BASE_LR", "MIN_CORE_COMPONENT_ML", "PRECISIONS", "SAMPLER_STEPS", "SNR_GAMMA", "WEIGHT_DECAY",
+           "sampler_steps"]
 
 #: Infarct core: ADC below this (10⁻⁶ mm²/s), the usual clinical threshold.
 CORE_ADC_THRESHOLD = 620.0
@@ -21,6 +22,16 @@ LAMBDA_LESION = 0.02
 
 #: Decay of the weights' exponential moving average (CompVis LDM's ``LitEma``).
 EMA_DECAY = 0.9999
+
+#: Base learning rates, scaled by accumulation × processes × batch (CompVis ``scale_lr``):
+#: the official VQGAN.yaml's, and the official ldm.yaml's (the paper's "2 × 10⁻⁶"), which the
+#: cBBDM and post-training use too.
+AE_BASE_LR = 4.5e-6
+LDM_BASE_LR = 2e-6
+#: AdamW weight decay of the latent models (torch's default, which CompVis uses).
+WEIGHT_DECAY = 0.01
+#: γ of min-SNR loss weighting, min(SNR_t, γ) / SNR_t (Hang et al. 2023's choice).
+SNR_GAMMA = 5.0
 
 #: Autocast precisions of training and sampling (CPU always computes in fp32).
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -8,10 +8,11 @@ import time
 from typing import Any
 
 from ctp2mri.bench.memory import PeakMemory
+from ctp2mri.settings import EMA_DECAY, LAMBDA_IMAGE, LAMBDA_LESION, WEIGHT_DECAY
 
 # The paper's best weights (Table 2); any non-zero pair decodes the same amount, so the timing
 # does not depend on the values, only on whether both are 0.
-_LAMBDAS = (0.01, 0.02)
+_LAMBDAS = (LAMBDA_IMAGE, LAMBDA_LESION)
 
 
 def _random_batch(batch_size: int, n_frames: int, h: int, w: int, generator, device) -> dict[str, Any]:
@@ -112,8 +113,8 @@ def bench_post_train(profile: str = "demo", batch_size: int = 16, steps: int = 1
     batch = _random_batch(batch_size, prof.n_frames, h, w, torch.Generator().manual_seed(seed), dev)
     autoencoder = VQAutoencoder(**model_config(prof.name, "autoencoder")).to(dev).eval().requires_grad_(False)
     model = ConditionalLDM(**model_config(prof.name, "cldm")).to(dev).train()
-    ema = EMA(model, 0.9999)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    ema = EMA(model, EMA_DECAY)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=WEIGHT_DECAY)
     schedule = NoiseSchedule().to(dev)
 
     variants = [("eq4", 0.0, 0.0, "input")] + [(t, *_LAMBDAS, t) for t in targets]

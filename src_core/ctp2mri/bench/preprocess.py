@@ -37,7 +37,8 @@ def bench_preprocess(shape: tuple[int, int, int] = (512, 512, 320),
         pages), peak anonymous memory, both also relative to the input size, and context.
     """
     from ctp2mri.io import load_volume
-    from ctp2mri.preprocessing.preprocess import AIR_HU, brain_mask_from_ctp, model_grid, resample_to_grid
+    from ctp2mri.preprocessing.brain_mask import brain_mask_from_ctp
+    from ctp2mri.preprocessing.preprocess import AIR_HU, model_grid, resample_to_grid
 
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)

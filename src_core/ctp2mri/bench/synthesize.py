@@ -16,8 +16,8 @@ _BENCH_NORMALISATION = {"dwi": {"lo": 50.0, "hi": 220.0}, "adc": {"lo": 420.0, "
 def _random_model(profile: str, device: Any) -> Any:
     """A `LoadedModel` of the profile's networks with random weights, on ``device``."""
     from ctp2mri.diffusion import NoiseSchedule
-    from ctp2mri.synthesis.inference import LoadedModel
     from ctp2mri.models.configs import build_network, model_config
+    from ctp2mri.synthesis.loading import LoadedModel
 
     nets = {kind: build_network(kind, model_config(profile, kind)).to(device).eval().requires_grad_(False)
             for kind in ("cldm", "autoencoder")}
@@ -99,8 +99,9 @@ def _bench_synthesize(model: str | os.PathLike | None, profile: str, steps: tupl
     import torch
 
     from ctp2mri.devices import resolve_device_with_notice
-    from ctp2mri.synthesis.inference import load_model
     from ctp2mri.phantom import generate_case
+    from ctp2mri.synthesis.loading import load_model
+    from ctp2mri.synthesis.sample_settings import SampleSettings
     from ctp2mri.synthesis.synthesize import synthesize
 
     if len(steps) != len(samplers):
@@ -108,8 +109,9 @@ def _bench_synthesize(model: str | os.PathLike | None, profile: str, steps: tupl
     dev, notice = resolve_device_with_notice(device)
     loaded = _random_model(profile, dev) if model is None else load_model(model, dev)
     case = generate_case(seed, profile=loaded.profile)
-    common = {"brain_mask": case.mask, "device": dev, "precision": precision, "seed": seed}
-    synthesize(case.ctp, loaded, sampler=samplers[-1], steps=1, **common)  # warm-up (allocator, cuDNN)
+    base = SampleSettings(precision=precision, seed=seed)
+    # warm-up: the allocator and cuDNN's choices, outside the timings
+    synthesize(case.ctp, loaded, base, sampler=samplers[-1], steps=1, brain_mask=case.mask)
     height, width = case.ctp.spatial_shape[:2]
     flops = _denoiser_flops(loaded, height, width)
 
@@ -122,8 +124,8 @@ def _bench_synthesize(model: str | os.PathLike | None, profile: str, steps: tupl
                 torch.cuda.reset_peak_memory_stats(dev)
             with PeakMemory() as mem:
                 started = time.perf_counter()
-                r = synthesize(case.ctp, loaded, sampler=sampler, steps=n_steps,
-                               batch_size=1 if mode == "naive" else None, **common)
+                r = synthesize(case.ctp, loaded, base, sampler=sampler, steps=n_steps,
+                               batch_size=1 if mode == "naive" else None, brain_mask=case.mask)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 total = time.perf_counter() - started

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from ctp2mri.bench.memory import PeakMemory
+from ctp2mri.settings import EMA_DECAY
 
 
 # training ----------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def bench_train(profile: str = "demo", kind: str = "ldm", batch_size: int = 16, 
     if kind == "ldm":
         ae.eval().requires_grad_(False)
         model = ConditionalLDM(**model_config(prof.name, "cldm")).to(dev).train()
-        ema = EMA(model, 0.9999)
+        ema = EMA(model, EMA_DECAY)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         schedule = NoiseSchedule().to(dev)
         n_params = parameter_count("cldm", model.config)

@@ -57,7 +57,8 @@ def _line(outcome) -> str:
 def _run(name: str, args: argparse.Namespace, start: Callable[..., object]) -> int:
     from tqdm.auto import tqdm
 
-    from ctp2mri.synthesis.cohort import SUMMARY_FILE, collect_cases
+    from ctp2mri.synthesis.cohort import collect_cases
+    from ctp2mri.synthesis.cohort_runner import SUMMARY_FILE
     from ctp2mri.progress import tqdm_progress
 
     cases, notes = collect_cases(args.ctp)
@@ -83,19 +84,19 @@ def _run(name: str, args: argparse.Namespace, start: Callable[..., object]) -> i
 
 def synthesize_cohort_command(args: argparse.Namespace) -> int:
     """``ctp2mri synthesize`` over several inputs (`ctp2mri.synthesis.cohort.synthesize_cohort`)."""
-    from ctp2mri.synthesis.cohort import synthesize_cohort
+    from ctp2mri.cli.options import sample_settings
     from ctp2mri.devices import resolve_device_with_notice
+    from ctp2mri.synthesis.cohort import synthesize_cohort
 
     _refuse_single_options(args, ("mask", "ground_truth", "series_uid"))
+    settings = sample_settings(args)  # a bad setting fails before any case is listed
     _, notice = resolve_device_with_notice(args.device)
     if notice:
         print(f"ctp2mri synthesize: {notice}")
 
     def start(cases, **hooks):
-        return synthesize_cohort(cases, args.model, args.out, overwrite=args.overwrite, sampler=args.sampler,
-                                 steps=args.steps, eta=args.eta, samples=args.samples, seed=args.seed,
-                                 batch_size=args.batch_size, device=args.device, precision=args.precision,
-                                 core_threshold=args.core_threshold, **hooks)
+        return synthesize_cohort(cases, args.model, args.out, settings, device=args.device,
+                                 overwrite=args.overwrite, **hooks)
 
     return _run("synthesize", args, start)
 

@@ -19,11 +19,12 @@ from typing import Any
 
 from ctp2mri.bundled import resolve_model
 from ctp2mri.errors import InputError
-from ctp2mri.evaluation.evaluate import CHANNELS, evaluate, write_rows
-from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
+from ctp2mri.evaluation.evaluate import evaluate
 from ctp2mri.evaluation.metrics import METRICS
-from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.evaluation.report import CHANNELS, write_rows
 from ctp2mri.evaluation.tables import format_table1
+from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
+from ctp2mri.progress import CancelToken, ProgressCallback
 
 __all__ = ["PAPER_GRID", "ablate", "format_table2", "pair_label", "parse_grid"]
 
@@ -150,8 +151,8 @@ def ablate(base: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.P
                        progress=_staged(progress, f"post-train {label}"), cancel=cancel)
         checkpoints[label] = run_dir
 
-    cases, summary = evaluate(None, data, split=split, n_steps=eval_steps, seed=seed, batch_size=eval_batch_size,
-                              device=device, models=checkpoints, max_cases=max_cases,
+    cases, summary = evaluate(checkpoints, data, split=split, n_steps=eval_steps, seed=seed,
+                              batch_size=eval_batch_size, device=device, max_cases=max_cases,
                               progress=_staged(progress, "evaluate"), cancel=cancel)
     lambdas = {pair_label(li, ll): (li, ll) for li, ll in pairs}
     for row in cases:

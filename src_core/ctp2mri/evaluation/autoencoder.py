@@ -27,7 +27,8 @@ from ctp2mri.checkpoints import load_checkpoint
 from ctp2mri.data import SliceDataset, resolve_cases
 from ctp2mri.devices import resolve_device
 from ctp2mri.io.atomic import ensure_writable_dir
-from ctp2mri.evaluation.metrics import channel_metrics, lesion_contrast
+from ctp2mri.evaluation.lesion_metrics import lesion_contrast
+from ctp2mri.evaluation.metrics import channel_metrics
 from ctp2mri.preprocessing.preprocess import denormalise_mri, normalise_mri_like
 from ctp2mri.progress import CancelToken, ProgressCallback
 
@@ -98,7 +99,7 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, data_dir: str | os.PathL
 def _figure(dataset: SliceDataset, sources: list[Any], pred: torch.Tensor, path: str | os.PathLike) -> None:
     """Input vs reconstruction, in units, on the slice with the most lesion of each of the
     cases with the largest lesions (the most brain where no case has one)."""
-    from ctp2mri.evaluation.evaluate import FIGURE_ROWS
+    from ctp2mri.evaluation.scoring import FIGURE_ROWS
     from ctp2mri.evaluation.figures import EvaluationSlice, evaluation_figure
 
     per_slice = dataset.lesion[:, 0].flatten(1).sum(1)

@@ -46,16 +46,10 @@ import numpy as np
 
 from ctp2mri.errors import InputError
 from ctp2mri.io.atomic import atomic_path
-from ctp2mri.evaluation.metrics import (
-    CORE_ADC_THRESHOLD,
-    channel_metrics,
-    core_mask_from_adc,
-    dice,
-    flat_metrics,
-    lesion_contrast,
-    volume_ml,
-)
+from ctp2mri.evaluation.lesion_metrics import core_mask_from_adc, dice, lesion_contrast, volume_ml
+from ctp2mri.evaluation.metrics import channel_metrics, flat_metrics
 from ctp2mri.preprocessing.preprocess import MRI_QUANTILES, denormalise_mri, normalise_mri, normalise_mri_like
+from ctp2mri.settings import CORE_ADC_THRESHOLD
 
 __all__ = [
     "TABLE_NOTE",

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ctp2mri.io.volume import Volume
-from ctp2mri.evaluation.metrics import core_comparison, core_mask_from_adc, volume_ml
+from ctp2mri.evaluation.lesion_metrics import core_comparison, core_mask_from_adc, volume_ml
 from ctp2mri.settings import CORE_ADC_THRESHOLD, MIN_CORE_COMPONENT_ML
 
 __all__ = ["CORE_THRESHOLD", "estimate_core"]

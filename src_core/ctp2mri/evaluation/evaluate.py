@@ -1,14 +1,17 @@
-"""`ctp2mri evaluate`: sample a split's cases with trained models and score them as Table 1.
+"""`ctp2mri evaluate`: sample cases with trained models and score them as Table 1.
 
-For every case of the split: normalise it as the training data (`ctp2mri.data.normalise_case`,
-every axial slice that holds brain), synthesise DWI/ADC (`ctp2mri.synthesis.inference`: DDIM for a
-cLDM, BBDM's bridge sampler for a cBBDM, one generator pass for Pix2Pix), and compare with
-the ground truth **in the normalised space** ([−1, 1], brain-masked), as the paper does: MAE,
-lesion MAE, PSNR and MS-SSIM per channel inside the brain (`ctp2mri.evaluation.metrics.channel_metrics`).
-One row per case (and model) goes to a CSV; the summary is the mean ± SD over cases, printed
-in the shape of the paper's Table 1. Several models are scored on the same cases with the
-same steps, η and per-slice seeds, and `write_comparison` writes their Table-1-shaped
-comparison (Markdown + CSV); the printing and writing live in `ctp2mri.evaluation.report`.
+The cases are a data folder's split (``splits.json``), or case folders and in-memory cases
+(`ctp2mri.casefolder.Case`, e.g. a case open in napari), which are scored as they are, with
+nothing written to disk. For every case: normalise it as the training data
+(`ctp2mri.data.normalise_case`, every axial slice that holds brain), synthesise DWI/ADC
+(`ctp2mri.synthesis.inference`: DDIM for a cLDM, BBDM's bridge sampler for a cBBDM, one
+generator pass for Pix2Pix), and compare with the ground truth **in the normalised space**
+([−1, 1], brain-masked), as the paper does: MAE, lesion MAE, PSNR and MS-SSIM per channel
+inside the brain (`ctp2mri.evaluation.scoring.score_case`). One row per case (and model) goes
+to a CSV; the summary is the mean ± SD over cases, printed in the shape of the paper's
+Table 1. Several models are scored on the same cases with the same steps, η and per-slice
+seeds, and `ctp2mri.evaluation.report.write_comparison` writes their Table-1-shaped comparison (Markdown + CSV); the
+printing and writing live in `ctp2mri.evaluation.report`.
 
 Infarct core: the synthetic ADC is mapped back to 10⁻⁶ mm²/s with the **case's own** ADC
 quantile range (the one its ground truth was normalised with) and thresholded
@@ -29,9 +32,7 @@ reported as skipped unless both are available locally (see `fid_status`).
 
 from __future__ import annotations
 
-import math
 import os
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,56 +40,39 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctp2mri.casefolder import CASE_FILES, read_case
-from ctp2mri.data import TARGETS, CaseSlices, normalise_case, resolve_cases
+from ctp2mri.case_slices import case_name
+from ctp2mri.casefolder import CASE_FILES, Case, read_case
+from ctp2mri.data import CaseSlices, CaseSource, resolve_cases
 from ctp2mri.errors import InputError
-from ctp2mri.evaluation.report import (
-    CHANNELS,
-    format_report,
-    sampling_seeds,
-    write_comparison,
-    write_rows,
+from ctp2mri.evaluation.report import sampling_seeds, write_rows
+from ctp2mri.evaluation.scoring import (
+    case_seed,
+    figure_rows,
+    figure_slice,
+    normalise_for_model,
+    perfusion_core,
+    score_case,
 )
-from ctp2mri.synthesis.inference import (
-    AnyLoadedModel,
-    default_sampler,
-    load_model,
-    model_label,
-    sample_slices,
-    sampler_steps,
-    slice_seed,
-)
+from ctp2mri.evaluation.tables import Summary, summarise
 from ctp2mri.io.atomic import ensure_writable_dir
 from ctp2mri.io.nifti import load_nifti
-from ctp2mri.evaluation.metrics import (
-    channel_metrics,
-    core_comparison,
-    core_mask_from_adc,
-    flat_metrics,
-    lesion_auc,
-    lesion_contrast,
-    volume_ml,
-)
-from ctp2mri.preprocessing.preprocess import denormalise_mri
 from ctp2mri.progress import CancelToken, ProgressCallback
-from ctp2mri.evaluation.tables import Summary, summarise
+from ctp2mri.synthesis.inference import sample_slices, sampler_steps
+from ctp2mri.synthesis.loading import AnyLoadedModel, default_sampler, load_model, model_label
 
 __all__ = [
-    "CHANNELS",
     "FID_WEIGHTS_ENV",
-    "case_seed",
+    "ModelSpec",
     "evaluate",
     "fid_status",
-    "format_report",
     "model_labels",
     "named_models",
-    "write_comparison",
-    "write_rows",
 ]
 
 FID_WEIGHTS_ENV = "CTP2MRI_FID_WEIGHTS"
-FIGURE_ROWS = 4  # test slices shown in the evaluation figure
-_CORE_KEYS = ("dice", "pred_ml", "true_ml", "volume_diff_ml", "abs_volume_diff_ml")
+EVALUATION_NEEDS = ("ctp", "dwi", "adc", "mask")  # what a case must hold to be scored
+# one checkpoint (named by its Table-1 label) or {name: checkpoint}, in order
+ModelSpec = str | os.PathLike | Mapping[str, str | os.PathLike]
 
 
 # FID ---------------------------------------------------------------------------------------
@@ -116,107 +100,49 @@ def fid_status(fid_weights: str | os.PathLike | None = None) -> str:
             "Inception-v3 implementation (pytorch-fid) is installed to use it")
 
 
-# one case ------------------------------------------------------------------------------------
-def case_seed(seed: int, case: str) -> int:
-    """The seed of one case's slices: the run seed mixed with a stable hash of the case name,
-    so a case gets the same noise whichever other cases are evaluated with it."""
-    return slice_seed(seed, zlib.crc32(case.encode("utf-8")))
+# the cases -----------------------------------------------------------------------------------
+def _named_cases(data: CaseSource | Sequence[CaseSource], split: str | None,
+                 max_cases: int | None) -> list[tuple[str, Path | Case]]:
+    """``(name, case folder or Case)`` of every case to evaluate, in order.
+
+    A folder is named by its folder name, an in-memory case by `ctp2mri.data.case_name`; the
+    name seeds the case's noise, so a name given twice gets a suffix (``-2``) rather than the
+    same noise.
+    """
+    sources = resolve_cases(data, split) if isinstance(data, (str, os.PathLike)) else resolve_cases(data)
+    if max_cases is not None:
+        if int(max_cases) < 1:
+            raise InputError(f"--max-cases must be at least 1, got {max_cases}")
+        sources = sources[: int(max_cases)]
+    named: list[tuple[str, Path | Case]] = []
+    taken: set[str] = set()
+    for index, source in enumerate(sources):
+        name = case_name(source, index) if isinstance(source, Case) else Path(source).name
+        candidate, n = name, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{name}-{n}"
+        taken.add(candidate)
+        named.append((candidate, source))
+    return named
 
 
-def _normalise(case_dir: Path, name: str, profile: str, model_label: str) -> tuple[Any, CaseSlices]:
-    case = read_case(case_dir, require=("ctp", "dwi", "adc", "mask"))
-    try:
-        # min_brain_fraction 0: every slice with brain, so metrics cover the whole brain
-        part = normalise_case(case, name, profile, min_brain_fraction=0.0)
-    except InputError as exc:
-        raise InputError(f"model {model_label} works on the {profile!r} profile's grid, but: {exc}") from None
-    return case, part
-
-
-def _pred_adc_volume(pred: np.ndarray, part: CaseSlices, shape: tuple[int, ...]) -> np.ndarray:
-    """Synthetic ADC in 10⁻⁶ mm²/s on the case grid, from the case's own ADC range."""
-    lo, hi = part.ranges["adc"]
-    adc = np.zeros(shape, dtype=np.float32)
-    adc[:, :, part.slices] = np.moveaxis(denormalise_mri(pred[:, 1], lo, hi), 0, -1)
-    return adc
-
-
-def _lesion_contrasts(pred: np.ndarray, part: CaseSlices, brain: np.ndarray,
-                      lesion: np.ndarray | None) -> dict[str, float]:
-    """`lesion_contrast` and `lesion_auc` of the synthetic and the true DWI and ADC: the
-    contrast in units from the case's own ranges (the true images as clipped by normalisation,
-    so both see the same range); the AUC is rank-based, so any monotone scaling gives the same."""
-    out: dict[str, float] = {}
-    for c, (channel, key) in enumerate(zip(CHANNELS, TARGETS)):
-        lo, hi = part.ranges[key]
-        for suffix, images in (("", pred), ("_true", part.target)):
-            value = auc = math.nan
-            if lesion is not None:
-                value = lesion_contrast(denormalise_mri(np.asarray(images[:, c]), lo, hi), lesion, brain)
-                auc = lesion_auc(np.asarray(images[:, c]), lesion, brain, higher_is_lesion=key == "dwi")
-            out[f"{channel}_lesion_contrast{suffix}"] = value
-            out[f"{channel}_lesion_auc{suffix}"] = auc
-    return out
-
-
-def _score_case(name: str, label: str, case: Any, part: CaseSlices, pred: np.ndarray,
-                settings: Mapping[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
-    """One CSV row (metrics in normalised space, core in units) and the predicted core mask."""
-    brain = part.brain[:, 0] > 0
-    lesion = part.lesion[:, 0] > 0 if part.has_lesion_mask else None
-    nested = channel_metrics(pred, part.target, brain, lesion, channel_names=CHANNELS,
-                             layout="slices")
-    row: dict[str, Any] = {"case": name, "model": label, "n_slices": len(part.slices),
-                           "lesion_voxels": int(lesion.sum()) if lesion is not None else 0,
-                           **flat_metrics(nested)}
-    row.update(_lesion_contrasts(pred, part, brain, lesion))
-    spacing = tuple(float(s) for s in case.ctp.spacing)
-    brain_vol = case.mask.array > 0
-    pred_core = core_mask_from_adc(_pred_adc_volume(pred, part, brain_vol.shape), brain_vol,
-                                   spacing=spacing)
-    if case.lesion is not None:
-        truth = (case.lesion.array > 0) & brain_vol
-        cmp = core_comparison(pred_core, truth, spacing)
-        gt_core = core_mask_from_adc(case.adc.array, brain_vol, spacing=spacing)
-        row.update({f"core_{k}": cmp[k] for k in _CORE_KEYS})
-        row["core_gt_adc_dice"] = core_comparison(gt_core, truth, spacing)["dice"]
-        if not truth.any():
-            # Dice is undefined without a lesion (MONAI's ignore_empty): a lesion-free case's
-            # "1.0 for no core" would swamp the lesion cases' mean; its false core is in the
-            # volumes
-            row["core_dice"] = row["core_gt_adc_dice"] = math.nan
+def _count_brain_slices(name: str, source: Path | Case) -> int:
+    """Slices the case will be sampled on, from its brain mask alone (for progress); a case
+    without an image the evaluation needs is refused here, before any sampling."""
+    if isinstance(source, Case):
+        missing = [CASE_FILES[what] for what in EVALUATION_NEEDS if getattr(source, what) is None]
+        if missing:
+            raise InputError(f"case {name} has no {', '.join(missing)}; evaluation needs CTP, DWI, ADC "
+                             "and the brain mask")
+        mask = source.mask.array
     else:
-        row.update({f"core_{k}": math.nan for k in _CORE_KEYS})
-        row["core_pred_ml"] = volume_ml(pred_core, spacing)  # no truth to compare with
-        row["core_gt_adc_dice"] = math.nan
-    row.update(settings)
-    return row, pred_core
-
-
-def _perfusion_core(case_dir: Path) -> dict[str, float]:
-    """The clinical CTP core of a case (`ctp2mri.perfusion`) against its lesion mask."""
-    from ctp2mri.perfusion import analyse_perfusion
-
-    case = read_case(case_dir, require=("ctp", "mask"))
-    core = analyse_perfusion(case.ctp, case.mask).on_ctp_grid("core").array > 0
-    spacing = tuple(float(s) for s in case.ctp.spacing)
-    out = {"perfusion_core_ml": volume_ml(core, spacing), "perfusion_core_dice": math.nan,
-           "perfusion_core_abs_volume_diff_ml": math.nan}
-    if case.lesion is not None:
-        truth = (case.lesion.array > 0) & (case.mask.array > 0)
-        cmp = core_comparison(core, truth, spacing)
-        out["perfusion_core_abs_volume_diff_ml"] = cmp["abs_volume_diff_ml"]
-        out["perfusion_core_dice"] = cmp["dice"] if truth.any() else math.nan
-    return out
-
-
-def _count_brain_slices(case_dir: Path) -> int:
-    """Slices the case will be sampled on, read from its brain mask alone (for progress)."""
-    mask_file = case_dir / CASE_FILES["mask"]
-    if not mask_file.is_file():
-        raise InputError(f"case {case_dir.name} has no {CASE_FILES['mask']} (the brain mask); "
-                         "evaluation needs it (ctp2mri preprocess writes one)")
-    return int(np.count_nonzero(load_nifti(mask_file).array.any(axis=(0, 1))))
+        mask_file = source / CASE_FILES["mask"]
+        if not mask_file.is_file():
+            raise InputError(f"case {name} has no {CASE_FILES['mask']} (the brain mask); "
+                             "evaluation needs it (ctp2mri preprocess writes one)")
+        mask = load_nifti(mask_file).array
+    return int(np.count_nonzero(mask.any(axis=(0, 1))))
 
 
 def _scaled(progress: ProgressCallback | None, base: int, weight: int, total: int,
@@ -232,52 +158,53 @@ def _scaled(progress: ProgressCallback | None, base: int, weight: int, total: in
 
 
 # the evaluation --------------------------------------------------------------------------------
-def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
-             split: str | None = "test", n_steps: int = 200, eta: float = 0.0,
-             seed: int | Sequence[int] = 0,
+def evaluate(models: ModelSpec, data: CaseSource | Sequence[CaseSource], split: str | None = "test",
+             n_steps: int = 200, eta: float = 0.0, seed: int | Sequence[int] = 0,
              batch_size: int = 16, device: str | torch.device = "auto",
              out_csv: str | os.PathLike | None = None, progress: ProgressCallback | None = None,
-             cancel: CancelToken | None = None,
-             models: Mapping[str, str | os.PathLike] | None = None, *,
+             cancel: CancelToken | None = None, *,
              max_cases: int | None = None, figure: str | os.PathLike | None = None,
              use_ema: bool = True, fid_weights: str | os.PathLike | None = None,
              sampler: str = "ddim", perfusion: bool = True,
              ) -> tuple[list[dict[str, Any]], Summary]:
-    """Synthesise every case of a split and score it against its ground truth.
+    """Synthesise every case with every model and score it against its ground truth.
 
     Parameters
     ----------
-    model_path
+    models
         Checkpoint folder of a cLDM, cBBDM or Pix2Pix model, reported under its Table-1 name
-        (`ctp2mri.synthesis.inference.model_label`: ``"cLDM"``, ``"cLDM-PT"``, ``"cBBDM"``, ``"Pix2Pix"``,
-        …); may be None when ``models`` is given.
-    data_dir
-        Data folder of case folders with a ``splits.json`` (``ctp2mri phantom`` writes one).
+        (`ctp2mri.synthesis.loading.model_label`: ``"cLDM"``, ``"cLDM-PT"``, ``"cBBDM"``,
+        ``"Pix2Pix"``, …), or ``{name: checkpoint}`` to compare several models on the same
+        cases (Table 1 rows, in this order).
+    data
+        Data folder of case folders with a ``splits.json`` (``ctp2mri phantom`` writes one), or
+        case folders and in-memory `ctp2mri.casefolder.Case` objects (one, or a sequence). An
+        in-memory case is named by ``case.info["case"]`` (else its folder, else its position).
     split
-        Which split of ``splits.json`` (``"test"``); None takes every case folder.
+        Which split of a data folder's ``splits.json`` (``"test"``); None takes every case
+        folder in it. Cases given one by one are all evaluated.
     n_steps, eta, seed, batch_size
         Sampler settings, the same for every model (paper: 200 DDIM steps, η = 0; BBDM's bridge
         sampler takes the same steps and η; Pix2Pix makes one pass), the run seed (per-slice
-        noise from ``(seed, case, z)``, see `ctp2mri.synthesis.inference.sample_slices`) and slices per
-        batch. Several seeds sample every case once per seed, one row each: the summary is then
-        over cases and seeds, which is what a comparison of samplers or models needs when a
-        single draw's lesion MAE moves by ± 15 % from seed to seed (a few small lesions).
+        noise from ``(seed, case name, z)``, see `ctp2mri.synthesis.inference.sample_slices`) and
+        slices per batch. Several seeds sample every case once per seed, one row each: the
+        summary is then over cases and seeds, which is what a comparison of samplers or models
+        needs when a single draw's lesion MAE moves by ± 15 % from seed to seed (a few small
+        lesions).
     device
         ``auto``, ``cpu``, ``cuda[:i]``, ``mps``.
     out_csv
         Per-case CSV to write (atomically, only when the whole evaluation finished).
     progress
         ``progress(done, total, info)`` in slice-steps (one sampler step of one slice), over
-        all cases, models and seeds; ``info`` names the case, model and seed.
+        all cases, models and seeds; ``info`` names the ``case``, ``model`` and ``seed``, and
+        gives ``cases_done`` (cases finished before this one) of ``cases_total``.
     cancel
         Checked before every DDIM step; a cancelled run writes nothing.
-    models
-        ``{name: checkpoint}`` to compare several models on the same cases (Table 1 rows, in
-        this order); ``model_path``, when also given, comes first under its Table-1 name.
     max_cases
-        Evaluate only the first N cases of the split (a quick look).
+        Evaluate only the first N cases (a quick look).
     figure
-        PNG path: a few cases' lesion slices, CTP, true and synthetic DWI/ADC (first model).
+        PNG path: a few cases' lesion slices, CTP, true and synthetic DWI/ADC (every model).
     use_ema
         Sample with EMA weights (default) or the raw training weights.
     fid_weights
@@ -295,29 +222,24 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     (rows, summary)
         One dict per case, model and seed: ``case``, ``model``, ``n_slices``, ``lesion_voxels``,
         ``{DWI,ADC}_{mae,lesion_mae,psnr,ms_ssim}``, ``{DWI,ADC}_lesion_contrast[_true]``
-        (`ctp2mri.evaluation.metrics.lesion_contrast` of the synthetic and the true image),
-        ``core_{dice,pred_ml,true_ml,volume_diff_ml,abs_volume_diff_ml}`` (Dice NaN for a
+        (`ctp2mri.evaluation.lesion_metrics.lesion_contrast` of the synthetic and the true
+        image), ``core_{dice,pred_ml,true_ml,volume_diff_ml,abs_volume_diff_ml}`` (Dice NaN for a
         lesion-free case), ``core_gt_adc_dice``, ``{DWI,ADC}_lesion_auc[_true]``
-        (`ctp2mri.evaluation.metrics.lesion_auc`), with ``perfusion`` ``perfusion_core_{dice,ml,abs_volume_diff_ml}``,
-        and the sampler settings
-        (``sampler``, ``steps`` = network calls per slice, ``eta``, ``seed``, ``weights``);
-        and ``summarise(rows)``: mean ± SD per model (`format_report` prints it).
+        (`ctp2mri.evaluation.lesion_metrics.lesion_auc`), with ``perfusion``
+        ``perfusion_core_{dice,ml,abs_volume_diff_ml}``, and the settings (``split``: the split,
+        or ``"all"``; ``sampler``, ``steps`` = network calls per slice, ``eta``, ``seed``,
+        ``weights``); and ``summarise(rows)``: mean ± SD per model (`format_report` prints it).
 
     Raises
     ------
     InputError
-        No model given; a checkpoint is missing or damaged; the data folder has no cases or
-        no such split; a case lacks an image or is on another profile's grid than a model
-        (run ``ctp2mri preprocess --profile``).
+        No model given; a checkpoint is missing or damaged; no cases, or no such split; a case
+        lacks an image or is on another profile's grid than a model (run ``ctp2mri preprocess
+        --profile``).
     ctp2mri.errors.Cancelled
         When ``cancel`` is set (no CSV or figure is left behind).
     """
-    named: dict[str, str | os.PathLike] = dict(models or {})
-    if model_path is not None:
-        label = model_labels([model_path])[0]
-        if label in named:
-            raise InputError(f"a model named {label!r} was given twice (model_path and models); rename one")
-        named = {label: model_path, **named}
+    named = dict(models) if isinstance(models, Mapping) else {model_labels([models])[0]: models}
     if not named:
         raise InputError("no model to evaluate: give a cLDM (or cBBDM, Pix2Pix) checkpoint folder (--model)")
     seeds = sampling_seeds(seed)
@@ -326,19 +248,16 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     if figure is not None:
         ensure_writable_dir(Path(figure).parent)
     fid_status(fid_weights)  # a named but absent weight file is an error before hours of sampling
-    case_dirs = [Path(p) for p in resolve_cases(data_dir, split)]
-    if max_cases is not None:
-        if int(max_cases) < 1:
-            raise InputError(f"--max-cases must be at least 1, got {max_cases}")
-        case_dirs = case_dirs[: int(max_cases)]
+    cases = _named_cases(data, split, max_cases)
     loaded: dict[str, AnyLoadedModel] = {label: load_model(path, device, use_ema=use_ema)
                                          for label, path in named.items()}
     # the sampler named applies to the cLDMs; a baseline has its own
     samplers = {label: sampler if m.kind == "cldm" else default_sampler(m) for label, m in loaded.items()}
-    counts = [_count_brain_slices(d) for d in case_dirs]
+    counts = [_count_brain_slices(name, source) for name, source in cases]
     steps = {label: sampler_steps(samplers[label], n_steps, m) for label, m in loaded.items()}
-    settings = {label: {"split": split or "all", "sampler": samplers[label], "steps": steps[label],
-                        "eta": float(eta), "weights": m.weights}
+    from_folder = isinstance(data, (str, os.PathLike))
+    settings = {label: {"split": (split if from_folder else None) or "all", "sampler": samplers[label],
+                        "steps": steps[label], "eta": float(eta), "weights": m.weights}
                 for label, m in loaded.items()}
     total = sum(counts) * sum(steps.values()) * len(seeds)
     done = 0
@@ -346,34 +265,35 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     # per case, each model's figures.EvaluationSlice (matplotlib is imported only for a figure)
     candidates: dict[str, list[Any]] = {}
     lesion_voxels: dict[str, int] = {}
-    for case_dir in case_dirs:
-        name = case_dir.name
-        perfusion_row = _perfusion_core(case_dir) if perfusion else {}
-        parts: dict[str, tuple[Any, CaseSlices]] = {}
+    for index, (name, source) in enumerate(cases):
+        case = source if isinstance(source, Case) else read_case(source, require=EVALUATION_NEEDS)
+        perfusion_row = perfusion_core(case) if perfusion else {}
+        parts: dict[str, CaseSlices] = {}
         for label, model in loaded.items():
             if cancel is not None:
                 cancel.raise_if_cancelled()
             if model.profile not in parts:
-                parts[model.profile] = _normalise(case_dir, name, model.profile, label)
-            case, part = parts[model.profile]
+                parts[model.profile] = normalise_for_model(case, name, model.profile, label)
+            part = parts[model.profile]
             n = len(part.slices)
             for run_seed in seeds:
                 if cancel is not None:
                     cancel.raise_if_cancelled()
                 report = _scaled(progress, done, n * steps[label], total,
-                                 {"case": name, "model": label, "slices": n, "seed": run_seed})
+                                 {"case": name, "model": label, "slices": n, "seed": run_seed,
+                                  "cases_done": index, "cases_total": len(cases)})
                 pred = sample_slices(model, torch.from_numpy(np.asarray(part.cond, dtype=np.float32)),
                                      n_steps=n_steps, eta=eta, seed=case_seed(run_seed, name),
                                      batch_size=batch_size, ids=part.slices.tolist(),
                                      progress=report, cancel=cancel, sampler=samplers[label]).numpy()
                 pred *= part.brain  # the contract: zero outside the brain
                 done += n * steps[label]
-                row, pred_core = _score_case(name, label, case, part, pred,
-                                             {**settings[label], "seed": run_seed})
+                row, pred_core = score_case(name, label, case, part, pred,
+                                            {**settings[label], "seed": run_seed})
                 row.update(perfusion_row)
                 rows.append(row)
                 if figure is not None and run_seed == seeds[0]:
-                    candidates.setdefault(name, []).append(_figure_slice(name, label, case, part, pred, pred_core))
+                    candidates.setdefault(name, []).append(figure_slice(name, label, case, part, pred, pred_core))
                     lesion_voxels[name] = int(row["lesion_voxels"])
     summary = summarise(rows)
     if out_csv is not None:
@@ -385,43 +305,9 @@ def evaluate(model_path: str | os.PathLike | None, data_dir: str | os.PathLike,
     return rows, summary
 
 
-def figure_rows(candidates: Mapping[str, Sequence[Any]], lesion_voxels: Mapping[str, int],
-                rows: int = FIGURE_ROWS) -> list[Any]:
-    """The figure's rows: every model's slice of the cases with the largest lesions.
-
-    ``candidates`` maps a case to one slice per model (the same slice, so models compare
-    directly); as many cases as ``rows`` holds for that many models (at least one) are taken,
-    largest lesion first, ties in case order.
-    """
-    per_case = max((len(v) for v in candidates.values()), default=1)
-    picked = sorted(candidates, key=lambda n: -lesion_voxels.get(n, 0))[:max(1, rows // per_case)]
-    return [s for name in picked for s in candidates[name]]
-
-
-def _figure_slice(name: str, label: str, case: Any, part: CaseSlices, pred: np.ndarray,
-                  pred_core: np.ndarray) -> Any:
-    """The case's slice with the most core (else the most brain), in units, for the figure."""
-    from ctp2mri.evaluation.figures import EvaluationSlice
-
-    lesion_per_slice = part.lesion[:, 0].sum(axis=(1, 2))
-    per_slice = lesion_per_slice if lesion_per_slice.any() else part.brain[:, 0].sum(axis=(1, 2))
-    row = int(np.argmax(per_slice))
-    z = int(part.slices[row])
-    brain = case.mask.array[:, :, z] > 0
-    ctp = case.ctp.array[:, :, z, :].astype(np.float32)
-    peak = int(np.argmax(ctp[brain].mean(axis=0)))  # the frame where the brain enhances most
-    synthetic = {what: denormalise_mri(pred[row, i], *part.ranges[what], mask=brain)
-                 for i, what in enumerate(TARGETS)}
-    return EvaluationSlice(
-        name=name, z=z, ctp=ctp[..., peak], dwi_true=case.dwi.array[:, :, z],
-        adc_true=case.adc.array[:, :, z], dwi_pred=synthetic["dwi"], adc_pred=synthetic["adc"],
-        lesion=case.lesion.array[:, :, z] > 0 if case.lesion is not None else None,
-        pred_core=pred_core[:, :, z], dwi_range=part.ranges["dwi"], model=label)
-
-
 # several models ------------------------------------------------------------------------------------
 def model_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """The Table-1 name of each checkpoint (`ctp2mri.synthesis.inference.model_label`), read from its
+    """The Table-1 name of each checkpoint (`ctp2mri.synthesis.loading.model_label`), read from its
     config.json: ``cLDM``, ``cLDM-PT``, ``cBBDM``, ``cBBDM-PT``, ``Pix2Pix``."""
     from ctp2mri.checkpoints import read_config
 

@@ -1,8 +1,9 @@
-"""Image-quality and infarct-core metrics of the paper's evaluation (§3.1, Table 1).
+"""Image-quality metrics of the paper's evaluation (§3.1, Table 1): MAE, lesion MAE, PSNR, MS-SSIM.
 
 Pure functions: numpy arrays or torch tensors in, floats and dicts out; no Qt, no files.
-`ctp2mri evaluate`, the synthesis engine's core estimate and the napari compare widget all
-call these, so the numbers agree everywhere.
+`ctp2mri evaluate`, the autoencoder check and the napari compare widget all call these, so
+the numbers agree everywhere. Lesion visibility and the infarct core are measured in
+`ctp2mri.evaluation.lesion_metrics`.
 
 Conventions
 -----------
@@ -14,7 +15,6 @@ Conventions
   mask belongs to the ground truth) are symmetric.
 * An empty mask gives NaN — a case without a lesion has no lesion MAE — never a
   divide-by-zero warning, so aggregates skip it (`summarise` does, as ``np.nanmean`` would).
-* Infarct core: ADC in 10⁻⁶ mm²/s, volumes in ml from the voxel spacing in mm.
 * Metrics, not losses: nothing here carries gradients (the losses are in ``losses.py``).
 """
 
@@ -27,47 +27,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.metrics.regression import compute_ssim_and_cs
-from scipy import ndimage
 
 from ctp2mri.errors import InputError
-from ctp2mri.settings import CORE_ADC_THRESHOLD, MIN_CORE_COMPONENT_ML
+from ctp2mri.evaluation.arrays import ArrayLike, as_mask, as_numpy
 
 __all__ = [
-    "MS_SSIM_WEIGHTS", "CORE_ADC_THRESHOLD", "METRICS", "mae", "lesion_mae", "psnr", "ms_ssim",
-    "max_ms_ssim_scales", "channel_metrics", "flat_metrics", "core_mask_from_adc", "volume_ml",
-    "dice", "core_comparison", "lesion_contrast", "lesion_auc",
+    "MS_SSIM_WEIGHTS", "METRICS", "mae", "lesion_mae", "psnr", "ms_ssim", "max_ms_ssim_scales",
+    "channel_metrics", "flat_metrics",
 ]
 
 # Wang, Simoncelli & Bovik 2003, finest scale first (MONAI's and torchmetrics' default).
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 METRICS = ("mae", "lesion_mae", "psnr", "ms_ssim")  # per channel, in Table 1's order
 
-ArrayLike = Any  # np.ndarray | torch.Tensor | nested sequences
-
 
 # helpers ---------------------------------------------------------------------------------
-def _np(a: ArrayLike, dtype: Any = np.float64) -> np.ndarray:
-    """A numpy array from an array or a tensor on any device, of any dtype."""
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu()
-        if a.dtype in (torch.bfloat16, torch.float16):
-            a = a.float()  # bf16 has no numpy dtype
-        a = a.numpy()
-    return np.asarray(a, dtype=dtype)
-
-
-def _mask(m: ArrayLike, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """Boolean mask (non-zero = inside) broadcast to ``shape``."""
-    m = _np(m, dtype=None) > 0
-    try:
-        return np.broadcast_to(m, shape)
-    except ValueError:
-        raise InputError(f"the {name} mask has shape {m.shape} but the images have shape "
-                         f"{shape}; give a mask on the images' grid") from None
-
-
 def _pair(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    x, y = _np(x), _np(y)
+    x, y = as_numpy(x), as_numpy(y)
     if x.shape != y.shape:
         raise InputError(f"cannot compare images of shapes {x.shape} and {y.shape}; "
                          f"resample one onto the other's grid first")
@@ -82,14 +58,6 @@ def _masked_mean(values: np.ndarray, mask: np.ndarray | None) -> float:
     return float(values[mask].sum() / n) if n else math.nan
 
 
-def _spacing(spacing: Sequence[float]) -> np.ndarray:
-    s = np.asarray(spacing, dtype=np.float64).ravel()
-    if s.size != 3 or not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise InputError(f"spacing must be three positive voxel sizes in mm (x, y, z), "
-                         f"got {spacing!r}")
-    return s
-
-
 # intensity metrics -----------------------------------------------------------------------
 def mae(x: ArrayLike, y: ArrayLike, mask: ArrayLike | None = None) -> float:
     """Mean absolute error, over the voxels of ``mask`` when given (inside the brain).
@@ -97,7 +65,7 @@ def mae(x: ArrayLike, y: ArrayLike, mask: ArrayLike | None = None) -> float:
     Returns NaN when ``mask`` is empty.
     """
     x, y = _pair(x, y)
-    m = None if mask is None else _mask(mask, x.shape, "MAE")
+    m = None if mask is None else as_mask(mask, x.shape, "MAE")
     return _masked_mean(np.abs(x - y), m)
 
 
@@ -130,7 +98,7 @@ def psnr(x: ArrayLike, y: ArrayLike, data_range: float = 2.0,
     if not data_range > 0:
         raise InputError(f"data_range must be positive, got {data_range}")
     x, y = _pair(x, y)
-    m = None if mask is None else _mask(mask, x.shape, "PSNR")
+    m = None if mask is None else as_mask(mask, x.shape, "PSNR")
     mse = _masked_mean((x - y) ** 2, m)
     if math.isnan(mse):
         return math.nan
@@ -192,7 +160,7 @@ def ms_ssim(x: ArrayLike, y: ArrayLike, data_range: float = 2.0, scales: int | N
     """
     if not data_range > 0:
         raise InputError(f"data_range must be positive, got {data_range}")
-    xt, yt = (a if isinstance(a, torch.Tensor) else torch.as_tensor(_np(a, np.float32))
+    xt, yt = (a if isinstance(a, torch.Tensor) else torch.as_tensor(as_numpy(a, np.float32))
               for a in (x, y))
     if xt.shape != yt.shape:
         raise InputError(f"cannot compare images of shapes {tuple(xt.shape)} and "
@@ -296,9 +264,9 @@ def channel_metrics(pred: ArrayLike, target: ArrayLike, brain: ArrayLike,
         slice: outside set to 0 in both, the contract's background, so a prediction's stray
         background is not scored.
     """
-    brain_a = _np(brain, dtype=None) > 0
-    lesion_a = None if lesion is None else _np(lesion, dtype=None) > 0
-    p, t, b, les = _as_slices(_np(pred), _np(target), brain_a, lesion_a, len(channel_names),
+    brain_a = as_numpy(brain, dtype=None) > 0
+    lesion_a = None if lesion is None else as_numpy(lesion, dtype=None) > 0
+    p, t, b, les = _as_slices(as_numpy(pred), as_numpy(target), brain_a, lesion_a, len(channel_names),
                               layout)
     with_brain = b.any(axis=(1, 2))
     out: dict[str, dict[str, float]] = {}
@@ -321,138 +289,3 @@ def flat_metrics(nested: dict[str, dict[str, float]], sep: str = "_") -> dict[st
     """``{"DWI": {"mae": …}}`` → ``{"DWI_mae": …}``: one CSV row's columns, the keys that
     `summarise` and `format_table1` read."""
     return {f"{ch}{sep}{k}": v for ch, metrics in nested.items() for k, v in metrics.items()}
-
-
-def lesion_contrast(image: ArrayLike, lesion: ArrayLike, brain: ArrayLike) -> float:
-    """How visible the lesion is: mean intensity inside it / median of the rest of the brain.
-
-    The relative DWI and ADC (rDWI, rADC) of stroke imaging: > 1 for a bright DWI lesion,
-    < 1 for a dark ADC one, 1 when it cannot be told from the tissue around it. The median
-    keeps CSF (ADC ≈ 3000 × 10⁻⁶ mm²/s) from dominating the reference. Needs intensities in
-    units (a ratio of [−1, 1] values means nothing). NaN when the lesion is empty or there is
-    no brain outside it.
-    """
-    x = _np(image)
-    les = _mask(lesion, x.shape, "lesion contrast")
-    rest = _mask(brain, x.shape, "lesion contrast") & ~les
-    if not les.any() or not rest.any():
-        return math.nan
-    reference = float(np.median(x[rest]))
-    return float(x[les].mean()) / reference if reference > 0 else math.nan
-
-
-def lesion_auc(image: ArrayLike, lesion: ArrayLike, brain: ArrayLike, higher_is_lesion: bool) -> float:
-    """Threshold-free lesion visibility: the voxel ROC AUC of ``image`` separating lesion
-    voxels from the rest of the brain.
-
-    ``higher_is_lesion`` is True for DWI (the core is bright) and False for ADC (dark). 1.0:
-    every lesion voxel is brighter (darker) than every other brain voxel; 0.5: chance. The
-    Mann–Whitney form with average ranks for ties, equal to MONAI's ``compute_roc_auc`` but
-    vectorised (MONAI walks the voxels in a Python loop). NaN when the lesion is empty or
-    fills the brain.
-    """
-    from scipy.stats import rankdata
-
-    x = _np(image)
-    les = _mask(lesion, x.shape, "lesion AUC")
-    inside = _mask(brain, x.shape, "lesion AUC") | les
-    scores = x[inside] if higher_is_lesion else -x[inside]
-    positive = les[inside]
-    n_pos = int(positive.sum())
-    n_neg = int(positive.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = rankdata(scores)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-# infarct core ----------------------------------------------------------------------------
-def volume_ml(mask: ArrayLike, spacing: Sequence[float]) -> float:
-    """Volume of a mask's voxels in ml: count × voxel volume (the product of the three
-    spacings in mm) / 1000. Works on a volume or on one slice of it."""
-    return float(np.count_nonzero(_np(mask, dtype=None)) * np.prod(_spacing(spacing)) / 1000.0)
-
-
-def core_mask_from_adc(adc: ArrayLike, brain: ArrayLike, *, spacing: Sequence[float],
-                       threshold: float = CORE_ADC_THRESHOLD, min_component_ml: float = MIN_CORE_COMPONENT_ML,
-                       exclude_rim_mm: float = 0.0) -> np.ndarray:
-    """Infarct core: ADC below ``threshold`` inside the brain, small components removed.
-
-    Parameters
-    ----------
-    adc
-        3-D ADC in 10⁻⁶ mm²/s (as in the case folders and the engine's output).
-    brain
-        Brain mask on the same grid.
-    spacing
-        Voxel size in mm (x, y, z), for the component volumes.
-    threshold
-        620 × 10⁻⁶ mm²/s, the usual clinical core threshold.
-    min_component_ml
-        Connected components (face-connected) smaller than this are removed: clusters of
-        noise voxels in normal white matter (ADC ≈ 720 with a noise SD of 50–60 reaches 620
-        in ~4 % of its voxels). On the phantom's true ADC (12 demo cases) face connectivity
-        and 0.2 ml give a mean core Dice of 0.92 against the lesion masks, 0.05 ml only 0.54,
-        and full (26-) connectivity, which chains diagonal specks into clusters, 0.62 at
-        0.2 ml. The cost: cores under 0.2 ml (the smallest lacunes) are dropped; 0 keeps all.
-    exclude_rim_mm
-        Ignore brain voxels within this distance of the mask's surface (physical distance,
-        anisotropic spacing handled). An ADC resampled with a zero background dips below
-        the threshold in a partial-volume rim along the brain's edge; a rim of one in-plane
-        voxel removes it. 0 (default) applies the plain definition. The array's own border
-        is not a surface (a brain cut by the field of view keeps its voxels there).
-
-    Returns
-    -------
-    np.ndarray
-        Boolean core mask on the ADC's grid.
-
-    Raises
-    ------
-    InputError
-        Shapes differ, the arrays are not 3-D, or the ADC is evidently not in 10⁻⁶ mm²/s
-        (median brain ADC below 10: mm²/s or normalised values).
-    """
-    a = _np(adc, np.float32)
-    b = _np(brain, dtype=None) > 0
-    if a.ndim != 3 or a.shape != b.shape:
-        raise InputError(f"the core needs a 3-D ADC and a brain mask on the same grid; got "
-                         f"ADC {a.shape}, brain mask {b.shape}")
-    s = _spacing(spacing)
-    median = float(np.median(a[b])) if b.any() else math.nan
-    if median < 10.0:  # tissue ADC is ~700–3000; free water at 37 °C ~3000
-        raise InputError(f"the ADC's median inside the brain is {median:.3g}, but the core "
-                         f"threshold ({threshold:g}) is in 10⁻⁶ mm²/s: give the ADC in those "
-                         f"units (mm²/s × 1e6), not in mm²/s or normalised")
-    if exclude_rim_mm > 0:
-        b = ndimage.distance_transform_edt(b, sampling=s) > exclude_rim_mm
-    core = b & (a < threshold)  # NaN compares False: never core
-    if min_component_ml > 0 and core.any():
-        labels, n = ndimage.label(core)  # face connectivity (see min_component_ml)
-        sizes_ml = np.bincount(labels.ravel(), minlength=n + 1) * np.prod(s) / 1000.0
-        keep = sizes_ml >= min_component_ml
-        keep[0] = False
-        core = keep[labels]
-    return core
-
-
-def dice(a: ArrayLike, b: ArrayLike) -> float:
-    """Dice overlap 2|A∩B| / (|A| + |B|) of two masks; 1.0 when both are empty (the
-    prediction "no core" agrees with a lesion-free truth)."""
-    a, b = _np(a, dtype=None) > 0, _np(b, dtype=None) > 0
-    if a.shape != b.shape:
-        raise InputError(f"cannot compare masks of shapes {a.shape} and {b.shape}")
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
-
-
-def core_comparison(pred_core: ArrayLike, true_core: ArrayLike,
-                    spacing: Sequence[float]) -> dict[str, float]:
-    """Dice and volumes (ml) of a predicted core against the ground truth.
-
-    Returns ``dice``, ``pred_ml``, ``true_ml``, ``volume_diff_ml`` (predicted − true,
-    positive = overestimate) and ``abs_volume_diff_ml``.
-    """
-    pred_ml, true_ml = volume_ml(pred_core, spacing), volume_ml(true_core, spacing)
-    return {"dice": dice(pred_core, true_core), "pred_ml": pred_ml, "true_ml": true_ml,
-            "volume_diff_ml": pred_ml - true_ml, "abs_volume_diff_ml": abs(pred_ml - true_ml)}

@@ -9,8 +9,9 @@ Three more guarantees:
 * **One writer per output.** `claim_output` takes an exclusive lock beside the output
   (``.<name>.ctp2mri-lock``, an OS file lock the kernel drops when its process dies) for as
   long as a run works towards that output; a second run into the same place is refused at
-  once instead of silently replacing the first one's result. `atomic_dir` takes the claim
-  itself, and a new folder is moved into place only if nothing else appeared there meanwhile.
+  once instead of silently replacing the first one's result (the lock files:
+  `ctp2mri.io.locks`). `atomic_dir` takes the claim itself, and a new folder is moved into
+  place only if nothing else appeared there meanwhile.
 * **No stale leftovers.** The temporary names carry the writer's process id and host
   (``.<name>.<uuid>.<pid>-<host>.partial``); a run that was killed (SIGKILL, power loss)
   leaves one behind, and the next write to the same place removes it once that process is
@@ -22,16 +23,13 @@ Three more guarantees:
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import errno
 import hashlib
-import json
 import logging
 import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import uuid
@@ -45,24 +43,14 @@ from ctp2mri.errors import (
     InputError,
     OutputWriteError,
     disk_full_message,
-    os_error_message,
     permission_message,
 )
 from ctp2mri.interrupts import deferred
+from ctp2mri.io.locks import acquire_lock, lock_path, release_lock, remove_empty
 
-try:  # POSIX; Windows locks a byte with msvcrt instead
-    import fcntl
-except ImportError:  # pragma: no cover - exercised on Windows only
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = ["LOCK_SUFFIX", "atomic_dir", "atomic_path", "claim_output", "clean_stale_partials",
-           "ensure_writable_dir"]
+__all__ = ["atomic_dir", "atomic_path", "claim_output", "clean_stale_partials", "ensure_writable_dir"]
 
 _log = logging.getLogger(__name__)
-
-LOCK_SUFFIX = ".ctp2mri-lock"
-# errors meaning "this file system has no locks": claims then rely on the exclusive rename alone
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -188,130 +176,6 @@ _CLAIMS: dict[str, _Claim] = {}
 _CLAIMS_LOCK = threading.Lock()
 
 
-def _lock_file(path: Path) -> Path:
-    return path.with_name(f".{path.name}{LOCK_SUFFIX}")
-
-
-def _make_parents(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; return those created (deepest last)."""
-    missing = []
-    here = folder
-    while not here.exists() and here != here.parent:
-        missing.append(here)
-        here = here.parent
-    if here.exists() and not here.is_dir():
-        raise InputError(f"cannot create output folder {folder}: {here} exists and is a file, not a "
-                         "writable folder; choose another output folder")
-    created = []
-    for p in reversed(missing):
-        try:
-            p.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            _remove_empty(created)
-            raise InputError(_write_failure(p, exc)) from None
-        created.append(p)
-    return created
-
-
-def _remove_empty(created: list[Path]) -> None:
-    """Remove the folders a failed claim created, if nothing was written into them."""
-    for p in reversed(created):
-        with contextlib.suppress(OSError):
-            p.rmdir()
-
-
-def _write_failure(path: Path, exc: OSError) -> str:
-    if exc.errno in DISK_FULL:
-        return disk_full_message(path)
-    if exc.errno in NOT_PERMITTED:
-        return permission_message(path, exc)
-    return f"cannot write {path}: {os_error_message(exc)}"
-
-
-def _try_lock(fd: int) -> bool:
-    """Lock ``fd`` without waiting: True when locked, False when another process holds it."""
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:  # pragma: no cover - Windows
-            import msvcrt
-
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EAGAIN):
-            return False
-        raise
-    return True
-
-
-def _owner(fd: int) -> str:
-    """Who holds a lock, from the note its holder wrote (best effort)."""
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        note = json.loads(os.read(fd, 4096).decode() or "{}")
-        return f"pid {note['pid']} on {note['host']}, started {note['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "process unknown"
-
-
-def _acquire(path: Path) -> tuple[int | None, list[Path]]:
-    """Lock ``path``'s lock file; (fd or None where the file system has no locks, folders created)."""
-    lock = _lock_file(path)
-    created = _make_parents(lock.parent)
-    try:
-        while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                locked = _try_lock(fd)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in _NO_LOCKS:
-                    return None, created
-                raise
-            if not locked:
-                owner = _owner(fd)
-                os.close(fd)
-                raise InputError(f"{path} is being written by another ctp2mri run ({owner}); wait for it to "
-                                 "finish, or choose another output folder")
-            # The previous holder deletes the file as it lets go: if it did so between our open
-            # and our lock, we hold a lock on a deleted file. Open the current one again.
-            try:
-                current = os.stat(lock)
-            except FileNotFoundError:
-                current = None
-            mine = os.fstat(fd)
-            if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
-                break
-            os.close(fd)
-        note = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(note).encode())
-        return fd, created
-    except InputError:
-        _remove_empty(created)
-        raise
-    except OSError as exc:
-        _remove_empty(created)
-        raise InputError(_write_failure(lock.parent, exc)) from None
-
-
-def _release(claim: _Claim) -> None:
-    if claim.fd is not None:
-        with contextlib.suppress(OSError):
-            claim.lock.unlink()  # unlink while still locked: see the re-open in `_acquire`
-        with contextlib.suppress(OSError):
-            if fcntl is not None:
-                # explicit unlock: forked children (DataLoader workers) share the descriptor
-                fcntl.flock(claim.fd, fcntl.LOCK_UN)
-        os.close(claim.fd)
-    _remove_empty(claim.created)
-
-
 @contextlib.contextmanager
 def claim_output(path: str | os.PathLike) -> Iterator[Path]:
     """Hold ``path`` (a file or folder to be written) for this run, or raise `InputError` when
@@ -337,8 +201,8 @@ def claim_output(path: str | os.PathLike) -> Iterator[Path]:
                                  "finish, or choose another output folder")
             claim.depth += 1
         else:
-            fd, created = _acquire(path)
-            claim = _CLAIMS[key] = _Claim(threading.get_ident(), fd, _lock_file(path), created)
+            fd, created = acquire_lock(path)
+            claim = _CLAIMS[key] = _Claim(threading.get_ident(), fd, lock_path(path), created)
     try:
         yield given
     finally:
@@ -346,7 +210,8 @@ def claim_output(path: str | os.PathLike) -> Iterator[Path]:
             claim.depth -= 1
             if claim.depth == 0:
                 del _CLAIMS[key]
-                _release(claim)
+                release_lock(claim.fd, claim.lock)
+                remove_empty(claim.created)
 
 
 # atomic writes -----------------------------------------------------------------------------

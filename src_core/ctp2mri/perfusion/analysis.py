@@ -183,7 +183,7 @@ def _settings_dict(settings: PerfusionSettings) -> dict[str, Any]:
 
 def _brain_on_working_grid(brain: Volume | None, ctp: Volume, series: WorkingSeries,
                            progress: ProgressCallback | None, cancel: CancelToken | None) -> np.ndarray:
-    from ctp2mri.preprocessing.preprocess import brain_mask_from_ctp
+    from ctp2mri.preprocessing.brain_mask import brain_mask_from_ctp
     from ctp2mri.preprocessing.resample import _BlockMean
 
     if brain is None:

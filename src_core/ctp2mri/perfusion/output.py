@@ -119,7 +119,7 @@ def run_perfusion(ctp: str | os.PathLike, out_dir: str | os.PathLike, *, mask: s
     from ctp2mri.io.atomic import claim_output
     from ctp2mri.perfusion.analysis import PerfusionSettings, analyse_perfusion
     from ctp2mri.perfusion.regions import RegionSettings
-    from ctp2mri.preprocessing.preprocess import check_spacing
+    from ctp2mri.preprocessing.spacing import check_spacing
 
     out = Path(out_dir)
     if out.is_file():

@@ -24,7 +24,7 @@ import numpy as np
 
 from ctp2mri.casefolder import CASE_INFO, read_case, read_truth
 from ctp2mri.errors import InputError
-from ctp2mri.evaluation.metrics import dice
+from ctp2mri.evaluation.lesion_metrics import dice
 from ctp2mri.perfusion.analysis import K_H, RHO, PerfusionResult, analyse_perfusion
 from ctp2mri.perfusion.curves import baseline_and_enhancement, bolus_arrival, smooth_in_region
 from ctp2mri.perfusion.regions import RegionSettings, ischaemic_regions

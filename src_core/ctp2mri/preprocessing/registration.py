@@ -17,8 +17,9 @@ import SimpleITK as sitk
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.io.itk import frame_to_sitk
 from ctp2mri.io.volume import Volume
-from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.preprocessing.brain_mask import brain_mask_from_ctp
 from ctp2mri.preprocessing.resample import resample_like, resample_to_grid, temporal_reduce, transform_matrix
+from ctp2mri.progress import CancelToken, ProgressCallback
 
 TRANSFORMS = ("rigid", "affine")
 REGIONS = ("head", "brain")
@@ -109,8 +110,6 @@ def estimate_ctp_to_dwi(ctp: Volume, dwi: Volume, transform: str = "rigid",
     fixed_array = np.asarray(dwi.array, dtype=np.float32)
     if region == "brain":
         if ctp_mask is None:
-            from ctp2mri.preprocessing.preprocess import brain_mask_from_ctp  # preprocess imports this module
-
             ctp_mask = brain_mask_from_ctp(mean, working_spacing=working_spacing, cancel=cancel)
         else:
             ctp_mask.require_3d("CTP brain mask").require_same_grid(ctp, "CTP brain mask", "CTP")

@@ -11,14 +11,14 @@ too slow for 15 frames. We instead average integer blocks of voxels ("area" down
 a box prefilter: 0.08 s per such frame in NumPy with reused buffers) for the integer part
 of the spacing ratio, and smooth only the remaining fractional ratio with a small Gaussian
 (σ = (ratio − 1) / 2 voxels, scikit-image's rule) on the already reduced frame. Only the
-part of the frame that the output grid can see (plus a margin) is read at all.
+part of the frame that the output grid can see (plus a margin) is read at all; both are
+planned once per grid pair (`ctp2mri.preprocessing.read_plan`).
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,6 +26,7 @@ import SimpleITK as sitk
 from ctp2mri.errors import InputError
 from ctp2mri.io.itk import frame_to_sitk, set_sitk_geometry
 from ctp2mri.io.volume import Volume
+from ctp2mri.preprocessing.read_plan import box_corners, plan_reading
 from ctp2mri.profiles import Profile, get_profile
 from ctp2mri.progress import CancelToken, ProgressCallback
 
@@ -35,7 +36,6 @@ INTERPOLATORS = {
     "bspline": sitk.sitkBSpline,
 }
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # flips x and y; its own inverse
-_MIN_SIGMA_VOXELS = 0.2  # below this a residual Gaussian changes nothing measurable
 
 
 def as_profile(profile: str | Profile) -> Profile:
@@ -44,14 +44,6 @@ def as_profile(profile: str | Profile) -> Profile:
 
 
 # geometry --------------------------------------------------------------------------------
-def _box_corners(shape: tuple[int, ...], lo=(0, 0, 0)) -> np.ndarray:
-    """4 × 8 homogeneous index coordinates of the outer voxel *edges* of a box."""
-    lo = np.asarray(lo, dtype=np.float64) - 0.5
-    hi = lo + np.asarray(shape[:3], dtype=np.float64)
-    grid = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1)
-    return np.vstack([grid, np.ones((1, 8))])
-
-
 def transform_matrix(transform: sitk.Transform | None) -> np.ndarray:
     """4 × 4 RAS matrix of an affine-type SimpleITK transform (output point → input point).
 
@@ -74,64 +66,7 @@ def transform_matrix(transform: sitk.Transform | None) -> np.ndarray:
     return _RAS_LPS @ lps @ _RAS_LPS
 
 
-@dataclass
-class _Plan:
-    """How one frame is read: the crop that the output can see, block factors, residual blur."""
-
-    crop: tuple[slice, slice, slice]
-    factors: tuple[int, int, int]
-    affine: np.ndarray  # grid of the cropped, block-averaged frame
-    variance: tuple[float, float, float] | None  # residual Gaussian, mm² per axis
-
-
-def _fit_span(lo: int, hi: int, n: int, f: int) -> tuple[int, int, int]:
-    """Widen [lo, hi) within [0, n) to a multiple of f; shrink f if the axis is too short."""
-    length = math.ceil((hi - lo) / f) * f
-    if lo + length > n:
-        lo = max(0, n - length)
-    length = min(length, ((n - lo) // f) * f)
-    if length < f:  # fewer voxels than one block: don't average along this axis
-        return lo, hi, 1
-    return lo, lo + length, f
-
-
-def _plan(in_affine: np.ndarray, in_shape: tuple[int, int, int], out_affine: np.ndarray,
-          out_shape: tuple[int, int, int], smooth: bool, to_input: np.ndarray) -> _Plan | None:
-    """Plan reading of input frames for one output grid; None when the grids do not overlap."""
-    in_spacing = np.linalg.norm(in_affine[:3, :3], axis=0)
-    out_to_in = np.linalg.inv(in_affine) @ to_input @ out_affine
-    corners = (out_to_in @ _box_corners(out_shape))[:3]
-    # Output sampling steps seen along each input axis: exact for axis permutations/flips,
-    # a fair measure for oblique grids.
-    in_dirs = in_affine[:3, :3] / in_spacing
-    out_steps = to_input[:3, :3] @ out_affine[:3, :3]
-    ratio = np.linalg.norm(in_dirs.T @ out_steps, axis=1) / in_spacing
-    factors = np.maximum(1, np.floor(ratio + 0.25)).astype(int) if smooth else np.ones(3, int)
-    sigma = np.maximum(0.0, (ratio / factors - 1.0) / 2.0) if smooth else np.zeros(3)
-    sigma[sigma < _MIN_SIGMA_VOXELS] = 0.0
-    margin = 2 * factors + np.ceil(3 * sigma * factors).astype(int) + 3  # + B-spline support
-    lo = np.floor(corners.min(axis=1)).astype(int) - margin
-    hi = np.ceil(corners.max(axis=1)).astype(int) + 1 + margin
-    lo, hi = np.maximum(lo, 0), np.minimum(hi, in_shape)
-    if np.any(hi <= lo):
-        return None
-    spans = [_fit_span(int(a), int(b), int(n), int(f))
-             for a, b, n, f in zip(lo, hi, in_shape, factors)]
-    factors = np.array([s[2] for s in spans])
-    if smooth:  # factors may have shrunk on axes shorter than one block
-        sigma = np.maximum(0.0, (ratio / factors - 1.0) / 2.0)
-        sigma[sigma < _MIN_SIGMA_VOXELS] = 0.0
-    start = np.array([s[0] for s in spans], dtype=np.float64)
-    block = np.eye(4)
-    block[:3, :3] = np.diag(factors)
-    block[:3, 3] = start + (factors - 1) / 2.0  # a block's centre in input index units
-    variance = None
-    if sigma.any():
-        variance = tuple(float(v) for v in (sigma * factors * in_spacing) ** 2)
-    return _Plan(tuple(slice(s[0], s[1]) for s in spans), tuple(int(f) for f in factors),
-                 in_affine @ block, variance)
-
-
+# reading frames --------------------------------------------------------------------------
 class _BlockMean:
     """Mean over f_i-voxel blocks, into float32 buffers reused from frame to frame.
 
@@ -257,7 +192,7 @@ def model_grid(reference: Volume, profile: str | Profile,
         hi = np.asarray(reference.spatial_shape, dtype=np.float64) - 1
         centroid = (lo + hi) / 2.0
     centre = (source.affine @ np.append(centroid, 1.0))[:3]
-    z = (source.affine @ _box_corners(tuple(hi - lo + 1), lo))[2]
+    z = (source.affine @ box_corners(tuple(hi - lo + 1), lo))[2]
     nz = max(1, math.ceil((z.max() - z.min()) / spacing[2] - 1e-6))
     centre[2] = (z.max() + z.min()) / 2.0
     shape = (int(prof.shape_xy[0]), int(prof.shape_xy[1]), int(nz))
@@ -317,8 +252,8 @@ def resample_to_grid(volume: Volume, affine: np.ndarray, shape: tuple[int, int, 
     if transform is None and same_grid:
         return Volume(np.array(volume.array, dtype=out_dtype), affine, frame_times, meta)
 
-    plan = _plan(volume.affine, volume.spatial_shape, affine, shape, antialias and not nearest,
-                 transform_matrix(transform))
+    plan = plan_reading(volume.affine, volume.spatial_shape, affine, shape,
+                        antialias and not nearest, transform_matrix(transform))
     block_mean = _BlockMean(plan.factors) if plan and max(plan.factors) > 1 else None
     read = _FrameReader(volume, plan.crop) if plan else None
     reference = set_sitk_geometry(sitk.Image(list(shape), sitk.sitkUInt8), affine)

@@ -45,8 +45,7 @@ BUNDLE_NAMES = {"autoencoder": "autoencoder", "base": "cldm_base", "post_trained
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """Every setting of the demo training, recorded in the model card. The defaults are the
-    bundled models' recipe (v3)."""
+    """Every setting of the demo training, recorded in the model card (defaults: the v3 bundle's)."""
 
     cases: int = 160
     data_seed: int = 0
@@ -221,9 +220,8 @@ class _ReferenceStage:
             torch.set_num_threads(self.threads_before)
         if status != "ok":
             raise InputError(f"the reference U-Net's training failed ({value}); rerun train-demo to resume it")
-        path, seconds = value
-        self.timings["reference"] = round(self.timings.get("reference", 0.0) + seconds, 1)
-        return Path(path)
+        self.timings["reference"] = round(self.timings.get("reference", 0.0) + value[1], 1)  # (path, seconds)
+        return Path(value[0])
 
 
 def _base_objective(rec: DemoRecipe) -> dict[str, Any]:
@@ -305,7 +303,7 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
     ``{"recipe", "paths", "timings_s", "summary"}``.
     """
     from ctp2mri.phantom import generate_dataset
-    from ctp2mri.training import post_train, train_autoencoder, train_ldm
+    from ctp2mri.training import PostTrainSettings, TrainSettings, post_train, train_autoencoder, train_ldm
 
     rec = RECIPES[recipe] if isinstance(recipe, str) else recipe
     if isinstance(recipe, str) and recipe not in RECIPES:
@@ -331,21 +329,23 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
     # The reference regressor trains beside the base cLDM, in its own process on the other core:
     # the same CPU time, without adding it to the recipe's wall time (sequentially, when the
     # base is on a GPU or the reference is done).
+    base_settings = TrainSettings(
+        steps=rec.ldm_steps, batch_size=rec.ldm_batch, lr=rec.ldm_lr, ema_decay=rec.ema_decay,
+        scale_factor=rec.ldm_scale_factor, lesion_oversample=rec.ldm_lesion_oversample, seed=rec.seed,
+        checkpoint_every=max(1, rec.ldm_steps // 4), num_workers=0, **_base_objective(rec))
+    post_settings = PostTrainSettings(
+        lambda_image=rec.lambda_image, lambda_lesion=rec.lambda_lesion, target=rec.target, steps=rec.pt_steps,
+        batch_size=rec.pt_batch, lr=rec.pt_lr, ema_decay=rec.ema_decay, lesion_oversample=rec.pt_lesion_oversample,
+        seed=rec.seed, checkpoint_every=max(1, rec.pt_steps // 3), num_workers=0)
     reference = _ReferenceStage(out, data, rec, device, say, timings, timed) if rec.reference_steps else None
     if reference is not None:
         reference.start()
     try:
         base = stage("base", rec.ldm_steps, lambda resume: train_ldm(
-            data, ae, out / "cldm_base", steps=rec.ldm_steps, batch_size=rec.ldm_batch, lr=rec.ldm_lr,
-            ema_decay=rec.ema_decay, scale_factor=rec.ldm_scale_factor, lesion_oversample=rec.ldm_lesion_oversample,
-            device=device, resume=resume, seed=rec.seed,
-            checkpoint_every=max(1, rec.ldm_steps // 4), num_workers=0,
-            progress=_stage_progress(progress, "base cLDM"), cancel=cancel, **_base_objective(rec)))
+            data, ae, out / "cldm_base", base_settings, device=device, resume=resume,
+            progress=_stage_progress(progress, "base cLDM"), cancel=cancel))
         post = stage("post_trained", rec.pt_steps, lambda resume: post_train(
-            data, base, out / "cldm_post_trained", lambda_image=rec.lambda_image, lambda_lesion=rec.lambda_lesion,
-            target=rec.target, steps=rec.pt_steps, batch_size=rec.pt_batch, lr=rec.pt_lr, ema_decay=rec.ema_decay,
-            lesion_oversample=rec.pt_lesion_oversample, device=device, resume=resume, seed=rec.seed,
-            checkpoint_every=max(1, rec.pt_steps // 3), num_workers=0,
+            data, base, out / "cldm_post_trained", post_settings, device=device, resume=resume,
             progress=_stage_progress(progress, "post-training"), cancel=cancel))
     except BaseException:
         if reference is not None:
@@ -358,11 +358,10 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
     if bundle is not None:
         bundle = ensure_writable_dir(Path(bundle))
         say(f"bundle: copying weights (no optimiser state) → {bundle}")
-        bundle_checkpoint(ae, bundle / BUNDLE_NAMES["autoencoder"], ["model"])
-        for key in ("base", "post_trained"):
-            bundle_checkpoint(paths[key], bundle / BUNDLE_NAMES[key], ["ema", "autoencoder"])
-        if "reference" in paths:
-            bundle_checkpoint(paths["reference"], bundle / BUNDLE_NAMES["reference"], ["model"])
+        for key, networks in (("autoencoder", ["model"]), ("base", ["ema", "autoencoder"]),
+                              ("post_trained", ["ema", "autoencoder"]), ("reference", ["model"])):
+            if key in paths:
+                bundle_checkpoint(paths[key], bundle / BUNDLE_NAMES[key], networks)
         paths["bundle"] = bundle
 
     summary = None
@@ -377,25 +376,25 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
 def _evaluate(paths: dict[str, Path], folder: Path, rec: DemoRecipe, device: str,
               progress: ProgressCallback | None, cancel: CancelToken | None,
               say: Callable[[str], None], max_cases: int | None = None) -> dict[str, Any]:
-    from ctp2mri.evaluation.evaluate import evaluate, format_report
+    from ctp2mri.evaluation.evaluate import evaluate
+    from ctp2mri.evaluation.report import format_report
     from ctp2mri.evaluation.tables import format_table1
 
     folder = ensure_writable_dir(folder)
     say(f"evaluation: base vs post-trained on the test split, {rec.eval_sampler} {rec.eval_steps} steps, seed {rec.seed}")
-    models = {"cLDM (base)": paths["base"], "cLDM-PT (λ_image 0.01, λ_lesion 0.02)": paths["post_trained"]}
+    models = {"cLDM (base)": paths["base"],
+              f"cLDM-PT (λ_image {rec.lambda_image:g}, λ_lesion {rec.lambda_lesion:g})": paths["post_trained"]}
     if "reference" in paths:
         models["U-Net (L1), reference"] = paths["reference"]
-    rows, summary = evaluate(None, paths["data"], split="test", n_steps=rec.eval_steps, seed=rec.seed,
-                             device=device, out_csv=folder / "per_case.csv", models=models,
-                             sampler=rec.eval_sampler, figure=folder / "test_slices.png", max_cases=max_cases,
+    rows, summary = evaluate(models, paths["data"], split="test", n_steps=rec.eval_steps, seed=rec.seed,
+                             device=device, out_csv=folder / "per_case.csv", sampler=rec.eval_sampler,
+                             figure=folder / "test_slices.png", max_cases=max_cases,
                              progress=_stage_progress(progress, "evaluation"), cancel=cancel)
     text = format_report(summary, rows, n_steps=rec.eval_steps, eta=0.0, seed=rec.seed, split="test")
-    with atomic_path(folder / "report.txt") as tmp:
-        Path(tmp).write_text(text + "\n")
-    with atomic_path(folder / "table1.md") as tmp:
-        Path(tmp).write_text(format_table1(summary) + "\n")
-    with atomic_path(folder / "summary.json") as tmp:
-        Path(tmp).write_text(strict_json(summary))
+    for name, content in (("report.txt", text + "\n"), ("table1.md", format_table1(summary) + "\n"),
+                          ("summary.json", strict_json(summary))):
+        with atomic_path(folder / name) as tmp:
+            Path(tmp).write_text(content)
     say(text)
     return summary
 

@@ -1,4 +1,4 @@
-"""Sampling a trained model: checkpoint → model on a device → DWI/ADC slices.
+"""Sampling a loaded model: normalised CTP slices in, normalised DWI/ADC slices out.
 
 The one inference path shared by `ctp2mri evaluate` and the synthesis engine: a batch of
 normalised CTP slices goes in, normalised DWI/ADC slices in [−1, 1] come out. The
@@ -6,268 +6,44 @@ condition is rescaled once per batch (c̃ = F(c), reused at every step), the sam
 DPM-Solver++(2M)) runs in the latent space and the autoencoder decodes the result. K samples
 per slice are extra rows of the same batches.
 
-`load_model` and `sample_slices` dispatch on the checkpoint's ``kind``, so the baselines are
-sampled by the same batching, seeding, progress and cancel code: ``"cldm"`` (`LoadedModel`),
-``"cbbdm"`` (`LoadedBridge`: the latent Brownian bridge walked back from y = F(c) by BBDM's
-sampler, `ctp2mri.diffusion.bridge_sample`, then decoded) and ``"pix2pix"``
-(`LoadedPix2Pix`: one generator pass).
+`sample_slices` dispatches on the model's kind (`ctp2mri.synthesis.loading.load_model`), so the
+baselines are sampled by the same batching, seeding, progress and cancel code: a cLDM, a
+cBBDM (the latent Brownian bridge walked back from y = F(c) by BBDM's sampler,
+`ctp2mri.diffusion.bridge_sample`, then decoded) and Pix2Pix (one generator pass).
 
-Seeding: slice ``i`` starts from z_T drawn by its own generator, seeded from
-``(seed, ids[i])``, on the CPU; with DDIM η > 0 the same generator goes on to draw that
-slice's step noise. A slice's result therefore depends neither on the batch it was sampled
-in nor on the device (up to floating-point summation order), so ``batch_size`` is purely a
-speed/memory setting. The bridge starts from y itself; with η > 0 each row's step noise
-comes from the same per-row seed.
+Seeding (`ctp2mri.synthesis.seeding`): each (slice, sample) row draws from its own CPU
+generator, so ``batch_size`` is purely a speed/memory setting. The bridge starts from y
+itself; with η > 0 each row's step noise comes from the same per-row seed.
 """
 
 from __future__ import annotations
 
-import os
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from ctp2mri.checkpoints import load_checkpoint, read_config
-from ctp2mri.devices import resolve_device
-from ctp2mri.diffusion import (
-    BrownianBridge,
-    NoiseSchedule,
-    bridge_sample,
-    ddim_sample,
-    dpm_solver_sample,
-)
+from ctp2mri.diffusion import bridge_sample, ddim_sample, dpm_solver_sample
 from ctp2mri.diffusion.dpm_solver import dpm_solver_timesteps
 from ctp2mri.errors import InputError
-from ctp2mri.models.autoencoder import VQAutoencoder
-from ctp2mri.models.cbbdm import BrownianBridgeLDM
-from ctp2mri.models.cldm import ConditionalLDM
-from ctp2mri.models.pix2pix import Pix2PixGenerator
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.settings import PRECISIONS
+from ctp2mri.synthesis.loading import (
+    KIND_SAMPLERS,
+    SAMPLERS,
+    AnyLoadedModel,
+    LoadedBridge,
+    LoadedPix2Pix,
+    default_sampler,
+)
+from ctp2mri.synthesis.seeding import initial_noise, row_generators
 
-__all__ = ["KIND_SAMPLERS", "MODEL_KINDS", "PRECISIONS", "SAMPLERS", "AnyLoadedModel", "LoadedBridge", "LoadedModel",
-           "LoadedPix2Pix", "autocast_dtype", "default_sampler", "load_model", "model_label", "row_seed",
-           "sample_slices", "sampler_steps", "slice_seed"]
+__all__ = ["autocast_dtype", "sample_slices", "sampler_steps"]
 
-
-#: Samplers of `sample_slices`: DDIM (the paper's, Song et al. 2021) and DPM-Solver++(2M).
-SAMPLERS = ("ddim", "dpm++2m")
-#: Checkpoint kinds `load_model` samples, and the samplers of each (the first is the default):
-#: the cBBDM's skip-step Brownian-bridge sampler, the Pix2Pix generator's single pass.
-KIND_SAMPLERS: dict[str, tuple[str, ...]] = {"cldm": SAMPLERS, "cbbdm": ("bbdm",), "pix2pix": ("generator",)}
-MODEL_KINDS = tuple(KIND_SAMPLERS)
 #: Precision flag (`ctp2mri.settings.PRECISIONS`) → autocast dtype (None: float32).
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = dict(zip(PRECISIONS, (None, torch.bfloat16, torch.float16)))
-
-
-@dataclass
-class LoadedModel:
-    """A cLDM checkpoint ready for sampling (networks in eval mode, no gradients).
-
-    Attributes
-    ----------
-    cldm
-        The ε-prediction network (EMA weights unless loaded with ``use_ema=False``).
-    autoencoder
-        The VQ autoencoder whose decoder maps latents to (DWI, ADC).
-    schedule
-        The noise schedule the cLDM was trained with, on the model's device.
-    normalisation
-        The checkpoint's intensity ranges (``{"dwi": {"lo", "hi"}, "adc": {...}, ...}``,
-        see `ctp2mri.data.SliceDataset.intensity_ranges`) for mapping output back to units.
-    profile
-        Name of the model grid (`ctp2mri.profiles`).
-    config
-        The whole config.json.
-    device
-        Where the networks live.
-    weights
-        Which weight file the cLDM came from (``"ema"`` or ``"model"``).
-    path
-        The checkpoint folder.
-    """
-
-    kind: ClassVar[str] = "cldm"
-
-    cldm: ConditionalLDM
-    autoencoder: VQAutoencoder
-    schedule: NoiseSchedule
-    normalisation: dict[str, Any]
-    profile: str
-    config: dict[str, Any]
-    device: torch.device
-    weights: str = "ema"
-    path: str | None = None
-
-
-@dataclass
-class LoadedBridge:
-    """A cBBDM (or BBDM) checkpoint ready for sampling; fields as `LoadedModel`'s, with
-
-    Attributes
-    ----------
-    network
-        The `BrownianBridgeLDM` (its F gives the endpoint y, its UNet the objective).
-    bridge
-        The Brownian-bridge schedule it was trained with, on the model's device.
-    """
-
-    kind: ClassVar[str] = "cbbdm"
-
-    network: BrownianBridgeLDM
-    autoencoder: VQAutoencoder
-    bridge: BrownianBridge
-    normalisation: dict[str, Any]
-    profile: str
-    config: dict[str, Any]
-    device: torch.device
-    weights: str = "ema"
-    path: str | None = None
-
-
-@dataclass
-class LoadedPix2Pix:
-    """A Pix2Pix checkpoint ready for inference; ``generator`` is the U-Net (other fields as
-    `LoadedModel`'s; Pix2Pix keeps no EMA, so ``weights`` is ``"model"``)."""
-
-    kind: ClassVar[str] = "pix2pix"
-
-    generator: Pix2PixGenerator
-    normalisation: dict[str, Any]
-    profile: str
-    config: dict[str, Any]
-    device: torch.device
-    weights: str = "model"
-    path: str | None = None
-
-
-AnyLoadedModel = LoadedModel | LoadedBridge | LoadedPix2Pix
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "auto",
-               use_ema: bool = True) -> AnyLoadedModel:
-    """Load a checkpoint folder for sampling, by its kind: cLDM, cBBDM or Pix2Pix.
-
-    Parameters
-    ----------
-    path
-        Checkpoint folder: ``kind: "cldm"`` or ``"cbbdm"`` (``model``/``ema`` denoiser weights
-        and the ``autoencoder`` they were trained with) or ``"pix2pix"`` (``model``, the
-        generator).
-    device
-        ``"auto"``, ``"cpu"``, ``"cuda[:i]"``, ``"mps"`` or a `torch.device`
-        (`ctp2mri.devices.resolve_device`).
-    use_ema
-        Sample with the EMA weights (as the paper and CompVis do); ``False`` takes the raw
-        training weights. A checkpoint without EMA weights (Pix2Pix) falls back to ``model``.
-
-    Returns
-    -------
-    `LoadedModel`, `LoadedBridge` or `LoadedPix2Pix`, for `sample_slices`.
-
-    Raises
-    ------
-    InputError
-        Not a checkpoint of those kinds, a weight file missing/truncated/mismatched (from
-        `ctp2mri.checkpoints`), no schedule or profile recorded.
-    """
-    from ctp2mri.bundled import resolve_model
-
-    path = resolve_model(path)  # a bundled model's name ("demo") or a folder
-    dev = resolve_device(device)
-    config = read_config(path)
-    kind = config.get("kind")
-    if kind not in MODEL_KINDS:
-        raise InputError(f"{path} is a {kind!r} checkpoint; sampling needs a 'cldm' checkpoint (written by "
-                         "`ctp2mri train-ldm` or `post-train`), or a 'cbbdm' or 'pix2pix' baseline")
-    networks = config["networks"]
-    weights = "ema" if use_ema and "ema" in networks else "model"
-    needed = (weights,) if kind == "pix2pix" else (weights, "autoencoder")
-    for name in needed:
-        if name not in networks:
-            raise InputError(f"{path} holds no {name!r} network (it has {', '.join(networks)}); "
-                             f"a {kind} checkpoint needs " + ("its generator" if kind == "pix2pix" else
-                                                             "the denoiser and its autoencoder"))
-    if kind != "pix2pix" and not isinstance(config.get("schedule"), dict):
-        raise InputError(f"{path}/config.json records no noise schedule; the checkpoint is damaged")
-    nets, config = load_checkpoint(path, names=list(needed), map_location=dev, kind=kind)
-    expected = {"cldm": ConditionalLDM, "cbbdm": BrownianBridgeLDM, "pix2pix": Pix2PixGenerator}[kind]
-    if not isinstance(nets[weights], expected) or (kind != "pix2pix"
-                                                   and not isinstance(nets["autoencoder"], VQAutoencoder)):
-        raise InputError(f"{path}: {weights!r} must be a {kind} network"
-                         + ("" if kind == "pix2pix" else " and 'autoencoder' an autoencoder")
-                         + "; config.json says " + ", ".join(repr(networks[n]["type"]) for n in needed))
-    for net in nets.values():
-        net.eval().requires_grad_(False)
-    common = {"normalisation": dict(config.get("normalisation") or {}), "profile": str(config["profile"]),
-              "config": config, "device": dev, "weights": weights, "path": os.fspath(path)}
-    if kind == "pix2pix":
-        return LoadedPix2Pix(generator=nets[weights], **common)
-    if kind == "cbbdm":
-        return LoadedBridge(network=nets[weights], autoencoder=nets["autoencoder"],
-                            bridge=BrownianBridge.from_config(config["schedule"]).to(dev), **common)
-    return LoadedModel(cldm=nets[weights], autoencoder=nets["autoencoder"],
-                       schedule=NoiseSchedule.from_config(config["schedule"]).to(dev), **common)
-
-
-def model_label(config: dict[str, Any]) -> str:
-    """The Table-1 name of a checkpoint from its config.json: ``cLDM``, ``cBBDM`` (``BBDM``
-    without the concatenated condition), ``Pix2Pix``; ``-PT`` after lesion-aware post-training."""
-    kind = config.get("kind")
-    if kind == "pix2pix":
-        return "Pix2Pix" if (config.get("training") or {}).get("adversarial", True) else "U-Net (L1)"
-    if kind == "cbbdm":
-        denoiser = (config.get("networks") or {}).get("ema") or (config.get("networks") or {}).get("model") or {}
-        name = "cBBDM" if (denoiser.get("config") or {}).get("concat_condition", True) else "BBDM"
-    elif kind == "cldm":
-        name = "cLDM"
-    else:
-        raise InputError(f"a {kind!r} checkpoint is not a synthesis model; give a cldm, cbbdm or pix2pix checkpoint")
-    return name + ("-PT" if config.get("post_training") else "")
-
-
-def slice_seed(seed: int, slice_id: int) -> int:
-    """The 63-bit generator seed of one slice, mixed from (seed, slice_id) by SeedSequence.
-
-    Neighbouring ids give unrelated streams (a plain ``seed + id`` would make runs with
-    seeds 0 and 1 share all but one slice's noise).
-    """
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF,
-                                    int(slice_id) & 0xFFFFFFFFFFFFFFFF]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def row_seed(seed: int, slice_id: int, sample: int = 0) -> int:
-    """Generator seed of sample ``sample`` of one slice; sample 0 is `slice_seed` itself.
-
-    Sample 0 of a K-sample run therefore equals the single-sample run, and the other samples
-    draw unrelated streams.
-    """
-    if int(sample) == 0:
-        return slice_seed(seed, slice_id)
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF,
-                                    int(slice_id) & 0xFFFFFFFFFFFFFFFF,
-                                    int(sample) & 0xFFFFFFFFFFFFFFFF]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def _row_generators(rows: Sequence[tuple[int, int]], seed: int) -> list[torch.Generator]:
-    """One CPU generator per (slice id, sample) row, seeded by `row_seed`: the CPU stream is
-    the same on every device, and a row never draws from another row's stream."""
-    return [torch.Generator(device="cpu").manual_seed(row_seed(seed, slice_id, sample))
-            for slice_id, sample in rows]
-
-
-def _initial_noise(generators: Sequence[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-    """z_T of each row, the first draw of its own generator (device- and batch-independent)."""
-    out = torch.empty((len(generators), *shape), dtype=torch.float32)
-    for r, gen in enumerate(generators):
-        out[r] = torch.randn(shape, generator=gen, dtype=torch.float32)
-    return out
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -292,12 +68,6 @@ def _free(device: torch.device) -> None:
     """Hand cached GPU blocks back after a cancel, an out-of-memory or the end of a run."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def default_sampler(model: AnyLoadedModel) -> str:
-    """The sampler `sample_slices` uses when none is named: DDIM (the paper's) for a cLDM,
-    BBDM's bridge sampler for a cBBDM, the generator pass for Pix2Pix."""
-    return KIND_SAMPLERS[model.kind][0]
 
 
 def sampler_steps(sampler: str | None, n_steps: int, model: AnyLoadedModel) -> int:
@@ -453,7 +223,7 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
             y = model.network.encode_condition(condition(batch))  # x_T = y = F(c), once per batch
             generators = None
             if eta > 0:  # one CPU generator per row: a row's noise does not depend on its batch
-                generators = _row_generators([(ids[i], k) for i, k in batch], seed)
+                generators = row_generators([(ids[i], k) for i, k in batch], seed)
             x0 = bridge_sample(objective_model, y, y, model.bridge, n_steps, eta, generator=generators,
                                progress=report, cancel=cancel)
             return model.autoencoder.decode(x0, quantize=quantize).clamp_(-1.0, 1.0).cpu()
@@ -467,8 +237,8 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
 
         def run_batch(batch, report):
             c_tilde = model.cldm.encode_condition(condition(batch))  # once per batch, every step reuses it
-            generators = _row_generators([(ids[i], k) for i, k in batch], seed)
-            x_t = _initial_noise(generators, latent).to(dev)
+            generators = row_generators([(ids[i], k) for i, k in batch], seed)
+            x_t = initial_noise(generators, latent).to(dev)
             if sampler == "ddim":
                 # η > 0: each row's step noise goes on from its own z_T stream, so it does not
                 # depend on the batch; η = 0 draws nothing more, leaving the result as before.

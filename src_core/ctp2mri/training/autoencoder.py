@@ -24,12 +24,15 @@ from ctp2mri.errors import InputError
 from ctp2mri.losses import autoencoder_loss, discriminator_factor, hinge_discriminator_loss
 from ctp2mri.models import PatchGANDiscriminator, VQAutoencoder, model_config
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.settings import AE_BASE_LR
 from ctp2mri.training import loop
-from ctp2mri.training.distributed import init_distributed, shutdown
+from ctp2mri.training.batches import BatchStream, data_identity, load_dataset
+from ctp2mri.training.distributed import barrier, init_distributed, shutdown
+from ctp2mri.training.rng import noise_generator, rng_restore, rng_snapshot, seed_everything
+from ctp2mri.training.sampling import check_lesion_oversample, lesion_sampling, sampling_setting
 
-__all__ = ["AE_BASE_LR", "train_autoencoder"]
+__all__ = ["train_autoencoder"]
 
-AE_BASE_LR = 4.5e-6  # base_learning_rate of the official VQGAN.yaml
 LOG_COLUMNS = ("step", "epoch", "loss", "rec_loss", "lesion_rec_loss", "codebook_loss", "g_loss", "d_weight", "d_loss",
                "codes_restarted", "lr", "seconds")
 
@@ -90,7 +93,7 @@ def train_autoencoder(
         restart onto current encoder outputs (`VectorQuantizer.restart_dead_codes`). 0 (default)
         is the official training; short CPU runs need it, or the codebook collapses.
     lesion_oversample
-        Draw slices with lesion this many times as often as the others (`loop.lesion_sampling`):
+        Draw slices with lesion this many times as often as the others (`ctp2mri.training.sampling`):
         lesions are a tiny share of the pixels, and an autoencoder that has seldom seen one blurs
         it away, which no latent model can undo. None (default): uniform, as upstream.
     device, precision
@@ -123,7 +126,7 @@ def train_autoencoder(
     try:
         return _train(info, data, Path(out), profile, int(steps), int(batch_size), lr, base_lr, scale_lr,
                       int(disc_start), float(disc_weight), float(codebook_weight), grad_clip,
-                      int(codebook_restart), loop.check_lesion_oversample(lesion_oversample), precision, resume,
+                      int(codebook_restart), check_lesion_oversample(lesion_oversample), precision, resume,
                       int(seed), int(num_workers), int(checkpoint_every), int(log_every), autoencoder_config,
                       discriminator_config, progress, cancel, lesion_weight=_lesion_weight(lesion_weight))
     finally:
@@ -136,9 +139,9 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
     dev = info.device
     precision = loop.check_precision(precision, dev)
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
-    loop.barrier(info)
-    dataset = loop.load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
-    weights, sampling = loop.lesion_sampling(dataset, lesion_oversample, info)
+    barrier(info)
+    dataset = load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
+    weights, sampling = lesion_sampling(dataset, lesion_oversample, info)
     ae_config = dict(ae_config or model_config(profile, "autoencoder"))
     d_config = dict(d_config or model_config(profile, "discriminator"))
     lr_value = loop.effective_lr(base_lr, batch_size, info.world_size, 1, scale_lr, lr)
@@ -147,20 +150,20 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
         "base_lr": base_lr, "scale_lr": scale_lr, "lr": lr_value, "optimizer": "Adam", "betas": [0.5, 0.9],
         "disc_start": disc_start, "disc_weight": disc_weight, "codebook_weight": codebook_weight,
         "disc_loss": "hinge", "perceptual_weight": 0.0, "reconstruction": "l1", "grad_clip": grad_clip,
-        "codebook_restart": codebook_restart, **loop.sampling_setting(lesion_oversample),
+        "codebook_restart": codebook_restart, **sampling_setting(lesion_oversample),
         **({"lesion_weight": lesion_weight} if lesion_weight else {}),
         "precision": precision, "seed": seed, "num_workers": num_workers, "device": str(dev),
-        "checkpoint_every": checkpoint_every, "log_every": log_every, "data": loop.data_identity(dataset),
+        "checkpoint_every": checkpoint_every, "log_every": log_every, "data": data_identity(dataset),
         "autoencoder": ae_config, "discriminator": d_config,
     }
 
-    loop.seed_everything(seed)
+    seed_everything(seed)
     ae = VQAutoencoder(**ae_config).to(dev)
     disc = PatchGANDiscriminator(**d_config).to(dev)
     opt_ae = torch.optim.Adam(ae.parameters(), lr=lr_value, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr_value, betas=(0.5, 0.9))
     scaler = loop.make_grad_scaler(precision)
-    generator = loop.noise_generator(seed, info)  # unused by the AE step; kept for a uniform state
+    generator = noise_generator(seed, info)  # unused by the AE step; kept for a uniform state
     step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(LOG_COLUMNS)
     usage = torch.zeros(ae.quantizer.num_embeddings, dtype=torch.int64)
     if resume:
@@ -175,14 +178,14 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
         step, position, log = int(state["step"]), state["position"], loop.RunLog.from_state(state["log"])
         if codebook_restart:
             usage = state["codebook_usage"].to(torch.int64).cpu()
-        loop.rng_restore(state["rng"], info, generator)
+        rng_restore(state["rng"], info, generator)
     if step >= steps:
         raise InputError(f"the run in {out} has already trained {step} steps (≥ --steps {steps}); "
                          "give a larger --steps to continue it")
 
     ae_train = DDP(ae, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else ae
     d_train = DDP(disc, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else disc
-    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, weights=weights, **position)
+    stream = BatchStream(dataset, batch_size, info, seed, num_workers, weights=weights, **position)
     run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
     ae.train()
     disc.train()
@@ -194,7 +197,7 @@ def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, d
                  "scaler": scaler.state_dict() if scaler is not None else None}
         if codebook_restart:
             state["codebook_usage"] = usage.clone()
-        run.save({"model": ae, "discriminator": disc}, config, state, loop.rng_snapshot(generator))
+        run.save({"model": ae, "discriminator": disc}, config, state, rng_snapshot(generator))
 
     batches = iter(stream)
     while step < steps:

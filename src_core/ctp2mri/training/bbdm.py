@@ -8,8 +8,8 @@ Each step, on the frozen autoencoder of a `ctp2mri train-autoencoder` run:
     x_t = (1 − m_t) x_0 + m_t y + √δ_t ε    (`BrownianBridge.q_sample`)
     L = ‖m_t (y − x_0) + √δ_t ε − ô_θ(x_t, t, y)‖₁    (BBDM's "grad" objective, L1)
 
-The optimisation loop (AdamW, EMA, accumulation, DDP, checkpoints, log, exact resume,
-cancel) is the cLDM's (`ctp2mri.training.ldm.optimise` and `restore_run`); the checkpoint has
+The run (AdamW, EMA, accumulation, DDP, checkpoints, log, exact resume, cancel) is the
+cLDM's (`ctp2mri.training.latent_run`), as a `TrainSettings` asks; the checkpoint has
 ``kind: "cbbdm"`` with networks ``model``, ``ema`` and ``autoencoder`` and the bridge's
 schedule, so `ctp2mri.synthesis.inference.load_model` samples it and `ctp2mri post-train` continues it.
 
@@ -34,11 +34,12 @@ from ctp2mri.errors import InputError
 from ctp2mri.losses import total_loss
 from ctp2mri.models import BrownianBridgeLDM
 from ctp2mri.progress import CancelToken, ProgressCallback
-from ctp2mri.settings import EMA_DECAY, LAMBDA_IMAGE, LAMBDA_LESION
+from ctp2mri.settings import LAMBDA_IMAGE, LAMBDA_LESION
 from ctp2mri.training import loop
 from ctp2mri.training.distributed import init_distributed, shutdown
 from ctp2mri.training.image_terms import TARGETS, image_space_terms
-from ctp2mri.training.ldm import LDM_BASE_LR, train_latent_model
+from ctp2mri.training.latent_run import LatentModel, train_latent_model
+from ctp2mri.training.run_settings import TrainSettings
 
 __all__ = ["bridge_diffuse", "bridge_post_training_loss", "bridge_training_loss", "train_bbdm"]
 
@@ -47,47 +48,34 @@ def train_bbdm(
     data: Any,
     autoencoder: str | os.PathLike,
     out: str | os.PathLike,
-    steps: int = 1000,
-    batch_size: int = 16,
-    lr: float | None = None,
-    base_lr: float = LDM_BASE_LR,
-    scale_lr: bool = True,
-    grad_accum: int = 1,
-    weight_decay: float = 0.01,
-    ema_decay: float = EMA_DECAY,
-    grad_clip: float | None = None,
+    settings: TrainSettings | None = None,
+    *,
     loss_type: str = "l1",
-    device: str = "auto",
-    precision: str = "fp32",
-    resume: bool = False,
-    seed: int = 0,
-    num_workers: int = 1,
-    checkpoint_every: int = 500,
-    log_every: int = 10,
     cbbdm_config: dict[str, Any] | None = None,
     bridge: BrownianBridge | None = None,
-    lesion_oversample: float | None = None,
+    device: str = "auto",
+    resume: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    **options: Any,
 ) -> Path:
     """Train (or resume training) a latent Brownian-bridge model on a frozen autoencoder.
 
     Parameters
     ----------
-    data, autoencoder, out, steps, batch_size, grad_accum, lr, base_lr, scale_lr, weight_decay, ema_decay, grad_clip
-        As `ctp2mri.training.train_ldm` (same optimiser and learning-rate rule, so the two
-        latent models are trained alike; BBDM's own configuration uses Adam at 1e-4).
+    data, autoencoder, out, device, resume
+        As `ctp2mri.training.train_ldm`.
+    settings, options
+        A `TrainSettings`, and/or its fields as keywords, as `train_ldm`'s (same optimiser and
+        learning-rate rule, so the two latent models are trained alike; BBDM's own configuration
+        uses Adam at 1e-4). Its cLDM-only fields (`CLDM_ONLY`) must keep the paper's values.
     loss_type
         ``"l1"`` (BBDM's configuration) or ``"l2"`` on the "grad" objective.
-    device, precision, resume, seed, num_workers, checkpoint_every, log_every
-        As `train_ldm`.
     cbbdm_config
         `BrownianBridgeLDM` constructor arguments overriding the profile's ``cbbdm`` ones
         (``concat_condition=False`` gives plain BBDM; tiny models in tests).
     bridge
         The bridge schedule (default: T = 1000, s = 1, as BBDM).
-    lesion_oversample
-        As `train_ldm`.
     progress, cancel
         ``progress(step, steps, {"loss", "lr", …})`` after each step; a cancel saves a
         resumable checkpoint, then raises `ctp2mri.errors.Cancelled`.
@@ -96,34 +84,26 @@ def train_bbdm(
     -------
     Path of the run folder / checkpoint (``kind: "cbbdm"``).
     """
+    opts = TrainSettings.given(settings, options, "train_bbdm")
     if loss_type not in BRIDGE_LOSSES:
         raise InputError(f"unknown bridge loss {loss_type!r}; choose one of {', '.join(BRIDGE_LOSSES)}")
-    loop.check_run_numbers(steps=steps, batch_size=batch_size, seed=seed, num_workers=num_workers,
-                           checkpoint_every=checkpoint_every, log_every=log_every, lr=lr, grad_accum=grad_accum,
-                           ema_decay=ema_decay, weight_decay=weight_decay, grad_clip=grad_clip)
-    info = init_distributed(device)
-    try:
-        return _train(info, data, Path(autoencoder), Path(out), int(steps), int(batch_size), lr, base_lr, scale_lr,
-                      int(grad_accum), float(weight_decay), float(ema_decay), grad_clip, loss_type, precision, resume,
-                      int(seed), int(num_workers), int(checkpoint_every), int(log_every), cbbdm_config,
-                      bridge or BrownianBridge(), loop.check_lesion_oversample(lesion_oversample), progress, cancel)
-    finally:
-        shutdown(info)
+    cldm_only = opts.cldm_only()
+    if cldm_only:
+        raise InputError(f"{', '.join(cldm_only)} appl{'ies' if len(cldm_only) == 1 else 'y'} to the cLDM only; "
+                         "the cBBDM bridges the CTP's own latent with its own objective")
 
-
-def _train(info, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum, weight_decay, ema_decay,
-           grad_clip, loss_type, precision, resume, seed, num_workers, checkpoint_every, log_every, cbbdm_config,
-           bridge, lesion_oversample, progress, cancel) -> Path:
     def loss_for(model_train, autoencoder, bridge, generator, precision):
         return functools.partial(bridge_training_loss, model_train, autoencoder, bridge, generator=generator,
                                  loss_type=loss_type, precision=precision)
 
     objective = {"parameterization": "grad", "loss_type": loss_type,
                  "loss": f"{loss_type} on m_t(y − x0) + √δ_t ε"}
-    return train_latent_model(
-        info, "cbbdm", BrownianBridgeLDM, data, ae_dir, out, steps, batch_size, lr, base_lr, scale_lr, grad_accum,
-        weight_decay, ema_decay, grad_clip, precision, resume, seed, num_workers, checkpoint_every, log_every,
-        cbbdm_config, bridge, objective, loss_for, progress, cancel, lesion_oversample=lesion_oversample)
+    latent = LatentModel("cbbdm", BrownianBridgeLDM, cbbdm_config, {}, bridge or BrownianBridge(), objective, loss_for)
+    info = init_distributed(device)
+    try:
+        return train_latent_model(info, latent, data, Path(autoencoder), Path(out), opts, resume, progress, cancel)
+    finally:
+        shutdown(info)
 
 
 # one batch -------------------------------------------------------------------------------------

@@ -13,15 +13,17 @@ Parent side (Qt-free)::
     run.cancel()                # graceful: checkpoint at the current step, kill after a timeout
     run.kill()                  # at once (SIGKILL)
 
-``job`` is JSON: ``{"base", "out", "sources": [case folders], "settings": {post_train keyword
-arguments}, "seed", "evaluate": {"n_steps", "labels": [base label, new label]} | None, "threads"}``.
-The data go through files: the training set is a list of case folders (the widget writes the
-viewer case as one). The job is written to the child's stdin as one line; its events come back as
-JSON lines on its stdout (everything the child prints goes to its stderr, kept in a log file):
+``job`` is JSON: ``{"base", "out", "sources": [case folders], "settings": {PostTrainSettings
+fields}, "device", "resume", "compare_steps": DDIM steps of the before/after check | None,
+"threads"}``; the child runs it with `ctp2mri.evaluation.post_train_compare.post_train_and_compare`
+and only carries the job, events and signals. The data go through files: the training set is a
+list of case folders (the widget writes the viewer case as one). The job is written to the
+child's stdin as one line; its events come back as JSON lines on its stdout (everything the
+child prints goes to its stderr, kept in a log file):
 
 - ``{"event": "started", "pid"}``
 - ``{"event": "progress", "phase": "data" | "train" | "eval", "step", "total", "info"}``
-- ``{"event": "done", "out", "steps", "seconds", "rows": evaluate rows | None, "metrics_note"}``
+- ``{"event": "done", "out", "steps", "seconds", "rows": before/after rows | None, "metrics_note"}``
 - ``{"event": "cancelled", "message", "step", "checkpoint"}`` (checkpoint None: nothing saved)
 - ``{"event": "error", "type", "message", "user_error", "traceback"}``
 - ``{"event": "crashed", "returncode", "message", "log"}``: made by the parent when the child
@@ -43,13 +45,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ChildFailed", "ChildRun", "FINAL_EVENTS", "before_after_folders", "run_job", "start"]
+__all__ = ["ChildFailed", "ChildRun", "FINAL_EVENTS", "run_job", "start"]
 
 FINAL_EVENTS = ("done", "cancelled", "error", "crashed")
 CANCEL_TIMEOUT_S = 30.0
@@ -267,79 +268,28 @@ def start(job: Mapping[str, Any], **kwargs: Any) -> ChildRun:
 
 
 # child side ------------------------------------------------------------------------------------
-def before_after_folders(models: Mapping[str, str | os.PathLike], folders: Sequence[str | os.PathLike], *,
-                         n_steps: int = 10, seed: int = 0, batch_size: int = 16, device: str = "auto",
-                         progress: Callable[[int, int, dict[str, Any]], None] | None = None,
-                         cancel: Any = None) -> list[dict[str, Any]]:
-    """`ctp2mri.evaluation.evaluate.evaluate` rows of every model on every case folder (same noise for all
-    models); ``progress(done, total, info)`` counts thousandths of the whole evaluation."""
-    from ctp2mri.evaluation.evaluate import evaluate
-
-    rows: list[dict[str, Any]] = []
-    folders = [Path(f) for f in folders]
-    for index, folder in enumerate(folders):
-        def report(step: int, total: int, info: dict[str, Any], index: int = index) -> None:
-            if progress is not None:
-                done = (index + step / max(total, 1)) / len(folders)
-                progress(round(1000 * done), 1000, {**info, "cases_done": index, "cases_total": len(folders)})
-        found, _ = evaluate(None, folder, split=None, n_steps=n_steps, seed=seed, batch_size=batch_size,
-                            device=device, models=dict(models), progress=report, cancel=cancel)
-        rows.extend(found)
-    return rows
-
-
 def run_job(job: Mapping[str, Any], emit: Callable[[dict[str, Any]], None], cancel: Any) -> dict[str, Any]:
     """Post-train (and score before/after) as ``job`` says; returns the ``done`` event.
 
     Runs in the child (or, for a test, in-process); ``emit`` receives the progress events.
     """
-    from ctp2mri.checkpoints import read_config
-    from ctp2mri.data import SliceDataset
-    from ctp2mri.errors import Cancelled, InputError
-    from ctp2mri.training.loop import prepare_out_dir
-    from ctp2mri.training.post_train import post_train
+    from ctp2mri.evaluation.post_train_compare import post_train_and_compare
+    from ctp2mri.training.post_train import PostTrainSettings
 
-    started = time.perf_counter()
     if job.get("threads"):
         import torch
 
         torch.set_num_threads(int(job["threads"]))
-    base, out = Path(job["base"]), Path(job["out"])
-    settings = dict(job.get("settings") or {})
-    seed = int(job.get("seed", 0))
 
-    def reporter(phase: str) -> Callable[[int, int, dict[str, Any]], None]:
-        def report(step: int, total: int, info: dict[str, Any]) -> None:
-            emit({"event": "progress", "phase": phase, "step": int(step), "total": int(total), "info": dict(info)})
-        return report
+    def progress(phase: str, step: int, total: int, info: dict[str, Any]) -> None:
+        emit({"event": "progress", "phase": phase, "step": int(step), "total": int(total), "info": dict(info)})
 
-    prepare_out_dir(out, bool(settings.get("resume")))  # a full folder fails now, not after the data
-    config = read_config(base)
-    if config.get("kind") != "cldm":
-        raise InputError(f"{base} holds a {config.get('kind')!r} checkpoint; the base model must be a cLDM "
-                         "(ctp2mri train-ldm, or an earlier post-training)")
-    sources = [Path(p) for p in job.get("sources") or []]
-    if not sources:
-        raise InputError("the training set is empty: add case folders, or tick 'Viewer case' and pick the "
-                         "layers of a case open in the viewer")
-    dataset = SliceDataset(sources, profile=config["profile"], augment=True, seed=seed,
-                           require_lesion=float(settings.get("lambda_lesion", 0)) > 0,
-                           progress=reporter("data"), cancel=cancel)
-    # num_workers 0: the slices are in memory already
-    post_train(dataset, base, out, **settings, seed=seed, num_workers=0, progress=reporter("train"), cancel=cancel)
-    result: dict[str, Any] = {"event": "done", "out": str(out), "steps": int(settings.get("steps", 0)),
-                              "rows": None, "metrics_note": ""}
-    evaluation = job.get("evaluate")
-    if evaluation:
-        labels = evaluation.get("labels") or ["base", "post-trained"]
-        try:
-            result["rows"] = before_after_folders(
-                {labels[0]: base, labels[1]: out}, sources, n_steps=int(evaluation.get("n_steps", 10)),
-                seed=seed, device=settings.get("device", "auto"), progress=reporter("eval"), cancel=cancel)
-        except Cancelled:  # the model is trained and saved; only the check was stopped
-            result["metrics_note"] = "metrics cancelled"
-    result["seconds"] = time.perf_counter() - started
-    return result
+    result = post_train_and_compare(
+        job["base"], job["out"], [Path(p) for p in job.get("sources") or []],
+        PostTrainSettings(**(job.get("settings") or {})), device=job.get("device", "auto"),
+        resume=bool(job.get("resume")), compare_steps=job.get("compare_steps"), progress=progress, cancel=cancel)
+    return {"event": "done", "out": str(result.out), "steps": result.steps, "seconds": result.seconds,
+            "rows": result.rows, "metrics_note": result.note}
 
 
 def main() -> int:

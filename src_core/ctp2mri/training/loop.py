@@ -1,11 +1,13 @@
-"""What both training loops share: batches, learning rate, precision, logging, checkpoints, resume.
+"""What every training loop shares: learning rate, precision, the run folder, logging,
+checkpoints and resume.
 
 A training run owns one output folder, which *is* its checkpoint (``config.json`` +
 safetensors, `ctp2mri.checkpoints`) plus ``log.csv``. The folder is replaced atomically at
 every checkpoint, so it always holds the last complete one; ``log.csv`` is then rewritten
 from the loss history stored in the checkpoint's training state and appended to between
 checkpoints. A resumed run restarts from the checkpoint's step with the model, optimiser(s),
-EMA, data position and every RNG as they were, so it retraces an uninterrupted run exactly.
+EMA, data position (`ctp2mri.training.batches`) and every RNG (`ctp2mri.training.rng`) as they
+were, so it retraces an uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -13,44 +15,30 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
-from torch.utils.data.distributed import DistributedSampler
 
-from ctp2mri.checkpoints import (
-    capture_rng_state,
-    checkpoint_dir,
-    load_training_state,
-    provenance,
-    read_config,
-    restore_rng_state,
-    save_checkpoint,
-)
+from ctp2mri.checkpoints import checkpoint_dir, load_training_state, read_config, save_checkpoint
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.provenance import provenance
 from ctp2mri.settings import PRECISIONS
 from ctp2mri.training.distributed import DistInfo, all_gather_objects, barrier, mean_over_ranks
+from ctp2mri.training.rng import portable
 
 __all__ = [
-    "LOG_FILE", "PRECISIONS", "BatchStream", "Run", "RunLog", "autocast", "base_config", "check_precision",
-    "check_lesion_oversample", "check_run_numbers", "check_resume_config", "command_line", "data_identity",
-    "effective_lr", "lesion_sampling", "load_dataset", "make_grad_scaler", "noise_generator", "prepare_out_dir", "resume_state",
-    "rng_restore", "rng_snapshot", "sampling_setting", "seed_everything",
+    "LOG_FILE", "Run", "RunLog", "autocast", "base_config", "check_precision", "check_resume_config",
+    "check_run_numbers", "command_line", "effective_lr", "make_grad_scaler", "prepare_out_dir", "resume_state",
 ]
-
-_log = logging.getLogger(__name__)
 
 LOG_FILE = "log.csv"
 # Settings that may change when a run is resumed: they do not change what is computed.
@@ -60,15 +48,6 @@ RESUMABLE_CHANGES = {"steps", "num_workers", "device", "checkpoint_every", "log_
 def command_line() -> str:
     """The command that started this process, for provenance."""
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (network initialisation draws from torch's global RNG)."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def effective_lr(base_lr: float, batch_size: int, world_size: int, accumulate: int = 1,
@@ -114,19 +93,6 @@ def make_grad_scaler(precision: str) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
 
-# data ------------------------------------------------------------------------------------------
-def load_dataset(data: Any, profile: str, seed: int, split: str = "train",
-                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None):
-    """The training `SliceDataset` for ``data`` (a data folder, or a dataset built already)."""
-    from ctp2mri.data import SliceDataset
-
-    if isinstance(data, SliceDataset):
-        if data.profile.name != profile:
-            raise InputError(f"the dataset is on the {data.profile.name} grid but the {profile} profile was asked for")
-        return data
-    return SliceDataset(data, split=split, profile=profile, seed=seed, progress=progress, cancel=cancel)
-
-
 def check_run_numbers(*, steps: Any, batch_size: Any, seed: Any, num_workers: Any, checkpoint_every: Any,
                       log_every: Any, lr: Any = None, grad_accum: Any = 1, ema_decay: Any = None,
                       weight_decay: Any = 0.0, grad_clip: Any = None) -> None:
@@ -147,133 +113,6 @@ def check_run_numbers(*, steps: Any, batch_size: Any, seed: Any, num_workers: An
     optional_number(grad_clip, "gradient clipping norm", above=0.0)
 
 
-def check_lesion_oversample(factor: float | None) -> float | None:
-    """``--lesion-oversample``: None (uniform draws, the paper's) or a finite factor > 0."""
-    if factor is None:
-        return None
-    try:
-        value = float(factor)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise InputError(f"--lesion-oversample must be a positive factor, got {factor}")
-    return value
-
-
-def lesion_sampling(dataset: Any, factor: float | None, info: DistInfo) -> tuple[torch.Tensor | None, dict[str, Any]]:
-    """`BatchStream` weights that draw lesion slices ``factor`` times as often, and what to record.
-
-    Lesion slices are ~11 % of the paper's data and the lesion a tiny share of their pixels, so
-    a uniform draw rarely shows a network the one structure that matters. Returns
-    ``(weights, sampling)``: ``weights`` None for ``factor`` None (uniform, the paper's draw);
-    ``sampling`` the lesion-slice share of the data and, when over-sampling, of the draws.
-    """
-    from ctp2mri.data import lesion_slice_weights
-
-    sampling: dict[str, Any] = {"lesion_oversample": factor,
-                                "lesion_slice_fraction": dataset.summary()["lesion_slice_fraction"]}
-    if factor is None:
-        return None, sampling
-    lw = lesion_slice_weights(dataset, factor)
-    sampling["effective_lesion_slice_fraction"] = lw.effective_fraction
-    if info.is_main:
-        _log.warning("lesion over-sampling ×%g: lesion slices are %.1f %% of the data and %.1f %% of the "
-                     "drawn slices", factor, 100 * lw.lesion_fraction, 100 * lw.effective_fraction)
-    return lw.weights, sampling
-
-
-def sampling_setting(factor: float | None) -> dict[str, Any]:
-    """Lesion over-sampling as a resume-checked setting: nothing for uniform draws, so that runs
-    saved before the option existed resume unchanged."""
-    return {} if factor is None else {"lesion_oversample": factor}
-
-
-def data_identity(dataset: Any) -> dict[str, Any]:
-    """What identifies the training data for a resume check (not its path: folders move)."""
-    return {"split": dataset.split, "profile": dataset.profile.name, "cases": list(dataset.case_names),
-            "n_slices": len(dataset), "augmentation": dataset.summary()["augmentation"]}
-
-
-class BatchStream:
-    """An endless stream of batches, epoch after epoch, that can start mid-epoch.
-
-    The order of epoch ``e`` is ``DistributedSampler(seed, epoch=e)`` (this rank's share of a
-    seeded permutation; one process is world size 1), the augmentation that of
-    ``dataset.set_epoch(e)``; both are pure functions of (seed, epoch), so a stream rebuilt at
-    (epoch, batch) yields what the original stream would have from there. Only full batches
-    are used. DataLoader workers get their own generator, so starting them never touches the
-    global torch RNG. With per-slice ``weights`` (lesion over-sampling in post-training) each
-    epoch is instead a seeded weighted draw with replacement, equally reproducible.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, info: DistInfo, seed: int, num_workers: int = 0,
-                 epoch: int = 0, batch_in_epoch: int = 0, weights: torch.Tensor | None = None) -> None:
-        if batch_size < 1:
-            raise InputError(f"the batch size must be at least 1, got {batch_size}")
-        if num_workers < 0:
-            raise InputError(f"num_workers must be >= 0, got {num_workers}")
-        self.dataset = dataset
-        self.batch_size = int(batch_size)
-        self.info = info
-        self.seed = int(seed)
-        self.num_workers = int(num_workers)
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if self.weights is not None and self.weights.shape != (len(dataset),):
-            raise InputError(f"{len(dataset)} slices but {tuple(self.weights.shape)} sampling weights")
-        self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                          seed=self.seed, drop_last=True)
-        self.batches_per_epoch = self.sampler.num_samples // self.batch_size
-        if self.batches_per_epoch == 0:
-            raise InputError(f"the training data has {len(dataset)} slices, fewer than one batch of "
-                             f"{batch_size} per process × {info.world_size} process(es); lower --batch-size "
-                             "or add cases")
-        self.epoch = int(epoch)
-        self.batch_in_epoch = int(batch_in_epoch)
-
-    def position(self) -> dict[str, int]:
-        """(epoch, batches of it consumed): where a resumed stream must start."""
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def _epoch_order(self) -> list[int]:
-        """This rank's slice order for the current epoch: a seeded permutation, or, with
-        ``weights``, draws with replacement by ``WeightedRandomSampler`` (the same epoch
-        length; ranks take interleaved shares of one seeded draw)."""
-        if self.weights is None:
-            return list(self.sampler)
-        world = self.info.world_size
-        n = self.sampler.num_samples * world
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, 11])
-                                                .generate_state(1)[0]))
-        drawn = list(WeightedRandomSampler(self.weights, n, replacement=True, generator=gen))
-        return drawn[self.info.rank::world]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            if self.batch_in_epoch >= self.batches_per_epoch:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self.sampler.set_epoch(self.epoch)
-            self.dataset.set_epoch(self.epoch)  # before the workers copy the dataset
-            indices = self._epoch_order()[self.batch_in_epoch * self.batch_size:
-                                          self.batches_per_epoch * self.batch_size]
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True,
-                                num_workers=self.num_workers, pin_memory=self.info.device.type == "cuda",
-                                generator=torch.Generator().manual_seed(self.seed + self.epoch),
-                                worker_init_fn=_leave_signals_to_the_main_process if self.num_workers else None)
-            for batch in loader:
-                self.batch_in_epoch += 1
-                yield batch
-
-
-def _leave_signals_to_the_main_process(worker_id: int) -> None:
-    """DataLoader workers ignore Ctrl-C and SIGTERM: the terminal sends them to the whole process
-    group, and a worker dying of one would abort the run before the main process could save its
-    checkpoint (it stops cleanly after the step and then shuts the workers down)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 # output folder, resume -------------------------------------------------------------------------
 def prepare_out_dir(out: str | os.PathLike, resume: bool) -> Path:
     """The run's folder: new (absent or empty) unless resuming, then an existing checkpoint."""
@@ -281,12 +120,12 @@ def prepare_out_dir(out: str | os.PathLike, resume: bool) -> Path:
     if resume:
         if not (out / "config.json").is_file():
             raise InputError(f"cannot resume: {out} holds no checkpoint (config.json); start a new run "
-                             "without --resume")
+                             "instead (without --resume; in napari, untick 'Continue the saved run')")
         checkpoint_dir(out)
         return out
     if out.exists() and out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-        raise InputError(f"output folder {out} is not empty; pass --resume to continue the run saved there, "
-                         "or choose a new folder")
+        raise InputError(f"output folder {out} is not empty; continue the run saved there (--resume; in "
+                         "napari, tick 'Continue the saved run') or choose a new folder")
     return ensure_writable_dir(out)
 
 
@@ -413,7 +252,7 @@ class Run:
     def save(self, modules: Mapping[str, torch.nn.Module], config: Mapping[str, Any],
              training_state: dict[str, Any], rng_state: dict[str, Any]) -> None:
         """Checkpoint the run into its folder (rank 0), with every rank's RNG states."""
-        rng_states = all_gather_objects(_portable(rng_state), self.info)
+        rng_states = all_gather_objects(portable(rng_state), self.info)
         if self.info.is_main:
             state = {**training_state, "rng": rng_states, "log": self.log.state()}
             save_checkpoint(self.out, modules, config, state, overwrite=True)
@@ -427,38 +266,6 @@ class Run:
         if cancelled:
             raise Cancelled(f"training cancelled at step {step}; the checkpoint in {self.out} resumes it "
                             "(run the same command with --resume)", checkpoint=self.out, step=step)
-
-
-def _portable(state: Any) -> Any:
-    """RNG states as CPU tensors / plain values (they travel between ranks, then into safetensors)."""
-    if isinstance(state, torch.Tensor):
-        return state.cpu()
-    if isinstance(state, dict):
-        return {k: _portable(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_portable(v) for v in state)
-    return state
-
-
-def rng_snapshot(generator: torch.Generator) -> dict[str, Any]:
-    """This rank's RNGs: Python, NumPy, torch (global, CUDA) and the run's noise generator."""
-    return {"global": capture_rng_state(), "generator": generator.get_state()}
-
-
-def rng_restore(states: Sequence[Mapping[str, Any]], info: DistInfo, generator: torch.Generator) -> None:
-    if len(states) != info.world_size:
-        raise InputError(f"the checkpoint was written by {len(states)} training process(es) but this run has "
-                         f"{info.world_size}; resume with the same number of processes")
-    mine = states[info.rank]
-    restore_rng_state(mine["global"])
-    generator.set_state(mine["generator"].to(torch.uint8).cpu())
-
-
-def noise_generator(seed: int, info: DistInfo) -> torch.Generator:
-    """The run's generator for diffusion timesteps and noise; each rank draws its own stream."""
-    gen = torch.Generator(device=info.device)
-    gen.manual_seed(int(np.random.SeedSequence([seed, info.rank, 7]).generate_state(1)[0]))
-    return gen
 
 
 def resume_state(out: Path, current_settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -31,7 +31,10 @@ from ctp2mri.models import PatchGANDiscriminator, Pix2PixGenerator, model_config
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.training import loop
 from ctp2mri.training.autoencoder import _optimise as optimiser_step
-from ctp2mri.training.distributed import init_distributed, shutdown
+from ctp2mri.training.batches import BatchStream, data_identity, load_dataset
+from ctp2mri.training.distributed import barrier, init_distributed, shutdown
+from ctp2mri.training.rng import noise_generator, rng_restore, rng_snapshot, seed_everything
+from ctp2mri.training.sampling import check_lesion_oversample, lesion_sampling, sampling_setting
 
 __all__ = ["PIX2PIX_LR", "pix2pix_discriminator_loss", "pix2pix_generator_loss", "train_pix2pix"]
 
@@ -104,7 +107,7 @@ def train_pix2pix(
         deterministic reference regressor ("U-Net (L1)") that shows what a non-generative model
         learns in the same CPU budget as the cLDM.
     lesion_oversample
-        Draw slices with lesion this many times as often as the others (`loop.lesion_sampling`);
+        Draw slices with lesion this many times as often as the others (`ctp2mri.training.sampling`);
         None: uniform, as Pix2Pix.
     grad_clip
         Clip each network's gradient norm to this (off by default).
@@ -129,7 +132,7 @@ def train_pix2pix(
         return _train(info, data, Path(out), profile, int(steps), int(batch_size), lr, float(lambda_l1), grad_clip,
                       precision, resume, int(seed), int(num_workers), int(checkpoint_every), int(log_every),
                       generator_config, discriminator_config, progress, cancel, adversarial=bool(adversarial),
-                      lesion_oversample=loop.check_lesion_oversample(lesion_oversample))
+                      lesion_oversample=check_lesion_oversample(lesion_oversample))
     finally:
         shutdown(info)
 
@@ -140,8 +143,8 @@ def _train(info, data, out, profile, steps, batch_size, lr, lambda_l1, grad_clip
     dev = info.device
     precision = loop.check_precision(precision, dev)
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
-    loop.barrier(info)
-    dataset = loop.load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
+    barrier(info)
+    dataset = load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
     g_config = dict(g_config or model_config(profile, "pix2pix"))
     d_config = dict(d_config or model_config(profile, "pix2pix_discriminator"))
     if d_config["in_channels"] != g_config["in_channels"] + g_config["out_channels"]:
@@ -153,20 +156,20 @@ def _train(info, data, out, profile, steps, batch_size, lr, lambda_l1, grad_clip
         "profile": profile, "steps": steps, "batch_size": batch_size, "world_size": info.world_size, "lr": lr_value,
         "optimizer": "Adam", "betas": [0.5, 0.999], "lambda_l1": lambda_l1, "gan_loss": "vanilla (BCE)",
         "grad_clip": grad_clip, "precision": precision, "seed": seed, "num_workers": num_workers, "device": str(dev),
-        "checkpoint_every": checkpoint_every, "log_every": log_every, "data": loop.data_identity(dataset),
+        "checkpoint_every": checkpoint_every, "log_every": log_every, "data": data_identity(dataset),
         "pix2pix": g_config, "discriminator": d_config,
         # recorded only when not the default, so that runs saved before these options resume
-        **({} if adversarial else {"adversarial": False}), **loop.sampling_setting(lesion_oversample),
+        **({} if adversarial else {"adversarial": False}), **sampling_setting(lesion_oversample),
     }
-    weights, sampling = loop.lesion_sampling(dataset, lesion_oversample, info)
+    weights, sampling = lesion_sampling(dataset, lesion_oversample, info)
 
-    loop.seed_everything(seed)
+    seed_everything(seed)
     gen = Pix2PixGenerator(**g_config).to(dev)
     disc = PatchGANDiscriminator(**d_config).to(dev)
     opt_g = torch.optim.Adam(gen.parameters(), lr=lr_value, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr_value, betas=(0.5, 0.999))
     scaler = loop.make_grad_scaler(precision)
-    generator = loop.noise_generator(seed, info)  # unused by the step; kept for a uniform run state
+    generator = noise_generator(seed, info)  # unused by the step; kept for a uniform run state
     step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(LOG_COLUMNS)
     if resume:
         _, state = loop.resume_state(out, settings)
@@ -178,14 +181,14 @@ def _train(info, data, out, profile, steps, batch_size, lr, lambda_l1, grad_clip
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, position, log = int(state["step"]), state["position"], loop.RunLog.from_state(state["log"])
-        loop.rng_restore(state["rng"], info, generator)
+        rng_restore(state["rng"], info, generator)
     if step >= steps:
         raise InputError(f"the run in {out} has already trained {step} steps (≥ --steps {steps}); "
                          "give a larger --steps to continue it")
 
     g_train = DDP(gen, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else gen
     d_train = DDP(disc, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else disc
-    stream = loop.BatchStream(dataset, batch_size, info, seed, num_workers, weights=weights, **position)
+    stream = BatchStream(dataset, batch_size, info, seed, num_workers, weights=weights, **position)
     run = loop.Run(out, info, steps, log, checkpoint_every, log_every, progress, cancel)
     gen.train()
     disc.train()
@@ -196,7 +199,7 @@ def _train(info, data, out, profile, steps, batch_size, lr, lambda_l1, grad_clip
         state = {"step": step, "position": stream.position(),
                  "optimizers": {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
                  "scaler": scaler.state_dict() if scaler is not None else None}
-        run.save({"model": gen, "discriminator": disc}, config, state, loop.rng_snapshot(generator))
+        run.save({"model": gen, "discriminator": disc}, config, state, rng_snapshot(generator))
 
     batches = iter(stream)
     while step < steps:

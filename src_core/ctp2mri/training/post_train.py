@@ -15,7 +15,7 @@ optimiser), but x̂ stays on the autograd graph, so the image terms reach the UN
 spatial rescaler through D and the straight-through quantiser. ``target="input"`` compares
 x̂ with x (the paper); ``target="reconstruction"`` with D(z_0) (the official code; one more
 decode per step, without gradient). The optimisation loop, EMA, checkpoints, log, resume
-and cancel are those of `train_ldm` (`ctp2mri.training.ldm.optimise`).
+and cancel are those of `train_ldm` (`ctp2mri.training.latent_run.optimise`).
 
 A cBBDM checkpoint (``kind: "cbbdm"``, `ctp2mri.training.bbdm`) is post-trained the same way
 (paper Table 3): its own bridge objective replaces Eq. 4 and its one-step estimate
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, fields, replace
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +42,25 @@ from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
 from ctp2mri.losses import total_loss
 from ctp2mri.progress import CancelToken, ProgressCallback
-from ctp2mri.settings import EMA_DECAY, LAMBDA_IMAGE, LAMBDA_LESION
+from ctp2mri.settings import LAMBDA_IMAGE, LAMBDA_LESION
 from ctp2mri.training import loop
+from ctp2mri.training.batches import BatchStream, data_identity, load_dataset
 from ctp2mri.training.bbdm import bridge_post_training_loss
-from ctp2mri.training.distributed import init_distributed, shutdown
+from ctp2mri.training.distributed import barrier, init_distributed, shutdown
 from ctp2mri.training.ema import EMA
 from ctp2mri.training.image_terms import TARGETS, image_space_terms
-from ctp2mri.training.ldm import LDM_BASE_LR, diffuse, objective_terms, optimise, restore_run
+from ctp2mri.training.latent_run import optimise, restore_run
+from ctp2mri.training.ldm import diffuse, objective_terms
+from ctp2mri.training.rng import noise_generator, rng_snapshot, seed_everything
+from ctp2mri.training.run_settings import RunSettings
+from ctp2mri.training.sampling import lesion_sampling
 
 __all__ = ["LATENT_OBJECTIVES", "POST_TRAIN_LOG_COLUMNS", "TARGETS", "PostTrainSettings", "post_train",
            "post_training_loss"]
 
 INITS = ("model", "ema")
 LATENT_OBJECTIVES = ("base", "eq4")  # L_latent of Eq. 8: the base's whole objective, or the ε-loss alone
-# the base's extra latent terms that "base" keeps (ctp2mri.training.ldm.latent_objective)
+# the base's extra latent terms that "base" keeps (ctp2mri.training.run_settings.TrainSettings.objective)
 OBJECTIVE_TERMS = ("condition_loss_weight", "lesion_latent_weight")
 POST_TRAINABLE = ("cldm", "cbbdm")  # checkpoint kinds post_train continues
 POST_TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "latent_loss", "image_loss", "lesion_loss", "lesion_latent_loss",
@@ -64,7 +69,7 @@ _log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PostTrainSettings:
+class PostTrainSettings(RunSettings):
     """What a post-training run is asked to do: Eq. 8's λs, target and latent objective, the
     starting weights and the optimisation. The CLI, the widget's child process and the recipes
     build one; the checkpoint's config records it (``training``). Checked when made.
@@ -77,24 +82,10 @@ class PostTrainSettings:
     target: str = "input"
     latent_objective: str = "base"
     init: str = "model"
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float | None = None
-    base_lr: float = LDM_BASE_LR
-    scale_lr: bool = True
-    grad_accum: int = 1
-    weight_decay: float = 0.01
-    ema_decay: float = EMA_DECAY
-    grad_clip: float | None = None
-    lesion_oversample: float | None = None
     gradient_checkpointing: bool = False
-    precision: str = "fp32"
-    seed: int = 0
-    num_workers: int = 1
-    checkpoint_every: int = 500
-    log_every: int = 10
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.target not in TARGETS:
             raise InputError(f"unknown post-training target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.init not in INITS:
@@ -105,21 +96,8 @@ class PostTrainSettings:
         for name, value in (("lambda-image", self.lambda_image), ("lambda-lesion", self.lambda_lesion)):
             if not (np.isfinite(float(value)) and float(value) >= 0):
                 raise InputError(f"--{name} must be a finite number ≥ 0, got {value}")
-        loop.check_run_numbers(steps=self.steps, batch_size=self.batch_size, seed=self.seed,
-                               num_workers=self.num_workers, checkpoint_every=self.checkpoint_every,
-                               log_every=self.log_every, lr=self.lr, grad_accum=self.grad_accum,
-                               ema_decay=self.ema_decay, weight_decay=self.weight_decay, grad_clip=self.grad_clip)
-        if int(self.grad_accum) < 1:
-            raise InputError(f"gradient accumulation must be at least 1 forward per step, got {self.grad_accum}")
-        normal = {"lambda_image": float(self.lambda_image), "lambda_lesion": float(self.lambda_lesion),
-                  "steps": int(self.steps), "batch_size": int(self.batch_size), "grad_accum": int(self.grad_accum),
-                  "weight_decay": float(self.weight_decay), "ema_decay": float(self.ema_decay),
-                  "lesion_oversample": loop.check_lesion_oversample(self.lesion_oversample),
-                  "gradient_checkpointing": bool(self.gradient_checkpointing), "seed": int(self.seed),
-                  "num_workers": int(self.num_workers), "checkpoint_every": int(self.checkpoint_every),
-                  "log_every": int(self.log_every)}
-        for name, value in normal.items():
-            object.__setattr__(self, name, value)
+        self._normalise(lambda_image=float(self.lambda_image), lambda_lesion=float(self.lambda_lesion),
+                        gradient_checkpointing=bool(self.gradient_checkpointing))
 
 
 def post_train(
@@ -162,7 +140,7 @@ def post_train(
     target
         ``"input"``: x (paper Eq. 6–7); ``"reconstruction"``: D(z_0) (official code).
     steps, batch_size, grad_accum, lr, base_lr, scale_lr, weight_decay, ema_decay, grad_clip
-        As `ctp2mri.training.train_ldm` (``steps`` counts post-training steps only).
+        As `ctp2mri.training.TrainSettings`'s (``steps`` counts post-training steps only).
     lesion_oversample
         Draw slices containing lesion this many times as often as the others
         (``WeightedRandomSampler``); the resulting expected share of lesion slices is logged,
@@ -180,8 +158,10 @@ def post_train(
         weights, lesion latent term and condition loss; for a base trained as the paper, Eq. 4
         alone); ``"eq4"``: the ε-loss alone (min-SNR weighted if the base was), dropping the
         base's lesion terms.
-    device, precision, resume, seed, num_workers, checkpoint_every, log_every
-        As `train_ldm`.
+    precision, seed, num_workers, checkpoint_every, log_every
+        As `ctp2mri.training.TrainSettings`'s.
+    device, resume
+        As `ctp2mri.training.train_ldm`'s.
     lesions
         Lesion masks replacing the cases' own, by case name (e.g. painted in napari); only
         with a data folder (a `SliceDataset` brings its masks along).
@@ -193,10 +173,7 @@ def post_train(
     -------
     Path of the run folder / checkpoint.
     """
-    unknown = sorted(set(options) - {f.name for f in fields(PostTrainSettings)})
-    if unknown:
-        raise TypeError(f"post_train() got unexpected keyword arguments: {', '.join(unknown)}")
-    opts = replace(settings or PostTrainSettings(), **options)
+    opts = PostTrainSettings.given(settings, options, "post_train")
     info = init_distributed(device)
     try:
         return _post_train(info, data, resolve_model(base), Path(out), opts, resume, lesions, progress, cancel)
@@ -211,7 +188,7 @@ def _dataset(data: Any, profile: str, seed: int, need_lesion: bool, lesions, pro
         if lesions:
             raise InputError("lesion masks can only be supplied with a data folder; a SliceDataset brings its own "
                              "(build it with lesions=...)")
-        dataset = loop.load_dataset(data, profile, seed)
+        dataset = load_dataset(data, profile, seed)
         if need_lesion and dataset.cases_without_lesion:
             raise InputError(f"cases {dataset.cases_without_lesion} have no lesion mask, which the lesion loss "
                              "needs; add lesion.nii.gz (or paint one), or set --lambda-lesion 0")
@@ -251,22 +228,18 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
     else:
         schedule = NoiseSchedule.from_config(base_cfg["schedule"]) if "schedule" in base_cfg else NoiseSchedule()
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
-    loop.barrier(info)
+    barrier(info)
     dataset = _dataset(data, profile, opts.seed, opts.lambda_lesion > 0, lesions,
                        progress if info.is_main else None, cancel)
-    weights, sampling = loop.lesion_sampling(dataset, opts.lesion_oversample, info)
+    weights, sampling = lesion_sampling(dataset, opts.lesion_oversample, info)
     base_prov = base_cfg.get("provenance") or {}
-    lr_value = loop.effective_lr(opts.base_lr, opts.batch_size, info.world_size, opts.grad_accum, opts.scale_lr, opts.lr)
+    lr_value = opts.learning_rate(info.world_size)
     settings = {
-        "profile": profile, "steps": opts.steps, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
-        "world_size": info.world_size, "base_lr": opts.base_lr, "scale_lr": opts.scale_lr, "lr": lr_value,
-        "optimizer": "AdamW", "weight_decay": opts.weight_decay, "ema_decay": opts.ema_decay, "ema_warmup": True,
-        "grad_clip": opts.grad_clip, "precision": precision, "seed": opts.seed, "num_workers": opts.num_workers,
-        "device": str(dev), "checkpoint_every": opts.checkpoint_every, "log_every": opts.log_every,
+        **opts.record(profile, precision, info),
         "parameterization": "eps", "loss": "Eq. 8: Eq. 4 + λ_image Eq. 6 + λ_lesion Eq. 7",
         "lambda_image": opts.lambda_image, "lambda_lesion": opts.lambda_lesion, "target": opts.target, "init": init,
         "lesion_oversample": opts.lesion_oversample, "gradient_checkpointing": opts.gradient_checkpointing,
-        "data": loop.data_identity(dataset), kind: nets[init].config, "schedule": schedule.config(),
+        "data": data_identity(dataset), kind: nets[init].config, "schedule": schedule.config(),
         # what identifies the base for a resume check (its folder may move)
         "base": {"created": base_prov.get("created"), "git_commit": base_prov.get("git_commit"),
                  "steps": base_prov.get("steps")},
@@ -288,7 +261,7 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
         if objective.get("condition_loss_weight") and not nets[init].has_condition_head:
             raise InputError(f"{base_dir} was trained with a condition loss but its network has no condition head")
 
-    loop.seed_everything(opts.seed)
+    seed_everything(opts.seed)
     model = nets[init].to(dev)
     ema = EMA(model, opts.ema_decay)
     ema.module.load_state_dict(nets["ema"].state_dict())
@@ -298,7 +271,7 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
     del nets
     opt = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=opts.weight_decay)
     scaler = loop.make_grad_scaler(precision)
-    generator = loop.noise_generator(opts.seed, info)
+    generator = noise_generator(opts.seed, info)
     step, position, log = 0, {"epoch": 0, "batch_in_epoch": 0}, loop.RunLog(POST_TRAIN_LOG_COLUMNS)
     if resume:
         step, position, log = restore_run(out, settings, model, ema, opt, scaler, generator, info)
@@ -308,7 +281,7 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
 
     schedule = schedule.to(dev)
     model_train = DDP(model, device_ids=[dev] if dev.type == "cuda" else None) if info.distributed else model
-    stream = loop.BatchStream(dataset, opts.batch_size, info, opts.seed, opts.num_workers, weights=weights, **position)
+    stream = BatchStream(dataset, opts.batch_size, info, opts.seed, opts.num_workers, weights=weights, **position)
     run = loop.Run(out, info, opts.steps, log, opts.checkpoint_every, opts.log_every, progress, cancel)
     model.train()
     record = {
@@ -329,18 +302,18 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
         state = {"step": step, "position": stream.position(), "optimizer": opt.state_dict(),
                  "ema": ema.state(), "scaler": scaler.state_dict() if scaler is not None else None}
         run.save({"model": model, "ema": ema.module, "autoencoder": autoencoder}, config, state,
-                 loop.rng_snapshot(generator))
+                 rng_snapshot(generator))
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         if kind == "cbbdm":
             return bridge_post_training_loss(model_train, autoencoder, schedule, batch, generator, opts.lambda_image,
                                              opts.lambda_lesion, opts.target, precision, opts.gradient_checkpointing,
                                              bridge_loss_type)
-        return post_training_loss(model_train, autoencoder, schedule, batch, generator, opts.lambda_image, opts.lambda_lesion,
-                                  opts.target, precision, opts.gradient_checkpointing, objective=objective)
+        return post_training_loss(model_train, autoencoder, schedule, batch, generator, opts.lambda_image,
+                                  opts.lambda_lesion, opts.target, precision, opts.gradient_checkpointing,
+                                  objective=objective)
 
-    optimise(info, model, model_train, ema, opt, scaler, stream, run, step, opts.steps, opts.grad_accum, opts.grad_clip,
-             lr_value, loss_fn, save)
+    optimise(info, model, model_train, ema, opt, scaler, stream, run, step, opts, loss_fn, save)
     return out
 
 
@@ -351,7 +324,7 @@ def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, sch
                        ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_total (Eq. 8) of one batch, attached to ``model``'s graph, and its parts as floats.
 
-    L_latent is ``objective`` (`ctp2mri.training.ldm.latent_objective`'s dict: min-SNR
+    L_latent is ``objective`` (`ctp2mri.training.TrainSettings.objective`'s dict: min-SNR
     weighting, the lesion latent term, the condition loss); None is Eq. 4 unweighted, the
     paper's.
 

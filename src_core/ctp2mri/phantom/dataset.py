@@ -1,0 +1,150 @@
+"""Phantom datasets: numbered cases from one seed, and their train/val/test split.
+
+Case ``i`` of a dataset has its own seed (`case_seed`), so the first cases of a larger dataset
+equal a smaller one's; ``splits.json``, written last, marks a finished dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ctp2mri.casefolder import CASE_INFO, write_case
+from ctp2mri.errors import InputError
+from ctp2mri.io.atomic import atomic_path, ensure_writable_dir
+from ctp2mri.phantom.generate import PHANTOM_VERSION, check_seed, frame_times, generate_case
+from ctp2mri.profiles import get_profile
+from ctp2mri.progress import CancelToken, ProgressCallback
+
+__all__ = ["SPLITS_FILE", "SPLIT_FRACTIONS", "case_seed", "generate_dataset", "split_cases"]
+
+SPLIT_FRACTIONS = {"val": 0.15, "test": 0.15}
+SPLITS_FILE = "splits.json"
+
+
+def case_seed(seed: int, index: int) -> int:
+    """Seed of case ``index`` of a dataset: independent of how many cases are generated."""
+    sequence = np.random.SeedSequence(check_seed(seed), spawn_key=(0, int(index)))
+    return int(sequence.generate_state(1, np.uint32)[0])
+
+
+def split_cases(names: list[str], seed: int) -> dict[str, list[str]]:
+    """Deterministic ~70/15/15 train/val/test split; at least one test case from three cases on."""
+    n = len(names)
+    rng = np.random.default_rng(np.random.SeedSequence(check_seed(seed), spawn_key=(1,)))
+    order = rng.permutation(n)
+
+    def share(fraction: float, minimum_n: int) -> int:
+        return max(1, int(np.floor(fraction * n + 0.5))) if n >= minimum_n else 0
+
+    n_test = share(SPLIT_FRACTIONS["test"], 3)
+    n_val = share(SPLIT_FRACTIONS["val"], 4)
+    picked = [names[i] for i in order]
+    return {
+        "train": sorted(picked[n_test + n_val:]),
+        "val": sorted(picked[n_test:n_test + n_val]),
+        "test": sorted(picked[:n_test]),
+    }
+
+
+_CASE_NAME = re.compile(r"case_\d+$")
+
+
+def _is_phantom_case(folder: Path) -> bool:
+    try:
+        return json.loads((folder / CASE_INFO).read_text()).get("generator") == "ctp2mri.phantom"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def generate_dataset(
+    out_dir: str | os.PathLike,
+    n_cases: int,
+    seed: int = 0,
+    profile: str = "demo",
+    n_frames: int = 15,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> Path:
+    """Write ``n_cases`` phantom cases and a ``splits.json`` into ``out_dir``.
+
+    Case ``i`` is ``out_dir/case_{i:03d}`` (atomic case folders, see `write_case`), generated
+    from ``case_seed(seed, i)``, so the first cases of a larger dataset equal a smaller one's.
+    ``splits.json`` is written last: a folder without it is an interrupted (or cancelled) run
+    whose finished cases are complete but not yet a dataset.
+
+    Parameters
+    ----------
+    out_dir
+        Target folder; must be empty or absent unless ``overwrite``.
+    n_cases
+        Number of cases (≥ 1).
+    seed
+        Dataset seed.
+    profile, n_frames
+        Grid profile and CT-perfusion frame count of every case.
+    overwrite
+        Replace the phantom cases and ``splits.json`` already in ``out_dir``; case folders of
+        an earlier, larger phantom dataset there are removed, anything else is left alone.
+    progress, cancel
+        Called after every case / checked before every case.
+
+    Returns
+    -------
+    Path
+        The ``splits.json`` written.
+    """
+    if isinstance(n_cases, bool) or not isinstance(n_cases, (int, np.integer)) or n_cases < 1:
+        raise InputError(f"n_cases must be a positive integer, got {n_cases!r}")
+    seed = check_seed(seed)
+    prof = get_profile(profile)
+    times = frame_times(n_frames)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} is a file; give a folder for the dataset")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(
+            f"output folder {out} is not empty; choose a new or empty folder, or overwrite "
+            "(--overwrite) to replace the phantom dataset in it"
+        )
+    ensure_writable_dir(out)
+    # splits.json marks a finished dataset; an overwrite in progress is not one.
+    (out / SPLITS_FILE).unlink(missing_ok=True)
+
+    width = max(3, len(str(n_cases - 1)))
+    names = [f"case_{i:0{width}d}" for i in range(n_cases)]
+    seeds = {name: case_seed(seed, i) for i, name in enumerate(names)}
+    for i, name in enumerate(names):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        case = generate_case(seeds[name], prof.name, n_frames)
+        case.info.update(case=name, dataset_seed=seed, index=i)
+        write_case(case, out / name, overwrite=overwrite)
+        if progress is not None:
+            progress(i + 1, n_cases, {"case": name, "lesion_ml": case.info["lesion_ml"]})
+
+    if overwrite:  # an earlier, larger phantom run would otherwise leave extra cases behind
+        for stale in out.iterdir():
+            ours = stale.is_dir() and _CASE_NAME.match(stale.name) and _is_phantom_case(stale)
+            if ours and stale.name not in seeds:
+                shutil.rmtree(stale)
+
+    splits = {
+        **split_cases(names, seed),
+        "seed": seed,
+        "profile": prof.name,
+        "n_frames": int(n_frames),
+        "frame_times": times.tolist(),
+        "phantom_version": PHANTOM_VERSION,
+        "case_seeds": seeds,
+    }
+    path = out / SPLITS_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(splits, indent=2))
+    return path

@@ -1,0 +1,122 @@
+"""The training data of a run: its dataset, what identifies it, and the stream of batches.
+
+`BatchStream` yields batches epoch after epoch and can start mid-epoch, so a resumed run sees
+the batches the uninterrupted one would have seen from that point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from ctp2mri.errors import InputError
+from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.training.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from ctp2mri.data import SliceDataset
+
+__all__ = ["BatchStream", "data_identity", "load_dataset"]
+
+
+def load_dataset(data: Any, profile: str, seed: int, split: str = "train",
+                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> SliceDataset:
+    """The training `SliceDataset` for ``data`` (a data folder, or a dataset built already)."""
+    from ctp2mri.data import SliceDataset
+
+    if isinstance(data, SliceDataset):
+        if data.profile.name != profile:
+            raise InputError(f"the dataset is on the {data.profile.name} grid but the {profile} profile was asked for")
+        return data
+    return SliceDataset(data, split=split, profile=profile, seed=seed, progress=progress, cancel=cancel)
+
+
+def data_identity(dataset: SliceDataset) -> dict[str, Any]:
+    """What identifies the training data for a resume check (not its path: folders move)."""
+    return {"split": dataset.split, "profile": dataset.profile.name, "cases": list(dataset.case_names),
+            "n_slices": len(dataset), "augmentation": dataset.summary()["augmentation"]}
+
+
+class BatchStream:
+    """An endless stream of batches, epoch after epoch, that can start mid-epoch.
+
+    The order of epoch ``e`` is ``DistributedSampler(seed, epoch=e)`` (this rank's share of a
+    seeded permutation; one process is world size 1), the augmentation that of
+    ``dataset.set_epoch(e)``; both are pure functions of (seed, epoch), so a stream rebuilt at
+    (epoch, batch) yields what the original stream would have from there. Only full batches
+    are used. DataLoader workers get their own generator, so starting them never touches the
+    global torch RNG. With per-slice ``weights`` (lesion over-sampling, `ctp2mri.training.sampling`) each
+    epoch is instead a seeded weighted draw with replacement, equally reproducible.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, info: DistInfo, seed: int, num_workers: int = 0,
+                 epoch: int = 0, batch_in_epoch: int = 0, weights: torch.Tensor | None = None) -> None:
+        if batch_size < 1:
+            raise InputError(f"the batch size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise InputError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.info = info
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights is not None and self.weights.shape != (len(dataset),):
+            raise InputError(f"{len(dataset)} slices but {tuple(self.weights.shape)} sampling weights")
+        self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                          seed=self.seed, drop_last=True)
+        self.batches_per_epoch = self.sampler.num_samples // self.batch_size
+        if self.batches_per_epoch == 0:
+            raise InputError(f"the training data has {len(dataset)} slices, fewer than one batch of "
+                             f"{batch_size} per process × {info.world_size} process(es); lower --batch-size "
+                             "or add cases")
+        self.epoch = int(epoch)
+        self.batch_in_epoch = int(batch_in_epoch)
+
+    def position(self) -> dict[str, int]:
+        """(epoch, batches of it consumed): where a resumed stream must start."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def _epoch_order(self) -> list[int]:
+        """This rank's slice order for the current epoch: a seeded permutation, or, with
+        ``weights``, draws with replacement by ``WeightedRandomSampler`` (the same epoch
+        length; ranks take interleaved shares of one seeded draw)."""
+        if self.weights is None:
+            return list(self.sampler)
+        world = self.info.world_size
+        n = self.sampler.num_samples * world
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, 11])
+                                                .generate_state(1)[0]))
+        drawn = list(WeightedRandomSampler(self.weights, n, replacement=True, generator=gen))
+        return drawn[self.info.rank::world]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            if self.batch_in_epoch >= self.batches_per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.sampler.set_epoch(self.epoch)
+            self.dataset.set_epoch(self.epoch)  # before the workers copy the dataset
+            indices = self._epoch_order()[self.batch_in_epoch * self.batch_size:
+                                          self.batches_per_epoch * self.batch_size]
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True,
+                                num_workers=self.num_workers, pin_memory=self.info.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(self.seed + self.epoch),
+                                worker_init_fn=_leave_signals_to_the_main_process if self.num_workers else None)
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C and SIGTERM: the terminal sends them to the whole process
+    group, and a worker dying of one would abort the run before the main process could save its
+    checkpoint (it stops cleanly after the step and then shuts the workers down)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
