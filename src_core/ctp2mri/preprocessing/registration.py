@@ -35,7 +35,9 @@ def _run(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, *,
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling, seed)
+    # SimpleITK reads seed 0 as "seed from the wall clock": shifted by one, every run seed
+    # (0 included, the default) gives the same voxel sample, so the same fit, on every run
+    reg.SetMetricSamplingPercentage(sampling, seed + 1)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3,
                                                  numberOfIterations=iterations,
@@ -105,6 +107,8 @@ def estimate_ctp_to_dwi(ctp: Volume, dwi: Volume, transform: str = "rigid",
         raise InputError("give one smoothing value per shrink factor (one per resolution level)")
     if region not in REGIONS:
         raise InputError(f"unknown region {region!r}; choose one of {REGIONS}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32 - 1:
+        raise InputError(f"the registration seed must be a whole number from 0 to {2**32 - 2}, got {seed!r}")
     mean = temporal_reduce(ctp, "mean", working_spacing, cancel=cancel)
     moving_array = mean.array
     fixed_array = np.asarray(dwi.array, dtype=np.float32)
