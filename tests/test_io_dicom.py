@@ -6,6 +6,9 @@ needed, edited with pydicom (a test extra).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -453,3 +456,21 @@ def test_single_slice_series(tmp_path):
     back = load_dicom_series(write_dicom_series(vol, tmp_path / "s"))
     np.testing.assert_array_equal(back.array, vol.array)
     np.testing.assert_allclose(back.affine, vol.affine, atol=ATOL_MM, rtol=0)  # 5 mm from the header
+
+
+def test_a_processes_first_write_of_a_rescaled_mr_reads_back(tmp_path):
+    """GDCM wrote a rescaled MR slice as Enhanced MR (positions in per-frame sequences) until it
+    had read a file; in a fresh process the first write must read back placed in space."""
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from ctp2mri.io.dicom import load_dicom_series
+        from ctp2mri.io.dicom_write import write_dicom_series
+        from ctp2mri.io.volume import Volume
+        affine = np.diag([1.5, 1.5, 4.0, 1.0])
+        array = np.random.default_rng(0).normal(800.0, 50.0, (6, 5, 3)).astype(np.float32)
+        back = load_dicom_series(write_dicom_series(Volume(array, affine), {str(tmp_path / "adc")!r}, modality="MR"))
+        assert np.abs(back.array - array).max() < 0.01 and np.allclose(back.affine, affine, atol=1e-4)
+        print(back.meta["modality"])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["MR"], out.stderr[-2000:]

@@ -7,7 +7,9 @@ the same array and affine.
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -36,6 +38,24 @@ from ctp2mri.io.dicom_tags import (
 )
 from ctp2mri.io.itk import frame_to_sitk
 from ctp2mri.io.volume import Volume
+
+
+@functools.cache
+def _gdcm_dictionaries_loaded() -> None:
+    """Have GDCM read one DICOM file before this process writes any.
+
+    GDCM loads the dictionaries it checks a data set against on its first read. Before that,
+    it writes an MR slice that carries a rescale as Enhanced MR Image Storage, whose position
+    and orientation sit in per-frame sequences that `ctp2mri.io.dicom` (and many viewers)
+    do not place; after it, as the MR Image Storage we ask for. One read of a 1-voxel file
+    makes every write the same, whatever the process did before.
+    """
+    with tempfile.TemporaryDirectory(prefix="ctp2mri-gdcm-") as tmp:
+        path = os.path.join(tmp, "init.dcm")
+        sitk.WriteImage(sitk.Image([1, 1, 1], sitk.sitkInt16), path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
 
 
 def write_dicom_series(
@@ -141,6 +161,7 @@ def write_dicom_series(
     n_slices = volume.spatial_shape[2]
     normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
 
+    _gdcm_dictionaries_loaded()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()  # keep our UIDs: one series, one study, unique SOPs
     with atomic_dir(folder, overwrite=overwrite) as tmp:
