@@ -61,6 +61,15 @@ def test_cli_dispatches_on_the_checkpoint_kind(data, checkpoint, capsys):
     assert "Autoencoder reconstruction on split 'test'" in capsys.readouterr().out
 
 
+def test_cli_refuses_per_case_outputs_for_an_autoencoder(data, checkpoint, tmp_path, capsys):
+    """Its metrics are pooled over slices: --out/--table used to be ignored silently."""
+    out = tmp_path / "per_case.csv"
+    assert main(["evaluate", "--model", str(checkpoint), "--data", str(data), "--out", str(out),
+                 "--device", "cpu"]) == 2
+    assert "--out applies to diffusion models and baselines" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_cldm_checkpoint_is_not_an_autoencoder(data, tiny_cldm):
     with pytest.raises(InputError):
         evaluate_autoencoder(tiny_cldm, data, split="test", device="cpu")

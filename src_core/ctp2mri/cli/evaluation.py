@@ -19,10 +19,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             and read_config(args.model[0]).get("kind") == "autoencoder":
         from ctp2mri.evaluation.autoencoder import evaluate_autoencoder, format_autoencoder_report
 
+        # its metrics are pooled over slices: there is no per-case table to write
+        ignored = [flag for flag, value in (("--out", args.out), ("--table", args.table),
+                                            ("--max-cases", args.max_cases)) if value is not None]
+        if ignored:
+            raise InputError(f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to diffusion models "
+                             f"and baselines; an autoencoder's evaluation prints pooled metrics (and --figure)")
         print(format_autoencoder_report(evaluate_autoencoder(
             args.model[0], args.data, split=None if args.split == "all" else args.split, batch_size=args.batch_size,
-            device=args.device,
-            figure=args.figure)))
+            device=args.device, figure=args.figure)))
         if args.figure:
             print(f"figure: {args.figure}")
         return 0
