@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from ctp2mri.checks import settings_with
 from ctp2mri.errors import InputError
 from ctp2mri.settings import EMA_DECAY, LDM_BASE_LR, SNR_GAMMA, WEIGHT_DECAY
 from ctp2mri.training import PostTrainSettings, TrainSettings, train_bbdm, train_ldm
@@ -73,15 +74,15 @@ def test_the_objective_records_only_what_differs_from_the_paper():
 
 def test_options_replace_settings_fields_by_name():
     base = TrainSettings(steps=10, lr=1e-3)
-    given = TrainSettings.given(base, {"steps": 20}, "train_ldm")
+    given = settings_with(TrainSettings, base, {"steps": 20}, "train_ldm")
     assert (given.steps, given.lr) == (20, 1e-3) and base.steps == 10
-    assert TrainSettings.given(None, {}, "train_ldm") == TrainSettings()
+    assert settings_with(TrainSettings, None, {}, "train_ldm") == TrainSettings()
     with pytest.raises(TypeError, match="train_ldm\\(\\) got unexpected keyword arguments: stepz"):
-        TrainSettings.given(base, {"stepz": 3}, "train_ldm")
+        settings_with(TrainSettings, base, {"stepz": 3}, "train_ldm")
     with pytest.raises(TypeError, match="takes a TrainSettings, got a PostTrainSettings"):
-        TrainSettings.given(PostTrainSettings(), {}, "train_ldm")
+        settings_with(TrainSettings, PostTrainSettings(), {}, "train_ldm")
     with pytest.raises(InputError, match="steps"):  # the replaced value is checked too
-        TrainSettings.given(base, {"steps": -1}, "train_ldm")
+        settings_with(TrainSettings, base, {"steps": -1}, "train_ldm")
 
 
 def test_latent_runs_and_post_training_record_the_same_optimisation():

@@ -8,14 +8,17 @@ through `number` (finite, in range) or `whole` (an integer, in range) before use
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ctp2mri.errors import InputError
 
-__all__ = ["cli_number", "cli_whole", "number", "optional_number", "whole"]
+__all__ = ["cli_number", "cli_whole", "number", "optional_number", "settings_with", "whole"]
+
+_Settings = TypeVar("_Settings")
 
 
 def _bound(x: float) -> str:
@@ -96,3 +99,25 @@ def cli_whole(**bounds: int | None) -> Callable[[str], int]:
 
     parse.__name__ = "whole number"
     return parse
+
+
+def settings_with(cls: type[_Settings], settings: _Settings | None, options: dict[str, Any],
+                  caller: str) -> _Settings:
+    """What a function called as ``caller(…, settings, **options)`` is asked to do: ``settings``
+    (``cls()`` when None), a frozen settings dataclass, with the fields named in ``options``
+    replaced and checked again.
+
+    Raises
+    ------
+    TypeError
+        ``settings`` is not a ``cls``, or a key of ``options`` is not one of its fields (as for
+        any unexpected keyword of ``caller``).
+    InputError
+        The result holds a bad value.
+    """
+    if settings is not None and not isinstance(settings, cls):
+        raise TypeError(f"{caller}() takes a {cls.__name__}, got a {type(settings).__name__}")
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword arguments: {', '.join(unknown)}")
+    return dataclasses.replace(settings or cls(), **options)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ctp2mri.casefolder import CASE_FILES, is_case_folder
+from ctp2mri.checks import settings_with
 from ctp2mri.errors import InputError
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.synthesis.cohort_runner import (
@@ -37,7 +38,7 @@ from ctp2mri.synthesis.cohort_runner import (
     CohortResult,
     run_cohort,
 )
-from ctp2mri.synthesis.sample_settings import SampleSettings, with_options
+from ctp2mri.synthesis.sample_settings import SampleSettings
 
 __all__ = ["CohortCase", "collect_cases", "is_cohort", "perfusion_cohort", "synthesize_cohort"]
 
@@ -244,7 +245,7 @@ def synthesize_cohort(cases: Sequence[CohortCase], model: Any, out_dir: str | os
     from ctp2mri.synthesis.inference import sampler_steps
     from ctp2mri.synthesis.loading import synthesis_model
 
-    opts = with_options(settings, options, "synthesize_cohort")
+    opts = settings_with(SampleSettings, settings, options, "synthesize_cohort")
     loaded = synthesis_model(model, device, opts.use_ema)
     sampler_steps(opts.sampler, opts.n_steps, loaded)  # steps beyond the schedule would fail every case
     recorded = {"model": str(loaded.path or model), "weights": loaded.weights, **opts.recorded()}

@@ -2,7 +2,7 @@
 
 `ctp2mri.synthesis.synthesize.synthesize` and `run_synthesize`, and
 `ctp2mri.synthesis.cohort.synthesize_cohort` take one, and/or its fields as keywords
-(`with_options`); the CLI builds one from its options and the synthesis widget from its
+(`ctp2mri.checks.settings_with`); the CLI builds one from its options and the synthesis widget from its
 controls. A bad value is therefore refused in the same words wherever it comes from, before a
 model is loaded or a CTP read. The module imports neither torch nor a model, so a GUI can
 check its fields cheaply.
@@ -10,14 +10,14 @@ check its fields cheaply.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ctp2mri.checks import number, whole
 from ctp2mri.errors import InputError
 from ctp2mri.settings import CORE_ADC_THRESHOLD, DEFAULT_SAMPLER, PRECISIONS, SAMPLER_STEPS, sampler_steps
 
-__all__ = ["SampleSettings", "with_options"]
+__all__ = ["SampleSettings"]
 
 #: Seeds are mixed by numpy's SeedSequence and recorded in report.json: keep them 63-bit.
 MAX_SEED = 2**63 - 1
@@ -100,18 +100,3 @@ class SampleSettings:
         return {"sampler": self.sampler, "steps": self.n_steps, "eta": self.eta, "samples": self.samples,
                 "seed": self.seed, "precision": self.precision, "core_threshold": self.core_threshold}
 
-
-def with_options(settings: SampleSettings | None, options: dict[str, Any], caller: str) -> SampleSettings:
-    """``settings`` (default: `SampleSettings()`) with the fields in ``options`` replaced.
-
-    Raises
-    ------
-    TypeError
-        A key of ``options`` is not a field, as for any unexpected keyword of ``caller``.
-    InputError
-        The result holds a bad value.
-    """
-    unknown = sorted(set(options) - {f.name for f in fields(SampleSettings)})
-    if unknown:
-        raise TypeError(f"{caller}() got unexpected keyword arguments: {', '.join(unknown)}")
-    return replace(settings or SampleSettings(), **options)

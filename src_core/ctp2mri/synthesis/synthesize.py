@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctp2mri.checks import settings_with
 from ctp2mri.devices import resolve_device_with_notice
 from ctp2mri.errors import InputError
 from ctp2mri.evaluation.core_estimate import estimate_core
@@ -50,7 +51,7 @@ from ctp2mri.synthesis.regrid import (
     model_input,
     profile_notice,
 )
-from ctp2mri.synthesis.sample_settings import SampleSettings, with_options
+from ctp2mri.synthesis.sample_settings import SampleSettings
 from ctp2mri.synthesis.units import output_ranges, to_units
 
 __all__ = ["OUTPUT_FILES", "SynthesisResult", "run_synthesize", "synthesize", "write_outputs"]
@@ -151,7 +152,7 @@ def synthesize(ctp: Volume, model: LoadedModel | str | os.PathLike, settings: Sa
     ctp2mri.errors.Cancelled
         When ``cancel`` is set.
     """
-    opts = with_options(settings, options, "synthesize")
+    opts = settings_with(SampleSettings, settings, options, "synthesize")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     notices: list[str] = []
@@ -309,7 +310,7 @@ def run_synthesize(ctp: str | os.PathLike, model: LoadedModel | str | os.PathLik
     leaves nothing behind. ``out_dir`` is claimed for the whole run (`claim_output`): a second
     run into the same folder is refused at once instead of overwriting this one's result.
     """
-    opts = with_options(settings, options, "run_synthesize")
+    opts = settings_with(SampleSettings, settings, options, "run_synthesize")
     out_dir = Path(out_dir)
     with claim_output(out_dir):
         _check_output(out_dir, overwrite)

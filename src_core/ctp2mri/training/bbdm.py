@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ctp2mri.checks import settings_with
 from ctp2mri.diffusion.bridge import BRIDGE_LOSSES, BrownianBridge, bridge_loss
 from ctp2mri.errors import InputError
 from ctp2mri.losses import total_loss
@@ -84,7 +85,7 @@ def train_bbdm(
     -------
     Path of the run folder / checkpoint (``kind: "cbbdm"``).
     """
-    opts = TrainSettings.given(settings, options, "train_bbdm")
+    opts = settings_with(TrainSettings, settings, options, "train_bbdm")
     if loss_type not in BRIDGE_LOSSES:
         raise InputError(f"unknown bridge loss {loss_type!r}; choose one of {', '.join(BRIDGE_LOSSES)}")
     cldm_only = opts.cldm_only()

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ctp2mri.checks import settings_with
 from ctp2mri.diffusion import NoiseSchedule
 from ctp2mri.errors import InputError
 from ctp2mri.losses import (
@@ -91,7 +92,7 @@ def train_ldm(
     -------
     Path of the run folder / checkpoint.
     """
-    opts = TrainSettings.given(settings, options, "train_ldm")
+    opts = settings_with(TrainSettings, settings, options, "train_ldm")
     objective = opts.objective()
     overrides: dict[str, Any] = {} if opts.scale_factor is None else {"scale_factor": opts.scale_factor}
     if opts.condition is not None or opts.condition_loss_weight or opts.parameterization != "eps":

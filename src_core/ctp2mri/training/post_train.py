@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ctp2mri.bundled import resolve_model
 from ctp2mri.checkpoints import load_checkpoint, read_config
+from ctp2mri.checks import settings_with
 from ctp2mri.diffusion import BrownianBridge, NoiseSchedule
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
@@ -173,7 +174,7 @@ def post_train(
     -------
     Path of the run folder / checkpoint.
     """
-    opts = PostTrainSettings.given(settings, options, "post_train")
+    opts = settings_with(PostTrainSettings, settings, options, "post_train")
     info = init_distributed(device)
     try:
         return _post_train(info, data, resolve_model(base), Path(out), opts, resume, lesions, progress, cancel)

@@ -5,15 +5,15 @@ accumulation, AdamW, EMA, clipping, lesion over-sampling, precision, seed, data 
 and writes that part of the checkpoint's ``training`` record, which a resume compares with the
 run's own. `TrainSettings` adds the base objective of `ctp2mri.training.train_ldm` and
 `ctp2mri.training.train_bbdm`; `ctp2mri.training.post_train.PostTrainSettings` adds Eq. 8's.
-The CLI, the widgets and the recipes build one; a trainer's keyword options replace its fields.
+The CLI, the widgets and the recipes build one; a trainer's keyword options replace its fields
+(`ctp2mri.checks.settings_with`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 from ctp2mri.checks import number
 from ctp2mri.errors import InputError
@@ -31,9 +31,6 @@ LOSS_WEIGHTINGS = ("uniform", "min-snr")
 CLDM_ONLY = {"scale_factor": "--scale-factor", "condition": "--condition", "loss_weighting": "--loss-weighting",
              "condition_loss_weight": "--condition-loss", "parameterization": "--parameterization",
              "lesion_latent_weight": "--lesion-latent-weight"}
-
-_Settings = TypeVar("_Settings", bound="RunSettings")
-
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -77,17 +74,6 @@ class RunSettings:
         ``__post_init__`` is the one place that may."""
         for name, value in values.items():
             object.__setattr__(self, name, value)
-
-    @classmethod
-    def given(cls: type[_Settings], settings: _Settings | None, options: Mapping[str, Any], caller: str) -> _Settings:
-        """What a trainer called as ``caller(…, settings, **options)`` is asked to do: ``settings``
-        (the defaults when None) with the fields named in ``options`` replaced."""
-        if settings is not None and not isinstance(settings, cls):
-            raise TypeError(f"{caller}() takes a {cls.__name__}, got a {type(settings).__name__}")
-        unknown = sorted(set(options) - {f.name for f in fields(cls)})
-        if unknown:
-            raise TypeError(f"{caller}() got unexpected keyword arguments: {', '.join(unknown)}")
-        return replace(settings or cls(), **options)
 
     def learning_rate(self, world_size: int) -> float:
         """The learning rate used: ``lr``, or ``base_lr`` scaled as CompVis (`loop.effective_lr`)."""
