@@ -1,4 +1,4 @@
-"""Synthesis widget: a CTP layer in, synthetic DWI/ADC, uncertainty and core layers out.
+"""Synthesis widget: a CTP layer in, synthetic DWI/ADC, uncertainty, lesion probability and core layers out.
 
 A thin shell over `ctp2mri.synthesis.synthesize.synthesize`: the widget turns its controls into a
 `SampleSettings` (refusing a bad one before anything starts), runs the core in a napari worker
@@ -50,11 +50,12 @@ __all__ = ["LAYER_NAMES", "SynthesisWidget", "result_layers", "retired_name"]
 # Names the compare widget pre-selects ("synthetic DWI"/"synthetic ADC"); keep them in step.
 LAYER_NAMES = {"dwi": "synthetic DWI", "adc": "synthetic ADC",
                "uncertainty_dwi": "uncertainty DWI", "uncertainty_adc": "uncertainty ADC",
-               "core": "core (synthetic ADC)"}
+               "core": "core (synthetic ADC)", "lesion_probability": "lesion probability (model)"}
 SOURCE = "ctp2mri synthesize"  # Volume.meta["source"] of synthesize's outputs
 DEFAULT_STEPS = SAMPLER_STEPS  # the CLI's defaults (ctp2mri.settings): fast solver vs the paper's
 CORE_COLOR = "yellow"  # distinct from the ground-truth lesion's red
 UNCERTAINTY_COLORMAP = "magma"
+PROBABILITY_COLORMAP = "inferno"
 MAX_WIDTH_PX = 420
 
 
@@ -77,6 +78,11 @@ def result_layers(result: SynthesisResult) -> list[LayerData]:
         data = volume_to_layer_data(volume, LAYER_NAMES[f"uncertainty_{key}"], mask=result.brain)
         # shown on demand: the mean images are what a first look is for
         layers.append(visible(data, colormap=UNCERTAINTY_COLORMAP, visible=False))
+    if result.lesion_probability is not None:
+        # the model's own lesion map, no sampling: on demand, fixed 0–1 so runs compare
+        data = volume_to_layer_data(result.lesion_probability, LAYER_NAMES["lesion_probability"], mask=result.brain)
+        layers.append(visible(data, colormap=PROBABILITY_COLORMAP, contrast_limits=(0.0, 1.0), opacity=0.5,
+                              blending="additive", visible=False))
     core = volume_to_layer_data(result.core, LAYER_NAMES["core"], "labels")
     layers.append(visible(core, colormap={None: "transparent", 1: CORE_COLOR}, opacity=0.6))
     return layers
@@ -266,8 +272,9 @@ class SynthesisWidget(WorkerWidget):
         new = result_layers(result)
         names = {kwargs["name"] for _, kwargs, _ in new}
         steps: list[Callable[[], None]] = []
-        for key in ("uncertainty_dwi", "uncertainty_adc"):
-            # A K = 1 run has no uncertainty: an earlier run's maps would not match it. They
+        for key in ("uncertainty_dwi", "uncertainty_adc", "lesion_probability"):
+            # A K = 1 run has no uncertainty, a model without a lesion head no lesion
+            # probability: an earlier run's maps would not match it. They
             # are hidden and renamed, not removed: napari runs a full gc.collect() after every
             # layer removal (to free GL resources), ~0.5–1 s with torch loaded, a freeze the
             # viewer must not have; the next K > 1 run updates them in place.

@@ -19,25 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ctp2mri.case_slices import adc_window_of
 from ctp2mri.casefolder import is_case_folder, read_case
 from ctp2mri.errors import InputError
 from ctp2mri.evaluation.lesion_metrics import dice, volume_ml
 from ctp2mri.evaluation.scoring import normalise_for_model
+from ctp2mri.synthesis.lesion_head import has_lesion_head, lesion_probability
 from ctp2mri.synthesis.loading import load_model
-
-
-def lesion_probability(encoder: torch.nn.Module, cond: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """(n, H, W) lesion probability of the encoder's head for (n, T, H, W) normalised CTP slices."""
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(cond), batch_size):
-            c = torch.from_numpy(np.asarray(cond[start:start + batch_size], dtype=np.float32))
-            _, logit = encoder.heads(encoder(c))
-            out.append(torch.sigmoid(F.interpolate(logit, size=c.shape[-2:], mode="bilinear",
-                                                   align_corners=False))[:, 0].numpy())
-    return np.concatenate(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,20 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     thresholds = [float(t) for t in args.thresholds.split(",")]
     model = load_model(args.model, device="cpu")
-    encoder = getattr(model.cldm, "perfusion_encoder", None) if model.kind == "cldm" else None
-    if encoder is None or getattr(encoder, "lesion_head", None) is None:
+    if not has_lesion_head(model):
         raise InputError(f"{args.model} has no perfusion encoder with a lesion head (trained with --condition "
                          "perfusion and --condition-loss)")
     folders = sorted(p for p in Path(args.data).iterdir() if is_case_folder(p))
     scores: dict[float, list[tuple[float, float]]] = {t: [] for t in thresholds}  # (dice, lesion ml)
     for folder in folders:
         case = read_case(folder, require=("ctp", "mask", "lesion"))
-        part = normalise_for_model(case, folder.name, model.profile, "model")
+        part = normalise_for_model(case, folder.name, model.profile, "model", adc_window_of(model.normalisation))
         lesion = part.lesion[:, 0].astype(bool)
         if not lesion.any():
             continue
         ml = volume_ml(lesion, case.ctp.spacing)
-        prob = lesion_probability(encoder, part.cond) * part.brain[:, 0]
+        prob = lesion_probability(model, torch.from_numpy(np.asarray(part.cond, np.float32))) * part.brain[:, 0]
         for t in thresholds:
             scores[t].append((dice(prob > t, lesion), ml))
     if not any(scores.values()):

@@ -18,7 +18,10 @@ from ctp2mri.models.cldm import ConditionalLDM
 NORMALISATION = {"statistic": "median over cases", "n_cases": 2, "quantiles": [0.5, 99.5],
                  "ctp_hu_range": [0.0, 200.0],
                  "units": {"dwi": "scanner units (b = 1000 s/mm²)", "adc": "1e-6 mm²/s"},
-                 "dwi": {"lo": 50.0, "hi": 220.0}, "adc": {"lo": 420.0, "hi": 2890.0}}
+                 "dwi": {"lo": 50.0, "hi": 220.0}, "adc": {"lo": 200.0, "hi": 2600.0}, "adc_window": [200.0, 2600.0]}
+# a checkpoint from before the fixed ADC window: ADC normalised with each case's quantiles
+LEGACY_NORMALISATION = {**{k: v for k, v in NORMALISATION.items() if k != "adc_window"},
+                        "adc": {"lo": 420.0, "hi": 2890.0}}
 
 # Networks far smaller than the demo profile's, in the trainers' config form (train_autoencoder's
 # autoencoder_config and discriminator_config, train_ldm's cldm_config; TINY_CLDM is also the
@@ -36,11 +39,13 @@ TINY_CLDM = {"latent_channels": 3, "condition_channels": 15, "channels": [16, 16
 SMALL_AE = {"channels": [16, 32, 32], "num_res_blocks": 1, "num_embeddings": 64, "norm_num_groups": 8}
 
 
-def tiny_networks(seed: int = 0, scale_factor: float = 1.0) -> tuple[ConditionalLDM, ConditionalLDM, VQAutoencoder]:
-    """(model, ema, autoencoder) small enough to sample 96×112 slices in milliseconds."""
+def tiny_networks(seed: int = 0, scale_factor: float = 1.0,
+                  **cldm_options) -> tuple[ConditionalLDM, ConditionalLDM, VQAutoencoder]:
+    """(model, ema, autoencoder) small enough to sample 96×112 slices in milliseconds;
+    ``cldm_options`` are further `ConditionalLDM` arguments (e.g. the perfusion encoder)."""
     torch.manual_seed(seed)
     cldm = ConditionalLDM(channels=(8, 8), attention_levels=(False, False), num_res_blocks=1,
-                          num_head_channels=8, norm_num_groups=8, scale_factor=scale_factor)
+                          num_head_channels=8, norm_num_groups=8, scale_factor=scale_factor, **cldm_options)
     # MONAI zero-initialises the UNet's output conv (ε̂ ≡ 0 until trained); give it weights
     # so the network's output depends on z_t and the condition, as a trained one does.
     for p in cldm.unet.out.parameters():
@@ -55,11 +60,12 @@ def tiny_networks(seed: int = 0, scale_factor: float = 1.0) -> tuple[Conditional
     return cldm, ema, autoencoder
 
 
-def save_tiny_cldm(path: Path, profile: str = "demo", seed: int = 0, scale_factor: float = 1.0) -> Path:
+def save_tiny_cldm(path: Path, profile: str = "demo", seed: int = 0, scale_factor: float = 1.0,
+                   normalisation: dict | None = None, **cldm_options) -> Path:
     """A real cLDM checkpoint folder (config.json + safetensors) with tiny random networks."""
-    cldm, ema, autoencoder = tiny_networks(seed, scale_factor)
+    cldm, ema, autoencoder = tiny_networks(seed, scale_factor, **cldm_options)
     config = {"kind": "cldm", "profile": profile, "schedule": NoiseSchedule().config(),
-              "normalisation": NORMALISATION, "training": {"steps": 0},
+              "normalisation": normalisation or NORMALISATION, "training": {"steps": 0},
               "provenance": {"command": "tests/_helpers_cldm.py", "steps": 0}}
     return save_checkpoint(path, {"model": cldm, "ema": ema, "autoencoder": autoencoder}, config)
 

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from ctp2mri.augmentation import Augmentation
+from ctp2mri.case_slices import adc_window_of
 from ctp2mri.casefolder import read_case
 from ctp2mri.data import SliceDataset, normalise_case
 from ctp2mri.errors import InputError
@@ -80,7 +81,8 @@ def test_samples_follow_the_normalisation_contract(train, data):
         z = int(np.argmax(brain.sum(axis=(0, 1))))
         got = _sample_of(train, name, z)
         for channel, image in enumerate((case.dwi.array, case.adc.array)):
-            lo, hi = np.percentile(image[brain], [0.5, 99.5])
+            # DWI (arbitrary units): the case's brain quantiles; ADC (physical): the fixed window
+            lo, hi = np.percentile(image[brain], [0.5, 99.5]) if channel == 0 else (200.0, 2600.0)
             expect = (2 * (np.clip(image[:, :, z], lo, hi) - lo) / (hi - lo) - 1) * brain[:, :, z]
             np.testing.assert_allclose(got["target"][channel].numpy(), expect, atol=1e-5)
             assert train.case_ranges()[name][("dwi", "adc")[channel]] == pytest.approx((lo, hi), rel=1e-6)
@@ -103,14 +105,13 @@ def test_float16_cache_is_close_and_half_the_size(data, train):
 def test_intensity_ranges_are_medians_and_invert_the_normalisation(train, data):
     _, _, cases = data
     ranges = train.intensity_ranges()
-    for what in ("dwi", "adc"):
-        per_case = np.array([np.percentile(getattr(c, what).array[c.mask.array.astype(bool)], [0.5, 99.5])
-                             for c in cases.values()])
-        assert ranges[what]["lo"] == pytest.approx(np.median(per_case[:, 0]), rel=1e-6)
-        assert ranges[what]["hi"] == pytest.approx(np.median(per_case[:, 1]), rel=1e-6)
-    assert 400 < ranges["adc"]["lo"] < ranges["adc"]["hi"] < 4000  # ADC in 1e-6 mm²/s
-    json.dumps(ranges)  # goes into a checkpoint's config.json
-    # Back to physical units with the case's own range: the clipped ADC inside the brain.
+    per_case = np.array([np.percentile(c.dwi.array[c.mask.array.astype(bool)], [0.5, 99.5]) for c in cases.values()])
+    assert ranges["dwi"]["lo"] == pytest.approx(np.median(per_case[:, 0]), rel=1e-6)
+    assert ranges["dwi"]["hi"] == pytest.approx(np.median(per_case[:, 1]), rel=1e-6)
+    # ADC (1e-6 mm²/s): the fixed window for every case, recorded for adc_window_of
+    assert (ranges["adc"]["lo"], ranges["adc"]["hi"]) == (200.0, 2600.0) and ranges["adc_window"] == [200.0, 2600.0]
+    assert adc_window_of(json.loads(json.dumps(ranges))) == (200.0, 2600.0)  # goes into config.json
+    # Back to physical units with the case's ADC range (the window): the clipped ADC inside the brain.
     name, case = next(iter(cases.items()))
     z = int(np.argmax(case.mask.array.sum(axis=(0, 1))))
     lo, hi = train.case_ranges()[name]["adc"]
@@ -392,6 +393,48 @@ def test_bad_settings(data):
         SliceDataset(root, "train", lesions={"nobody": np.zeros((96, 112, 3))})
     with pytest.raises(InputError, match="split selects cases"):
         SliceDataset([root / "case_000"], "train")
+    for window in ((600.0, 600.0), (float("nan"), 1.0), "wide"):
+        with pytest.raises(InputError, match="ADC window"):
+            SliceDataset(root, "train", adc_window=window)
+
+
+def test_adc_window_maps_one_value_alike_in_every_case_and_legacy_keeps_quantiles(data, train):
+    """The fixed window gives ADC one scale across cases (the core threshold means the same
+    everywhere); adc_window=None is the per-case quantile mapping that older models expect."""
+    root, _, cases = data
+    legacy = SliceDataset(root, "train", "demo", augment=False, cache_dtype=torch.float32, adc_window=None)
+    assert legacy.intensity_ranges()["adc_window"] is None and adc_window_of(legacy.intensity_ranges()) is None
+    assert adc_window_of({}) is None  # a checkpoint from before the window
+    threshold = -1 + 2 * (620.0 - 200.0) / 2400.0  # 620 × 10⁻⁶ mm²/s on the window's scale
+    for name, case in cases.items():
+        brain = case.mask.array.astype(bool)
+        lo, hi = np.percentile(case.adc.array[brain], [0.5, 99.5])
+        assert legacy.case_ranges()[name]["adc"] == pytest.approx((lo, hi), rel=1e-6)
+        assert train.case_ranges()[name]["adc"] == (200.0, 2600.0)
+        rows = (train.case_index == train.case_names.index(name)).nonzero()[:, 0]
+        below = (train.target[rows, 1] < threshold) & (train.brain[rows, 0] > 0)
+        expect = (case.adc.array[:, :, train.slice_index[rows].numpy()] < 620) & brain[:, :, train.slice_index[rows].numpy()]
+        assert torch.equal(below, torch.from_numpy(np.moveaxis(expect, -1, 0)))
+    assert not torch.equal(legacy.target[:, 1], train.target[:, 1])
+
+
+def test_adc_in_other_units_is_refused_on_the_window_and_named(data):
+    _, _, cases = data
+    name, case = next(iter(cases.items()))
+    for scale in (1e-3, 1e-6):  # ADC in 10⁻³ mm²/s or mm²/s: clipped to a constant without the check
+        other = replace(case, adc=case.adc.with_array(case.adc.array * scale))
+        with pytest.raises(InputError, match=r"adc.nii.gz: its ADC has a median of .* must be in 10⁻⁶ mm²/s"):
+            normalise_case(other, name, "demo")
+        normalise_case(other, name, "demo", adc_window=None)  # per-case quantiles do not read units
+
+
+def test_cache_of_one_adc_window_is_not_read_for_another(data, tmp_path):
+    root, _, _ = data
+    calls = []
+    for window in ((200.0, 2600.0), None, (200.0, 2600.0)):
+        SliceDataset(root, "train", cache_dir=tmp_path, augment=False, adc_window=window,
+                     progress=lambda step, total, info: calls.append(info["cached"]))
+    assert calls == [False] * 4 + [True] * 2 and len(list(tmp_path.glob("*.safetensors"))) == 4
 
 
 def test_affine_geometry_matches_its_draw():

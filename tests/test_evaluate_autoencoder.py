@@ -82,18 +82,19 @@ def _recon_and_truth(data, checkpoint, split):
     from ctp2mri.checkpoints import load_checkpoint
     from ctp2mri.phantom import phantom_maps
     from ctp2mri.preprocessing.preprocess import normalise_mri
+    from ctp2mri.settings import ADC_WINDOW
 
     dataset = SliceDataset(data, split=split, augment=False)
     ae = load_checkpoint(checkpoint, names=["model"])[0]["model"].eval()
     seeds = json.loads((data / "splits.json").read_text())["case_seeds"]
     clean = []
-    for name in dataset.case_names:  # an independent path: the full simulation and the case's own quantiles
+    for name in dataset.case_names:  # an independent path: the full simulation, normalised anew
         maps = phantom_maps(seeds[name], "demo")
         brain = _brain_of(data / name)
         keep = dataset.slice_index[dataset.case_index == dataset.case_names.index(name)].numpy()
         chans = []
-        for w in ("dwi", "adc"):
-            _, (lo, hi) = normalise_mri(_image_of(data / name, w), brain)
+        for w in ("dwi", "adc"):  # DWI: the case's quantiles; ADC: the fixed window (physical units)
+            lo, hi = normalise_mri(_image_of(data / name, w), brain)[1] if w == "dwi" else ADC_WINDOW
             c = np.clip((np.clip(maps[f"{w}_true"].array, lo, hi) - lo) * 2 / (hi - lo) - 1, -1, 1) * brain
             chans.append(c[:, :, keep])
         clean.append(np.stack(chans).transpose(3, 0, 1, 2))

@@ -157,6 +157,23 @@ def test_synthesis_adds_layers_on_the_ctp_geometry_and_rerun_replaces_them(
     assert errors(notes) == []
 
 
+def test_a_model_with_a_lesion_head_adds_its_probability_layer(make_napari_viewer, qtbot, notes, tmp_path):
+    from _helpers_cldm import save_tiny_cldm
+
+    head = save_tiny_cldm(tmp_path / "head", condition_encoder="perfusion", condition_options={
+        "out_channels": 8, "hidden_channels": 8, "down_channels": 8, "sigmas": [1.0], "latent_channels": 3})
+    viewer, widget = _widget(make_napari_viewer, head)
+    _run(widget, qtbot)
+    assert errors(notes) == []
+    layer = viewer.layers[LAYER_NAMES["lesion_probability"]]
+    assert isinstance(layer, Image) and not layer.visible and tuple(layer.contrast_limits) == (0.0, 1.0)
+    np.testing.assert_allclose(layer.scale, viewer.layers["CTP"].scale[1:])
+    np.testing.assert_array_equal(layer_to_volume(layer.data, _layer_attributes(layer)).array,
+                                  widget.result.lesion_probability.array)
+    # the core stays on top
+    assert [x.name for x in viewer.layers][-2:] == [LAYER_NAMES["lesion_probability"], LAYER_NAMES["core"]]
+
+
 def test_cancel_mid_run_adds_no_layers_and_says_so(make_napari_viewer, qtbot, tiny_cldm, notes):
     viewer, widget = _widget(make_napari_viewer, tiny_cldm)
     before = [layer.name for layer in viewer.layers]

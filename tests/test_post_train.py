@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_cldm import save_tiny_cldm
+from _helpers_cldm import LEGACY_NORMALISATION, save_tiny_cldm
 
 from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.data import SliceDataset
@@ -127,6 +127,19 @@ def test_post_train_writes_a_cldm_checkpoint_recording_base_lambdas_and_target(p
     for r in rows:
         expected = float(r["latent_loss"]) + 0.05 * float(r["image_loss"]) + 0.1 * float(r["lesion_loss"])
         assert float(r["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_post_training_normalises_the_data_as_its_base_was_trained(plain, phantom_data, tiny_cldm, tmp_path):
+    """ADC on the base's scale: the fixed window, or each case's quantiles for a base from
+    before it (then a dataset on the window is refused)."""
+    legacy = save_tiny_cldm(tmp_path / "legacy", normalisation=LEGACY_NORMALISATION)
+    with pytest.raises(InputError, match="per-case quantiles"):
+        post_train(plain, legacy, tmp_path / "refused", steps=1, **COMMON)
+    for base, window in ((legacy, None), (tiny_cldm, [200.0, 2600.0])):
+        out = post_train(phantom_data, base, tmp_path / f"pt_{base.parent.name}", steps=1, **COMMON)
+        config = read_config(out)
+        assert config["post_training"]["post_training_data_normalisation"]["adc_window"] == window
+        assert config["normalisation"] == read_config(base)["normalisation"]
 
 
 def test_a_bundled_base_without_training_weights_starts_from_its_ema(plain, tiny_cldm, tmp_path):

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from _helpers_cldm import NORMALISATION
+from _helpers_cldm import NORMALISATION, save_tiny_cldm
 
 from ctp2mri.errors import Cancelled, InputError
 from ctp2mri.io.nifti import load_nifti, save_nifti
@@ -21,6 +21,7 @@ from ctp2mri.progress import CancelToken
 from ctp2mri.settings import DEFAULT_SAMPLER, SAMPLER_STEPS
 from ctp2mri.synthesis.batch_size import auto_batch_size
 from ctp2mri.synthesis.inference import sample_slices
+from ctp2mri.synthesis.lesion_head import has_lesion_head, lesion_probability
 from ctp2mri.synthesis.loading import load_model
 from ctp2mri.synthesis.sample_settings import SampleSettings
 from ctp2mri.synthesis.synthesize import run_synthesize, synthesize, write_outputs
@@ -327,6 +328,34 @@ def test_write_outputs_is_atomic_on_failure(oblique_result, tmp_path, monkeypatc
     with pytest.raises(OSError):
         write_outputs(oblique_result, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_with_a_lesion_head_also_maps_its_lesion_probability(case, model, tmp_path):
+    """The perfusion encoder's lesion head, without sampling: 0–1 inside the brain, 0 outside,
+    the encoder's own output carried onto the input grid, written beside the images."""
+    from dataclasses import replace as replace_case
+
+    from ctp2mri.data import normalise_case
+
+    head = load_model(save_tiny_cldm(tmp_path / "head", condition_encoder="perfusion", condition_options={
+        "out_channels": 8, "hidden_channels": 8, "down_channels": 8, "sigmas": [1.0], "latent_channels": 3}), "cpu")
+    assert has_lesion_head(head) and not has_lesion_head(model)
+    result = synthesize(case.ctp, head, steps=1, brain_mask=case.mask)
+    write_outputs(result, tmp_path / "out")
+    prob, brain = result.lesion_probability.array, result.brain.array > 0
+    assert prob.shape == case.ctp.spatial_shape and np.allclose(result.lesion_probability.affine, case.ctp.affine)
+    assert prob.min() >= 0 and prob.max() <= 1 and not prob[~brain].any() and prob[brain].std() > 0
+    written = load_nifti(tmp_path / "out" / "lesion_probability.nii.gz")
+    np.testing.assert_allclose(written.array, prob, atol=1e-6)
+    assert "lesion_probability" in json.loads((tmp_path / "out" / "report.json").read_text())["files"]
+    # With a mask over the whole field of view the model grid is the case's own (a demo-grid
+    # case): the map equals the encoder's output on the case's normalised slices.
+    full = case.mask.with_array(np.ones(case.mask.array.shape, np.uint8))
+    on_grid = synthesize(case.ctp, head, steps=1, brain_mask=full).lesion_probability.array
+    part = normalise_case(replace_case(case, mask=full), "case", "demo", min_brain_fraction=0.0)
+    direct = np.moveaxis(lesion_probability(head, torch.from_numpy(part.cond), batch_size=5), 0, -1)
+    np.testing.assert_allclose(on_grid[:, :, part.slices], direct, atol=1e-5)
+    assert lesion_probability(model, torch.from_numpy(part.cond[:2])) is None
 
 
 def test_auto_batch_size_is_bounded(model):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -148,6 +150,23 @@ def test_ldm_checkpoint_is_one_self_contained_folder(plain, ae_dir, tmp_path):
     ae_nets, _ = load_checkpoint(ae_dir, names=["model"])
     for k, v in ae_nets["model"].state_dict().items():  # the frozen autoencoder, unchanged
         assert torch.equal(v, nets["autoencoder"].state_dict()[k])
+
+
+def test_ldm_follows_its_autoencoder_adc_scale(plain, phantom_data, ae_dir, tmp_path):
+    """A latent model learns its autoencoder's latents, so its data are normalised as the
+    autoencoder's were: the fixed ADC window, or per-case quantiles for an autoencoder from
+    before the window (a dataset built on the other scale is refused, naming both)."""
+    assert read_config(ae_dir)["normalisation"]["adc_window"] == [200.0, 2600.0]
+    legacy = tmp_path / "legacy_ae"
+    shutil.copytree(ae_dir, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    del config["normalisation"]["adc_window"]
+    (legacy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="per-case quantiles"):
+        train_ldm(plain, legacy, tmp_path / "refused", steps=1, batch_size=4, cldm_config=TINY_CLDM, **COMMON)
+    assert not (tmp_path / "refused" / "config.json").exists()
+    out = train_ldm(phantom_data, legacy, tmp_path / "ldm", steps=1, batch_size=4, cldm_config=TINY_CLDM, **COMMON)
+    assert read_config(out)["normalisation"]["adc_window"] is None
 
 
 def test_ldm_checkpoint_records_its_train_settings_and_resumes_from_them(plain, ae_dir, tmp_path):

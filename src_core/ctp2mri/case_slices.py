@@ -1,9 +1,10 @@
 """One case → normalised axial slices (the normalisation contract of docs/contracts.md).
 
 Shared by the training dataset (`ctp2mri.data`), evaluation and synthesis, so that every
-path normalises a case the same way: CTP [0, 200] HU → [−1, 1], DWI/ADC clipped to the
-case's 0.5–99.5 % brain quantiles → [−1, 1], all × brain mask; slices laid out
-``(H, W) = (X, Y)``.
+path normalises a case the same way: CTP [0, 200] HU → [−1, 1], DWI clipped to the case's
+0.5–99.5 % brain quantiles → [−1, 1], ADC clipped to the fixed window ``ADC_WINDOW`` (10⁻⁶
+mm²/s) → [−1, 1] (models trained before that window used the case's quantiles for ADC too:
+``adc_window=None``), all × brain mask; slices laid out ``(H, W) = (X, Y)``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
 from ctp2mri.casefolder import CASE_FILES, Case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.preprocessing.preprocess import normalise_ctp, normalise_mri
+from ctp2mri.preprocessing.preprocess import normalise_ctp, normalise_mri, normalise_mri_like
 from ctp2mri.profiles import PROFILES, Profile, get_profile
+from ctp2mri.settings import ADC_WINDOW
 
 TARGETS = ("dwi", "adc")  # target channels, in order
 TRAINING_NEEDS = ("ctp", "dwi", "adc", "mask")
@@ -119,8 +122,44 @@ def lesion_volume(mask: Volume | np.ndarray, case: Case, name: str) -> Volume:
     return Volume((np.asarray(array) != 0).astype(np.uint8), case.ctp.affine.copy(), meta={"source": "supplied"})
 
 
+def adc_window_of(normalisation: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    """The fixed ADC window a checkpoint's ``normalisation`` record was trained with, or None
+    for a model trained on per-case ADC quantiles (before the window existed)."""
+    window = (normalisation or {}).get("adc_window")
+    if window is None:
+        return None
+    lo, hi = (float(v) for v in window)
+    return lo, hi
+
+
+def check_adc_window(window: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``window`` as floats, or an InputError when it is not two finite numbers lo < hi."""
+    if window is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise InputError(f"the ADC window must be two numbers (lo, hi) in 10⁻⁶ mm²/s, got {window!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise InputError(f"the ADC window must be finite with lo < hi, got ({lo:g}, {hi:g})")
+    return lo, hi
+
+
+def _check_adc_units(adc: np.ndarray, brain: np.ndarray, window: tuple[float, float]) -> None:
+    """A fixed window reads the ADC in 10⁻⁶ mm²/s: one in mm²/s or 10⁻³ mm²/s would be clipped
+    to a constant without a word, so its median over the brain's positive voxels (a zero
+    background inside a loose mask says nothing about units) must fall inside the window."""
+    values = adc[brain & (adc > 0)]
+    median = float(np.median(values)) if values.size else math.nan
+    if not window[0] < median < window[1]:
+        raise InputError(f"its ADC has a median of {median:.4g} over the brain's positive voxels, outside the ADC window "
+                         f"{window[0]:g}–{window[1]:g}: ADC must be in 10⁻⁶ mm²/s (brain tissue ≈ 700–900); "
+                         "multiply an ADC in 10⁻³ mm²/s by 1000, one in mm²/s by 10⁶")
+
+
 def normalise_case(case: Case, name: str | None = None, profile: str | Profile | None = None,
-                   min_brain_fraction: float = 0.01, require_lesion: bool = False) -> CaseSlices:
+                   min_brain_fraction: float = 0.01, require_lesion: bool = False, *,
+                   adc_window: tuple[float, float] | None = ADC_WINDOW) -> CaseSlices:
     """Validate one case and cut it into normalised axial slices (the dataset's per-case step).
 
     Parameters
@@ -137,6 +176,10 @@ def normalise_case(case: Case, name: str | None = None, profile: str | Profile |
         least one voxel; 0 keeps every slice that touches the brain).
     require_lesion
         Refuse a case without lesion mask.
+    adc_window
+        ADC (10⁻⁶ mm²/s) mapped to [−1, 1]; None: the case's own brain quantiles, as DWI
+        (what models trained before the fixed window expect; `adc_window_of` reads it from a
+        checkpoint).
 
     Raises
     ------
@@ -145,6 +188,7 @@ def normalise_case(case: Case, name: str | None = None, profile: str | Profile |
         (both fixed by ``ctp2mri preprocess``), or no slice has enough brain.
     """
     name = name or case_name(case, 0)
+    adc_window = check_adc_window(adc_window)
     prof = _check_case(case, name, get_profile(profile) if isinstance(profile, str) else profile, require_lesion)
     brain = case.mask.array != 0
     counts = brain.sum(axis=(0, 1))
@@ -159,7 +203,11 @@ def normalise_case(case: Case, name: str | None = None, profile: str | Profile |
     target = []
     for what in TARGETS:
         try:
-            image, ranges[what] = normalise_mri(getattr(case, what).array, brain)
+            if what == "adc" and adc_window is not None:
+                _check_adc_units(case.adc.array, brain, adc_window)
+                image, ranges[what] = normalise_mri_like(case.adc.array, *adc_window, brain), adc_window
+            else:
+                image, ranges[what] = normalise_mri(getattr(case, what).array, brain)
         except InputError as exc:
             raise InputError(f"case {name}, {CASE_FILES[what]}: {exc}") from None
         # float32 rounding in the scaling may overshoot ±1 by an ulp; the contract is [−1, 1].

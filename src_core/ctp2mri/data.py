@@ -44,6 +44,7 @@ from ctp2mri.case_slices import (
     TRAINING_NEEDS,
     CaseSlices,
     case_name,
+    check_adc_window,
     lesion_volume,
     normalise_case,
 )
@@ -53,6 +54,7 @@ from ctp2mri.io.volume import Volume
 from ctp2mri.preprocessing.preprocess import CTP_HU_RANGE, MRI_QUANTILES
 from ctp2mri.profiles import Profile, get_profile
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.settings import ADC_WINDOW
 from ctp2mri.slice_cache import DATA_VERSION, cache_key, read_cache, write_cache
 
 __all__ = ["TARGETS", "CaseSlices", "SliceDataset", "normalise_case", "resolve_cases"]
@@ -178,7 +180,8 @@ class SliceDataset(Dataset):
                  augment: bool | Augmentation | None = None, seed: int | None = None,
                  require_lesion: bool = False, lesions: Mapping[str, Volume | np.ndarray] | None = None,
                  cache_dtype: torch.dtype | str = torch.float16, cache_dir: str | os.PathLike | None = None,
-                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> None:
+                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                 adc_window: tuple[float, float] | None = ADC_WINDOW) -> None:
         if isinstance(cache_dtype, str):  # "float16" / "float32" from a command line or config
             cache_dtype = getattr(torch, cache_dtype, cache_dtype)
         if cache_dtype not in (torch.float16, torch.float32):
@@ -186,6 +189,7 @@ class SliceDataset(Dataset):
         if not 0.0 <= float(min_brain_fraction) <= 1.0:
             raise InputError(f"min_brain_fraction must lie in [0, 1], got {min_brain_fraction}")
         self.split = split
+        self.adc_window = check_adc_window(adc_window)
         self.min_brain_fraction = float(min_brain_fraction)
         self.cache_dtype = cache_dtype
         requested = get_profile(profile) if isinstance(profile, str) else profile
@@ -240,7 +244,7 @@ class SliceDataset(Dataset):
                    lesion: Volume | np.ndarray | None, cache: Path | None) -> tuple[CaseSlices, bool]:
         cache_file = None
         if cache is not None and isinstance(source, Path) and lesion is None:
-            key = cache_key(source, prof, self.min_brain_fraction, self.cache_dtype)
+            key = cache_key(source, prof, self.min_brain_fraction, self.cache_dtype, self.adc_window)
             cache_file = cache / f"{name}-{key}.safetensors"
             if cache_file.is_file():
                 part = read_cache(cache_file, name)
@@ -256,7 +260,7 @@ class SliceDataset(Dataset):
             case = source
         if lesion is not None:
             case = replace(case, lesion=lesion_volume(lesion, case, name))
-        part = normalise_case(case, name, prof, self.min_brain_fraction, require_lesion)
+        part = normalise_case(case, name, prof, self.min_brain_fraction, require_lesion, adc_window=self.adc_window)
         # Held in the storage type from here on: the build's peak stays near 2× the final size.
         dtype = np.float16 if self.cache_dtype == torch.float16 else np.float32
         part.target, part.cond = part.target.astype(dtype, copy=False), part.cond.astype(dtype, copy=False)
@@ -312,6 +316,8 @@ class SliceDataset(Dataset):
         for what in TARGETS:
             values = np.array([r[what] for r in self._ranges.values()], dtype=np.float64)
             out[what] = {"lo": float(np.median(values[:, 0])), "hi": float(np.median(values[:, 1]))}
+        # read back by `adc_window_of`: absent, the ADC was normalised with per-case quantiles
+        out["adc_window"] = list(self.adc_window) if self.adc_window is not None else None
         return out
 
     def summary(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ project's choices for the demo profile.
 
 from __future__ import annotations
 
-__all__ = ["AE_BASE_LR", "CORE_ADC_THRESHOLD", "DEFAULT_SAMPLER", "EMA_DECAY", "LAMBDA_IMAGE", "LAMBDA_LESION",
+__all__ = ["ADC_WINDOW", "AE_BASE_LR", "CORE_ADC_THRESHOLD", "DEFAULT_SAMPLER", "EMA_DECAY", "LAMBDA_IMAGE", "LAMBDA_LESION",
            "LDM_BASE_LR", "MIN_CORE_COMPONENT_ML", "PRECISIONS", "SAMPLER_STEPS", "SNR_GAMMA", "WEIGHT_DECAY",
            "sampler_steps"]
 
@@ -15,6 +15,13 @@ __all__ = ["AE_BASE_LR", "CORE_ADC_THRESHOLD", "DEFAULT_SAMPLER", "EMA_DECAY", "
 CORE_ADC_THRESHOLD = 620.0
 #: Core components smaller than this (ml) are dropped as noise specks.
 MIN_CORE_COMPONENT_ML = 0.2
+#: ADC (10⁻⁶ mm²/s) mapped to −1 and 1 for every case: ADC is a physical quantity, so the
+#: models learn it on one fixed scale on which the core threshold means the same in every
+#: case. A per-case percentile window (as DWI keeps) ends near the core's own values in a
+#: case with a large lesion and near normal white matter in a case without one, so "−1" meant
+#: ~400 in one case and ~600 in another and the synthetic core could not be read off in units.
+#: 200 keeps every infarct core (≈ 300–600) inside; 2600 keeps tissue and most CSF.
+ADC_WINDOW = (200.0, 2600.0)
 
 #: λ_image and λ_lesion of Eq. 8, the paper's best pair (Table 2) and its official code's.
 LAMBDA_IMAGE = 0.01

@@ -26,16 +26,17 @@ from ctp2mri.profiles import Profile
 __all__ = ["DATA_VERSION", "cache_key", "read_cache", "write_cache"]
 
 # Part of every cache key: bump it whenever normalisation or slice selection changes.
-DATA_VERSION = "1"
+DATA_VERSION = "2"
 
 
-def cache_key(folder: Path, profile: Profile | None, min_brain_fraction: float, dtype: torch.dtype) -> str:
+def cache_key(folder: Path, profile: Profile | None, min_brain_fraction: float, dtype: torch.dtype,
+              adc_window: tuple[float, float] | None = None) -> str:
     """The cache key of case ``folder`` normalised with these settings (24 hex digits)."""
     digest = hashlib.sha256()
     settings = {"version": DATA_VERSION, "profile": asdict(profile) if profile else None,
                 "min_brain_fraction": min_brain_fraction, "dtype": str(dtype),
                 "ctp_hu_range": list(CTP_HU_RANGE), "quantiles": list(MRI_QUANTILES),
-                "folder": str(folder.resolve())}
+                "adc_window": list(adc_window) if adc_window is not None else None, "folder": str(folder.resolve())}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for filename in sorted((*CASE_FILES.values(), CASE_INFO)):
         path = folder / filename

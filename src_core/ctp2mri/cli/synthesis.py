@@ -35,7 +35,8 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     for notice in report.get("notices", []):
         print(f"note: {notice}")
     print(f"wrote {args.out}: dwi, adc, core ({report.get('core_volume_ml', float('nan')):.1f} ml)"
-          + (", uncertainty" if result.uncertainty else "") + ", report.json")
+          + (", uncertainty" if result.uncertainty else "")
+          + (", lesion_probability" if result.lesion_probability is not None else "") + ", report.json")
     return 0
 
 
@@ -43,8 +44,9 @@ def add_synthesize(sub: argparse._SubParsersAction) -> None:
     """Register the ``synthesize`` subcommand."""
     p = sub.add_parser("synthesize", help="CTP in, synthetic DWI/ADC (+ core estimate) out",
                        description="Synthesise DWI and ADC from a CT-perfusion series with a trained "
-                       "cLDM, on the CTP's own grid; writes dwi, adc, core (ADC < threshold) and, with "
-                       "--samples > 1, per-voxel uncertainty, plus report.json.")
+                       "cLDM, on the CTP's own grid; writes dwi, adc, core (ADC < threshold), with "
+                       "--samples > 1 per-voxel uncertainty, for a model with a lesion head its lesion "
+                       "probability, plus report.json.")
     p.add_argument("ctp", type=Path, nargs="+",
                    help="4-D CTP: NIfTI, NRRD, MHA or a DICOM series folder; several, a folder of case "
                    "folders or a CSV list run a cohort into OUT/<case>/ with OUT/summary.csv (docs/cohorts.md)")

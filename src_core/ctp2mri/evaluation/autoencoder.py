@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctp2mri.case_slices import adc_window_of
 from ctp2mri.casefolder import read_case
 from ctp2mri.checkpoints import load_checkpoint
 from ctp2mri.data import SliceDataset, resolve_cases
@@ -60,7 +61,8 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, data_dir: str | os.PathL
     dev = resolve_device(device)
     nets, config = load_checkpoint(checkpoint, names=["model"], map_location=dev, kind="autoencoder")
     autoencoder = nets["model"].eval()
-    dataset = SliceDataset(data_dir, split=split, profile=config.get("profile"), augment=False)
+    dataset = SliceDataset(data_dir, split=split, profile=config.get("profile"), augment=False,
+                           adc_window=adc_window_of(config.get("normalisation")))
     preds, targets, brains, lesions = [], [], [], []
     n = len(dataset)
     with torch.inference_mode():

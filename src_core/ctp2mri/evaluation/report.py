@@ -116,8 +116,9 @@ def _contrast_lines(summary: Summary, metric: str = "lesion_contrast") -> list[s
     return lines
 
 
-_CORE_TITLE = (f"Infarct core (synthetic ADC < {CORE_ADC_THRESHOLD:g} × 10⁻⁶ mm²/s, ADC mapped back with each "
-               "case's own range) vs the lesion masks:")
+_CORE_TITLE = (f"Infarct core (synthetic ADC < {CORE_ADC_THRESHOLD:g} × 10⁻⁶ mm²/s, ADC mapped back to units on "
+               "the model's ADC scale: its fixed window, or each case's own range for models from before it) vs "
+               "the lesion masks:")
 
 
 _CONTRAST_TITLE = ("Lesion contrast (mean inside the lesion / median of the rest of the brain, "

@@ -4,7 +4,8 @@ The driver (`ctp2mri.evaluation.evaluate.evaluate`) samples; this module turns o
 one prediction into one CSV row: MAE, lesion MAE, PSNR and MS-SSIM per channel in the
 normalised space (`ctp2mri.evaluation.metrics.channel_metrics`), the lesion contrast and AUC
 of the synthetic and the true images, and the infarct core from the synthetic ADC mapped back
-with the case's own range (`ctp2mri.evaluation.lesion_metrics`). The clinical CTP core
+to units on the model's ADC scale (the fixed window; the case's own range for models from before
+it) (`ctp2mri.evaluation.lesion_metrics`). The clinical CTP core
 (`perfusion_core`) is scored against the same lesion beside the models'. `figure_slice` and
 `figure_rows` pick what the evaluation figure (`ctp2mri.evaluation.figures`) shows.
 """
@@ -31,6 +32,7 @@ from ctp2mri.evaluation.lesion_metrics import (
 from ctp2mri.evaluation.metrics import channel_metrics, flat_metrics
 from ctp2mri.evaluation.report import CHANNELS
 from ctp2mri.preprocessing.preprocess import denormalise_mri
+from ctp2mri.settings import ADC_WINDOW
 from ctp2mri.synthesis.seeding import slice_seed
 
 __all__ = ["FIGURE_ROWS", "case_seed", "figure_rows", "figure_slice", "normalise_for_model", "perfusion_core",
@@ -46,8 +48,10 @@ def case_seed(seed: int, case: str) -> int:
     return slice_seed(seed, zlib.crc32(case.encode("utf-8")))
 
 
-def normalise_for_model(case: Case, name: str, profile: str, model_label: str) -> CaseSlices:
-    """Every axial slice of ``case`` that holds brain, normalised on ``profile``'s grid.
+def normalise_for_model(case: Case, name: str, profile: str, model_label: str,
+                        adc_window: tuple[float, float] | None = ADC_WINDOW) -> CaseSlices:
+    """Every axial slice of ``case`` that holds brain, normalised on ``profile``'s grid with the
+    model's ADC window (``adc_window_of(model.normalisation)``; None: per-case quantiles).
 
     Raises
     ------
@@ -56,13 +60,13 @@ def normalise_for_model(case: Case, name: str, profile: str, model_label: str) -
     """
     try:
         # min_brain_fraction 0: every slice with brain, so metrics cover the whole brain
-        return normalise_case(case, name, profile, min_brain_fraction=0.0)
+        return normalise_case(case, name, profile, min_brain_fraction=0.0, adc_window=adc_window)
     except InputError as exc:
         raise InputError(f"model {model_label} works on the {profile!r} profile's grid, but: {exc}") from None
 
 
 def predicted_adc(pred: np.ndarray, part: CaseSlices, shape: tuple[int, ...]) -> np.ndarray:
-    """Synthetic ADC in 10⁻⁶ mm²/s on the case grid, from the case's own ADC range."""
+    """Synthetic ADC in 10⁻⁶ mm²/s on the case grid, from the ADC range ``part`` was normalised with."""
     lo, hi = part.ranges["adc"]
     adc = np.zeros(shape, dtype=np.float32)
     adc[:, :, part.slices] = np.moveaxis(denormalise_mri(pred[:, 1], lo, hi), 0, -1)

@@ -10,7 +10,9 @@
 4. map the output back to DWI units and ADC in 10⁻⁶ mm²/s with the *model's* stored
    intensity ranges, average the K samples (their standard deviation is the uncertainty);
 5. resample onto the input's grid and affine, and estimate the core from the ADC
-   (`ctp2mri.evaluation.core_estimate`).
+   (`ctp2mri.evaluation.core_estimate`);
+6. for a model whose perfusion encoder has a lesion head, its lesion probability map, which
+   needs no sampling (`ctp2mri.synthesis.lesion_head`).
 
 What to sample with is a `ctp2mri.synthesis.sample_settings.SampleSettings`. `write_outputs`
 writes the result atomically; `run_synthesize` is the CLI's whole command.
@@ -42,6 +44,7 @@ from ctp2mri.profiles import Profile, get_profile
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.synthesis.batch_size import auto_batch_size
 from ctp2mri.synthesis.inference import autocast_dtype, sample_slices, sampler_steps
+from ctp2mri.synthesis.lesion_head import lesion_probability
 from ctp2mri.synthesis.loading import LoadedModel, synthesis_model
 from ctp2mri.synthesis.regrid import (
     ModelGrid,
@@ -61,7 +64,8 @@ __all__ = ["OUTPUT_FILES", "SynthesisResult", "run_synthesize", "synthesize", "w
 #: DWI and ADC standard deviations have different units.
 OUTPUT_FILES = {"dwi": "dwi.nii.gz", "adc": "adc.nii.gz", "core": "core.nii.gz",
                 "brain": "brain.nii.gz", "uncertainty_dwi": "uncertainty_dwi.nii.gz",
-                "uncertainty_adc": "uncertainty_adc.nii.gz", "report": "report.json"}
+                "uncertainty_adc": "uncertainty_adc.nii.gz", "lesion_probability": "lesion_probability.nii.gz",
+                "report": "report.json"}
 
 
 @dataclass
@@ -81,6 +85,9 @@ class SynthesisResult:
     brain
         The brain mask the outputs are defined on (uint8): the given or derived mask, less
         any rim voxels the model grid's brain does not reach.
+    lesion_probability
+        The perfusion encoder's lesion head, 0–1 (`ctp2mri.synthesis.lesion_head`), or None
+        for a model without one.
     report
         JSON-ready summary: settings, device, timings, slices sampled/skipped, core volume,
         notices.
@@ -92,6 +99,7 @@ class SynthesisResult:
     uncertainty: dict[str, Volume] | None
     brain: Volume
     report: dict[str, Any] = field(default_factory=dict)
+    lesion_probability: Volume | None = None
 
 
 def _sampling_progress(progress: ProgressCallback | None, n_slices: int) -> ProgressCallback | None:
@@ -190,6 +198,7 @@ def synthesize(ctp: Volume, model: LoadedModel | str | os.PathLike, settings: Sa
                          ids=grid.keep.tolist(), progress=_sampling_progress(progress, int(grid.keep.size)),
                          cancel=cancel, sampler=opts.sampler, samples=opts.samples, precision=opts.precision,
                          stats=stats)
+    probability = lesion_probability(loaded, cond, stats["batch_size"], cancel)
     del cond
     if stats["oom_retries"]:
         notices.append(f"out of GPU memory at batch size {chosen}; finished with batch size "
@@ -199,6 +208,9 @@ def synthesize(ctp: Volume, model: LoadedModel | str | os.PathLike, settings: Sa
     clock = time.perf_counter()
     maps = to_units(pred, grid, opts.samples, ranges)
     del pred
+    if probability is not None:
+        maps["lesion_probability"] = np.zeros(grid.shape, dtype=np.float32)
+        maps["lesion_probability"][:, :, grid.keep] = np.moveaxis(probability, 0, -1)
     on_input, covered = back_to_input(maps, grid.brain.astype(np.float32), grid.affine, ctp, brain.array != 0,
                                       cancel)
     # Brain voxels of the input that no model-grid brain voxel reaches (a rim thinner than
@@ -224,8 +236,13 @@ def synthesize(ctp: Volume, model: LoadedModel | str | os.PathLike, settings: Sa
     report = _report(ctp, loaded, opts, prof, grid, ranges, stats, core_summary, timings, notices,
                      {"origin": mask_origin, "rim_voxels_without_model_data": dropped,
                       "volume_ml": round(float(covered.sum() * np.prod(ctp.spacing) / 1000), 2)})
+    probability_map = None
+    if probability is not None:
+        probability_map = vol(np.clip(on_input["lesion_probability"], 0.0, 1.0),
+                              modality="lesion probability (perfusion encoder's lesion head)")
     return SynthesisResult(dwi=vol(on_input["dwi"], modality="DWI"), adc=adc, core=core,
-                           uncertainty=uncertainty, brain=brain, report=report)
+                           uncertainty=uncertainty, brain=brain, report=report,
+                           lesion_probability=probability_map)
 
 
 def _report(ctp: Volume, loaded: LoadedModel, opts: SampleSettings, prof: Profile, grid: ModelGrid,
@@ -260,8 +277,8 @@ def write_outputs(result: SynthesisResult, out_dir: str | os.PathLike,
     """Write a result as NIfTI files with the input's affine, plus ``report.json``.
 
     Files: ``dwi.nii.gz``, ``adc.nii.gz`` (float32), ``core.nii.gz``, ``brain.nii.gz``
-    (uint8), and when K > 1 ``uncertainty_dwi.nii.gz``/``uncertainty_adc.nii.gz`` (see
-    `OUTPUT_FILES`). The folder appears complete or not at all (`atomic_dir`).
+    (uint8), when K > 1 ``uncertainty_dwi.nii.gz``/``uncertainty_adc.nii.gz``, and for a model
+    with a lesion head ``lesion_probability.nii.gz`` (see `OUTPUT_FILES`). The folder appears complete or not at all (`atomic_dir`).
 
     Raises
     ------
@@ -271,6 +288,8 @@ def write_outputs(result: SynthesisResult, out_dir: str | os.PathLike,
     volumes = {"dwi": result.dwi, "adc": result.adc, "core": result.core, "brain": result.brain}
     if result.uncertainty is not None:
         volumes.update({f"uncertainty_{k}": v for k, v in result.uncertainty.items()})
+    if result.lesion_probability is not None:
+        volumes["lesion_probability"] = result.lesion_probability
     report = {**result.report, "files": {k: OUTPUT_FILES[k] for k in [*volumes, "report"]}}
     text = strict_json(report)  # NaN/inf as null: report.json stays valid JSON
     needed = sum(v.array.size * 4 for v in volumes.values()) + len(text)  # float32, before gzip

@@ -14,8 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from ctp2mri.case_slices import check_adc_window
 from ctp2mri.errors import InputError
 from ctp2mri.progress import CancelToken, ProgressCallback
+from ctp2mri.settings import ADC_WINDOW
 from ctp2mri.training.distributed import DistInfo
 
 if TYPE_CHECKING:
@@ -25,15 +27,26 @@ __all__ = ["BatchStream", "data_identity", "load_dataset"]
 
 
 def load_dataset(data: Any, profile: str, seed: int, split: str = "train",
-                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> SliceDataset:
-    """The training `SliceDataset` for ``data`` (a data folder, or a dataset built already)."""
+                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                 adc_window: tuple[float, float] | None = ADC_WINDOW) -> SliceDataset:
+    """The training `SliceDataset` for ``data`` (a data folder, or a dataset built already),
+    its ADC normalised with ``adc_window`` (None: per-case quantiles, for models made before
+    the fixed window; `ctp2mri.case_slices.adc_window_of` reads it from a checkpoint)."""
     from ctp2mri.data import SliceDataset
 
     if isinstance(data, SliceDataset):
         if data.profile.name != profile:
             raise InputError(f"the dataset is on the {data.profile.name} grid but the {profile} profile was asked for")
+        if data.adc_window != check_adc_window(adc_window):
+            raise InputError(f"the dataset's ADC is normalised with {_window_text(data.adc_window)} but the model "
+                             f"needs {_window_text(adc_window)}; build the SliceDataset with adc_window={adc_window!r}")
         return data
-    return SliceDataset(data, split=split, profile=profile, seed=seed, progress=progress, cancel=cancel)
+    return SliceDataset(data, split=split, profile=profile, seed=seed, progress=progress, cancel=cancel,
+                        adc_window=adc_window)
+
+
+def _window_text(window: tuple[float, float] | None) -> str:
+    return "per-case quantiles" if window is None else f"the fixed window {tuple(window)}"
 
 
 def data_identity(dataset: SliceDataset) -> dict[str, Any]:
