@@ -405,6 +405,8 @@ def test_adc_window_maps_one_value_alike_in_every_case_and_legacy_keeps_quantile
     legacy = SliceDataset(root, "train", "demo", augment=False, cache_dtype=torch.float32, adc_window=None)
     assert legacy.intensity_ranges()["adc_window"] is None and adc_window_of(legacy.intensity_ranges()) is None
     assert adc_window_of({}) is None  # a checkpoint from before the window
+    with pytest.raises(InputError, match="ADC window"):
+        adc_window_of({"adc_window": "wide"})  # a damaged config.json: a clear error, not a ValueError
     threshold = -1 + 2 * (620.0 - 200.0) / 2400.0  # 620 × 10⁻⁶ mm²/s on the window's scale
     for name, case in cases.items():
         brain = case.mask.array.astype(bool)

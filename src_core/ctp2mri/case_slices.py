@@ -10,9 +10,10 @@ mm²/s) → [−1, 1] (models trained before that window used the case's quantil
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -125,11 +126,7 @@ def lesion_volume(mask: Volume | np.ndarray, case: Case, name: str) -> Volume:
 def adc_window_of(normalisation: Mapping[str, Any] | None) -> tuple[float, float] | None:
     """The fixed ADC window a checkpoint's ``normalisation`` record was trained with, or None
     for a model trained on per-case ADC quantiles (before the window existed)."""
-    window = (normalisation or {}).get("adc_window")
-    if window is None:
-        return None
-    lo, hi = (float(v) for v in window)
-    return lo, hi
+    return check_adc_window((normalisation or {}).get("adc_window"))
 
 
 def check_adc_window(window: tuple[float, float] | None) -> tuple[float, float] | None:
