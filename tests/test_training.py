@@ -169,6 +169,20 @@ def test_ldm_follows_its_autoencoder_adc_scale(plain, phantom_data, ae_dir, tmp_
     assert read_config(out)["normalisation"]["adc_window"] is None
 
 
+def test_a_run_started_on_per_case_adc_quantiles_does_not_resume_on_the_window(plain, tmp_path):
+    kwargs = dict(steps=2, batch_size=4, lr=1e-3, disc_start=1, autoencoder_config=TINY_AE,
+                  discriminator_config=TINY_D, **COMMON)
+    token, progress = _cancel_at(1)
+    with pytest.raises(Cancelled):
+        train_autoencoder(plain, tmp_path / "ae", progress=progress, cancel=token, **kwargs)
+    config = json.loads((tmp_path / "ae" / "config.json").read_text())
+    assert config["training"]["data"]["adc_window"] == [200.0, 2600.0]
+    del config["training"]["data"]["adc_window"]  # as a run from before the window saved it
+    (tmp_path / "ae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="adc_window: saved '<absent>'"):
+        train_autoencoder(plain, tmp_path / "ae", resume=True, **kwargs)
+
+
 def test_ldm_checkpoint_records_its_train_settings_and_resumes_from_them(plain, ae_dir, tmp_path):
     settings = TrainSettings(steps=2, batch_size=4, lr=1e-3, grad_accum=2, grad_clip=1.0, ema_decay=0.9,
                              lesion_oversample=2.0, loss_weighting="min-snr", snr_gamma=4.0, lesion_latent_weight=0.5,

@@ -50,9 +50,16 @@ def _window_text(window: tuple[float, float] | None) -> str:
 
 
 def data_identity(dataset: SliceDataset) -> dict[str, Any]:
-    """What identifies the training data for a resume check (not its path: folders move)."""
-    return {"split": dataset.split, "profile": dataset.profile.name, "cases": list(dataset.case_names),
-            "n_slices": len(dataset), "augmentation": dataset.summary()["augmentation"]}
+    """What identifies the training data for a resume check (not its path: folders move).
+
+    The ADC window is part of it (a run started on per-case ADC quantiles must not continue on
+    the window); it is left out for per-case quantiles, as runs from before the window saved it.
+    """
+    identity = {"split": dataset.split, "profile": dataset.profile.name, "cases": list(dataset.case_names),
+                "n_slices": len(dataset), "augmentation": dataset.summary()["augmentation"]}
+    if dataset.adc_window is not None:
+        identity["adc_window"] = list(dataset.adc_window)
+    return identity
 
 
 class BatchStream:
