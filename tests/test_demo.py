@@ -47,11 +47,15 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     for name, steps in (("autoencoder", rec.ae_steps), ("cldm_base", rec.ldm_steps),
                         ("cldm_post_trained", rec.pt_steps), ("reference_unet", rec.reference_steps)):
         assert read_config(work / name)["provenance"]["steps"] == steps
-    # the v4 levers reached their trainers; the reference is the L1-only U-Net
+    # the v6 levers reached their trainers; the reference is the L1-only U-Net
     base_training = read_config(work / "cldm_base")["training"]
     assert base_training["parameterization"] == rec.parameterization == "z0-residual"
     assert base_training["condition_loss_weight"] == rec.condition_loss_weight
-    assert base_training["lesion_latent_weight"] == rec.lesion_latent_weight
+    assert base_training["condition_lesion_weight"] == rec.condition_lesion_weight == 0.0  # a calibrated base
+    assert "lesion_latent_weight" not in base_training and rec.lesion_latent_weight == 0.0  # off: not recorded
+    post_training = read_config(work / "cldm_post_trained")["training"]
+    assert post_training["ema_decay"] == rec.pt_ema_decay != rec.ema_decay
+    assert (post_training["lambda_image"], post_training["lambda_lesion"]) == (rec.lambda_image, rec.lambda_lesion)
     assert read_config(work / "autoencoder")["training"]["lesion_weight"] == rec.ae_lesion_weight
     assert read_config(work / "reference_unet")["training"]["adversarial"] is False
     assert "timings_s" in result and "reference" in result["timings_s"]
@@ -75,7 +79,7 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     # Base, post-trained and reference were evaluated alike on the test split.
     rows = (work / "evaluation" / "per_case.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * len(json.loads((work / "data" / "splits.json").read_text())["test"])
-    assert set(result["summary"]) == {"cLDM (base)", "cLDM-PT (λ_image 0.01, λ_lesion 0.02)", "U-Net (L1), reference"}
+    assert set(result["summary"]) == {"cLDM (base)", "cLDM-PT (λ_image 0.1, λ_lesion 2)", "U-Net (L1), reference"}
     assert "lesion_auc" in rows[0] and "perfusion_core_dice" in rows[0]
     # A second run finds every stage done and trains nothing.
     said.clear()
@@ -125,7 +129,10 @@ def test_the_repository_ships_the_demo_models_small_loadable_and_documented():
     model = load_model("demo", device="cpu")
     base = read_config(found["demo-base"])
     post = read_config(found["demo"])
-    # The post-trained model records its base and the paper's λs; both share one autoencoder.
-    assert post["post_training"]["lambda_image"] == 0.01 and post["post_training"]["lambda_lesion"] == 0.02
+    # The post-trained model records its base and the recipe's λs (REPORT.md §D6); both share one autoencoder.
+    recipe = RECIPES["demo"]
+    assert (post["post_training"]["lambda_image"], post["post_training"]["lambda_lesion"]) == (recipe.lambda_image,
+                                                                                                recipe.lambda_lesion)
+    assert base["training"]["condition_lesion_weight"] == recipe.condition_lesion_weight == 0.0
     assert post["networks"]["autoencoder"] == base["networks"]["autoencoder"]
     assert model.profile == "demo"

@@ -76,6 +76,11 @@ def test_condition_loss_terms():
     assert float(total) == pytest.approx(2.0 + expected_bce, rel=1e-5)
     _, empty = condition_loss(pred, z0, logit, torch.zeros_like(lesion))
     assert empty["condition_lesion"] == 0.0 and math.isfinite(empty["condition_bce"])
+    # w = 0: the lesion-only term is logged but leaves the total (a calibrated ẑ_0 head)
+    calibrated, parts0 = condition_loss(pred, z0, logit, lesion, lesion_weight=0.0)
+    assert float(calibrated) == pytest.approx(1.0 + expected_bce, rel=1e-5) and parts0 == parts
+    assert float(condition_loss(pred, z0, logit, lesion, lesion_weight=3.0)[0]) == pytest.approx(4.0 + expected_bce,
+                                                                                                 rel=1e-5)
 
 
 def test_min_snr_weights_cap_the_clean_steps():
@@ -264,6 +269,26 @@ def test_post_training_keeps_the_bases_lesion_terms_unless_told_eq4(plain, ae_di
     assert all(r["condition_loss"] in ("", "nan") for r in logged(plain_eq4))
     with pytest.raises(InputError, match="latent objective"):
         post_train(plain, base, tmp_path / "bad", steps=1, latent_objective="latent", **COMMON)
+
+
+def test_a_calibrated_condition_loss_is_trained_recorded_and_kept_by_post_training(plain, ae_dir, tmp_path):
+    """condition_lesion_weight 0: the logged condition loss is the plain regression plus the BCE
+    (its lesion-only term logged, not added), and post-training's "base" objective keeps it."""
+    from ctp2mri.training import post_train
+
+    config = {**TINY_CLDM, "condition_options": TINY_ENCODER}
+    base = train_ldm(plain, ae_dir, tmp_path / "base", steps=2, batch_size=4, lr=1e-3, cldm_config=config,
+                     condition="perfusion", condition_loss_weight=1.0, condition_lesion_weight=0.0,
+                     parameterization="z0-residual", lesion_oversample=4.0, **COMMON)
+    assert read_config(base)["training"]["condition_lesion_weight"] == 0.0
+    with open(base / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(float(r["condition_lesion"]) > 0 for r in rows)
+    for r in rows:
+        assert float(r["condition_loss"]) == pytest.approx(float(r["condition_latent"]) + float(r["condition_bce"]),
+                                                           rel=1e-5)
+    kept = post_train(plain, base, tmp_path / "kept", steps=1, batch_size=4, lr=1e-3, **COMMON)
+    assert read_config(kept)["training"]["condition_lesion_weight"] == 0.0
 
 
 def test_post_training_continues_the_bases_ema(plain, ae_dir, tmp_path):

@@ -42,6 +42,7 @@ CPU = DistInfo(0, 1, 0, torch.device("cpu"))
     ("snr_gamma", math.nan, "the min-SNR γ must be a finite number"),
     ("condition_loss_weight", -0.1, "the condition loss weight must be ≥ 0"),
     ("lesion_latent_weight", "heavy", "the lesion latent weight must be a number"),
+    ("condition_lesion_weight", -1.0, "the condition loss's lesion weight must be ≥ 0"),
     ("parameterization", "v", "unknown parameterization 'v'"),
 ])
 def test_train_settings_refuse_a_bad_value_naming_it(field, value, message):
@@ -70,6 +71,12 @@ def test_the_objective_records_only_what_differs_from_the_paper():
     assert "snr_gamma" not in TrainSettings(snr_gamma=4).objective()  # γ only matters with min-SNR weighting
     assert s.cldm_only() == ["--condition", "--loss-weighting", "--condition-loss", "--lesion-latent-weight"]
     assert TrainSettings(condition="rescaler").cldm_only() == []  # the paper's F, which the cBBDM has too
+    # the condition loss's lesion weight: recorded only with the condition loss on and off its default 1
+    calibrated = TrainSettings(condition="perfusion", condition_loss_weight=1.0, condition_lesion_weight=0.0)
+    assert calibrated.objective()["condition_lesion_weight"] == 0.0
+    assert calibrated.cldm_only() == ["--condition", "--condition-loss", "--condition-lesion-weight"]
+    assert "condition_lesion_weight" not in TrainSettings(condition_lesion_weight=0.0).objective()
+    assert "condition_lesion_weight" not in TrainSettings(condition_loss_weight=1.0).objective()
 
 
 def test_options_replace_settings_fields_by_name():

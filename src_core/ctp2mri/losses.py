@@ -84,16 +84,23 @@ def lesion_latent_loss(z0: torch.Tensor, z0_hat: torch.Tensor, lesion: torch.Ten
 
 
 def condition_loss(z0_from_condition: torch.Tensor, z0: torch.Tensor, lesion_logit: torch.Tensor,
-                   lesion: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                   lesion: torch.Tensor, lesion_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The auxiliary loss of a condition encoder with heads (not in the paper), and its parts.
 
-    ``‖ẑ_0(c̃) − z_0‖² + ‖M ⊙ (ẑ_0(c̃) − z_0)‖² / |M| + BCE(lesion logit, M)``: the encoder's
-    ẑ_0 head regresses the (scaled) latent of the target, once over every element and once
-    over the lesion alone (the lesion is a few per cent of the pixels and would otherwise
-    hardly count), and its lesion head classifies each latent pixel, the positives weighted by
-    the negatives-to-positives ratio of the batch (a class-balanced BCE). ``lesion`` is the
-    full-resolution mask (B, 1, H, W); its 4 × 4 average is the soft target M on the latent grid.
-    A batch without lesion gives 0 for the lesion-weighted term, never NaN.
+    ``‖ẑ_0(c̃) − z_0‖² + w · ‖M ⊙ (ẑ_0(c̃) − z_0)‖² / |M| + BCE(lesion logit, M)``: the
+    encoder's ẑ_0 head regresses the (scaled) latent of the target, over every element and,
+    with ``lesion_weight`` w, once more over the lesion alone; its lesion head classifies each
+    latent pixel, the positives weighted by the negatives-to-positives ratio of the batch (a
+    class-balanced BCE). ``lesion`` is the full-resolution mask (B, 1, H, W); its 4 × 4
+    average is the soft target M on the latent grid. A batch without lesion gives 0 for the
+    lesion-weighted term, never NaN.
+
+    The lesion term divides by the lesion's own size, so each lesion element weighs about
+    1 / (lesion share) times a plain one (≈ 50× on the demo data). That teaches the lesion
+    fast, but it also moves the regression's optimum for tissue that *might* be core (the
+    hypoperfused rim) towards the core's values: the ADC drawn there falls under the core
+    threshold (REPORT.md §D6). w = 0 keeps the estimate calibrated and leaves the lesion to the
+    BCE head and to post-training.
     """
     factor = lesion.shape[-1] // z0.shape[-1]
     m = F.avg_pool2d(lesion.float(), factor) if factor > 1 else lesion.float()
@@ -104,7 +111,7 @@ def condition_loss(z0_from_condition: torch.Tensor, z0: torch.Tensor, lesion_log
     bce = F.binary_cross_entropy_with_logits(lesion_logit.float(), m, pos_weight=(1.0 - share) / share)
     parts = {"condition_latent": float(latent.detach()), "condition_lesion": float(lesion_latent.detach()),
              "condition_bce": float(bce.detach())}
-    return latent + lesion_latent + bce, parts
+    return latent + float(lesion_weight) * lesion_latent + bce, parts
 
 
 # lesion-aware post-training -------------------------------------------------------------------

@@ -62,7 +62,7 @@ def _cmd_train_ldm(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, lesion_oversample=args.lesion_oversample,
         scale_factor=args.scale_factor, condition=args.condition, loss_weighting=args.loss_weighting,
         condition_loss_weight=args.condition_loss, parameterization=args.parameterization,
-        lesion_latent_weight=args.lesion_latent_weight)
+        lesion_latent_weight=args.lesion_latent_weight, condition_lesion_weight=args.condition_lesion_weight)
     train = train_bbdm if args.model_type == "cbbdm" else train_ldm
     progress, close = _rank0_progress("train-ldm")
     try:
@@ -226,6 +226,9 @@ def add_training(sub: argparse._SubParsersAction) -> None:
                      "encoder's own estimate of the latent (predict and refine)")
     ldm.add_argument("--lesion-latent-weight", type=NONNEGATIVE, default=0.0, metavar="W",
                      help="add W × ‖M⊙(z0 − ẑ0)‖², Eq. 7 in latent space, to the base objective (0: off, the paper)")
+    ldm.add_argument("--condition-lesion-weight", type=NONNEGATIVE, default=1.0, metavar="W",
+                     help="weight of the condition loss's lesion-only term (default 1; 0 keeps the encoder's "
+                          "estimate calibrated, so the tissue around the core is not drawn as core)")
     ldm.set_defaults(func=_cmd_train_ldm)
 
     pt = sub.add_parser("post-train", help="lesion-aware post-training of a cLDM or cBBDM (Eq. 5–8)",

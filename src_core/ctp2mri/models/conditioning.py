@@ -142,9 +142,10 @@ class PerfusionEncoder(nn.Module):
     With ``latent_channels > 0`` it also has two 1×1 heads whose outputs are appended to c̃
     (so the UNet sees them): ẑ_0, the latent of the target predicted from the condition alone,
     and a lesion logit on the latent grid. `ctp2mri.losses.condition_loss` supervises both
-    (the latent with lesion voxels weighted up, the lesion with a class-balanced BCE): the
-    ε-objective alone teaches the encoder the lesion too slowly for a CPU budget (a probe of
-    600 steps: lesion AUC of the decoded ẑ_0 on DWI 0.20 without, 0.96 with these terms).
+    (the latent, its lesion voxels weighted up unless the condition lesion weight is 0; the
+    lesion with a class-balanced BCE): the ε-objective alone teaches the encoder the lesion too
+    slowly for a CPU budget (a probe of 600 steps: lesion AUC of the decoded ẑ_0 on DWI 0.20
+    without, 0.96 with these terms).
 
     Parameters
     ----------

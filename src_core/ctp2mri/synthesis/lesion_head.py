@@ -7,8 +7,8 @@ the lesion mask, `ctp2mri.losses.condition_loss`). `lesion_probability` upsample
 bilinearly to the slice grid. It costs one encoder pass per slice, so `synthesize` returns it
 beside the sampled images as a second, independent view of where the model puts the core.
 The class balancing pushes probabilities up around the core: read it as a map, and threshold
-high (for the v5 demo bundle on its tuning set the core Dice on lesions ≥ 5 ml was 0.35 at
-p > 0.5 and best, 0.65, at p > 0.99; resources/models/demo/REPORT.md §D5).
+high (for the v6 demo bundle on its tuning set the core Dice on lesions ≥ 5 ml was 0.36 at
+p > 0.5 and best, 0.66, at p > 0.98; resources/models/demo/REPORT.md §D6).
 """
 
 from __future__ import annotations

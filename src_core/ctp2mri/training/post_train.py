@@ -63,7 +63,7 @@ __all__ = ["LATENT_OBJECTIVES", "POST_TRAIN_LOG_COLUMNS", "TARGETS", "PostTrainS
 INITS = ("model", "ema")
 LATENT_OBJECTIVES = ("base", "eq4")  # L_latent of Eq. 8: the base's whole objective, or the ε-loss alone
 # the base's extra latent terms that "base" keeps (ctp2mri.training.run_settings.TrainSettings.objective)
-OBJECTIVE_TERMS = ("condition_loss_weight", "lesion_latent_weight")
+OBJECTIVE_TERMS = ("condition_loss_weight", "condition_lesion_weight", "lesion_latent_weight")
 POST_TRAINABLE = ("cldm", "cbbdm")  # checkpoint kinds post_train continues
 POST_TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "latent_loss", "image_loss", "lesion_loss", "lesion_latent_loss",
                           "condition_loss", "lesion_voxels", "lesion_slices", "lr", "seconds")

@@ -30,7 +30,7 @@ LOSS_WEIGHTINGS = ("uniform", "min-snr")
 #: `TrainSettings` fields that only the cLDM uses, with their command-line flags.
 CLDM_ONLY = {"scale_factor": "--scale-factor", "condition": "--condition", "loss_weighting": "--loss-weighting",
              "condition_loss_weight": "--condition-loss", "parameterization": "--parameterization",
-             "lesion_latent_weight": "--lesion-latent-weight"}
+             "lesion_latent_weight": "--lesion-latent-weight", "condition_lesion_weight": "--condition-lesion-weight"}
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -146,12 +146,16 @@ class TrainSettings(RunSettings):
         ``"eps"`` (the paper) or ``"z0-residual"``: the UNet refines the perfusion encoder's own
         estimate of z_0 (`ctp2mri.models.ConditionalLDM`); the loss stays the ε-loss (Eq. 4,
         optionally min-SNR weighted), computed from the ε̂ that estimate implies.
+    condition_lesion_weight
+        Weight, inside the condition loss, of its lesion-only regression term (1: as before the
+        option; 0: the encoder's ẑ_0 stays a calibrated estimate, see
+        `ctp2mri.losses.condition_loss`). Recorded when the condition loss is on and this is not 1.
     lesion_latent_weight
         Weight of `ctp2mri.losses.lesion_latent_loss`, ‖M ⊙ (z_0 − ẑ_0)‖² with ẑ_0 from Eq. 5,
         added to the base objective (0: off, as the paper, which uses the lesion only in
         post-training).
 
-    The last six shape the cLDM only (`CLDM_ONLY`); the cBBDM refuses them.
+    The last seven shape the cLDM only (`CLDM_ONLY`); the cBBDM refuses them.
     """
 
     scale_factor: float | str | None = None
@@ -161,6 +165,7 @@ class TrainSettings(RunSettings):
     condition_loss_weight: float = 0.0
     parameterization: str = "eps"
     lesion_latent_weight: float = 0.0
+    condition_lesion_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -178,7 +183,8 @@ class TrainSettings(RunSettings):
             raise InputError(f"the min-SNR γ must be positive, got {self.snr_gamma!r}")
         weights: dict[str, float] = {}
         for name, what in (("condition_loss_weight", "the condition loss weight"),
-                           ("lesion_latent_weight", "the lesion latent weight")):
+                           ("lesion_latent_weight", "the lesion latent weight"),
+                           ("condition_lesion_weight", "the condition loss's lesion weight")):
             weights[name] = _finite(getattr(self, name), what)
             if weights[name] < 0:
                 raise InputError(f"{what} must be ≥ 0, got {getattr(self, name)!r}")
@@ -192,6 +198,8 @@ class TrainSettings(RunSettings):
             objective.update(loss_weighting=self.loss_weighting, snr_gamma=self.snr_gamma)
         if self.condition_loss_weight > 0:
             objective["condition_loss_weight"] = self.condition_loss_weight
+            if self.condition_lesion_weight != 1.0:
+                objective["condition_lesion_weight"] = self.condition_lesion_weight
         if self.lesion_latent_weight > 0:
             objective["lesion_latent_weight"] = self.lesion_latent_weight
         return objective
@@ -200,7 +208,7 @@ class TrainSettings(RunSettings):
         """The command-line flags of the cLDM-only fields set to anything but the paper's model
         (None, the default, or ``condition="rescaler"``: the paper's F, which the cBBDM has too)."""
         paper = {"condition": "rescaler", "loss_weighting": "uniform", "condition_loss_weight": 0.0,
-                 "parameterization": "eps", "lesion_latent_weight": 0.0}
+                 "parameterization": "eps", "lesion_latent_weight": 0.0, "condition_lesion_weight": 1.0}
         return [flag for name, flag in CLDM_ONLY.items()
                 if getattr(self, name) is not None and getattr(self, name) != paper.get(name)]
 
