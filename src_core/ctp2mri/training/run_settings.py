@@ -188,6 +188,9 @@ class TrainSettings(RunSettings):
             weights[name] = _finite(getattr(self, name), what)
             if weights[name] < 0:
                 raise InputError(f"{what} must be ≥ 0, got {getattr(self, name)!r}")
+        if weights["condition_lesion_weight"] != 1.0 and weights["condition_loss_weight"] == 0:
+            raise InputError("--condition-lesion-weight weighs a term of the condition loss, which is off; "
+                             "give --condition-loss W (with --condition perfusion) or leave it at 1")
         self._normalise(snr_gamma=gamma, scale_factor=_scale_setting(self.scale_factor), **weights)
 
     def objective(self) -> dict[str, Any]:
