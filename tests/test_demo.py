@@ -47,7 +47,7 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     for name, steps in (("autoencoder", rec.ae_steps), ("cldm_base", rec.ldm_steps),
                         ("cldm_post_trained", rec.pt_steps), ("reference_unet", rec.reference_steps)):
         assert read_config(work / name)["provenance"]["steps"] == steps
-    # the v6 levers reached their trainers; the reference is the L1-only U-Net
+    # the v7 levers reached their trainers; the reference is the L1-only U-Net
     base_training = read_config(work / "cldm_base")["training"]
     assert base_training["parameterization"] == rec.parameterization == "z0-residual"
     assert base_training["condition_loss_weight"] == rec.condition_loss_weight
@@ -79,7 +79,7 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     # Base, post-trained and reference were evaluated alike on the test split.
     rows = (work / "evaluation" / "per_case.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * len(json.loads((work / "data" / "splits.json").read_text())["test"])
-    assert set(result["summary"]) == {"cLDM (base)", "cLDM-PT (λ_image 0.1, λ_lesion 2)", "U-Net (L1), reference"}
+    assert set(result["summary"]) == {"cLDM (base)", "cLDM-PT (λ_image 0.5, λ_lesion 2)", "U-Net (L1), reference"}
     assert "lesion_auc" in rows[0] and "perfusion_core_dice" in rows[0]
     # A second run finds every stage done and trains nothing.
     said.clear()
@@ -98,6 +98,36 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     for name in ("dwi", "adc", "core"):
         img = nib.load(out / "synthetic" / f"{name}.nii.gz")
         assert img.shape == ctp.shape[:3] and np.array_equal(img.affine, ctp.affine)
+
+
+@pytest.mark.slow
+def test_reference_stage_gives_the_base_its_threads_back_once_the_reference_ends(tmp_path):
+    """The reference trains in a child process with one thread; the base, which trained on the
+    others meanwhile, takes them back at its next step, and a failed child is reported."""
+    from dataclasses import asdict
+
+    from ctp2mri.recipes.reference_stage import ReferenceStage
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        said: list[str] = []
+        stage = ReferenceStage(tmp_path / "reference_unet", None, tmp_path / "no-data", asdict(RECIPES["smoke"]),
+                               "cpu", said.append, {}, lambda _name, fn: fn())
+        stage.start()
+        assert torch.get_num_threads() == 1 and "beside the base" in said[0]
+        seen: list[int] = []
+        report = stage.watch(lambda step, total, info: seen.append(torch.get_num_threads()))
+        report(1, 3, {})  # the child is still starting: the base keeps one thread
+        stage.process.join(timeout=300)
+        assert stage.process.exitcode is not None
+        report(2, 3, {})
+        assert seen == [1, 2]
+        with pytest.raises(InputError, match="reference U-Net's training failed.*no-data"):
+            stage.result()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_synthesis_widget_lists_the_bundled_models_first(tmp_path, monkeypatch):
@@ -129,8 +159,16 @@ def test_the_repository_ships_the_demo_models_small_loadable_and_documented():
     model = load_model("demo", device="cpu")
     base = read_config(found["demo-base"])
     post = read_config(found["demo"])
-    # The post-trained model records its base and the recipe's λs (REPORT.md §D6); both share one autoencoder.
+    # The bundle is what one run of the demo recipe made (REPORT.md §D7): its recipe.json is
+    # RECIPES["demo"], and every model's step count is that recipe's.
+    from dataclasses import asdict
+
     recipe = RECIPES["demo"]
+    assert json.loads((root / "recipe.json").read_text())["recipe"] == asdict(recipe)
+    for name, steps in (("autoencoder", recipe.ae_steps), ("cldm_base", recipe.ldm_steps),
+                        ("cldm_post_trained", recipe.pt_steps), ("reference_unet", recipe.reference_steps)):
+        assert read_config(root / name)["provenance"]["steps"] == steps, name
+    # The post-trained model records its base and the recipe's λs (REPORT.md §D6); both share one autoencoder.
     assert (post["post_training"]["lambda_image"], post["post_training"]["lambda_lesion"]) == (recipe.lambda_image,
                                                                                                 recipe.lambda_lesion)
     assert base["training"]["condition_lesion_weight"] == recipe.condition_lesion_weight == 0.0

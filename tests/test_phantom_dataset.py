@@ -125,3 +125,35 @@ def test_splits_are_disjoint_deterministic_and_proportioned(n):
             assert abs(len(splits[part]) / n - 0.15) < 0.02
     if n >= 10:
         assert split_cases(names, seed=2) != splits
+
+
+def test_cases_generated_in_processes_equal_the_serial_ones(dataset, tmp_path):
+    out, _, _ = dataset
+    calls = []
+    splits_path = generate_dataset(tmp_path / "ds", 4, seed=3, workers=2,
+                                   progress=lambda step, total, info: calls.append((step, total, info["case"])))
+    assert json.loads(splits_path.read_text()) == json.loads((out / "splits.json").read_text())
+    assert [c[:2] for c in calls] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert sorted(c[2] for c in calls) == [f"case_{i:03d}" for i in range(4)]
+    for i in range(4):
+        serial = read_case(out / f"case_{i:03d}", require=ALL)
+        parallel = read_case(tmp_path / "ds" / f"case_{i:03d}", require=ALL)
+        assert parallel.info == serial.info
+        for name in ("ctp", "dwi", "adc", "lesion", "mask"):
+            np.testing.assert_array_equal(getattr(parallel, name).array, getattr(serial, name).array, err_msg=name)
+    with pytest.raises(InputError, match="workers must be a positive integer"):
+        generate_dataset(tmp_path / "other", 2, workers=0)
+
+
+def test_phantom_command_takes_workers(dataset, tmp_path, capsys):
+    from ctp2mri.cli import main
+
+    out, _, _ = dataset
+    assert main(["phantom", "--out", str(tmp_path / "cli"), "--cases", "2", "--seed", "3", "--workers", "2",
+                 "--no-figure"]) == 0
+    assert "wrote 2 cases" in capsys.readouterr().out
+    for i in range(2):  # a case's seed does not depend on the count, nor on the processes
+        np.testing.assert_array_equal(read_case(tmp_path / "cli" / f"case_{i:03d}", require=ALL).adc.array,
+                                      read_case(out / f"case_{i:03d}", require=ALL).adc.array)
+    assert main(["phantom", "--out", str(tmp_path / "none"), "--workers", "0"]) != 0
+    assert "--workers" in capsys.readouterr().err and not (tmp_path / "none").exists()

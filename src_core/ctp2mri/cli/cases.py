@@ -19,7 +19,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     try:
         splits_path = generate_dataset(args.out, n_cases=args.cases, seed=args.seed,
                                        profile=args.profile, n_frames=args.frames,
-                                       overwrite=args.overwrite, progress=progress)
+                                       overwrite=args.overwrite, progress=progress, workers=args.workers)
     finally:
         close()
     splits = json.loads(Path(splits_path).read_text())
@@ -53,6 +53,8 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
                    help="model grid: demo 2×2×5 mm 96×112, paper 1×1×5 mm 192×224")
     p.add_argument("--frames", type=FRAMES, default=15, help="CTP time points (default 15)")
     p.add_argument("--overwrite", action="store_true", help="replace existing case folders")
+    p.add_argument("--workers", type=COUNT, default=1,
+                   help="processes generating cases side by side (same cases for any number; default 1)")
     p.add_argument("--no-figure", action="store_true", help="skip overview.png")
     p.set_defaults(func=_cmd_phantom)
 

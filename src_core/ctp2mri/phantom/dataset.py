@@ -62,6 +62,39 @@ def _is_phantom_case(folder: Path) -> bool:
         return False
 
 
+def _write_phantom_case(case_seed_: int, profile: str, n_frames: int, name: str, dataset_seed: int, index: int,
+                        folder: Path, overwrite: bool) -> tuple[str, float]:
+    case = generate_case(case_seed_, profile, n_frames)
+    case.info.update(case=name, dataset_seed=dataset_seed, index=index)
+    write_case(case, folder, overwrite=overwrite)
+    return name, float(case.info["lesion_ml"])
+
+
+def _write_in_processes(jobs: list[tuple], workers: int, progress: ProgressCallback | None,
+                        cancel: CancelToken | None) -> None:
+    # spawn, not fork: the parent may hold torch's thread pools, which a forked child inherits broken
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(_write_phantom_case, *job) for job in jobs}
+        done = 0
+        try:
+            while pending:
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name, lesion_ml = future.result()
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(jobs), {"case": name, "lesion_ml": lesion_ml})
+        except BaseException:
+            for future in pending:  # cases already being written finish (atomic folders)
+                future.cancel()
+            raise
+
+
 def generate_dataset(
     out_dir: str | os.PathLike,
     n_cases: int,
@@ -71,6 +104,7 @@ def generate_dataset(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write ``n_cases`` phantom cases and a ``splits.json`` into ``out_dir``.
 
@@ -94,6 +128,9 @@ def generate_dataset(
         an earlier, larger phantom dataset there are removed, anything else is left alone.
     progress, cancel
         Called after every case / checked before every case.
+    workers
+        Processes that generate cases side by side (each case has its own seed, so the
+        dataset is the same for any number; progress then comes in the order cases finish).
 
     Returns
     -------
@@ -102,6 +139,8 @@ def generate_dataset(
     """
     if isinstance(n_cases, bool) or not isinstance(n_cases, (int, np.integer)) or n_cases < 1:
         raise InputError(f"n_cases must be a positive integer, got {n_cases!r}")
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise InputError(f"workers must be a positive integer, got {workers!r}")
     seed = check_seed(seed)
     prof = get_profile(profile)
     times = frame_times(n_frames)
@@ -120,14 +159,16 @@ def generate_dataset(
     width = max(3, len(str(n_cases - 1)))
     names = [f"case_{i:0{width}d}" for i in range(n_cases)]
     seeds = {name: case_seed(seed, i) for i, name in enumerate(names)}
-    for i, name in enumerate(names):
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        case = generate_case(seeds[name], prof.name, n_frames)
-        case.info.update(case=name, dataset_seed=seed, index=i)
-        write_case(case, out / name, overwrite=overwrite)
-        if progress is not None:
-            progress(i + 1, n_cases, {"case": name, "lesion_ml": case.info["lesion_ml"]})
+    jobs = [(seeds[name], prof.name, n_frames, name, seed, i, out / name, overwrite) for i, name in enumerate(names)]
+    if workers == 1 or n_cases == 1:
+        for done, job in enumerate(jobs, start=1):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            name, lesion_ml = _write_phantom_case(*job)
+            if progress is not None:
+                progress(done, n_cases, {"case": name, "lesion_ml": lesion_ml})
+    else:
+        _write_in_processes(jobs, min(int(workers), n_cases), progress, cancel)
 
     if overwrite:  # an earlier, larger phantom run would otherwise leave extra cases behind
         for stale in out.iterdir():
