@@ -3,8 +3,9 @@
 On a CPU it trains in a spawned process with one thread while the base trains on the others,
 and the base takes its threads back at its next step once the reference is done: on two cores
 that costs less wall time than training the two one after the other, since a second thread
-speeds one training up by only ≈ 1.6×. On a GPU it trains after the base, in this process. ``rec`` is the recipe as a dict (`dataclasses.asdict`), so
-the child process receives plain data.
+speeds one training up by only ≈ 1.6× (the base: 0.96 s/step beside the reference, 0.59 s
+alone). On a GPU it trains after the base, in this process. ``rec`` is the recipe as a dict
+(`dataclasses.asdict`), so the child process receives plain data.
 """
 
 from __future__ import annotations

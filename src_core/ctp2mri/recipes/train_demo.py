@@ -101,16 +101,17 @@ V6_LEVERS = dict(V4_LEVERS, lesion_latent_weight=0.0, condition_lesion_weight=0.
                  lambda_lesion=2.0, pt_ema_decay=0.995)
 #: v7 (REPORT.md §D7): λ_image 0.5 — the whole-image term holds the tissue around the lesion,
 #: which λ_lesion alone darkens with it (tuning set: core Dice ≥ 5 ml 0.46 → 0.49, image MAE
-#: and lesion AUC no worse).
+#: and lesion AUC no worse; on the held-out set within what retraining alone moves).
 V7_LEVERS = dict(V6_LEVERS, lambda_image=0.5)
 
 RECIPES: dict[str, DemoRecipe] = {
     # what resources/models/demo (v7) was trained with (REPORT.md §D7, the times in recipe.json):
     # phantom 2.0, the v3 data and sampling, the levers above; the reference U-Net trains in a
-    # second process beside the base cLDM, one thread each, for a quarter of v6's steps, which
-    # keeps the whole recipe within 90 minutes on two cores.
+    # second process beside the base cLDM, one thread each, for a quarter of v6's steps: the
+    # whole recipe took 65 minutes on two cores.
     "demo": DemoRecipe(ldm_steps=3000, reference_steps=2000, **V7_LEVERS),
-    # v6 (REPORT.md §D6 history): λ_image 0.1 and the 8000-step reference (≈ 98 minutes)
+    # v6 (REPORT.md §D6 history): λ_image 0.1 and the 8000-step reference (estimated at ≈ 98
+    # minutes from v4–v6's step times; never run from scratch in one go)
     "demo-v6": DemoRecipe(ldm_steps=3000, reference_steps=8000, **V6_LEVERS),
     # v4 and v5 (REPORT.md §D1–D5 history; v5 on the fixed ADC window)
     "demo-v5": DemoRecipe(ldm_steps=3000, reference_steps=8000, **V4_LEVERS),
