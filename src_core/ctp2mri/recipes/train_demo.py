@@ -1,8 +1,9 @@
 """``ctp2mri train-demo``: the one command that reproduces the bundled demo models.
 
 Phantom data → VQGAN autoencoder → base cLDM (Eq. 4) → lesion-aware post-trained cLDM
-(Eq. 8; the paper's λ_image 0.01, λ_lesion 0.02 by default, the demo recipe's own) → bundle (weights without training state) → evaluation
-of base vs post-trained on the phantom's test split with the same sampler, steps and seeds.
+(Eq. 8; the paper's λ_image 0.01, λ_lesion 0.02 by default, the demo recipe's own) → bundle
+(weights without training state) → evaluation of base vs post-trained on the phantom's test
+split with the same sampler, steps and seeds.
 
 Every stage is a normal training run (its own folder, checkpoint, log.csv); a stage that
 already reached its step count is skipped and an interrupted one resumes, so the command can
@@ -280,17 +281,17 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
     post_settings = PostTrainSettings(
         lambda_image=rec.lambda_image, lambda_lesion=rec.lambda_lesion, target=rec.target, steps=rec.pt_steps,
         batch_size=rec.pt_batch, lr=rec.pt_lr,
-        ema_decay=rec.ema_decay if rec.pt_ema_decay is None else rec.pt_ema_decay, lesion_oversample=rec.pt_lesion_oversample,
-        seed=rec.seed, checkpoint_every=max(1, rec.pt_steps // 3), num_workers=0)
+        ema_decay=rec.ema_decay if rec.pt_ema_decay is None else rec.pt_ema_decay,
+        lesion_oversample=rec.pt_lesion_oversample, seed=rec.seed, checkpoint_every=max(1, rec.pt_steps // 3), num_workers=0)
     reference = None
     if rec.reference_steps:
         ref_run = out / BUNDLE_NAMES["reference"]
         reference = ReferenceStage(ref_run, _stage_done(ref_run, rec.reference_steps), data, asdict(rec), device, say,
                                    timings, timed)
-    watch: Callable[[ProgressCallback | None], ProgressCallback | None] = lambda callback: callback
     if reference is not None:
         reference.start()
-        watch = reference.watch
+    # while the reference trains, each step of the base (and post-training) polls it
+    watch = reference.watch if reference is not None else (lambda callback: callback)
     try:
         base = stage("base", rec.ldm_steps, lambda resume: train_ldm(
             data, ae, out / "cldm_base", base_settings, device=device, resume=resume,

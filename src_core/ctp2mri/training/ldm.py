@@ -181,9 +181,8 @@ def objective_terms(model_train: torch.nn.Module, schedule: NoiseSchedule, z0: t
         loss = loss + lesion_weight * lesion_term
     if weight:
         # checkpoints from before the option weighed the condition's lesion term 1
-        condition_lesion = objective.get("condition_lesion_weight")
         aux, aux_parts = condition_loss(z0_c, z0, lesion_logit, batch["lesion"].to(dev, non_blocking=True),
-                                        1.0 if condition_lesion is None else float(condition_lesion))
+                                        float(objective.get("condition_lesion_weight", 1.0)))
         parts.update(aux_parts, condition_loss=float(aux.detach()))
         loss = loss + weight * aux
     return loss, parts, eps_hat
