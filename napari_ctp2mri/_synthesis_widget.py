@@ -110,7 +110,8 @@ class SynthesisWidget(WorkerWidget):
         self.sampler = ComboBox(label="Sampler", choices=list(SAMPLER_STEPS), value=DEFAULT_SAMPLER)
         self.steps = SpinBox(label="Steps", min=1, max=1000, value=DEFAULT_STEPS[DEFAULT_SAMPLER])
         self.samples = SpinBox(label="Samples", min=1, max=64, value=1,
-                               tooltip="K samples per slice; K > 1 adds uncertainty maps")
+                               tooltip="K samples per slice, averaged; K > 1 adds uncertainty maps and a "
+                                       "steadier core (what most draws agree on)")
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
         self.run_button = PushButton(text="Run")
         # a whole folder of case folders, written to disk (ctp2mri synthesize FOLDER --out OUT)

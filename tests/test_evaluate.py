@@ -291,6 +291,45 @@ def test_several_seeds_give_a_row_per_case_and_seed(result, data, tiny_cldm, tmp
     assert "seeds 5, 6" in capsys.readouterr().out
 
 
+def test_samples_scores_the_mean_of_k_draws_as_synthesize_outputs_it(data, tiny_cldm, tmp_path, capsys):
+    """--samples K: each slice's K draws (the seeds synthesize gives them) averaged, then scored;
+    the progress counts every draw, and the report and CSVs say how it was sampled."""
+    name = CASES[1]
+    calls = []
+    rows, _ = evaluate(tiny_cldm, data, "test", n_steps=STEPS, seed=3, batch_size=8, device="cpu", max_cases=2,
+                       samples=3, progress=lambda *c: calls.append(c))
+    row = rows[1]
+    model = load_model(tiny_cldm, "cpu")
+    case = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
+    part = normalise_case(case, name, "demo", min_brain_fraction=0.0)
+    draws = sample_slices(model, torch.from_numpy(part.cond), n_steps=STEPS, seed=case_seed(3, name), batch_size=32,
+                          ids=part.slices.tolist(), samples=3).numpy()
+    n = len(part.slices)
+    assert not np.allclose(draws[0::3], draws[1::3])  # the draws differ
+    mean = draws.reshape(n, 3, *draws.shape[1:]).mean(axis=1) * part.brain
+    direct, _ = score_case(name, "cLDM", case, part, mean, {})
+    one, _ = score_case(name, "cLDM", case, part, draws[0::3] * part.brain, {})
+    for key in ("DWI_mae", "ADC_mae", "ADC_lesion_mae", "core_dice", "ADC_lesion_auc"):
+        assert row[key] == pytest.approx(direct[key], rel=1e-6, nan_ok=True), key
+    assert row["DWI_mae"] != pytest.approx(one["DWI_mae"], rel=1e-4)
+    assert row["samples"] == 3 and calls[-1][0] == calls[-1][1] == 3 * STEPS * sum(r["n_slices"] for r in rows)
+    text = format_report(summarise(rows), rows, n_steps=STEPS, eta=0.0, seed=3, split="test")
+    assert f"DDIM, {STEPS} steps, mean of 3 samples" in text
+    from ctp2mri.cli import main
+
+    assert main(["evaluate", "--model", str(tiny_cldm), "--data", str(data), "--steps", "1", "--samples", "2",
+                 "--device", "cpu", "--max-cases", "1", "--out", str(tmp_path / "r.csv"),
+                 "--table", str(tmp_path / "t.md")]) == 0
+    with open(tmp_path / "t.csv", newline="") as f:
+        assert next(csv.DictReader(f))["samples"] == "2"
+    assert "mean of 2 samples" in (tmp_path / "t.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tiny_cldm), "--data", str(data), "--samples", "0",
+                 "--device", "cpu"]) != 0
+    with pytest.raises(InputError, match="samples must be a whole number"):
+        evaluate(tiny_cldm, data, "test", n_steps=1, device="cpu", samples=1.5)
+
+
 def test_cancel_leaves_no_output(data, tiny_cldm, tmp_path):
     token = CancelToken()
 

@@ -52,7 +52,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                  device=args.device, out_csv=args.out, progress=progress,
                                  max_cases=args.max_cases, figure=args.figure,
                                  use_ema=not args.no_ema, fid_weights=args.fid_weights,
-                                 sampler=args.sampler, perfusion=not args.no_perfusion)
+                                 sampler=args.sampler, perfusion=not args.no_perfusion, samples=args.samples)
     finally:
         close()
     print(format_report(summary, rows, n_steps=args.steps, eta=args.eta, seed=args.seed,
@@ -94,6 +94,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=SEED, nargs="+", default=[0],
                    help="sampling seed (default 0); several sample every case once per seed and "
                    "average over cases and seeds (one CSV row per case and seed)")
+    p.add_argument("--samples", type=COUNT, default=1, metavar="K",
+                   help="score each cLDM's mean of K samples per slice, as synthesize --samples K outputs "
+                   "it (default 1: one sample, as the paper)")
     p.add_argument("--batch-size", type=COUNT, default=16, help="slices per batch (default 16)")
     add_device_argument(p)
     p.add_argument("--out", type=Path, help="per-case CSV to write")

@@ -56,7 +56,9 @@ def add_synthesize(sub: argparse._SubParsersAction) -> None:
                    help="DDIM (the paper's) or DPM-Solver++(2M) (default, fewer steps)")
     p.add_argument("--steps", type=COUNT, help=STEPS_HELP)
     p.add_argument("--eta", type=FRACTION, default=0.0, help="DDIM eta, 0–1 (default 0)")
-    p.add_argument("--samples", type=COUNT, default=1, help="samples per slice; >1 adds uncertainty maps")
+    p.add_argument("--samples", type=COUNT, default=1,
+                   help="samples per slice, averaged; >1 adds uncertainty maps and a steadier core (what most "
+                   "draws agree on; evaluate --samples scores it)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--batch-size", type=COUNT, help="slices per network call (default: from free memory)")
     add_device_argument(p)

@@ -42,6 +42,7 @@ import torch
 
 from ctp2mri.case_slices import adc_window_of, case_name
 from ctp2mri.casefolder import CASE_FILES, Case, read_case
+from ctp2mri.checks import whole
 from ctp2mri.data import CaseSlices, CaseSource, resolve_cases
 from ctp2mri.errors import InputError
 from ctp2mri.evaluation.report import sampling_seeds, write_rows
@@ -165,7 +166,7 @@ def evaluate(models: ModelSpec, data: CaseSource | Sequence[CaseSource], split: 
              cancel: CancelToken | None = None, *,
              max_cases: int | None = None, figure: str | os.PathLike | None = None,
              use_ema: bool = True, fid_weights: str | os.PathLike | None = None,
-             sampler: str = "ddim", perfusion: bool = True,
+             sampler: str = "ddim", perfusion: bool = True, samples: int = 1,
              ) -> tuple[list[dict[str, Any]], Summary]:
     """Synthesise every case with every model and score it against its ground truth.
 
@@ -212,6 +213,12 @@ def evaluate(models: ModelSpec, data: CaseSource | Sequence[CaseSource], split: 
     sampler
         ``"ddim"`` (the paper's) or ``"dpm++2m"`` (the fast solver; η must be 0), for every cLDM;
         a cBBDM always samples with BBDM's bridge sampler, Pix2Pix with its generator pass.
+    samples
+        K: score each cLDM's mean of K samples per slice (K seeds, batched together), as
+        ``ctp2mri synthesize --samples K`` outputs it; 1 (default) scores one sample, as the
+        paper. The mean is the posterior-mean estimate: where the CTP leaves it open whether
+        tissue is core, single samples draw it as core in some draws and not in others, and
+        the mean keeps only what most draws agree on. A cBBDM and Pix2Pix are sampled once.
     perfusion
         Also read each case's CT perfusion the clinical way (`ctp2mri.perfusion`: core = rCBF
         < 30 % within Tmax > 6 s) and score that core against the lesion beside the models'
@@ -227,8 +234,9 @@ def evaluate(models: ModelSpec, data: CaseSource | Sequence[CaseSource], split: 
         lesion-free case), ``core_gt_adc_dice``, ``{DWI,ADC}_lesion_auc[_true]``
         (`ctp2mri.evaluation.lesion_metrics.lesion_auc`), with ``perfusion``
         ``perfusion_core_{dice,ml,abs_volume_diff_ml}``, and the settings (``split``: the split,
-        or ``"all"``; ``sampler``, ``steps`` = network calls per slice, ``eta``, ``seed``,
-        ``weights``); and ``summarise(rows)``: mean ± SD per model (`format_report` prints it).
+        or ``"all"``; ``sampler``, ``steps`` = network calls per slice and sample, ``samples``,
+        ``eta``, ``seed``, ``weights``); and ``summarise(rows)``: mean ± SD per model
+        (`format_report` prints it).
 
     Raises
     ------
@@ -243,6 +251,7 @@ def evaluate(models: ModelSpec, data: CaseSource | Sequence[CaseSource], split: 
     if not named:
         raise InputError("no model to evaluate: give a cLDM (or cBBDM, Pix2Pix) checkpoint folder (--model)")
     seeds = sampling_seeds(seed)
+    samples = whole(samples, "samples", minimum=1)
     if out_csv is not None:
         ensure_writable_dir(Path(out_csv).parent)
     if figure is not None:
@@ -255,11 +264,12 @@ def evaluate(models: ModelSpec, data: CaseSource | Sequence[CaseSource], split: 
     samplers = {label: sampler if m.kind == "cldm" else default_sampler(m) for label, m in loaded.items()}
     counts = [_count_brain_slices(name, source) for name, source in cases]
     steps = {label: sampler_steps(samplers[label], n_steps, m) for label, m in loaded.items()}
+    draws = {label: samples if m.kind == "cldm" else 1 for label, m in loaded.items()}
     from_folder = isinstance(data, (str, os.PathLike))
     settings = {label: {"split": (split if from_folder else None) or "all", "sampler": samplers[label],
-                        "steps": steps[label], "eta": float(eta), "weights": m.weights}
+                        "steps": steps[label], "samples": draws[label], "eta": float(eta), "weights": m.weights}
                 for label, m in loaded.items()}
-    total = sum(counts) * sum(steps.values()) * len(seeds)
+    total = sum(counts) * sum(steps[label] * draws[label] for label in loaded) * len(seeds)
     done = 0
     rows: list[dict[str, Any]] = []
     # per case, each model's figures.EvaluationSlice (matplotlib is imported only for a figure)
@@ -281,15 +291,19 @@ def evaluate(models: ModelSpec, data: CaseSource | Sequence[CaseSource], split: 
             for run_seed in seeds:
                 if cancel is not None:
                     cancel.raise_if_cancelled()
-                report = _scaled(progress, done, n * steps[label], total,
+                work = n * steps[label] * draws[label]
+                report = _scaled(progress, done, work, total,
                                  {"case": name, "model": label, "slices": n, "seed": run_seed,
                                   "cases_done": index, "cases_total": len(cases)})
                 pred = sample_slices(model, torch.from_numpy(np.asarray(part.cond, dtype=np.float32)),
                                      n_steps=n_steps, eta=eta, seed=case_seed(run_seed, name),
                                      batch_size=batch_size, ids=part.slices.tolist(),
-                                     progress=report, cancel=cancel, sampler=samplers[label]).numpy()
+                                     progress=report, cancel=cancel, sampler=samplers[label],
+                                     samples=draws[label]).numpy()
+                # rows i·K … i·K + K − 1 are slice i's samples
+                pred = pred.reshape(n, draws[label], *pred.shape[1:]).mean(axis=1)
                 pred *= part.brain  # the contract: zero outside the brain
-                done += n * steps[label]
+                done += work
                 row, pred_core = score_case(name, label, case, part, pred,
                                             {**settings[label], "seed": run_seed})
                 row.update(perfusion_row)

@@ -49,7 +49,9 @@ def _sampling(rows: Sequence[Mapping[str, Any]], n_steps: int) -> dict[str, str]
         sampler = str(r.get("sampler", "ddim"))
         name = _SAMPLER_NAMES.get(sampler, sampler)
         steps = r.get("steps", n_steps)
-        out.setdefault(str(r.get("model")), name if sampler == "generator" else f"{name}, {steps} steps")
+        k = int(r.get("samples") or 1)
+        how = name if sampler == "generator" else f"{name}, {steps} steps"
+        out.setdefault(str(r.get("model")), how if k == 1 else f"{how}, mean of {k} samples")
     return out
 
 
@@ -163,8 +165,8 @@ def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: 
     The Markdown holds the settings (split, cases, steps, η, seed), the Table 1 layout
     (`ctp2mri.evaluation.tables.format_table1`, best mean in bold), how each model was sampled and from
     which checkpoint, and the infarct-core numbers. The CSV (``path`` with suffix ``.csv``)
-    has one row per model: ``model``, ``n_cases``, ``sampler``, ``steps``, ``eta``, ``seed``,
-    ``weights``, ``checkpoint`` and ``{DWI,ADC}_{metric}_{mean,std}`` plus the core Dice,
+    has one row per model: ``model``, ``n_cases``, ``sampler``, ``steps``, ``samples``, ``eta``,
+    ``seed``, ``weights``, ``checkpoint`` and ``{DWI,ADC}_{metric}_{mean,std}`` plus the core Dice,
     |volume difference| and the lesion contrasts. Both are written atomically.
 
     Returns
@@ -179,7 +181,7 @@ def write_comparison(summary: Summary, rows: Sequence[Mapping[str, Any]], path: 
     table_rows = []
     for m in models:
         row: dict[str, Any] = {"model": m, "n_cases": sum(r["model"] == m for r in rows)}
-        row.update({k: first[m].get(k, "") for k in ("sampler", "steps", "eta", "weights")})
+        row.update({k: first[m].get(k, "") for k in ("sampler", "steps", "samples", "eta", "weights")})
         row["seed"] = " ".join(str(v) for v in dict.fromkeys(r["seed"] for r in rows if r["model"] == m))
         row["checkpoint"] = os.fspath(checkpoints.get(m, ""))
         keys = ([f"{ch}_{metric}" for ch in CHANNELS for metric in METRICS]
