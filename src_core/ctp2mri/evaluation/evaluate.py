@@ -216,9 +216,9 @@ def evaluate(models: ModelSpec, data: CaseSource | Sequence[CaseSource], split: 
     samples
         K: score each cLDM's mean of K samples per slice (K seeds, batched together), as
         ``ctp2mri synthesize --samples K`` outputs it; 1 (default) scores one sample, as the
-        paper. The mean is the posterior-mean estimate: where the CTP leaves it open whether
-        tissue is core, single samples draw it as core in some draws and not in others, and
-        the mean keeps only what most draws agree on. A cBBDM and Pix2Pix are sampled once.
+        paper. The mean of K draws estimates the model's posterior mean: where the CTP leaves
+        it open whether tissue is core, some draws paint it as core and others do not, and the
+        mean keeps only what most of them agree on. A cBBDM and Pix2Pix are sampled once.
     perfusion
         Also read each case's CT perfusion the clinical way (`ctp2mri.perfusion`: core = rCBF
         < 30 % within Tmax > 6 s) and score that core against the lesion beside the models'
