@@ -145,8 +145,8 @@ def add_recipes(sub: argparse._SubParsersAction) -> None:
                    default="demo",
                    help="demo (the bundled models' recipe, v7), demo-v6 / demo-v5 (the previous bundles'), "
                    "demo-paper (v4's data and steps with the paper's condition and objective), demo-v3 / "
-                   "demo-v2 (earlier bundles), smoke (seconds, useless models); paper (your --data, the paper's networks and "
-                   "hyper-parameters, GPU) or paper-smoke (the same pipeline on your --data with small networks "
+                   "demo-v2 (earlier bundles), smoke (seconds, useless models); paper (your --data, the paper's "
+                   "networks and hyper-parameters, GPU) or paper-smoke (the same pipeline on your --data with small networks "
                    "and 2 steps per stage, CPU)")
     t.add_argument("--data", type=Path, metavar="CASES",
                    help="paper recipes: case folders on the paper grid with splits.json (train and test cases)")

@@ -282,7 +282,8 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
         lambda_image=rec.lambda_image, lambda_lesion=rec.lambda_lesion, target=rec.target, steps=rec.pt_steps,
         batch_size=rec.pt_batch, lr=rec.pt_lr,
         ema_decay=rec.ema_decay if rec.pt_ema_decay is None else rec.pt_ema_decay,
-        lesion_oversample=rec.pt_lesion_oversample, seed=rec.seed, checkpoint_every=max(1, rec.pt_steps // 3), num_workers=0)
+        lesion_oversample=rec.pt_lesion_oversample, seed=rec.seed, checkpoint_every=max(1, rec.pt_steps // 3),
+        num_workers=0)
     reference = None
     if rec.reference_steps:
         ref_run = out / BUNDLE_NAMES["reference"]
