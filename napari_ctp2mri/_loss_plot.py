@@ -56,7 +56,7 @@ class _PlotView(QWidget):
 
 
 class LossPlot:
-    """Total, image and lesion loss against the step, rendered off the GUI thread.
+    """Total, image, lesion and core loss against the step, rendered off the GUI thread.
 
     `add` only records (cheap, any rate); `redraw` asks for a render of what was added, which a
     single background thread draws with matplotlib (Agg) and hands back to the GUI thread as an
@@ -67,7 +67,7 @@ class LossPlot:
     """
 
     SERIES = (("loss", "total (Eq. 8)"), ("image_loss", "image (Eq. 6)"),
-              ("lesion_loss", "lesion (Eq. 7)"))
+              ("lesion_loss", "lesion (Eq. 7)"), ("core_loss", "core"))
     FIRST_X = 50  # steps the x axis spans at first; it doubles as needed, up to the run's end
     HEADROOM = 2.0  # y limits: factor beyond the extreme values when they are reset (log axis)
     DPI = 80
@@ -89,7 +89,7 @@ class LossPlot:
         for spine in ax.spines.values():
             spine.set_color(text)
         self.lines = {key: ax.plot([], [], label=label, linewidth=1.2)[0] for key, label in self.SERIES}
-        legend = ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize="small",
+        legend = ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(self.SERIES), fontsize="x-small",
                            frameon=False, borderaxespad=0.2, handlelength=1.2)
         for item in legend.get_texts():
             item.set_color(text)

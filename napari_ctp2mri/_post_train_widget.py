@@ -117,16 +117,23 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
         self.lambda_lesion = FloatSpinBox(label="λ lesion", value=0.02, min=0.0, max=10.0, step=0.005,
                                           tooltip="Weight of the lesion term ‖M⊙(x − x̂)‖² (Eq. 7); "
                                                   "paper's best 0.02")
+        self.lambda_core = FloatSpinBox(
+            label="λ core", value=0.0, min=0.0, max=10.0, step=0.1,
+            tooltip="Weight of the core term (not in the paper; 0 = off): 1 − soft Dice between the "
+                    "lesion mask and what the synthetic ADC draws under 620 × 10⁻⁶ mm²/s. It holds the "
+                    "core that a strong λ lesion over-draws; the bundled post-trained model used 0.3 "
+                    "with λ lesion 4 (its REPORT.md §D9). Needs a base on the fixed ADC window.")
         for spin in (self.lambda_image, self.lambda_lesion):
             spin.native.setDecimals(4)
+        self.lambda_core.native.setDecimals(2)
         self.steps = SpinBox(label="Steps", min=1, max=1_000_000, value=DEFAULT_STEPS)
         self.batch_size = SpinBox(label="Batch size", min=1, max=1024, value=DEFAULT_BATCH,
                                   tooltip="Slices per step; the learning rate scales with it")
         self.oversample = FloatSpinBox(
             label="Lesion slices", value=1.0, min=1.0, max=64.0, step=1.0,
             tooltip="Draw slices with lesion this many times as often as the others (1 = "
-                    "uniform, as the paper). The bundled post-trained model used 8× for 600 steps "
-                    "(bundled model's REPORT.md §A).")
+                    "uniform, as the paper). The bundled post-trained model used 8× for 1500 steps "
+                    "(bundled model's REPORT.md §D9).")
         self.oversample.native.setDecimals(0)
         self.oversample.native.setSuffix("× as often as the others")
         self.device = ComboBox(label="Device", choices=["auto", *available_devices()], value="auto")
@@ -151,7 +158,7 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
                 _row("DWI, ADC", pickers["dwi"], pickers["adc"]),
                 _row("Brain, lesion", pickers["mask"], pickers["lesion"]),
                 self.model, self.checkpoint,
-                _row("λ image, lesion", self.lambda_image, self.lambda_lesion),
+                _row("λ image, lesion", self.lambda_image, self.lambda_lesion), self.lambda_core,
                 _row("Steps, batch", self.steps, self.batch_size), self.oversample,
                 self.device, self.output, self.resume, self.model_name,
                 _row("Before/after", self.evaluate, self.eval_steps, labels=True),
@@ -228,11 +235,13 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
         except InputError as exc:
             show_error(str(exc))
             return None
-        if layers is not None and not layers["lesion"][0].any() and self.lambda_lesion.value > 0:
+        if layers is not None and not layers["lesion"][0].any() and (self.lambda_lesion.value > 0
+                                                                      or self.lambda_core.value > 0):
             show_warning(f"the lesion layer {layers['lesion'][1]['name']!r} is empty, so this case "
                          "adds nothing to the lesion term (Eq. 7); paint the lesion first")
         # ctp2mri.training.post_train.PostTrainSettings fields
         settings = {"lambda_image": self.lambda_image.value, "lambda_lesion": self.lambda_lesion.value,
+                    "lambda_core": self.lambda_core.value,
                     "steps": self.steps.value, "batch_size": self.batch_size.value, "seed": SEED,
                     # 1× is the paper's uniform sampling: no sampler at all, not weights of 1
                     "lesion_oversample": self.oversample.value if self.oversample.value > 1 else None}

@@ -173,11 +173,18 @@ def test_bridge_post_training_terms_reach_unet_and_rescaler_and_an_empty_lesion_
     with_lesion = _bridge_batch(plain, lesion=True)
     _, _, plain_grads = grads(with_lesion, 0.0, 0.0)
     _, parts, pt_grads = grads(with_lesion, 0.5, 1.0)
-    assert parts["lesion_loss"] > 0
+    assert parts["lesion_loss"] > 0 and "core_loss" not in parts
     for prefix in ("unet.", "rescaler."):
         diff = sum(float((pt_grads[n] - plain_grads[n]).abs().sum()) for n in pt_grads if n.startswith(prefix))
         assert diff > 0, prefix
     assert all(p.grad is None for p in autoencoder.parameters())
+    # the core term (not in the paper) joins the bridge's Eq. 8 as the cLDM's
+    model.zero_grad(set_to_none=True)
+    loss, parts = bridge_post_training_loss(model, autoencoder, bridge, with_lesion, torch.Generator().manual_seed(0),
+                                            0.5, 1.0, lambda_core=0.5, core=(-0.65, 1 / 30))
+    assert 0 < parts["core_loss"] <= 1
+    assert float(loss.detach()) == pytest.approx(parts["latent_loss"] + 0.5 * parts["image_loss"] + parts["lesion_loss"]
+                                        + 0.5 * parts["core_loss"], rel=1e-5)
 
 
 def test_post_train_continues_a_cbbdm_as_a_cbbdm(cbbdm_dir, plain, tmp_path):

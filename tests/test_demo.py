@@ -56,6 +56,7 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     post_training = read_config(work / "cldm_post_trained")["training"]
     assert post_training["ema_decay"] == rec.pt_ema_decay != rec.ema_decay
     assert (post_training["lambda_image"], post_training["lambda_lesion"]) == (rec.lambda_image, rec.lambda_lesion)
+    assert post_training["lambda_core"] == rec.lambda_core > 0  # the core term reached post-training
     assert read_config(work / "autoencoder")["training"]["lesion_weight"] == rec.ae_lesion_weight
     assert read_config(work / "reference_unet")["training"]["adversarial"] is False
     assert "timings_s" in result and "reference" in result["timings_s"]
@@ -79,7 +80,8 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     # Base, post-trained and reference were evaluated alike on the test split.
     rows = (work / "evaluation" / "per_case.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * len(json.loads((work / "data" / "splits.json").read_text())["test"])
-    assert set(result["summary"]) == {"cLDM (base)", "cLDM-PT (λ_image 0.5, λ_lesion 2)", "U-Net (L1), reference"}
+    assert set(result["summary"]) == {"cLDM (base)", "cLDM-PT (λ_image 0.5, λ_lesion 4, λ_core 0.3)",
+                                      "U-Net (L1), reference"}
     assert "lesion_auc" in rows[0] and "perfusion_core_dice" in rows[0]
     # A second run finds every stage done and trains nothing.
     said.clear()
@@ -171,6 +173,7 @@ def test_the_repository_ships_the_demo_models_small_loadable_and_documented():
     # The post-trained model records its base and the recipe's λs (REPORT.md §D6); both share one autoencoder.
     assert (post["post_training"]["lambda_image"], post["post_training"]["lambda_lesion"]) == (recipe.lambda_image,
                                                                                                 recipe.lambda_lesion)
+    assert post["post_training"].get("lambda_core", 0.0) == recipe.lambda_core
     assert base["training"]["condition_lesion_weight"] == recipe.condition_lesion_weight == 0.0
     assert post["networks"]["autoencoder"] == base["networks"]["autoencoder"]
     assert model.profile == "demo"

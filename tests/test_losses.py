@@ -6,11 +6,13 @@ import torch
 from ctp2mri.losses import (
     adaptive_gan_weight,
     autoencoder_loss,
+    core_loss,
     discriminator_factor,
     generator_adversarial_loss,
     hinge_discriminator_loss,
     latent_loss,
     reconstruction_loss,
+    total_loss,
 )
 
 
@@ -80,3 +82,56 @@ def test_autoencoder_loss_assembles_the_official_terms():
     weight = adaptive_gan_weight(rec, g, last.weight, 0.2)
     assert after.item() == pytest.approx((rec + weight * g + 2.0 * 0.3).item(), rel=1e-5)
     assert parts["d_weight"] == pytest.approx(float(weight), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- the core term
+def _core_case():
+    lesion = torch.zeros(2, 1, 8, 8)
+    lesion[0, 0, 2:5, 2:5] = 1.0  # 9 voxels in the first slice, none in the second
+    brain = torch.ones_like(lesion)
+    brain[:, :, 0] = 0.0  # a row outside the brain
+    return lesion, brain
+
+
+def test_core_loss_is_one_minus_the_soft_dice_of_the_thresholded_adc():
+    lesion, brain = _core_case()
+    tau, width = -0.65, 0.03
+    exact = torch.where(lesion > 0, tau - 1.0, tau + 1.0)  # every lesion voxel far under τ, the rest far above
+    assert float(core_loss(exact, lesion, brain, tau, width)) == pytest.approx(1 - 19 / 19, abs=1e-6)
+    # every brain voxel drawn as core: Dice = 2·9 / (112 + 9) (the row outside the brain never counts)
+    everywhere = torch.full_like(lesion, tau - 1.0)
+    assert float(core_loss(everywhere, lesion, brain, tau, width)) == pytest.approx(1 - 19 / 122, rel=1e-5)
+    nothing = torch.full_like(lesion, tau + 1.0)
+    assert float(core_loss(nothing, lesion, brain, tau, width)) == pytest.approx(1 - 1 / 10, rel=1e-5)
+    # at τ each voxel is core with probability ½
+    at = torch.full_like(lesion, tau)
+    assert float(core_loss(at, lesion, brain, tau, width)) == pytest.approx(1 - (9 + 1) / (56 + 9 + 1), rel=1e-5)
+
+
+def test_core_loss_pushes_a_false_core_up_and_a_missed_core_down_and_is_finite_without_lesion():
+    lesion, brain = _core_case()
+    tau, width = -0.65, 0.03
+    adc = torch.full_like(lesion, tau + 0.02)  # just above τ everywhere: a missed core …
+    adc[0, 0, 5, 2:5] = tau - 0.02  # … and a false one beside it
+    adc.requires_grad_(True)
+    core_loss(adc, lesion, brain, tau, width).backward()
+    assert bool((adc.grad[0, 0, 2:5, 2:5] > 0).all())  # gradient descent lowers the missed core's ADC
+    assert bool((adc.grad[0, 0, 5, 2:5] < 0).all())  # and raises the false core's
+    assert bool((adc.grad[:, :, 0] == 0).all())  # outside the brain: nothing
+    empty = torch.zeros_like(lesion)
+    free = torch.full_like(lesion, tau + 1.0)
+    value = core_loss(free, empty, brain, tau, width)
+    assert float(value) == pytest.approx(0.0, abs=1e-3) and torch.isfinite(value)
+    with pytest.raises(ValueError, match="width"):
+        core_loss(adc, lesion, brain, tau, 0.0)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        core_loss(adc.detach().repeat(1, 2, 1, 1), lesion, brain, tau, width)
+
+
+def test_total_loss_adds_the_core_term_only_with_a_positive_lambda():
+    latent, image, lesion, core = (torch.tensor(v) for v in (0.5, 0.1, 0.2, 0.4))
+    assert float(total_loss(latent, image, lesion, 0.5, 2.0, core, 0.25)) == pytest.approx(0.5 + 0.05 + 0.4 + 0.1)
+    assert float(total_loss(latent, image, lesion, 0.5, 2.0)) == pytest.approx(0.95)
+    assert float(total_loss(latent, image, lesion, 0.5, 2.0, None, 0.0)) == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="no core loss"):
+        total_loss(latent, image, lesion, 0.5, 2.0, None, 0.1)

@@ -98,6 +98,7 @@ def test_post_train_on_a_painted_lesion_registers_a_loadable_model(make_napari_v
     painted = _paint_lesion(viewer)
     widget.pickers["lesion"].value = painted
     widget.model_name.value = "my post-trained model"
+    widget.lambda_core.value = 0.2  # the core term beside the paper's λs
     # as a user's set-up time: the widget's one-off imports end and it is drawn once
     qtbot.waitUntil(lambda: not widget.prefetching, timeout=WAIT_MS)
     qtbot.wait(50)
@@ -138,18 +139,20 @@ def test_post_train_on_a_painted_lesion_registers_a_loadable_model(make_napari_v
     qtbot.waitUntil(plot.idle, timeout=WAIT_MS)  # rendered off the GUI thread
     assert plot.points() == STEPS and plot.steps == [1, 2, 3]
     assert plot.axes.get_xlim() == (0.0, STEPS)  # the run's length, as it is shorter than 50
-    for key in ("loss", "image_loss", "lesion_loss"):
+    for key in ("loss", "image_loss", "lesion_loss", "core_loss"):
         y = np.asarray(plot.lines[key].get_ydata(), dtype=float)
         assert y.shape == (STEPS,) and np.isfinite(y).all() and (y >= 0).all()
     log = np.genfromtxt(out / "log.csv", delimiter=",", names=True)
     np.testing.assert_allclose(plot.values["loss"], log["loss"])  # what the core logged
     np.testing.assert_allclose(plot.values["lesion_loss"], log["lesion_loss"])
+    np.testing.assert_allclose(plot.values["core_loss"], log["core_loss"])
 
     # a loadable cLDM checkpoint, trained on the painted lesion with the widget's λs
     nets, config = load_checkpoint(out, names=["model", "ema", "autoencoder"], kind="cldm")
     assert set(nets) == {"model", "ema", "autoencoder"}
     assert config["post_training"]["lambda_image"] == 0.01
     assert config["post_training"]["lambda_lesion"] == 0.02
+    assert config["post_training"]["lambda_core"] == pytest.approx(0.2)
     assert config["training"]["lesion_oversample"] is None  # 1×: the paper's uniform draw
     assert config["training"]["steps"] == STEPS and config["training"]["batch_size"] == 2
     assert config["training"]["data"]["cases"] == ["viewer-CTP"]

@@ -195,3 +195,49 @@ def test_bad_settings_are_refused(plain, tiny_cldm, tmp_path):
 
         ae_dir = save_checkpoint(tmp_path / "ae", {"model": ae_only}, {"kind": "autoencoder", "profile": "demo"})
         post_train(plain, ae_dir, tmp_path / "c", steps=1, **COMMON)
+
+
+# --------------------------------------------------------------------------- the core term
+def test_the_core_term_scores_the_estimates_adc_on_the_models_window_and_is_recorded(plain, tiny_cldm, tmp_path):
+    from ctp2mri.losses import core_loss
+    from ctp2mri.training.image_terms import core_threshold
+
+    model, autoencoder = _networks(tiny_cldm)
+    model.eval()
+    batch = _batch(plain, lesion=True)
+    schedule = NoiseSchedule()
+    tau, width = core_threshold((200.0, 2600.0))
+    assert (tau, width) == pytest.approx((-0.65, 1 / 30))  # 620 and 40 × 10⁻⁶ mm²/s on the window
+    with torch.no_grad():
+        loss, parts = post_training_loss(model, autoencoder, schedule, batch, torch.Generator().manual_seed(4),
+                                         0.01, 0.02, lambda_core=0.5, core=(tau, width))
+        _, t, _, z_t = diffuse(autoencoder, schedule, batch["target"], torch.Generator().manual_seed(4), "fp32")
+        x_hat = autoencoder.decode(schedule.predict_z0(z_t, t, model(z_t, t, batch["cond"])))
+    expected = core_loss(x_hat[:, 1:2], batch["lesion"], batch["brain"], tau, width)  # channel 1: ADC
+    assert parts["core_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss) == pytest.approx(parts["latent_loss"] + 0.01 * parts["image_loss"] + 0.02 * parts["lesion_loss"]
+                                        + 0.5 * parts["core_loss"], rel=1e-5)
+    with pytest.raises(InputError, match="core threshold"):
+        post_training_loss(model, autoencoder, schedule, batch, torch.Generator(), 0.01, 0.02, lambda_core=0.5)
+    # whole run: logged, in the total, recorded; off (the paper's objective) by default
+    out = post_train(plain, tiny_cldm, tmp_path / "pt", lambda_image=0.05, lambda_lesion=0.1, lambda_core=0.3,
+                     steps=2, **COMMON)
+    config = read_config(out)
+    assert config["post_training"]["lambda_core"] == 0.3 and config["training"]["lambda_core"] == 0.3
+    assert "λ_core" in config["training"]["loss"]
+    for r in _log(out):
+        assert 0 < float(r["core_loss"]) <= 1
+        expected = (float(r["latent_loss"]) + 0.05 * float(r["image_loss"]) + 0.1 * float(r["lesion_loss"])
+                    + 0.3 * float(r["core_loss"]))
+        assert float(r["loss"]) == pytest.approx(expected, rel=1e-5)
+    off = post_train(plain, tiny_cldm, tmp_path / "off", steps=1, **COMMON)
+    assert "lambda_core" not in read_config(off)["post_training"] and _log(off)[0]["core_loss"] == ""
+
+
+def test_the_core_term_needs_the_fixed_adc_window_and_a_nonnegative_lambda(plain, phantom_data, tmp_path):
+    legacy = save_tiny_cldm(tmp_path / "legacy", normalisation=LEGACY_NORMALISATION)
+    with pytest.raises(InputError, match="fixed ADC window.*--lambda-core 0"):
+        post_train(phantom_data, legacy, tmp_path / "refused", lambda_core=0.5, steps=1, **COMMON)
+    assert not (tmp_path / "refused" / "config.json").exists()
+    with pytest.raises(InputError, match="lambda-core"):
+        post_train(plain, legacy, tmp_path / "negative", lambda_core=-0.1, steps=1, **COMMON)

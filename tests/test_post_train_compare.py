@@ -149,14 +149,17 @@ def test_lesion_contrast_rows_are_better_when_closer_to_the_truth():
 
 
 def test_cli_post_train_compare_prints_the_before_after_table(tiny_cldm, phantom_data, tmp_path, capsys):
+    from ctp2mri.checkpoints import read_config
     from ctp2mri.cli import main
     from ctp2mri.data import resolve_cases
     from ctp2mri.evaluation.before_after import format_metric_rows
 
     out = tmp_path / "pt"
     assert main(["post-train", "--data", str(phantom_data), "--from", str(tiny_cldm), "--out", str(out),
-                 "--steps", "2", "--batch-size", "2", "--device", "cpu", "--compare", str(EVAL_STEPS)]) == 0
+                 "--steps", "2", "--batch-size", "2", "--device", "cpu", "--compare", str(EVAL_STEPS),
+                 "--lambda-core", "0.25"]) == 0
     printed = capsys.readouterr().out
+    assert read_config(out)["post_training"]["lambda_core"] == 0.25
     train = resolve_cases(phantom_data, "train")
     assert f"post-trained checkpoint: {out}" in printed
     assert f"base vs post-trained on the {len(train)} training cases (DDIM {EVAL_STEPS} steps, seed 0):" in printed

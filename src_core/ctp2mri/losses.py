@@ -12,6 +12,8 @@ Post-training (paper §2.2, Eq. 6–8)
     scale. Unlike upstream, a batch without lesion voxel gives a lesion loss of exactly 0
     (upstream divides 0 by 0), and the image term counts only brain voxels (the normalised
     images are 0 outside the brain, and synthesis masks its output with the brain).
+    `core_loss` is not in the paper: a soft Dice between the lesion mask and the voxels the
+    estimate's ADC draws under the core threshold, which `total_loss` adds with λ_core.
 
 VQGAN first stage (Esser et al. 2021; the official ``VQLPIPSWithDiscriminator`` with the
 paper's configs/autoencoder/VQGAN.yaml: ``perceptual_weight: 0.0``, ``codebook_weight: 1.0``,
@@ -32,9 +34,11 @@ import torch.nn.functional as F
 from ctp2mri.settings import LAMBDA_IMAGE, LAMBDA_LESION, SNR_GAMMA
 
 __all__ = [
-    "adaptive_gan_weight", "autoencoder_loss", "discriminator_factor", "generator_adversarial_loss",
-    "condition_loss", "hinge_discriminator_loss", "image_loss", "lesion_latent_loss", "lesion_reconstruction_loss", "latent_loss", "lesion_loss",
-    "masked_squared_error", "min_snr_weights", "reconstruction_loss", "total_loss", "weighted_latent_loss",
+    "adaptive_gan_weight", "autoencoder_loss", "discriminator_factor",
+    "generator_adversarial_loss", "condition_loss", "core_loss", "hinge_discriminator_loss",
+    "image_loss", "lesion_latent_loss", "lesion_reconstruction_loss", "latent_loss", "lesion_loss",
+    "masked_squared_error", "min_snr_weights", "reconstruction_loss", "total_loss",
+    "weighted_latent_loss",
 ]
 
 
@@ -159,16 +163,51 @@ def lesion_loss(x: torch.Tensor, x_hat: torch.Tensor, lesion: torch.Tensor) -> t
     return masked_squared_error(x, x_hat, lesion)
 
 
-def total_loss(latent: torch.Tensor, image: torch.Tensor | None = None, lesion: torch.Tensor | None = None,
-               lambda_image: float = LAMBDA_IMAGE, lambda_lesion: float = LAMBDA_LESION) -> torch.Tensor:
-    """L_total = L_latent + λ_image · L_image + λ_lesion · L_lesion (paper Eq. 8).
+def core_loss(adc_hat: torch.Tensor, lesion: torch.Tensor, brain: torch.Tensor, threshold: float,
+              width: float) -> torch.Tensor:
+    """L_core = 1 − soft Dice(P, M), P = σ((τ − ADC(x̂)) / w) ⊙ brain (not in the paper).
 
-    The paper's best weights are λ_image = 0.01, λ_lesion = 0.02 (Table 2). A term whose λ
-    is 0 is left out rather than multiplied by 0 (it may then be None, i.e. not computed),
-    so λ = 0/0 returns ``latent`` itself: the base model's Eq. 4 objective, bit for bit.
+    The core a reader takes from a synthetic ADC is the voxels under the clinical threshold τ;
+    this term scores that read-out against the lesion mask M with a soft threshold of width
+    w. Eq. 7 weighs each lesion voxel about (brain / lesion) times a voxel of Eq. 6, so its
+    optimum paints every voxel that *might* be core as core and the read-out over-calls;
+    Dice counts a false core voxel as much as a missed one. Sums run over the whole batch
+    (``(|P| + |M| + 1)``): slices without lesion still penalise what they draw as core, and
+    an empty batch gives 1 − 1 / (|P| + 1), never NaN.
+
+    Parameters
+    ----------
+    adc_hat
+        The estimate's ADC channel (B, 1, H, W), in the model's units, on the graph.
+    lesion, brain
+        Binary masks (B, 1, H, W).
+    threshold, width
+        τ and w in the same units as ``adc_hat`` (`ctp2mri.training.image_terms.core_threshold`
+        maps 620 and 40 × 10⁻⁶ mm²/s onto a model's ADC window); ``width`` > 0.
+    """
+    if adc_hat.shape != lesion.shape or brain.shape != lesion.shape or adc_hat.shape[1] != 1:
+        raise ValueError(f"ADC {tuple(adc_hat.shape)}, lesion {tuple(lesion.shape)} and brain {tuple(brain.shape)} "
+                         "must all be (B, 1, H, W)")
+    if not width > 0:
+        raise ValueError(f"the soft threshold's width must be > 0, got {width}")
+    p = torch.sigmoid((threshold - adc_hat.float()) / width) * brain.float()
+    m = lesion.float()
+    return 1.0 - (2.0 * (p * m).sum() + 1.0) / (p.sum() + m.sum() + 1.0)
+
+
+def total_loss(latent: torch.Tensor, image: torch.Tensor | None = None, lesion: torch.Tensor | None = None,
+               lambda_image: float = LAMBDA_IMAGE, lambda_lesion: float = LAMBDA_LESION,
+               core: torch.Tensor | None = None, lambda_core: float = 0.0) -> torch.Tensor:
+    """L_total = L_latent + λ_image · L_image + λ_lesion · L_lesion (paper Eq. 8) [+ λ_core · L_core].
+
+    The paper's best weights are λ_image = 0.01, λ_lesion = 0.02 (Table 2); `core_loss` is
+    this project's addition, off (λ_core = 0) unless asked for. A term whose λ is 0 is left
+    out rather than multiplied by 0 (it may then be None, i.e. not computed), so λ = 0/0
+    returns ``latent`` itself: the base model's Eq. 4 objective, bit for bit.
     """
     total = latent
-    for weight, term, name in ((lambda_image, image, "image"), (lambda_lesion, lesion, "lesion")):
+    for weight, term, name in ((lambda_image, image, "image"), (lambda_lesion, lesion, "lesion"),
+                               (lambda_core, core, "core")):
         weight = float(weight)
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"λ_{name} must be a finite number ≥ 0, got {weight}")

@@ -7,14 +7,18 @@ project's choices for the demo profile.
 
 from __future__ import annotations
 
-__all__ = ["ADC_WINDOW", "AE_BASE_LR", "CORE_ADC_THRESHOLD", "DEFAULT_SAMPLER", "EMA_DECAY", "LAMBDA_IMAGE", "LAMBDA_LESION",
-           "LDM_BASE_LR", "MIN_CORE_COMPONENT_ML", "PRECISIONS", "SAMPLER_STEPS", "SNR_GAMMA", "WEIGHT_DECAY",
-           "sampler_steps"]
+__all__ = ["ADC_WINDOW", "AE_BASE_LR", "CORE_ADC_THRESHOLD", "CORE_TERM_WIDTH", "DEFAULT_SAMPLER",
+           "EMA_DECAY", "LAMBDA_IMAGE", "LAMBDA_LESION", "LDM_BASE_LR", "MIN_CORE_COMPONENT_ML",
+           "PRECISIONS", "SAMPLER_STEPS", "SNR_GAMMA", "WEIGHT_DECAY", "sampler_steps"]
 
 #: Infarct core: ADC below this (10⁻⁶ mm²/s), the usual clinical threshold.
 CORE_ADC_THRESHOLD = 620.0
 #: Core components smaller than this (ml) are dropped as noise specks.
 MIN_CORE_COMPONENT_ML = 0.2
+#: Width (10⁻⁶ mm²/s) of the soft core threshold of post-training's core term
+#: (`ctp2mri.losses.core_loss`): an ADC this far under the threshold counts as core with
+#: probability σ(1) ≈ 0.73, 3 widths (120) under it as certain core.
+CORE_TERM_WIDTH = 40.0
 #: ADC (10⁻⁶ mm²/s) mapped to −1 and 1 for every case: ADC is a physical quantity, so the
 #: models learn it on one fixed scale on which the core threshold means the same in every
 #: case. A per-case percentile window (as DWI keeps) ends near the core's own values in a

@@ -95,7 +95,8 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
     from ctp2mri.training import PostTrainSettings, post_train
 
     settings = PostTrainSettings(
-        lambda_image=args.lambda_image, lambda_lesion=args.lambda_lesion, target=args.target,
+        lambda_image=args.lambda_image, lambda_lesion=args.lambda_lesion, lambda_core=args.lambda_core,
+        target=args.target,
         latent_objective=args.latent_objective, init=args.init, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, grad_accum=args.grad_accum, ema_decay=args.ema_decay, lesion_oversample=args.lesion_oversample,
         gradient_checkpointing=args.gradient_checkpointing, precision=args.precision, seed=args.seed,
@@ -244,6 +245,10 @@ def add_training(sub: argparse._SubParsersAction) -> None:
                     help=f"λ_image (paper's best {LAMBDA_IMAGE})")
     pt.add_argument("--lambda-lesion", type=NONNEGATIVE, default=LAMBDA_LESION,
                     help=f"λ_lesion (paper's best {LAMBDA_LESION})")
+    pt.add_argument("--lambda-core", type=NONNEGATIVE, default=0.0,
+                    help="λ_core of the core term, not in the paper (default 0: off): 1 − soft Dice between "
+                         "the lesion mask and what the estimate's ADC draws under 620 × 10⁻⁶ mm²/s; holds "
+                         "the core that a strong λ_lesion over-draws (the demo recipe: 0.3)")
     pt.add_argument("--target", choices=["input", "reconstruction"], default="input",
                     help="x as the paper writes it (input) or D(z0) as the official code does")
     _lesion_oversample_argument(pt)

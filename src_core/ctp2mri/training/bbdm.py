@@ -32,13 +32,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ctp2mri.checks import settings_with
 from ctp2mri.diffusion.bridge import BRIDGE_LOSSES, BrownianBridge, bridge_loss
 from ctp2mri.errors import InputError
-from ctp2mri.losses import total_loss
 from ctp2mri.models import BrownianBridgeLDM
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.settings import LAMBDA_IMAGE, LAMBDA_LESION
 from ctp2mri.training import loop
 from ctp2mri.training.distributed import init_distributed, shutdown
-from ctp2mri.training.image_terms import TARGETS, image_space_terms
+from ctp2mri.training.image_terms import TARGETS, add_image_terms, core_for, image_space_terms
 from ctp2mri.training.latent_run import LatentModel, train_latent_model
 from ctp2mri.training.run_settings import TrainSettings
 
@@ -145,6 +144,7 @@ def bridge_post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Modu
                               batch: Mapping[str, Any], generator: torch.Generator, lambda_image: float = LAMBDA_IMAGE,
                               lambda_lesion: float = LAMBDA_LESION, target: str = "input", precision: str = "fp32",
                               gradient_checkpointing: bool = False, loss_type: str = "l1",
+                              lambda_core: float = 0.0, core: tuple[float, float] | None = None,
                               ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 8 for the Brownian bridge: L = L_bridge + λ_image L_image + λ_lesion L_lesion.
 
@@ -154,7 +154,7 @@ def bridge_post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Modu
     (derived in `BrownianBridge.predict_x0`). ``batch`` holds ``target``, ``cond``,
     ``brain`` and ``lesion``; ``autoencoder`` must be frozen by the caller. A batch
     without lesion voxel gives L_lesion = 0 exactly. Parts are returned as floats, with the
-    same names as `ctp2mri.training.post_training_loss`'s.
+    same names as `ctp2mri.training.post_training_loss`'s, as are ``lambda_core`` and ``core``.
     """
     if target not in TARGETS:
         raise InputError(f"unknown post-training target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -168,10 +168,9 @@ def bridge_post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Modu
     latent = bridge_loss(objective, predicted, loss_type)
     parts = {"latent_loss": float(latent.detach()), "lesion_voxels": float(lesion.sum()),
              "lesion_slices": float((lesion.flatten(1).amax(1) > 0).float().mean())}
-    if lambda_image == 0 and lambda_lesion == 0:
+    if lambda_image == 0 and lambda_lesion == 0 and lambda_core == 0:
         return latent, parts
     x0_hat = bridge.predict_x0(x_t, t, predicted.float())  # x̂_0 = x_t − ô
-    image, les = image_space_terms(autoencoder, x0_hat, x0, x, batch["brain"].to(dev, non_blocking=True), lesion,
-                                   target, precision, gradient_checkpointing)
-    parts.update(image_loss=float(image.detach()), lesion_loss=float(les.detach()))
-    return total_loss(latent, image, les, lambda_image, lambda_lesion), parts
+    terms = image_space_terms(autoencoder, x0_hat, x0, x, batch["brain"].to(dev, non_blocking=True), lesion,
+                              target, precision, gradient_checkpointing, core=core_for(lambda_core, core))
+    return add_image_terms(latent, terms, lambda_image, lambda_lesion, lambda_core, parts)

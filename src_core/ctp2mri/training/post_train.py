@@ -42,7 +42,6 @@ from ctp2mri.checks import settings_with
 from ctp2mri.diffusion import BrownianBridge, NoiseSchedule
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
-from ctp2mri.losses import total_loss
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.settings import LAMBDA_IMAGE, LAMBDA_LESION
 from ctp2mri.training import loop
@@ -50,7 +49,7 @@ from ctp2mri.training.batches import BatchStream, data_identity, load_dataset
 from ctp2mri.training.bbdm import bridge_post_training_loss
 from ctp2mri.training.distributed import barrier, init_distributed, shutdown
 from ctp2mri.training.ema import EMA
-from ctp2mri.training.image_terms import TARGETS, image_space_terms
+from ctp2mri.training.image_terms import TARGETS, add_image_terms, core_for, core_threshold, image_space_terms
 from ctp2mri.training.latent_run import optimise, restore_run
 from ctp2mri.training.ldm import diffuse, objective_terms
 from ctp2mri.training.rng import noise_generator, rng_snapshot, seed_everything
@@ -65,8 +64,9 @@ LATENT_OBJECTIVES = ("base", "eq4")  # L_latent of Eq. 8: the base's whole objec
 # the base's extra latent terms that "base" keeps (ctp2mri.training.run_settings.TrainSettings.objective)
 OBJECTIVE_TERMS = ("condition_loss_weight", "condition_lesion_weight", "lesion_latent_weight")
 POST_TRAINABLE = ("cldm", "cbbdm")  # checkpoint kinds post_train continues
-POST_TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "latent_loss", "image_loss", "lesion_loss", "lesion_latent_loss",
-                          "condition_loss", "lesion_voxels", "lesion_slices", "lr", "seconds")
+POST_TRAIN_LOG_COLUMNS = ("step", "epoch", "loss", "latent_loss", "image_loss", "lesion_loss", "core_loss",
+                          "lesion_latent_loss", "condition_loss", "lesion_voxels", "lesion_slices", "lr", "seconds")
+EQ8 = "Eq. 8: Eq. 4 + λ_image Eq. 6 + λ_lesion Eq. 7"
 _log = logging.getLogger(__name__)
 
 
@@ -81,6 +81,7 @@ class PostTrainSettings(RunSettings):
 
     lambda_image: float = LAMBDA_IMAGE
     lambda_lesion: float = LAMBDA_LESION
+    lambda_core: float = 0.0
     target: str = "input"
     latent_objective: str = "base"
     init: str = "model"
@@ -95,10 +96,12 @@ class PostTrainSettings(RunSettings):
         if self.latent_objective not in LATENT_OBJECTIVES:
             raise InputError(f"unknown latent objective {self.latent_objective!r}; choose one of "
                              f"{', '.join(LATENT_OBJECTIVES)}")
-        for name, value in (("lambda-image", self.lambda_image), ("lambda-lesion", self.lambda_lesion)):
+        for name, value in (("lambda-image", self.lambda_image), ("lambda-lesion", self.lambda_lesion),
+                            ("lambda-core", self.lambda_core)):
             if not (np.isfinite(float(value)) and float(value) >= 0):
                 raise InputError(f"--{name} must be a finite number ≥ 0, got {value}")
         self._normalise(lambda_image=float(self.lambda_image), lambda_lesion=float(self.lambda_lesion),
+                        lambda_core=float(self.lambda_core),
                         gradient_checkpointing=bool(self.gradient_checkpointing))
 
 
@@ -121,8 +124,8 @@ def post_train(
     ----------
     data
         Data folder with ``splits.json`` (its ``train`` split) or a `SliceDataset` on the base
-        model's profile. With ``lambda_lesion > 0`` every case needs a lesion mask (its
-        ``lesion.nii.gz`` or one in ``lesions``).
+        model's profile. With ``lambda_lesion`` or ``lambda_core`` > 0 every case needs a lesion
+        mask (its ``lesion.nii.gz`` or one in ``lesions``).
     base
         Checkpoint folder of a trained cLDM (``ctp2mri train-ldm``, or an earlier post-training),
         or of a cBBDM (``ctp2mri train-ldm --model-type cbbdm``): the result has the base's
@@ -139,6 +142,11 @@ def post_train(
     lambda_image, lambda_lesion
         λ_image and λ_lesion of Eq. 8 (paper's best: 0.01, 0.02). 0 and 0 is plain Eq. 4
         training continued from the base (no decode at all).
+    lambda_core
+        λ_core of the core term (`ctp2mri.losses.core_loss`, not in the paper; 0: off, the
+        paper's objective): a soft Dice between the lesion mask and the voxels the estimate's
+        ADC draws under 620 × 10⁻⁶ mm²/s. It holds the core Eq. 7 over-draws (REPORT.md §D9);
+        needs a base trained on the fixed ADC window.
     target
         ``"input"``: x (paper Eq. 6–7); ``"reconstruction"``: D(z_0) (official code).
     steps, batch_size, grad_accum, lr, base_lr, scale_lr, weight_decay, ema_decay, grad_clip
@@ -232,15 +240,18 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     barrier(info)
     # the data normalised as the base was trained (its ADC window, or per-case quantiles before it)
-    dataset = _dataset(data, profile, opts.seed, opts.lambda_lesion > 0, lesions,
-                       progress if info.is_main else None, cancel, adc_window_of(base_cfg.get("normalisation")))
+    adc_window = adc_window_of(base_cfg.get("normalisation"))
+    core = core_threshold(adc_window) if opts.lambda_core else None  # refuses a model without the ADC window
+    dataset = _dataset(data, profile, opts.seed, opts.lambda_lesion > 0 or opts.lambda_core > 0, lesions,
+                       progress if info.is_main else None, cancel, adc_window)
     weights, sampling = lesion_sampling(dataset, opts.lesion_oversample, info)
     base_prov = base_cfg.get("provenance") or {}
     lr_value = opts.learning_rate(info.world_size)
     settings = {
         **opts.record(profile, precision, info),
-        "parameterization": "eps", "loss": "Eq. 8: Eq. 4 + λ_image Eq. 6 + λ_lesion Eq. 7",
+        "parameterization": "eps", "loss": EQ8,
         "lambda_image": opts.lambda_image, "lambda_lesion": opts.lambda_lesion, "target": opts.target, "init": init,
+        **({"lambda_core": opts.lambda_core, "loss": f"{EQ8} + λ_core L_core"} if opts.lambda_core else {}),
         "lesion_oversample": opts.lesion_oversample, "gradient_checkpointing": opts.gradient_checkpointing,
         "data": data_identity(dataset), kind: nets[init].config, "schedule": schedule.config(),
         # what identifies the base for a resume check (its folder may move)
@@ -249,7 +260,8 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
     }
     if kind == "cbbdm":
         settings.update(parameterization="grad", loss_type=bridge_loss_type,
-                        loss=f"Eq. 8 with the bridge objective ({bridge_loss_type}) for Eq. 4")
+                        loss=f"Eq. 8 with the bridge objective ({bridge_loss_type}) for Eq. 4"
+                        + (" + λ_core L_core" if opts.lambda_core else ""))
     # L_latent of Eq. 8 is the base's own objective ("base"): its min-SNR weights, lesion latent
     # term and condition loss; "eq4" keeps only the (weighted) ε-loss.
     base_training = base_cfg.get("training") or {}
@@ -291,6 +303,7 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
         "base": {"path": str(base_dir.resolve()), "kind": base_cfg.get("kind"), "provenance": base_prov,
                  "training": base_cfg.get("training"), "post_training": base_cfg.get("post_training")},
         "lambda_image": opts.lambda_image, "lambda_lesion": opts.lambda_lesion, "target": opts.target, "init": init,
+        **({"lambda_core": opts.lambda_core} if opts.lambda_core else {}),
         "sampling": sampling, "gradient_checkpointing": opts.gradient_checkpointing,
         "post_training_data_normalisation": dataset.intensity_ranges(),
     }
@@ -311,10 +324,10 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
         if kind == "cbbdm":
             return bridge_post_training_loss(model_train, autoencoder, schedule, batch, generator, opts.lambda_image,
                                              opts.lambda_lesion, opts.target, precision, opts.gradient_checkpointing,
-                                             bridge_loss_type)
+                                             bridge_loss_type, opts.lambda_core, core)
         return post_training_loss(model_train, autoencoder, schedule, batch, generator, opts.lambda_image,
                                   opts.lambda_lesion, opts.target, precision, opts.gradient_checkpointing,
-                                  objective=objective)
+                                  objective=objective, lambda_core=opts.lambda_core, core=core)
 
     optimise(info, model, model_train, ema, opt, scaler, stream, run, step, opts, loss_fn, save)
     return out
@@ -324,12 +337,14 @@ def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, sch
                        batch: Mapping[str, Any], generator: torch.Generator, lambda_image: float = LAMBDA_IMAGE,
                        lambda_lesion: float = LAMBDA_LESION, target: str = "input", precision: str = "fp32",
                        gradient_checkpointing: bool = False, objective: Mapping[str, Any] | None = None,
+                       lambda_core: float = 0.0, core: tuple[float, float] | None = None,
                        ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_total (Eq. 8) of one batch, attached to ``model``'s graph, and its parts as floats.
 
     L_latent is ``objective`` (`ctp2mri.training.TrainSettings.objective`'s dict: min-SNR
     weighting, the lesion latent term, the condition loss); None is Eq. 4 unweighted, the
-    paper's.
+    paper's. ``lambda_core`` > 0 adds λ_core · `ctp2mri.losses.core_loss` (not in the paper)
+    with ``core`` = (τ, w) of `ctp2mri.training.image_terms.core_threshold`.
 
     ``batch`` holds ``target``, ``cond``, ``brain``, ``lesion`` (`SliceDataset` samples
     collated); ``generator`` draws t and ε on ``schedule``'s device. ``autoencoder`` must be
@@ -348,11 +363,11 @@ def post_training_loss(model: torch.nn.Module, autoencoder: torch.nn.Module, sch
     latent, terms, eps_hat = objective_terms(model, schedule, z0, t, eps, z_t, batch, precision, dict(objective or {}))
     parts = {"latent_loss": float(latent.detach()), **terms, "lesion_voxels": float(lesion.sum()),
              "lesion_slices": float((lesion.flatten(1).amax(1) > 0).float().mean())}
-    if lambda_image == 0 and lambda_lesion == 0:
+    if lambda_image == 0 and lambda_lesion == 0 and lambda_core == 0:
         return latent, parts  # L_latent alone: nothing to decode
 
     z0_hat = schedule.predict_z0(z_t, t, eps_hat.float())  # Eq. 5
-    image, les = image_space_terms(autoencoder, z0_hat, z0, x, brain, lesion, target, precision,
-                                   gradient_checkpointing, scale)  # Eq. 6, 7 of x̂ = D(ẑ_0 / scale)
-    parts.update(image_loss=float(image.detach()), lesion_loss=float(les.detach()))
-    return total_loss(latent, image, les, lambda_image, lambda_lesion), parts  # Eq. 8
+    terms = image_space_terms(autoencoder, z0_hat, z0, x, brain, lesion, target, precision, gradient_checkpointing,
+                              scale, core=core_for(lambda_core, core))  # Eq. 6, 7 of x̂ = D(ẑ_0 / scale)
+    return add_image_terms(latent, terms, lambda_image, lambda_lesion, lambda_core, parts)  # Eq. 8
+
