@@ -235,8 +235,8 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
         except InputError as exc:
             show_error(str(exc))
             return None
-        if layers is not None and not layers["lesion"][0].any() and (self.lambda_lesion.value > 0
-                                                                      or self.lambda_core.value > 0):
+        # (the core term does learn from a case without lesion: what it draws as core is false)
+        if layers is not None and not layers["lesion"][0].any() and self.lambda_lesion.value > 0:
             show_warning(f"the lesion layer {layers['lesion'][1]['name']!r} is empty, so this case "
                          "adds nothing to the lesion term (Eq. 7); paint the lesion first")
         # ctp2mri.training.post_train.PostTrainSettings fields

@@ -96,8 +96,8 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
 
     settings = PostTrainSettings(
         lambda_image=args.lambda_image, lambda_lesion=args.lambda_lesion, lambda_core=args.lambda_core,
-        target=args.target,
-        latent_objective=args.latent_objective, init=args.init, steps=args.steps, batch_size=args.batch_size,
+        target=args.target, latent_objective=args.latent_objective, init=args.init, steps=args.steps,
+        batch_size=args.batch_size,
         lr=args.lr, grad_accum=args.grad_accum, ema_decay=args.ema_decay, lesion_oversample=args.lesion_oversample,
         gradient_checkpointing=args.gradient_checkpointing, precision=args.precision, seed=args.seed,
         num_workers=args.num_workers, checkpoint_every=args.checkpoint_every)

@@ -18,7 +18,7 @@ it, and says so in the model card:
 - cLDM and post-training: learning rates 5e-4 / 1e-4 instead of 2e-6 × batch (the official
   rate needs hundreds of thousands of steps), EMA decay 0.999 (0.9999 would still be
   averaging the initial weights after a few hundred steps), 0.995 for the demo recipe's
-  600 post-training steps;
+  1500 post-training steps;
 - the demo recipe's post-training λs are 50× / 200× the paper's (λ_image 0.5, λ_lesion 4.0):
   its base objective holds the condition loss, against which the paper's λs hardly move the
   lesion (REPORT.md §D6, §D7); it adds the core term (λ_core 0.3, not in the paper), which holds
@@ -135,7 +135,8 @@ RECIPES: dict[str, DemoRecipe] = {
                           ldm_lesion_oversample=None, pt_steps=300, pt_lesion_oversample=None),
     # seconds: exercises the whole pipeline (tests, a smoke run); the models are useless.
     "smoke": DemoRecipe(cases=5, ae_steps=3, ae_batch=2, codebook_restart=2, ldm_steps=3, ldm_batch=2,
-                        pt_batch=2, eval_steps=2, reference_steps=2, reference_batch=2, **{**V8_LEVERS, "pt_steps": 2}),
+                        pt_batch=2, eval_steps=2, reference_steps=2, reference_batch=2,
+                        **{**V8_LEVERS, "pt_steps": 2}),
 }
 
 
