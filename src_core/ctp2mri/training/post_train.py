@@ -237,11 +237,12 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
         bridge_loss_type = (base_cfg.get("training") or {}).get("loss_type", "l1")
     else:
         schedule = NoiseSchedule.from_config(base_cfg["schedule"]) if "schedule" in base_cfg else NoiseSchedule()
+    adc_window = adc_window_of(base_cfg.get("normalisation"))
+    # a base without the ADC window is refused before the run folder is made
+    core = core_threshold(adc_window) if opts.lambda_core else None
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     barrier(info)
     # the data normalised as the base was trained (its ADC window, or per-case quantiles before it)
-    adc_window = adc_window_of(base_cfg.get("normalisation"))
-    core = core_threshold(adc_window) if opts.lambda_core else None  # refuses a model without the ADC window
     dataset = _dataset(data, profile, opts.seed, opts.lambda_lesion > 0 or opts.lambda_core > 0, lesions,
                        progress if info.is_main else None, cancel, adc_window)
     weights, sampling = lesion_sampling(dataset, opts.lesion_oversample, info)
