@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctp2mri.case_slices import adc_window_of
+from ctp2mri.case_slices import normalisation_of
 from ctp2mri.casefolder import is_case_folder, read_case
 from ctp2mri.errors import InputError
 from ctp2mri.evaluation.lesion_metrics import dice, volume_ml
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     scores: dict[float, list[tuple[float, float]]] = {t: [] for t in thresholds}  # (dice, lesion ml)
     for folder in folders:
         case = read_case(folder, require=("ctp", "mask", "lesion"))
-        part = normalise_for_model(case, folder.name, model.profile, "model", adc_window_of(model.normalisation))
+        part = normalise_for_model(case, folder.name, model.profile, "model", **normalisation_of(model.normalisation))
         lesion = part.lesion[:, 0].astype(bool)
         if not lesion.any():
             continue

@@ -18,9 +18,12 @@ from ctp2mri.models.cldm import ConditionalLDM
 NORMALISATION = {"statistic": "median over cases", "n_cases": 2, "quantiles": [0.5, 99.5],
                  "ctp_hu_range": [0.0, 200.0],
                  "units": {"dwi": "scanner units (b = 1000 s/mm²)", "adc": "1e-6 mm²/s"},
-                 "dwi": {"lo": 50.0, "hi": 220.0}, "adc": {"lo": 200.0, "hi": 2600.0}, "adc_window": [200.0, 2600.0]}
+                 "dwi": {"lo": 50.0, "hi": 220.0}, "adc": {"lo": 200.0, "hi": 2600.0}, "adc_window": [200.0, 2600.0],
+                 "dwi_hi_median": None}
+# a checkpoint trained with the DWI anchor: DWI's upper bound 1.6 × the brain median
+ANCHORED_DWI_NORMALISATION = {**NORMALISATION, "dwi_hi_median": 1.6, "dwi": {"lo": 50.0, "hi": 215.0}}
 # a checkpoint from before the fixed ADC window: ADC normalised with each case's quantiles
-LEGACY_NORMALISATION = {**{k: v for k, v in NORMALISATION.items() if k != "adc_window"},
+LEGACY_NORMALISATION = {**{k: v for k, v in NORMALISATION.items() if k not in ("adc_window", "dwi_hi_median")},
                         "adc": {"lo": 420.0, "hi": 2890.0}}
 
 # Networks far smaller than the demo profile's, in the trainers' config form (train_autoencoder's

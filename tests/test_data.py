@@ -15,12 +15,13 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from ctp2mri.augmentation import Augmentation
-from ctp2mri.case_slices import adc_window_of
+from ctp2mri.case_slices import adc_window_of, dwi_hi_median_of, normalisation_of
 from ctp2mri.casefolder import read_case
 from ctp2mri.data import SliceDataset, normalise_case
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
 from ctp2mri.preprocessing.preprocess import denormalise_mri
+from ctp2mri.training.batches import load_dataset
 from ctp2mri.training.sampling import lesion_slice_weights
 
 ALL = ("ctp", "dwi", "adc", "lesion", "mask")
@@ -108,6 +109,7 @@ def test_intensity_ranges_are_medians_and_invert_the_normalisation(train, data):
     per_case = np.array([np.percentile(c.dwi.array[c.mask.array.astype(bool)], [0.5, 99.5]) for c in cases.values()])
     assert ranges["dwi"]["lo"] == pytest.approx(np.median(per_case[:, 0]), rel=1e-6)
     assert ranges["dwi"]["hi"] == pytest.approx(np.median(per_case[:, 1]), rel=1e-6)
+    assert ranges["dwi_hi_median"] is None and dwi_hi_median_of(json.loads(json.dumps(ranges))) is None
     # ADC (1e-6 mm²/s): the fixed window for every case, recorded for adc_window_of
     assert (ranges["adc"]["lo"], ranges["adc"]["hi"]) == (200.0, 2600.0) and ranges["adc_window"] == [200.0, 2600.0]
     assert adc_window_of(json.loads(json.dumps(ranges))) == (200.0, 2600.0)  # goes into config.json
@@ -418,6 +420,47 @@ def test_adc_window_maps_one_value_alike_in_every_case_and_legacy_keeps_quantile
         expect = (case.adc.array[:, :, train.slice_index[rows].numpy()] < 620) & brain[:, :, train.slice_index[rows].numpy()]
         assert torch.equal(below, torch.from_numpy(np.moveaxis(expect, -1, 0)))
     assert not torch.equal(legacy.target[:, 1], train.target[:, 1])
+
+
+def test_dwi_anchor_puts_normal_tissue_on_one_level_and_is_recorded(data, train):
+    """dwi_hi_median=1.6: DWI's upper bound at 1.6 × the brain median, so the median brain voxel
+    lands on one value in every case, where the default 99.5 % quantile moves with the lesion's
+    size and brightness; recorded for dwi_hi_median_of, refused when a model needs the other."""
+    root, _, cases = data
+    anchored = SliceDataset(root, "train", "demo", augment=False, cache_dtype=torch.float32, dwi_hi_median=1.6)
+    assert anchored.intensity_ranges()["dwi_hi_median"] == 1.6
+    assert dwi_hi_median_of(json.loads(json.dumps(anchored.intensity_ranges()))) == 1.6  # goes into config.json
+    assert dwi_hi_median_of({}) is None  # a checkpoint from before the option: the quantiles
+    assert normalisation_of({"adc_window": [200, 2600], "dwi_hi_median": 1.6}) == {"adc_window": (200.0, 2600.0),
+                                                                                  "dwi_hi_median": 1.6}
+    for bad in (1.0, 0.5, float("inf"), "bright"):
+        with pytest.raises(InputError, match="DWI upper bound"):
+            dwi_hi_median_of({"dwi_hi_median": bad})
+    levels = []
+    for name, case in cases.items():
+        brain = case.mask.array.astype(bool)
+        lo, median = np.percentile(case.dwi.array[brain], 0.5), np.median(case.dwi.array[brain])
+        assert anchored.case_ranges()[name]["dwi"] == pytest.approx((lo, 1.6 * median), rel=1e-5)
+        levels.append(-1 + 2 * (median - lo) / (1.6 * median - lo))  # where the median voxel lands
+        rows = (anchored.case_index == anchored.case_names.index(name)).nonzero()[:, 0]
+        values = anchored.target[rows, 0][anchored.brain[rows, 0] > 0]
+        assert float(values.median()) == pytest.approx(levels[-1], abs=0.02)  # the slices kept hold most of the brain
+        assert torch.equal(anchored.target[rows, 1], train.target[rows, 1])  # ADC untouched
+    assert not torch.equal(anchored.target[:, 0], train.target[:, 0])
+    assert max(levels) - min(levels) < 0.1
+    # a cache written on one scale is not read for the other; the default's key is unchanged
+    from ctp2mri.slice_cache import cache_key
+
+    folder, prof = root / anchored.case_names[0], anchored.profile
+    default_key = cache_key(folder, prof, 0.01, torch.float16, (200.0, 2600.0))
+    assert cache_key(folder, prof, 0.01, torch.float16, (200.0, 2600.0), None) == default_key
+    assert cache_key(folder, prof, 0.01, torch.float16, (200.0, 2600.0), 1.6) != default_key
+    # a dataset built one way is refused for a model trained the other way
+    with pytest.raises(InputError, match="DWI upper bound is the 99.5 % brain quantile but the model needs 1.6"):
+        load_dataset(train, "demo", 0, adc_window=(200.0, 2600.0), dwi_hi_median=1.6)
+    with pytest.raises(InputError, match="DWI upper bound is 1.6 × the brain median but the model needs the 99.5"):
+        load_dataset(anchored, "demo", 0, adc_window=(200.0, 2600.0))
+    assert load_dataset(anchored, "demo", 0, adc_window=(200.0, 2600.0), dwi_hi_median=1.6) is anchored
 
 
 def test_adc_in_other_units_is_refused_on_the_window_and_named(data):

@@ -59,6 +59,8 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     assert post_training["lambda_core"] == rec.lambda_core > 0  # the core term reached post-training
     assert read_config(work / "autoencoder")["training"]["lesion_weight"] == rec.ae_lesion_weight
     assert read_config(work / "reference_unet")["training"]["adversarial"] is False
+    for name in ("autoencoder", "cldm_base", "cldm_post_trained", "reference_unet"):  # DWI on its quantiles
+        assert read_config(work / name)["normalisation"]["dwi_hi_median"] is None, name
     assert "timings_s" in result and "reference" in result["timings_s"]
     for name, factor in (("autoencoder", rec.ae_lesion_oversample), ("cldm_base", rec.ldm_lesion_oversample)):
         assert factor and read_config(work / name)["training"]["lesion_oversample"] == factor  # reached the trainer
@@ -100,6 +102,20 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     for name in ("dwi", "adc", "core"):
         img = nib.load(out / "synthetic" / f"{name}.nii.gz")
         assert img.shape == ctp.shape[:3] and np.array_equal(img.affine, ctp.affine)
+
+
+@pytest.mark.slow
+def test_the_dwi_anchor_of_a_recipe_reaches_every_stage(tmp_path):
+    """demo-dwi-anchor's setting: the autoencoder and the reference are trained on DWI scaled to
+    1.6 × the brain median, and the base and post-training follow the autoencoder's record."""
+    from dataclasses import replace
+
+    torch.set_num_threads(1)
+    assert RECIPES["demo-dwi-anchor"].dwi_hi_median == 1.6 and RECIPES["demo"].dwi_hi_median is None
+    rec = replace(RECIPES["smoke"], dwi_hi_median=1.6)
+    train_demo(tmp_path / "work", rec, device="cpu", evaluate_models=False)
+    for name in ("autoencoder", "cldm_base", "cldm_post_trained", "reference_unet"):
+        assert read_config(tmp_path / "work" / name)["normalisation"]["dwi_hi_median"] == 1.6, name
 
 
 @pytest.mark.slow
@@ -162,11 +178,17 @@ def test_the_repository_ships_the_demo_models_small_loadable_and_documented():
     base = read_config(found["demo-base"])
     post = read_config(found["demo"])
     # The bundle is what one run of the demo recipe made (REPORT.md §D7): its recipe.json is
-    # RECIPES["demo"], and every model's step count is that recipe's.
-    from dataclasses import asdict
+    # RECIPES["demo"], and every model's step count is that recipe's. A setting added after the
+    # run (the DWI anchor) is absent from its record and at its default, which is the old behaviour.
+    from dataclasses import asdict, fields
+
+    from ctp2mri.recipes.train_demo import DemoRecipe
 
     recipe = RECIPES["demo"]
-    assert json.loads((root / "recipe.json").read_text())["recipe"] == asdict(recipe)
+    recorded = json.loads((root / "recipe.json").read_text())["recipe"]
+    later = {f.name: f.default for f in fields(DemoRecipe) if f.name not in recorded}
+    assert set(later) <= {"dwi_hi_median"} and all(v is None for v in later.values())
+    assert {**recorded, **later} == asdict(recipe)
     for name, steps in (("autoencoder", recipe.ae_steps), ("cldm_base", recipe.ldm_steps),
                         ("cldm_post_trained", recipe.pt_steps), ("reference_unet", recipe.reference_steps)):
         assert read_config(root / name)["provenance"]["steps"] == steps, name
@@ -176,4 +198,6 @@ def test_the_repository_ships_the_demo_models_small_loadable_and_documented():
     assert post["post_training"].get("lambda_core", 0.0) == recipe.lambda_core
     assert base["training"]["condition_lesion_weight"] == recipe.condition_lesion_weight == 0.0
     assert post["networks"]["autoencoder"] == base["networks"]["autoencoder"]
+    for name in ("autoencoder", "cldm_base", "cldm_post_trained", "reference_unet"):  # the recipe's DWI scale
+        assert read_config(root / name)["normalisation"].get("dwi_hi_median") == recipe.dwi_hi_median, name
     assert model.profile == "demo"

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from _helpers_cldm import LEGACY_NORMALISATION, save_tiny_cldm
+from _helpers_cldm import ANCHORED_DWI_NORMALISATION, LEGACY_NORMALISATION, save_tiny_cldm
 
 from ctp2mri.casefolder import read_case, write_case
 from ctp2mri.data import normalise_case
@@ -239,24 +239,29 @@ def test_several_models_share_cases_and_seeds(data, tiny_cldm):
     assert set(summary) == {"a", "b"}
 
 
-def test_a_model_from_before_the_adc_window_is_scored_on_per_case_quantiles(data, tiny_cldm, tmp_path):
-    """Each model is scored on the ADC scale it was trained on: the fixed window, or (older
-    checkpoints) each case's quantiles; same weights and noise, so only the ADC's scale differs."""
+def test_older_models_are_scored_on_the_scales_they_were_trained_on(data, tiny_cldm, tmp_path):
+    """Each model is scored on the scales it was trained on: ADC on the fixed window or (older
+    checkpoints) each case's quantiles, DWI up to its 99.5 % quantile or (the DWI anchor) 1.6 ×
+    the brain median; same weights and noise, so only the scales differ."""
+    anchored = save_tiny_cldm(tmp_path / "anchored", normalisation=ANCHORED_DWI_NORMALISATION)
     legacy = save_tiny_cldm(tmp_path / "legacy", normalisation=LEGACY_NORMALISATION)
-    rows, _ = evaluate({"window": tiny_cldm, "legacy": legacy}, data, "test", n_steps=1, device="cpu", max_cases=1)
+    rows, _ = evaluate({"window": tiny_cldm, "anchored DWI": anchored, "legacy": legacy}, data, "test",
+                       n_steps=1, device="cpu", max_cases=1)
     name = rows[0]["case"]
     case = read_case(data / name, require=("ctp", "dwi", "adc", "mask", "lesion"))
     lesion = (case.lesion.array > 0) & (case.mask.array > 0)
     model = load_model(tiny_cldm, "cpu")
-    for row, window in zip(rows, ((200.0, 2600.0), None)):
-        part = normalise_case(case, name, "demo", min_brain_fraction=0.0, adc_window=window)
+    for row, (window, anchor) in zip(rows, (((200.0, 2600.0), None), ((200.0, 2600.0), 1.6), (None, None))):
+        part = normalise_case(case, name, "demo", min_brain_fraction=0.0, adc_window=window, dwi_hi_median=anchor)
         pred = sample_slices(model, torch.from_numpy(part.cond), n_steps=1, seed=case_seed(0, name),
                              batch_size=32, ids=part.slices.tolist()).numpy() * part.brain
         vol, gt = (np.zeros((2, *case.mask.array.shape), np.float32) for _ in range(2))
         vol[:, :, :, part.slices], gt[:, :, :, part.slices] = pred.transpose(1, 2, 3, 0), part.target.transpose(1, 2, 3, 0)
         direct = flat_metrics(channel_metrics(vol, gt, case.mask.array, lesion, layout="volume"))
         assert math.isclose(row["ADC_mae"], direct["ADC_mae"], rel_tol=1e-6), row["model"]
-    assert rows[0]["DWI_mae"] == rows[1]["DWI_mae"] and rows[0]["ADC_mae"] != rows[1]["ADC_mae"]
+        assert math.isclose(row["DWI_mae"], direct["DWI_mae"], rel_tol=1e-6), row["model"]
+    assert rows[0]["DWI_mae"] != rows[1]["DWI_mae"] and rows[0]["ADC_mae"] == rows[1]["ADC_mae"]
+    assert rows[0]["DWI_mae"] == rows[2]["DWI_mae"] and rows[0]["ADC_mae"] != rows[2]["ADC_mae"]
 
 
 def test_several_seeds_give_a_row_per_case_and_seed(result, data, tiny_cldm, tmp_path, capsys):

@@ -117,6 +117,29 @@ def test_normalise_mri_quantiles_and_inverse():
     assert (back[~mask] == 0).all()
 
 
+def test_normalise_mri_anchored_on_the_brain_median():
+    """hi_median: the upper bound is a multiple of the brain median (DWI), so the median voxel
+    lands where it does in any case, however bright the tail above it."""
+    rng = np.random.default_rng(1)
+    image = rng.lognormal(5.0, 0.1, size=(20, 20, 10)).astype(np.float32)
+    mask = np.zeros(image.shape, bool)
+    mask[2:18, 3:17, 1:9] = True
+    bright = image.copy()
+    bright[4:12, 4:12, 2:6] *= 1.5  # a large bright lesion moves the 99.5 % quantile, not the anchor
+    levels = []
+    for img in (image, bright):
+        out, (lo, hi) = normalise_mri(img, mask, hi_median=1.6)
+        inside = img[mask]
+        assert lo == pytest.approx(np.percentile(inside, 0.5)) and hi == pytest.approx(1.6 * np.median(inside))
+        levels.append(float(np.median(out[mask])))
+        np.testing.assert_allclose(denormalise_mri(out, lo, hi, mask)[mask], np.clip(inside, lo, hi), rtol=1e-5)
+    assert levels[0] == pytest.approx(levels[1], abs=0.02)
+    quantile_levels = [float(np.median(normalise_mri(img, mask)[0][mask])) for img in (image, bright)]
+    assert abs(quantile_levels[0] - quantile_levels[1]) > 0.2  # what the anchor is for
+    with pytest.raises(InputError, match="constant"):
+        normalise_mri(np.full((4, 4, 4), 0.0, np.float32), np.ones((4, 4, 4)), hi_median=1.6)
+
+
 @pytest.mark.parametrize("bad_mask, match", [(np.zeros((4, 4, 4)), "empty"), (np.ones((4, 4, 3)), "does not fit")])
 def test_normalisation_refuses_bad_masks(bad_mask, match):
     image = np.arange(64, dtype=np.float32).reshape(4, 4, 4)

@@ -2,7 +2,8 @@
 
 Shared by the training dataset (`ctp2mri.data`), evaluation and synthesis, so that every
 path normalises a case the same way: CTP [0, 200] HU → [−1, 1], DWI clipped to the case's
-0.5–99.5 % brain quantiles → [−1, 1], ADC clipped to the fixed window ``ADC_WINDOW`` (10⁻⁶
+0.5–99.5 % brain quantiles → [−1, 1] (or, for a model trained with the DWI anchor, to its 0.5 %
+quantile and ``dwi_hi_median`` × its brain median), ADC clipped to the fixed window ``ADC_WINDOW`` (10⁻⁶
 mm²/s) → [−1, 1] (models trained before that window used the case's quantiles for ADC too:
 ``adc_window=None``), all × brain mask; slices laid out ``(H, W) = (X, Y)``.
 """
@@ -129,6 +130,32 @@ def adc_window_of(normalisation: Mapping[str, Any] | None) -> tuple[float, float
     return check_adc_window((normalisation or {}).get("adc_window"))
 
 
+def dwi_hi_median_of(normalisation: Mapping[str, Any] | None) -> float | None:
+    """The DWI upper bound (× brain median) a checkpoint's ``normalisation`` record was trained
+    with, or None for a model trained on per-case DWI quantiles (the default)."""
+    return check_dwi_hi_median((normalisation or {}).get("dwi_hi_median"))
+
+
+def normalisation_of(normalisation: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``adc_window`` and ``dwi_hi_median`` keywords (of `normalise_case`, `SliceDataset`,
+    `ctp2mri.training.batches.load_dataset`) that reproduce a checkpoint's normalisation."""
+    return {"adc_window": adc_window_of(normalisation), "dwi_hi_median": dwi_hi_median_of(normalisation)}
+
+
+def check_dwi_hi_median(value: float | None) -> float | None:
+    """``value`` as a float, or an InputError unless it is a finite number > 1 (the bound must
+    lie above normal tissue)."""
+    if value is None:
+        return None
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"the DWI upper bound must be a multiple of the brain median, got {value!r}") from None
+    if not (math.isfinite(factor) and factor > 1.0):
+        raise InputError(f"the DWI upper bound must be a finite multiple > 1 of the brain median, got {factor:g}")
+    return factor
+
+
 def check_adc_window(window: tuple[float, float] | None) -> tuple[float, float] | None:
     """``window`` as floats, or an InputError when it is not two finite numbers lo < hi."""
     if window is None:
@@ -156,7 +183,8 @@ def _check_adc_units(adc: np.ndarray, brain: np.ndarray, window: tuple[float, fl
 
 def normalise_case(case: Case, name: str | None = None, profile: str | Profile | None = None,
                    min_brain_fraction: float = 0.01, require_lesion: bool = False, *,
-                   adc_window: tuple[float, float] | None = ADC_WINDOW) -> CaseSlices:
+                   adc_window: tuple[float, float] | None = ADC_WINDOW,
+                   dwi_hi_median: float | None = None) -> CaseSlices:
     """Validate one case and cut it into normalised axial slices (the dataset's per-case step).
 
     Parameters
@@ -177,6 +205,10 @@ def normalise_case(case: Case, name: str | None = None, profile: str | Profile |
         ADC (10⁻⁶ mm²/s) mapped to [−1, 1]; None: the case's own brain quantiles, as DWI
         (what models trained before the fixed window expect; `adc_window_of` reads it from a
         checkpoint).
+    dwi_hi_median
+        DWI's upper bound as a multiple of the brain median (the DWI anchor,
+        `ctp2mri.settings.DWI_HI_MEDIAN`); None: the 99.5 % brain quantile (the default; a
+        checkpoint's is read by `dwi_hi_median_of`).
 
     Raises
     ------
@@ -186,6 +218,7 @@ def normalise_case(case: Case, name: str | None = None, profile: str | Profile |
     """
     name = name or case_name(case, 0)
     adc_window = check_adc_window(adc_window)
+    dwi_hi_median = check_dwi_hi_median(dwi_hi_median)
     prof = _check_case(case, name, get_profile(profile) if isinstance(profile, str) else profile, require_lesion)
     brain = case.mask.array != 0
     counts = brain.sum(axis=(0, 1))
@@ -204,7 +237,8 @@ def normalise_case(case: Case, name: str | None = None, profile: str | Profile |
                 _check_adc_units(case.adc.array, brain, adc_window)
                 image, ranges[what] = normalise_mri_like(case.adc.array, *adc_window, brain), adc_window
             else:
-                image, ranges[what] = normalise_mri(getattr(case, what).array, brain)
+                image, ranges[what] = normalise_mri(getattr(case, what).array, brain,
+                                                    hi_median=dwi_hi_median if what == "dwi" else None)
         except InputError as exc:
             raise InputError(f"case {name}, {CASE_FILES[what]}: {exc}") from None
         # float32 rounding in the scaling may overshoot ±1 by an ulp; the contract is [−1, 1].

@@ -8,8 +8,9 @@ left-right flip is a flip of H) and columns along the second (posterior → ante
 ==========  ===========  =======================================================================
 key         shape        content
 ==========  ===========  =======================================================================
-``target``  (2, H, W)    DWI, ADC: clipped to the case's 0.5–99.5 % brain quantiles → [−1, 1],
-                         × brain (normalisation contract, docs/contracts.md), float32
+``target``  (2, H, W)    DWI clipped to the case's 0.5–99.5 % brain quantiles (or its DWI
+                         anchor), ADC to the fixed window, → [−1, 1], × brain (normalisation
+                         contract, docs/contracts.md), float32
 ``cond``    (T, H, W)    the T = 15 CTP frames: [0, 200] HU → [−1, 1], × brain, float32
 ``brain``   (1, H, W)    brain mask, float32 in {0, 1}
 ``lesion``  (1, H, W)    lesion (infarct core) mask inside the brain, float32 in {0, 1}
@@ -45,6 +46,7 @@ from ctp2mri.case_slices import (
     CaseSlices,
     case_name,
     check_adc_window,
+    check_dwi_hi_median,
     lesion_volume,
     normalise_case,
 )
@@ -166,6 +168,9 @@ class SliceDataset(Dataset):
         (`ctp2mri.slice_cache`).
     progress, cancel
         Called after / checked before each case.
+    adc_window, dwi_hi_median
+        The normalisation (`ctp2mri.case_slices.normalise_case`); a checkpoint's are
+        ``ctp2mri.case_slices.normalisation_of(config["normalisation"])``.
 
     Notes
     -----
@@ -181,7 +186,8 @@ class SliceDataset(Dataset):
                  require_lesion: bool = False, lesions: Mapping[str, Volume | np.ndarray] | None = None,
                  cache_dtype: torch.dtype | str = torch.float16, cache_dir: str | os.PathLike | None = None,
                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                 adc_window: tuple[float, float] | None = ADC_WINDOW) -> None:
+                 adc_window: tuple[float, float] | None = ADC_WINDOW,
+                 dwi_hi_median: float | None = None) -> None:
         if isinstance(cache_dtype, str):  # "float16" / "float32" from a command line or config
             cache_dtype = getattr(torch, cache_dtype, cache_dtype)
         if cache_dtype not in (torch.float16, torch.float32):
@@ -190,6 +196,7 @@ class SliceDataset(Dataset):
             raise InputError(f"min_brain_fraction must lie in [0, 1], got {min_brain_fraction}")
         self.split = split
         self.adc_window = check_adc_window(adc_window)
+        self.dwi_hi_median = check_dwi_hi_median(dwi_hi_median)
         self.min_brain_fraction = float(min_brain_fraction)
         self.cache_dtype = cache_dtype
         requested = get_profile(profile) if isinstance(profile, str) else profile
@@ -244,7 +251,8 @@ class SliceDataset(Dataset):
                    lesion: Volume | np.ndarray | None, cache: Path | None) -> tuple[CaseSlices, bool]:
         cache_file = None
         if cache is not None and isinstance(source, Path) and lesion is None:
-            key = cache_key(source, prof, self.min_brain_fraction, self.cache_dtype, self.adc_window)
+            key = cache_key(source, prof, self.min_brain_fraction, self.cache_dtype, self.adc_window,
+                            self.dwi_hi_median)
             cache_file = cache / f"{name}-{key}.safetensors"
             if cache_file.is_file():
                 part = read_cache(cache_file, name)
@@ -260,7 +268,8 @@ class SliceDataset(Dataset):
             case = source
         if lesion is not None:
             case = replace(case, lesion=lesion_volume(lesion, case, name))
-        part = normalise_case(case, name, prof, self.min_brain_fraction, require_lesion, adc_window=self.adc_window)
+        part = normalise_case(case, name, prof, self.min_brain_fraction, require_lesion, adc_window=self.adc_window,
+                              dwi_hi_median=self.dwi_hi_median)
         # Held in the storage type from here on: the build's peak stays near 2× the final size.
         dtype = np.float16 if self.cache_dtype == torch.float16 else np.float32
         part.target, part.cond = part.target.astype(dtype, copy=False), part.cond.astype(dtype, copy=False)
@@ -318,6 +327,8 @@ class SliceDataset(Dataset):
             out[what] = {"lo": float(np.median(values[:, 0])), "hi": float(np.median(values[:, 1]))}
         # read back by `adc_window_of`: absent, the ADC was normalised with per-case quantiles
         out["adc_window"] = list(self.adc_window) if self.adc_window is not None else None
+        # read back by `dwi_hi_median_of`: None or absent, DWI's upper bound is the 99.5 % quantile
+        out["dwi_hi_median"] = self.dwi_hi_median
         return out
 
     def summary(self) -> dict[str, Any]:

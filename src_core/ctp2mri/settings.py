@@ -7,7 +7,7 @@ project's choices for the demo profile.
 
 from __future__ import annotations
 
-__all__ = ["ADC_WINDOW", "AE_BASE_LR", "CORE_ADC_THRESHOLD", "CORE_TERM_WIDTH", "DEFAULT_SAMPLER",
+__all__ = ["ADC_WINDOW", "AE_BASE_LR", "CORE_ADC_THRESHOLD", "CORE_TERM_WIDTH", "DEFAULT_SAMPLER", "DWI_HI_MEDIAN",
            "EMA_DECAY", "LAMBDA_IMAGE", "LAMBDA_LESION", "LDM_BASE_LR", "MIN_CORE_COMPONENT_ML",
            "PRECISIONS", "SAMPLER_STEPS", "SNR_GAMMA", "WEIGHT_DECAY", "sampler_steps"]
 
@@ -26,6 +26,14 @@ CORE_TERM_WIDTH = 40.0
 #: ~400 in one case and ~600 in another and the synthetic core could not be read off in units.
 #: 200 keeps every infarct core (≈ 300–600) inside; 2600 keeps tissue and most CSF.
 ADC_WINDOW = (200.0, 2600.0)
+#: DWI's upper bound as a multiple of the case's brain median, for a model trained with the DWI
+#: anchor (``dwi_hi_median``; the lower bound stays the 0.5 % brain quantile). The default DWI
+#: scale, up to the 99.5 % brain quantile, sits on the lesion itself when the lesion is large:
+#: normal tissue lands at +0.5 in one case and −0.1 in another, a level a model must guess from
+#: the lesion's size, and the lesion is clipped (held-out rDWI 1.45 unclipped, 1.29 clipped).
+#: Anchored, normal tissue lands near 0 everywhere and 1.6 clips only the brightest lesion
+#: voxels. Opt-in: the demo recipe trained with it lost core Dice (REPORT.md §D10).
+DWI_HI_MEDIAN = 1.6
 
 #: λ_image and λ_lesion of Eq. 8, the paper's best pair (Table 2) and its official code's.
 LAMBDA_IMAGE = 0.01

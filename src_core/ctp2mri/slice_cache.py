@@ -30,13 +30,15 @@ DATA_VERSION = "2"
 
 
 def cache_key(folder: Path, profile: Profile | None, min_brain_fraction: float, dtype: torch.dtype,
-              adc_window: tuple[float, float] | None = None) -> str:
+              adc_window: tuple[float, float] | None = None, dwi_hi_median: float | None = None) -> str:
     """The cache key of case ``folder`` normalised with these settings (24 hex digits)."""
     digest = hashlib.sha256()
     settings = {"version": DATA_VERSION, "profile": asdict(profile) if profile else None,
                 "min_brain_fraction": min_brain_fraction, "dtype": str(dtype),
                 "ctp_hu_range": list(CTP_HU_RANGE), "quantiles": list(MRI_QUANTILES),
                 "adc_window": list(adc_window) if adc_window is not None else None, "folder": str(folder.resolve())}
+    if dwi_hi_median is not None:  # absent for the default DWI scale: older caches keep their keys
+        settings["dwi_hi_median"] = dwi_hi_median
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for filename in sorted((*CASE_FILES.values(), CASE_INFO)):
         path = folder / filename

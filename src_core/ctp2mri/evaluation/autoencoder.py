@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctp2mri.case_slices import adc_window_of
+from ctp2mri.case_slices import normalisation_of
 from ctp2mri.casefolder import read_case
 from ctp2mri.checkpoints import load_checkpoint
 from ctp2mri.data import SliceDataset, resolve_cases
@@ -62,7 +62,7 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, data_dir: str | os.PathL
     nets, config = load_checkpoint(checkpoint, names=["model"], map_location=dev, kind="autoencoder")
     autoencoder = nets["model"].eval()
     dataset = SliceDataset(data_dir, split=split, profile=config.get("profile"), augment=False,
-                           adc_window=adc_window_of(config.get("normalisation")))
+                           **normalisation_of(config.get("normalisation")))
     preds, targets, brains, lesions = [], [], [], []
     n = len(dataset)
     with torch.inference_mode():

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctp2mri.case_slices import adc_window_of, case_name
+from ctp2mri.case_slices import adc_window_of, case_name, dwi_hi_median_of
 from ctp2mri.casefolder import CASE_FILES, Case, read_case
 from ctp2mri.checks import whole
 from ctp2mri.data import CaseSlices, CaseSource, resolve_cases
@@ -278,14 +278,14 @@ def evaluate(models: ModelSpec, data: CaseSource | Sequence[CaseSource], split: 
     for index, (name, source) in enumerate(cases):
         case = source if isinstance(source, Case) else read_case(source, require=EVALUATION_NEEDS)
         perfusion_row = perfusion_core(case) if perfusion else {}
-        parts: dict[tuple[str, tuple[float, float] | None], CaseSlices] = {}
+        parts: dict[tuple[str, tuple[float, float] | None, float | None], CaseSlices] = {}
         for label, model in loaded.items():
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            # models on one grid and one ADC window share the normalised case
-            key = (model.profile, adc_window_of(model.normalisation))
+            # models on one grid and one normalisation share the normalised case
+            key = (model.profile, adc_window_of(model.normalisation), dwi_hi_median_of(model.normalisation))
             if key not in parts:
-                parts[key] = normalise_for_model(case, name, model.profile, label, key[1])
+                parts[key] = normalise_for_model(case, name, model.profile, label, key[1], key[2])
             part = parts[key]
             n = len(part.slices)
             for run_seed in seeds:

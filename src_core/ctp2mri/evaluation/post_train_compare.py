@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ctp2mri.bundled import resolve_model
-from ctp2mri.case_slices import adc_window_of
+from ctp2mri.case_slices import normalisation_of
 from ctp2mri.checkpoints import read_config
 from ctp2mri.data import CaseSource, SliceDataset
 from ctp2mri.errors import Cancelled, InputError
@@ -117,7 +117,7 @@ def post_train_and_compare(base: str | os.PathLike, out: str | os.PathLike, sour
     base_cfg = read_config(base)
     dataset = SliceDataset(list(sources), profile=base_cfg["profile"], augment=True, seed=settings.seed,
                            require_lesion=settings.lambda_lesion > 0, progress=_phase(progress, "data"),
-                           cancel=cancel, adc_window=adc_window_of(base_cfg.get("normalisation")))
+                           cancel=cancel, **normalisation_of(base_cfg.get("normalisation")))
     post_train(dataset, base, out, settings, device=device, resume=resume, progress=_phase(progress, "train"),
                cancel=cancel)
     rows, note = None, ""

@@ -49,9 +49,11 @@ def case_seed(seed: int, case: str) -> int:
 
 
 def normalise_for_model(case: Case, name: str, profile: str, model_label: str,
-                        adc_window: tuple[float, float] | None = ADC_WINDOW) -> CaseSlices:
-    """Every axial slice of ``case`` that holds brain, normalised on ``profile``'s grid with the
-    model's ADC window (``adc_window_of(model.normalisation)``; None: per-case quantiles).
+                        adc_window: tuple[float, float] | None = ADC_WINDOW,
+                        dwi_hi_median: float | None = None) -> CaseSlices:
+    """Every axial slice of ``case`` that holds brain, normalised on ``profile``'s grid as the
+    model was trained (``normalisation_of(model.normalisation)``: its ADC window, None for
+    per-case quantiles, and DWI anchor, None for the 99.5 % quantile).
 
     Raises
     ------
@@ -60,7 +62,8 @@ def normalise_for_model(case: Case, name: str, profile: str, model_label: str,
     """
     try:
         # min_brain_fraction 0: every slice with brain, so metrics cover the whole brain
-        return normalise_case(case, name, profile, min_brain_fraction=0.0, adc_window=adc_window)
+        return normalise_case(case, name, profile, min_brain_fraction=0.0, adc_window=adc_window,
+                              dwi_hi_median=dwi_hi_median)
     except InputError as exc:
         raise InputError(f"model {model_label} works on the {profile!r} profile's grid, but: {exc}") from None
 

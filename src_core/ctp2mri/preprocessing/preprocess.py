@@ -66,9 +66,13 @@ def normalise_ctp(array: np.ndarray, mask: Volume | np.ndarray,
 
 
 def normalise_mri(array: np.ndarray, mask: Volume | np.ndarray,
-                  quantiles: tuple[float, float] = MRI_QUANTILES,
+                  quantiles: tuple[float, float] = MRI_QUANTILES, hi_median: float | None = None,
                   ) -> tuple[np.ndarray, tuple[float, float]]:
     """DWI or ADC → [−1, 1] per the contract, with the case's own brain quantiles.
+
+    ``hi_median``: the upper bound is ``hi_median`` × the brain's median instead of the upper
+    quantile (the DWI anchor, `ctp2mri.settings.DWI_HI_MEDIAN`: normal tissue then lands on the
+    same value in every case, whatever the lesion's size).
 
     Returns
     -------
@@ -78,7 +82,16 @@ def normalise_mri(array: np.ndarray, mask: Volume | np.ndarray,
     """
     a = np.asarray(array, dtype=np.float32)
     m = _brain(mask, a.shape, "MRI")
-    lo, hi = (float(q) for q in np.percentile(a[np.broadcast_to(m, a.shape)], quantiles))
+    values = a[np.broadcast_to(m, a.shape)]
+    lo, hi = (float(q) for q in np.percentile(values, quantiles))
+    if hi_median is not None:
+        median = float(np.median(values))
+        if median > lo:
+            hi = float(hi_median) * median
+        elif hi > lo:  # a constant image falls through to the message below
+            raise InputError(f"the image's brain median ({median:g}) is not above its 0.5 % quantile ({lo:g}), "
+                             "so it cannot be scaled to normal tissue; DWI must be a magnitude image (≥ 0) "
+                             "inside the brain")
     if not hi > lo:
         raise InputError(f"the image is constant ({lo:g}) inside the brain mask; it cannot be "
                          "normalised. Check that the right image and mask were given.")

@@ -34,7 +34,7 @@ def _train_reference(data: str, run: str, rec: dict[str, Any], device: str, resu
     out = train_pix2pix(data, run, profile="demo", steps=rec["reference_steps"], batch_size=rec["reference_batch"],
                         adversarial=False, lesion_oversample=rec["ldm_lesion_oversample"], device=device,
                         resume=resume, seed=rec["seed"], checkpoint_every=max(1, rec["reference_steps"] // 4),
-                        num_workers=0)
+                        num_workers=0, dwi_hi_median=rec.get("dwi_hi_median"))
     return str(out), time.perf_counter() - start
 
 

@@ -64,6 +64,7 @@ def train_autoencoder(
     discriminator_config: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    dwi_hi_median: float | None = None,
 ) -> Path:
     """Train (or resume training) the VQGAN autoencoder; the run folder ``out`` is its checkpoint.
 
@@ -115,6 +116,10 @@ def train_autoencoder(
     progress, cancel
         ``progress(step, steps, {"loss", …})`` after each step; a cancel saves a resumable
         checkpoint, then raises `ctp2mri.errors.Cancelled`.
+    dwi_hi_median
+        DWI's upper bound × the brain median (the DWI anchor, `ctp2mri.case_slices.normalise_case`);
+        None (default): the 99.5 % quantile. The latent models trained on this autoencoder
+        read it from its checkpoint.
 
     Returns
     -------
@@ -128,19 +133,22 @@ def train_autoencoder(
                       int(disc_start), float(disc_weight), float(codebook_weight), grad_clip,
                       int(codebook_restart), check_lesion_oversample(lesion_oversample), precision, resume,
                       int(seed), int(num_workers), int(checkpoint_every), int(log_every), autoencoder_config,
-                      discriminator_config, progress, cancel, lesion_weight=_lesion_weight(lesion_weight))
+                      discriminator_config, progress, cancel, lesion_weight=_lesion_weight(lesion_weight),
+                      dwi_hi_median=dwi_hi_median)
     finally:
         shutdown(info)
 
 
 def _train(info, data, out, profile, steps, batch_size, lr, base_lr, scale_lr, disc_start, disc_weight,
            codebook_weight, grad_clip, codebook_restart, lesion_oversample, precision, resume, seed, num_workers,
-           checkpoint_every, log_every, ae_config, d_config, progress, cancel, *, lesion_weight: float = 0.0) -> Path:
+           checkpoint_every, log_every, ae_config, d_config, progress, cancel, *, lesion_weight: float = 0.0,
+           dwi_hi_median: float | None = None) -> Path:
     dev = info.device
     precision = loop.check_precision(precision, dev)
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     barrier(info)
-    dataset = load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
+    dataset = load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel,
+                           dwi_hi_median=dwi_hi_median)
     weights, sampling = lesion_sampling(dataset, lesion_oversample, info)
     ae_config = dict(ae_config or model_config(profile, "autoencoder"))
     d_config = dict(d_config or model_config(profile, "discriminator"))

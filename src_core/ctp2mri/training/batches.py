@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from ctp2mri.case_slices import check_adc_window
+from ctp2mri.case_slices import check_adc_window, check_dwi_hi_median
 from ctp2mri.errors import InputError
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.settings import ADC_WINDOW
@@ -28,10 +28,13 @@ __all__ = ["BatchStream", "data_identity", "load_dataset"]
 
 def load_dataset(data: Any, profile: str, seed: int, split: str = "train",
                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                 adc_window: tuple[float, float] | None = ADC_WINDOW) -> SliceDataset:
+                 adc_window: tuple[float, float] | None = ADC_WINDOW,
+                 dwi_hi_median: float | None = None) -> SliceDataset:
     """The training `SliceDataset` for ``data`` (a data folder, or a dataset built already),
     its ADC normalised with ``adc_window`` (None: per-case quantiles, for models made before
-    the fixed window; `ctp2mri.case_slices.adc_window_of` reads it from a checkpoint)."""
+    the fixed window), DWI's upper bound ``dwi_hi_median`` × the brain median (None, the
+    default: the 99.5 % quantile); `ctp2mri.case_slices.normalisation_of` reads both from a
+    checkpoint."""
     from ctp2mri.data import SliceDataset
 
     if isinstance(data, SliceDataset):
@@ -40,13 +43,20 @@ def load_dataset(data: Any, profile: str, seed: int, split: str = "train",
         if data.adc_window != check_adc_window(adc_window):
             raise InputError(f"the dataset's ADC is normalised with {_window_text(data.adc_window)} but the model "
                              f"needs {_window_text(adc_window)}; build the SliceDataset with adc_window={adc_window!r}")
+        if data.dwi_hi_median != check_dwi_hi_median(dwi_hi_median):
+            raise InputError(f"the dataset's DWI upper bound is {_dwi_text(data.dwi_hi_median)} but the model needs "
+                             f"{_dwi_text(dwi_hi_median)}; build the SliceDataset with dwi_hi_median={dwi_hi_median!r}")
         return data
     return SliceDataset(data, split=split, profile=profile, seed=seed, progress=progress, cancel=cancel,
-                        adc_window=adc_window)
+                        adc_window=adc_window, dwi_hi_median=dwi_hi_median)
 
 
 def _window_text(window: tuple[float, float] | None) -> str:
     return "per-case quantiles" if window is None else f"the fixed window {tuple(window)}"
+
+
+def _dwi_text(factor: float | None) -> str:
+    return "the 99.5 % brain quantile" if factor is None else f"{factor:g} × the brain median"
 
 
 def data_identity(dataset: SliceDataset) -> dict[str, Any]:
@@ -59,6 +69,8 @@ def data_identity(dataset: SliceDataset) -> dict[str, Any]:
                 "n_slices": len(dataset), "augmentation": dataset.summary()["augmentation"]}
     if dataset.adc_window is not None:
         identity["adc_window"] = list(dataset.adc_window)
+    if dataset.dwi_hi_median is not None:  # likewise left out for the default DWI scale
+        identity["dwi_hi_median"] = dataset.dwi_hi_median
     return identity
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ctp2mri.case_slices import adc_window_of
+from ctp2mri.case_slices import normalisation_of
 from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.errors import InputError
 from ctp2mri.models import model_config
@@ -88,7 +88,7 @@ def train_latent_model(info: DistInfo, latent: LatentModel, data: Any, ae_dir: P
     barrier(info)
     # the latent model learns the autoencoder's latents, so it sees the data normalised as the autoencoder did
     dataset = load_dataset(data, profile, settings.seed, progress=progress if info.is_main else None, cancel=cancel,
-                           adc_window=adc_window_of(ae_cfg.get("normalisation")))
+                           **normalisation_of(ae_cfg.get("normalisation")))
     net_config = {**(latent.config or model_config(profile, kind)), **latent.overrides}
     if net_config.get("scale_factor") == "auto":
         # a resumed run keeps the value it measured (a GPU's encode need not repeat bit for bit)

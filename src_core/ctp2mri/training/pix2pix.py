@@ -84,6 +84,7 @@ def train_pix2pix(
     discriminator_config: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    dwi_hi_median: float | None = None,
 ) -> Path:
     """Train (or resume training) the Pix2Pix baseline; the run folder ``out`` is its checkpoint.
 
@@ -109,6 +110,9 @@ def train_pix2pix(
     lesion_oversample
         Draw slices with lesion this many times as often as the others (`ctp2mri.training.sampling`);
         None: uniform, as Pix2Pix.
+    dwi_hi_median
+        DWI's upper bound × the brain median (the DWI anchor, `ctp2mri.case_slices.normalise_case`);
+        None (default): the 99.5 % quantile.
     grad_clip
         Clip each network's gradient norm to this (off by default).
     device, precision, resume, seed, num_workers, checkpoint_every, log_every
@@ -132,19 +136,20 @@ def train_pix2pix(
         return _train(info, data, Path(out), profile, int(steps), int(batch_size), lr, float(lambda_l1), grad_clip,
                       precision, resume, int(seed), int(num_workers), int(checkpoint_every), int(log_every),
                       generator_config, discriminator_config, progress, cancel, adversarial=bool(adversarial),
-                      lesion_oversample=check_lesion_oversample(lesion_oversample))
+                      lesion_oversample=check_lesion_oversample(lesion_oversample), dwi_hi_median=dwi_hi_median)
     finally:
         shutdown(info)
 
 
 def _train(info, data, out, profile, steps, batch_size, lr, lambda_l1, grad_clip, precision, resume, seed,
            num_workers, checkpoint_every, log_every, g_config, d_config, progress, cancel, *, adversarial: bool = True,
-           lesion_oversample: float | None = None) -> Path:
+           lesion_oversample: float | None = None, dwi_hi_median: float | None = None) -> Path:
     dev = info.device
     precision = loop.check_precision(precision, dev)
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     barrier(info)
-    dataset = load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel)
+    dataset = load_dataset(data, profile, seed, progress=progress if info.is_main else None, cancel=cancel,
+                           dwi_hi_median=dwi_hi_median)
     g_config = dict(g_config or model_config(profile, "pix2pix"))
     d_config = dict(d_config or model_config(profile, "pix2pix_discriminator"))
     if d_config["in_channels"] != g_config["in_channels"] + g_config["out_channels"]:

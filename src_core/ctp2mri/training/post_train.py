@@ -36,7 +36,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ctp2mri.bundled import resolve_model
-from ctp2mri.case_slices import adc_window_of
+from ctp2mri.case_slices import normalisation_of
 from ctp2mri.checkpoints import load_checkpoint, read_config
 from ctp2mri.checks import settings_with
 from ctp2mri.diffusion import BrownianBridge, NoiseSchedule
@@ -191,20 +191,20 @@ def post_train(
         shutdown(info)
 
 
-def _dataset(data: Any, profile: str, seed: int, need_lesion: bool, lesions, progress, cancel, adc_window):
+def _dataset(data: Any, profile: str, seed: int, need_lesion: bool, lesions, progress, cancel, normalisation):
     from ctp2mri.data import SliceDataset
 
     if isinstance(data, SliceDataset):
         if lesions:
             raise InputError("lesion masks can only be supplied with a data folder; a SliceDataset brings its own "
                              "(build it with lesions=...)")
-        dataset = load_dataset(data, profile, seed, adc_window=adc_window)
+        dataset = load_dataset(data, profile, seed, **normalisation)
         if need_lesion and dataset.cases_without_lesion:
             raise InputError(f"cases {dataset.cases_without_lesion} have no lesion mask, which the lesion loss "
                              "needs; add lesion.nii.gz (or paint one), or set --lambda-lesion 0")
     else:
         dataset = SliceDataset(data, split="train", profile=profile, seed=seed, require_lesion=need_lesion,
-                               lesions=lesions, progress=progress, cancel=cancel, adc_window=adc_window)
+                               lesions=lesions, progress=progress, cancel=cancel, **normalisation)
     if need_lesion and not bool(dataset.has_lesion.any()):
         raise InputError("the training data hold no lesion voxel, so the lesion loss would always be 0; "
                          "use data with lesion masks, or set --lambda-lesion 0")
@@ -237,14 +237,14 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
         bridge_loss_type = (base_cfg.get("training") or {}).get("loss_type", "l1")
     else:
         schedule = NoiseSchedule.from_config(base_cfg["schedule"]) if "schedule" in base_cfg else NoiseSchedule()
-    adc_window = adc_window_of(base_cfg.get("normalisation"))
+    normalisation = normalisation_of(base_cfg.get("normalisation"))
     # a base without the ADC window is refused before the run folder is made
-    core = core_threshold(adc_window) if opts.lambda_core else None
+    core = core_threshold(normalisation["adc_window"]) if opts.lambda_core else None
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     barrier(info)
-    # the data normalised as the base was trained (its ADC window, or per-case quantiles before it)
+    # the data normalised as the base was trained (its ADC window and DWI bound, or the quantiles before them)
     dataset = _dataset(data, profile, opts.seed, opts.lambda_lesion > 0 or opts.lambda_core > 0, lesions,
-                       progress if info.is_main else None, cancel, adc_window)
+                       progress if info.is_main else None, cancel, normalisation)
     weights, sampling = lesion_sampling(dataset, opts.lesion_oversample, info)
     base_prov = base_cfg.get("provenance") or {}
     lr_value = opts.learning_rate(info.world_size)
