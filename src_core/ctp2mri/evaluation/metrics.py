@@ -10,8 +10,8 @@ Conventions
 * Images are compared in the normalised space of the contract (docs/contracts.md), as the
   model was trained (DWI clipped to the case's 0.5–99.5 % brain quantiles, or to its 0.5 %
   quantile and 1.6 × its brain median for a model with the DWI anchor; ADC on the fixed window)
-  mapped to [−1, 1], times the brain mask. The data range is therefore 2, the default of `psnr` and `ms_ssim`; MAE is in the
-  same units. (Code that maps to [0, 1] instead reports MAE halved and PSNR 6.02 dB lower.)
+  mapped to [−1, 1], times the brain mask. The data range is therefore 2, the default of
+  `psnr` and `ms_ssim`; MAE is in the same units. (Code that maps to [0, 1] instead reports MAE halved and PSNR 6.02 dB lower.)
 * ``x`` is the ground truth, ``y`` the synthetic image; all metrics but lesion MAE (whose
   mask belongs to the ground truth) are symmetric.
 * An empty mask gives NaN — a case without a lesion has no lesion MAE — never a
