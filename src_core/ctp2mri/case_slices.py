@@ -2,10 +2,11 @@
 
 Shared by the training dataset (`ctp2mri.data`), evaluation and synthesis, so that every
 path normalises a case the same way: CTP [0, 200] HU → [−1, 1], DWI clipped to the case's
-0.5–99.5 % brain quantiles → [−1, 1] (or, for a model trained with the DWI anchor, to its 0.5 %
-quantile and ``dwi_hi_median`` × its brain median), ADC clipped to the fixed window ``ADC_WINDOW`` (10⁻⁶
-mm²/s) → [−1, 1] (models trained before that window used the case's quantiles for ADC too:
-``adc_window=None``), all × brain mask; slices laid out ``(H, W) = (X, Y)``.
+0.5–99.5 % brain quantiles → [−1, 1] (or, for a model trained with the DWI anchor, to its
+0.5 % quantile and ``dwi_hi_median`` × its brain median), ADC clipped to the fixed window
+``ADC_WINDOW`` (10⁻⁶ mm²/s) → [−1, 1] (models trained before that window used the case's
+quantiles for ADC too: ``adc_window=None``), all × brain mask; slices laid out
+``(H, W) = (X, Y)``.
 """
 
 from __future__ import annotations
