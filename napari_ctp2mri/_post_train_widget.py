@@ -122,7 +122,14 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
             tooltip="Weight of the core term (not in the paper; 0 = off): 1 − soft Dice between the "
                     "lesion mask and what the synthetic ADC draws under 620 × 10⁻⁶ mm²/s. It holds the "
                     "core that a strong λ lesion over-draws; the bundled post-trained model used 0.3 "
-                    "with λ lesion 4 (its REPORT.md §D9). Needs a base on the fixed ADC window.")
+                    "with λ lesion 4 (its REPORT.md §D9, §D12). Needs a base on the fixed ADC window.")
+        self.case_context = CheckBox(
+            text="case context", value=False,
+            tooltip="Not in the paper: also give the model the lesion burden of the whole case, read by a "
+                    "frozen copy of the base's perfusion encoder, so slices away from a large lesion draw "
+                    "their case's intensity level (ctp2mri.models.case_context). Needs a base with the "
+                    "perfusion encoder's heads (the demo models); a base that has it keeps it anyway. The "
+                    "bundled post-trained model uses it (its REPORT.md §D12).")
         for spin in (self.lambda_image, self.lambda_lesion):
             spin.native.setDecimals(4)
         self.lambda_core.native.setDecimals(2)
@@ -133,7 +140,7 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
             label="Lesion slices", value=1.0, min=1.0, max=64.0, step=1.0,
             tooltip="Draw slices with lesion this many times as often as the others (1 = "
                     "uniform, as the paper). The bundled post-trained model used 8× for 1500 steps "
-                    "(bundled model's REPORT.md §D9).")
+                    "(bundled model's REPORT.md §D9, §D12).")
         self.oversample.native.setDecimals(0)
         self.oversample.native.setSuffix("× as often as the others")
         self.device = ComboBox(label="Device", choices=["auto", *available_devices()], value="auto")
@@ -158,7 +165,8 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
                 _row("DWI, ADC", pickers["dwi"], pickers["adc"]),
                 _row("Brain, lesion", pickers["mask"], pickers["lesion"]),
                 self.model, self.checkpoint,
-                _row("λ image, lesion", self.lambda_image, self.lambda_lesion), self.lambda_core,
+                _row("λ image, lesion", self.lambda_image, self.lambda_lesion),
+                _row("λ core", self.lambda_core, self.case_context),
                 _row("Steps, batch", self.steps, self.batch_size), self.oversample,
                 self.device, self.output, self.resume, self.model_name,
                 _row("Before/after", self.evaluate, self.eval_steps, labels=True),
@@ -241,7 +249,7 @@ class PostTrainWidget(TrainingSetMixin, WorkerWidget):
                          "adds nothing to the lesion term (Eq. 7); paint the lesion first")
         # ctp2mri.training.post_train.PostTrainSettings fields
         settings = {"lambda_image": self.lambda_image.value, "lambda_lesion": self.lambda_lesion.value,
-                    "lambda_core": self.lambda_core.value,
+                    "lambda_core": self.lambda_core.value, "case_context": self.case_context.value,
                     "steps": self.steps.value, "batch_size": self.batch_size.value, "seed": SEED,
                     # 1× is the paper's uniform sampling: no sampler at all, not weights of 1
                     "lesion_oversample": self.oversample.value if self.oversample.value > 1 else None}

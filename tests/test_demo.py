@@ -13,6 +13,7 @@ from ctp2mri import bundled
 from ctp2mri.checkpoints import read_config
 from ctp2mri.cli import main
 from ctp2mri.errors import InputError
+from ctp2mri.models.case_context import CONTEXT_THRESHOLD
 from ctp2mri.recipes.train_demo import RECIPES, train_demo
 
 
@@ -57,6 +58,8 @@ def test_train_demo_smoke_recipe_bundles_evaluates_and_feeds_the_demo(tmp_path, 
     assert post_training["ema_decay"] == rec.pt_ema_decay != rec.ema_decay
     assert (post_training["lambda_image"], post_training["lambda_lesion"]) == (rec.lambda_image, rec.lambda_lesion)
     assert post_training["lambda_core"] == rec.lambda_core > 0  # the core term reached post-training
+    assert rec.pt_case_context and post_training["case_context"] == CONTEXT_THRESHOLD  # and the case context
+    assert read_config(work / "cldm_post_trained")["networks"]["ema"]["config"]["case_context"]["scale"] > 0
     assert read_config(work / "autoencoder")["training"]["lesion_weight"] == rec.ae_lesion_weight
     assert read_config(work / "reference_unet")["training"]["adversarial"] is False
     for name in ("autoencoder", "cldm_base", "cldm_post_trained", "reference_unet"):  # DWI on its quantiles

@@ -176,9 +176,10 @@ def test_cldm_rejects_mismatched_condition(ldm):
 def test_model_config_is_exactly_the_constructor_arguments(profile, kind):
     cfg = model_config(profile, kind)
     cls = NETWORK_TYPES[kind]
-    # every argument, but for the cLDM's non-paper options (condition encoder, parameterization),
-    # which a config states only when it departs from the paper
-    optional = {"condition_encoder", "condition_options", "parameterization"} if kind == "cldm" else set()
+    # every argument, but for the cLDM's non-paper options (condition encoder, parameterization,
+    # case context), which a config states only when it departs from the paper
+    optional = {"condition_encoder", "condition_options", "parameterization", "case_context"} if kind == "cldm" \
+        else set()
     assert set(cfg) == set(inspect.signature(cls).parameters) - optional
     with torch.device("meta"):
         net = build_network(kind, cfg)

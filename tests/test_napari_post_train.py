@@ -43,7 +43,10 @@ PAINTED_SLICES = (15, 16)  # z indices of the sample case that hold lesion and b
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return save_tiny_cldm(tmp_path_factory.mktemp("post_train_widget") / "base")
+    # the demo models' condition encoder, with the lesion head the case context reads
+    return save_tiny_cldm(tmp_path_factory.mktemp("post_train_widget") / "base", condition_encoder="perfusion",
+                          condition_options={"out_channels": 8, "hidden_channels": 8, "down_channels": 8,
+                                             "sigmas": [1.0], "latent_channels": 3})
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +102,7 @@ def test_post_train_on_a_painted_lesion_registers_a_loadable_model(make_napari_v
     widget.pickers["lesion"].value = painted
     widget.model_name.value = "my post-trained model"
     widget.lambda_core.value = 0.2  # the core term beside the paper's λs
+    widget.case_context.value = True
     # as a user's set-up time: the widget's one-off imports end and it is drawn once
     qtbot.waitUntil(lambda: not widget.prefetching, timeout=WAIT_MS)
     qtbot.wait(50)
@@ -153,6 +157,8 @@ def test_post_train_on_a_painted_lesion_registers_a_loadable_model(make_napari_v
     assert config["post_training"]["lambda_image"] == 0.01
     assert config["post_training"]["lambda_lesion"] == 0.02
     assert config["post_training"]["lambda_core"] == pytest.approx(0.2)
+    assert set(config["post_training"]["case_contexts"]) == {"viewer-CTP"}
+    assert nets["ema"].takes_context and nets["model"].takes_context
     assert config["training"]["lesion_oversample"] is None  # 1×: the paper's uniform draw
     assert config["training"]["steps"] == STEPS and config["training"]["batch_size"] == 2
     assert config["training"]["data"]["cases"] == ["viewer-CTP"]

@@ -36,7 +36,8 @@ def _denoiser_flops(model: Any, height: int, width: int) -> int | None:
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             c = model.cldm.encode_condition(torch.zeros((1, model.cldm.condition_channels, height, width),
-                                                        device=model.device))
+                                                        device=model.device),
+                                            0.0 if model.cldm.takes_context else None)
             t = torch.full((1,), 500, device=model.device)
             model.cldm.predict_noise(torch.zeros((1, *latent), device=model.device), t, c,
                                      model.schedule.alphas_cumprod[t])

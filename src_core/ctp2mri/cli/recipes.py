@@ -140,10 +140,12 @@ def add_recipes(sub: argparse._SubParsersAction) -> None:
                        "prints one torchrun command per stage (docs/real-data.md).")
     t.add_argument("--out", type=Path, help="work folder (data, runs, evaluation); required unless --plan")
     t.add_argument("--bundle", type=Path, help="copy the shippable weights here (e.g. resources/models/demo)")
-    t.add_argument("--recipe", choices=["demo", "demo-v7", "demo-v6", "demo-v5", "demo-dwi-anchor", "demo-paper",
+    t.add_argument("--recipe", choices=["demo", "demo-v8", "demo-v7", "demo-v6", "demo-v5", "demo-dwi-anchor",
+                                        "demo-paper",
                                         "demo-v3", "demo-v2", "smoke", "paper", "paper-smoke"],
                    default="demo",
-                   help="demo (the bundled models' recipe, v8), demo-v7 / demo-v6 / demo-v5 (the previous bundles'), "
+                   help="demo (the bundled models' recipe, v9), demo-v8 / demo-v7 / demo-v6 / demo-v5 (the previous "
+                   "bundles'), "
                    "demo-dwi-anchor (v8's with DWI scaled to normal tissue, REPORT.md §D10), "
                    "demo-paper (v4's data and steps with the paper's condition and objective), demo-v3 / "
                    "demo-v2 (earlier bundles), smoke (seconds, useless models); paper (your --data, the paper's "

@@ -99,8 +99,8 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
         target=args.target, latent_objective=args.latent_objective, init=args.init, steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr, grad_accum=args.grad_accum, ema_decay=args.ema_decay, lesion_oversample=args.lesion_oversample,
-        gradient_checkpointing=args.gradient_checkpointing, precision=args.precision, seed=args.seed,
-        num_workers=args.num_workers, checkpoint_every=args.checkpoint_every)
+        gradient_checkpointing=args.gradient_checkpointing, case_context=args.case_context, precision=args.precision,
+        seed=args.seed, num_workers=args.num_workers, checkpoint_every=args.checkpoint_every)
     if args.compare:
         return _post_train_and_compare(args, settings)
     progress, close = _rank0_progress("post-train")
@@ -249,6 +249,10 @@ def add_training(sub: argparse._SubParsersAction) -> None:
                     help="λ_core of the core term, not in the paper (default 0: off): 1 − soft Dice between "
                          "the lesion mask and what the estimate's ADC draws under 620 × 10⁻⁶ mm²/s; holds "
                          "the core that a strong λ_lesion over-draws (the demo recipe: 0.3)")
+    pt.add_argument("--case-context", action="store_true",
+                    help="not in the paper: also give the network the lesion burden of the whole case, read by "
+                         "a frozen copy of the base's perfusion encoder, so slices away from a large lesion draw "
+                         "their case's intensity level (needs a base with the perfusion encoder's heads)")
     pt.add_argument("--target", choices=["input", "reconstruction"], default="input",
                     help="x as the paper writes it (input) or D(z0) as the official code does")
     _lesion_oversample_argument(pt)

@@ -25,6 +25,7 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from ctp2mri.errors import InputError
+from ctp2mri.models.case_context import burden_value, lesion_burden
 from ctp2mri.models.conditioning import CONDITION_ENCODERS, PerfusionEncoder, build_condition_encoder
 
 PARAMETERIZATIONS = ("eps", "z0-residual")
@@ -73,6 +74,12 @@ class ConditionalLDM(nn.Module):
         schedule's ᾱ_t, which the caller passes (`predict_noise`). The zero-initialised output
         convolution makes an untrained model sample the encoder's estimate, lesion included;
         training refines the detail the estimate lacks.
+    case_context
+        None (the paper; every model before it): slices only. ``{"threshold", "scale", "encoder"}``: the
+        UNet also sees the case context (`ctp2mri.models.case_context`), the lesion burden of
+        the whole case read by a frozen `PerfusionEncoder` (``encoder``: its constructor
+        arguments, weights under ``context_encoder.``), as one more constant input channel.
+        Added by post-training (`ctp2mri.models.case_context.add_case_context`).
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class ConditionalLDM(nn.Module):
         condition_encoder: str = "rescaler",
         condition_options: dict | None = None,
         parameterization: str = "eps",
+        case_context: dict | None = None,
     ) -> None:
         super().__init__()
         self.config = json.loads(
@@ -110,6 +118,7 @@ class ConditionalLDM(nn.Module):
                     **({} if condition_encoder == "rescaler" else
                        dict(condition_encoder=condition_encoder, condition_options=dict(condition_options or {}))),
                     **({} if parameterization == "eps" else dict(parameterization=parameterization)),
+                    **({} if case_context is None else dict(case_context=dict(case_context))),
                 )
             )
         )
@@ -138,9 +147,16 @@ class ConditionalLDM(nn.Module):
         if parameterization != "eps" and not self.has_condition_head:
             raise InputError("the z0-residual parameterization refines the perfusion encoder's own estimate; it needs "
                              "the perfusion encoder with heads (condition_options latent_channels > 0)")
+        self.case_context = None if case_context is None else dict(case_context)
+        if self.case_context is not None:
+            if condition_encoder != "perfusion" or not self.has_condition_head:
+                raise InputError("the case context is read by the perfusion encoder's lesion head; it needs "
+                                 "condition_encoder 'perfusion' with heads (condition_options latent_channels > 0)")
+            # frozen: the context a model is trained with must be the one it is used with
+            self.context_encoder = PerfusionEncoder(**self.case_context["encoder"]).requires_grad_(False)
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
-            in_channels=latent_channels + encoder.out_channels,
+            in_channels=latent_channels + encoder.out_channels + (self.case_context is not None),
             out_channels=latent_channels,
             num_res_blocks=num_res_blocks,
             channels=list(channels),
@@ -150,8 +166,12 @@ class ConditionalLDM(nn.Module):
             use_flash_attention=use_flash_attention,
         )
 
-    def encode_condition(self, c: torch.Tensor) -> torch.Tensor:
-        """c̃ = F(c) for a CTP batch (B, 15, H, W); compute once per DDIM run and reuse."""
+    def encode_condition(self, c: torch.Tensor, context: torch.Tensor | float | None = None) -> torch.Tensor:
+        """c̃ = F(c) for a CTP batch (B, 15, H, W); compute once per DDIM run and reuse.
+
+        A model with the case context (`takes_context`) needs ``context``, a number or one per
+        row (`case_context`), appended to c̃ as a constant channel; others refuse one.
+        """
         if c.ndim != 4 or c.shape[1] != self.condition_channels:
             raise InputError(
                 "the CTP condition must be shaped "
@@ -159,7 +179,37 @@ class ConditionalLDM(nn.Module):
                 f"Resample the perfusion series to {self.condition_channels} time points "
                 "(ctp2mri preprocess)."
             )
-        return self.encoder(c)
+        c_tilde = self.encoder(c)
+        if self.case_context is None:
+            if context is not None:
+                raise InputError("this cLDM does not take a case context (it was not post-trained with one)")
+            return c_tilde
+        if context is None:
+            raise InputError("this cLDM takes the case context: pass the lesion burden of the whole case "
+                             "(ConditionalLDM.case_context_of on all of the case's slices)")
+        value = torch.as_tensor(context, dtype=c_tilde.dtype, device=c_tilde.device).reshape(-1)
+        if value.numel() == 1:
+            value = value.expand(c_tilde.shape[0])
+        if value.numel() != c_tilde.shape[0] or not bool(torch.isfinite(value).all()):
+            raise InputError(f"the case context must be one finite number, or one per row ({c_tilde.shape[0]}); "
+                             f"got {value.numel()} value(s)")
+        # a context model saved without a scale (REPORT.md §D12's first probe) reads it at 1
+        value = value * float(self.case_context.get("scale", 1.0))
+        plane = value.reshape(-1, 1, 1, 1).expand(-1, 1, *c_tilde.shape[-2:])
+        return torch.cat([c_tilde, plane], dim=1)
+
+    @property
+    def takes_context(self) -> bool:
+        """Whether the network needs the case context (`ctp2mri.models.case_context`)."""
+        return self.case_context is not None
+
+    def case_context_of(self, cond: torch.Tensor, batch_size: int = 16) -> float:
+        """The case context for all of one case's normalised CTP slices (n, 15, H, W):
+        ``burden_value`` of the context encoder's `lesion_burden` (needs `takes_context`)."""
+        if self.case_context is None:
+            raise InputError("this cLDM does not take a case context")
+        fraction = lesion_burden(self.context_encoder, cond, float(self.case_context["threshold"]), batch_size)
+        return float(burden_value(fraction))
 
     @property
     def encoder(self) -> nn.Module:
@@ -210,13 +260,15 @@ class ConditionalLDM(nn.Module):
         return (z_t - a.sqrt() * z0_hat) / (1.0 - a).sqrt()
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor, with_condition_latent: bool = False,
-                alphas_cumprod_t: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """ε̂ for noisy latents z_t (B, 3, h, w), steps t (B,), raw CTP slices c (B, 15, 4h, 4w).
+                alphas_cumprod_t: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """ε̂ for noisy latents z_t (B, 3, h, w), steps t (B,), raw CTP slices c (B, 15, 4h, 4w)
+        and, for a model with the case context, each row's ``context`` (B,).
 
         With ``with_condition_latent``, also the condition heads' ẑ_0 and lesion logit (what the
         auxiliary condition loss scores; one forward, so DDP sees every parameter used).
         """
-        c_tilde = self.encode_condition(c)
+        c_tilde = self.encode_condition(c, context)
         eps_hat = self.predict_noise(z_t, t, c_tilde, alphas_cumprod_t)
         if not with_condition_latent:
             return eps_hat

@@ -22,7 +22,8 @@ it, and says so in the model card:
 - the demo recipe's post-training λs are 50× / 200× the paper's (λ_image 0.5, λ_lesion 4.0):
   its base objective holds the condition loss, against which the paper's λs hardly move the
   lesion (REPORT.md §D6, §D7); it adds the core term (λ_core 0.3, not in the paper), which holds
-  the core that so strong a lesion term over-draws (REPORT.md §D9).
+  the core that so strong a lesion term over-draws (REPORT.md §D9), and the case context (not in
+  the paper), which tells every slice its case's lesion burden (REPORT.md §D12).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class DemoRecipe:
     lambda_image: float = LAMBDA_IMAGE
     lambda_lesion: float = LAMBDA_LESION
     lambda_core: float = 0.0  # post-training's core term, not in the paper (0: off)
+    pt_case_context: bool = False  # post-training adds the case context (`ctp2mri.models.case_context`)
     target: str = "input"
     pt_lesion_oversample: float | None = 8.0
     reference_steps: int = 0  # the L1 U-Net reference regressor (0: none)
@@ -111,12 +113,17 @@ V7_LEVERS = dict(V6_LEVERS, lambda_image=0.5)
 #: that Eq. 7 over-draws, so λ_lesion can rise to 4.0, and post-training runs 1500 steps, in
 #: the time v7's recipe left over (core Dice ≥ 5 ml, tuning set 0.49 → 0.58, held-out 0.42 → 0.52).
 V8_LEVERS = dict(V7_LEVERS, lambda_lesion=4.0, lambda_core=0.3, pt_steps=1500)
+#: v9 (REPORT.md §D12): post-training adds the case context (`ctp2mri.models.case_context`), so
+#: slices away from a large lesion draw their case's DWI level (held-out rDWI 1.17 → 1.20).
+V9_LEVERS = dict(V8_LEVERS, pt_case_context=True)
 
 RECIPES: dict[str, DemoRecipe] = {
-    # what resources/models/demo (v8) was trained with (REPORT.md §D9, the times in recipe.json):
+    # what resources/models/demo (v9) was trained with (REPORT.md §D12, the times in recipe.json):
     # phantom 2.0, the v3 data and sampling, the levers above; the reference U-Net trains in a
     # second process beside the base cLDM, one thread each, for a quarter of v6's steps.
-    "demo": DemoRecipe(ldm_steps=3000, reference_steps=2000, **V8_LEVERS),
+    "demo": DemoRecipe(ldm_steps=3000, reference_steps=2000, **V9_LEVERS),
+    # v8 (REPORT.md §D9 history): the same without the case context
+    "demo-v8": DemoRecipe(ldm_steps=3000, reference_steps=2000, **V8_LEVERS),
     # v8's recipe with DWI anchored on normal tissue (`ctp2mri.settings.DWI_HI_MEDIAN`) at every
     # stage: measured and not bundled (REPORT.md §D10: held-out core Dice ≥ 5 ml 0.44, rDWI 0.16 low)
     "demo-dwi-anchor": DemoRecipe(ldm_steps=3000, reference_steps=2000, **V8_LEVERS, dwi_hi_median=DWI_HI_MEDIAN),
@@ -140,7 +147,7 @@ RECIPES: dict[str, DemoRecipe] = {
     # seconds: exercises the whole pipeline (tests, a smoke run); the models are useless.
     "smoke": DemoRecipe(cases=5, ae_steps=3, ae_batch=2, codebook_restart=2, ldm_steps=3, ldm_batch=2,
                         pt_batch=2, eval_steps=2, reference_steps=2, reference_batch=2,
-                        **{**V8_LEVERS, "pt_steps": 2}),
+                        **{**V9_LEVERS, "pt_steps": 2}),
 }
 
 
@@ -298,7 +305,7 @@ def train_demo(out: str | os.PathLike, recipe: str | DemoRecipe = "demo", bundle
         batch_size=rec.pt_batch, lr=rec.pt_lr,
         ema_decay=rec.ema_decay if rec.pt_ema_decay is None else rec.pt_ema_decay,
         lesion_oversample=rec.pt_lesion_oversample, seed=rec.seed, checkpoint_every=max(1, rec.pt_steps // 3),
-        num_workers=0)
+        num_workers=0, case_context=getattr(rec, "pt_case_context", False))
     reference = None
     if rec.reference_steps:
         ref_run = out / BUNDLE_NAMES["reference"]

@@ -97,7 +97,7 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
                   progress: ProgressCallback | None = None,
                   cancel: CancelToken | None = None, *, sampler: str | None = None,
                   samples: int = 1, precision: str = "fp32",
-                  stats: dict[str, Any] | None = None) -> torch.Tensor:
+                  stats: dict[str, Any] | None = None, context: float | None = None) -> torch.Tensor:
     """Synthesise normalised (DWI, ADC) slices from normalised CTP slices.
 
     Parameters
@@ -106,7 +106,9 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
         From `load_model`: a cLDM, a cBBDM or a Pix2Pix generator.
     cond
         (B, 15, H, W) CTP slices normalised per the contract ([−1, 1], 0 outside the brain)
-        on the model's grid.
+        on the model's grid. For a cLDM with the case context (`ConditionalLDM.takes_context`)
+        these are all of one case's slices, from which the context is read, unless ``context``
+        gives it.
     n_steps, eta
         Sampler steps (DDIM: 200 in the paper; DPM-Solver++(2M): ~20; BBDM: 200) and the
         stochasticity η (DDIM's and the bridge's; 0: deterministic). DPM-Solver++ is
@@ -143,7 +145,11 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
         condition rescaler and the decoder stay float32.
     stats
         If given, filled with ``batch_size`` (the one finally used), ``oom_retries`` and
-        ``network_calls`` (denoiser evaluations, each on one batch).
+        ``network_calls`` (denoiser evaluations, each on one batch), and, for a model with the
+        case context, ``context`` (the value used).
+    context
+        The case context of a cLDM that takes it (`ctp2mri.models.case_context`), when ``cond``
+        is not the whole case; ignored by other models. None: read from ``cond``.
 
     Returns
     -------
@@ -235,8 +241,15 @@ def sample_slices(model: AnyLoadedModel, cond: torch.Tensor | np.ndarray, n_step
             with autocast():
                 return model.cldm.predict_noise(z, t, c_tilde, model.schedule.alphas_cumprod[t]).float()
 
+        if not model.cldm.takes_context:
+            context = None
+        elif context is None:
+            context = model.cldm.case_context_of(c_all, batch_size)  # the whole case, once
+        if context is not None:
+            info["context"] = float(context)
+
         def run_batch(batch, report):
-            c_tilde = model.cldm.encode_condition(condition(batch))  # once per batch, every step reuses it
+            c_tilde = model.cldm.encode_condition(condition(batch), context)  # once per batch, every step reuses it
             generators = row_generators([(ids[i], k) for i, k in batch], seed)
             x_t = initial_noise(generators, latent).to(dev)
             if sampler == "ddim":

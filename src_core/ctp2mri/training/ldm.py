@@ -168,8 +168,11 @@ def objective_terms(model_train: torch.nn.Module, schedule: NoiseSchedule, z0: t
     lesion_weight = float(objective.get("lesion_latent_weight") or 0.0)
     c = batch["cond"].to(dev, non_blocking=True)
     a_t = schedule.alphas_cumprod[t]
+    # each row's case context (`ctp2mri.training.case_context.with_context`), for a model that takes it
+    context = batch.get("context")
+    extra = {} if context is None else {"context": context.to(dev, non_blocking=True)}
     with loop.autocast(precision, dev):
-        out = model_train(z_t, t, c, with_condition_latent=bool(weight), alphas_cumprod_t=a_t)
+        out = model_train(z_t, t, c, with_condition_latent=bool(weight), alphas_cumprod_t=a_t, **extra)
     eps_hat, z0_c, lesion_logit = out if weight else (out, None, None)
     snr_weights = None if gamma is None else min_snr_weights(a_t, gamma)
     loss = latent_loss(eps, eps_hat) if gamma is None else weighted_latent_loss(eps, eps_hat, snr_weights)  # Eq. 4

@@ -42,11 +42,13 @@ from ctp2mri.checks import settings_with
 from ctp2mri.diffusion import BrownianBridge, NoiseSchedule
 from ctp2mri.errors import InputError
 from ctp2mri.io.volume import Volume
+from ctp2mri.models.case_context import add_case_context
 from ctp2mri.progress import CancelToken, ProgressCallback
 from ctp2mri.settings import LAMBDA_IMAGE, LAMBDA_LESION
 from ctp2mri.training import loop
 from ctp2mri.training.batches import BatchStream, data_identity, load_dataset
 from ctp2mri.training.bbdm import bridge_post_training_loss
+from ctp2mri.training.case_context import case_contexts, with_context
 from ctp2mri.training.distributed import barrier, init_distributed, shutdown
 from ctp2mri.training.ema import EMA
 from ctp2mri.training.image_terms import TARGETS, add_image_terms, core_for, core_threshold, image_space_terms
@@ -86,6 +88,7 @@ class PostTrainSettings(RunSettings):
     latent_objective: str = "base"
     init: str = "model"
     gradient_checkpointing: bool = False
+    case_context: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,7 +105,7 @@ class PostTrainSettings(RunSettings):
                 raise InputError(f"--{name} must be a finite number ≥ 0, got {value}")
         self._normalise(lambda_image=float(self.lambda_image), lambda_lesion=float(self.lambda_lesion),
                         lambda_core=float(self.lambda_core),
-                        gradient_checkpointing=bool(self.gradient_checkpointing))
+                        gradient_checkpointing=bool(self.gradient_checkpointing), case_context=bool(self.case_context))
 
 
 def post_train(
@@ -158,6 +161,12 @@ def post_train(
     gradient_checkpointing
         Recompute the decoder's activations in the backward pass instead of storing them
         (less memory, one more decoder forward per step).
+    case_context
+        Give the network the case context (`ctp2mri.models.case_context`, not in the paper):
+        the lesion burden of the whole case, read by a frozen copy of the base's perfusion
+        encoder, as one more input channel, so that slices that do not show a large lesion can
+        still draw their case's intensity level. Needs a cLDM with the perfusion encoder's heads;
+        a base that takes the context already keeps it either way.
     init
         Start the trained weights from the base's ``"model"`` (as the official code's
         ``ckpt_path``) or its ``"ema"`` weights; the new EMA starts from the base's EMA. A
@@ -277,6 +286,17 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
         if objective.get("condition_loss_weight") and not nets[init].has_condition_head:
             raise InputError(f"{base_dir} was trained with a condition loss but its network has no condition head")
 
+    contexts: dict[str, float] | None = None
+    if opts.case_context or getattr(nets[init], "takes_context", False):
+        if kind != "cldm":
+            raise InputError("the case context is a cLDM's (read by its perfusion encoder); this base is a cBBDM")
+        if not nets[init].takes_context:
+            # one frozen copy of the base's EMA encoder (what its synthesis used) for both networks
+            source = nets["ema"].encoder
+            nets.update({n: add_case_context(nets[n], encoder=source) for n in {init, "ema"}})
+        contexts = case_contexts(nets["ema"], dataset)
+        settings.update({"case_context": nets[init].case_context["threshold"], kind: nets[init].config})
+
     seed_everything(opts.seed)
     model = nets[init].to(dev)
     ema = EMA(model, opts.ema_decay)
@@ -307,6 +327,7 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
         **({"lambda_core": opts.lambda_core} if opts.lambda_core else {}),
         "sampling": sampling, "gradient_checkpointing": opts.gradient_checkpointing,
         "post_training_data_normalisation": dataset.intensity_ranges(),
+        **({} if contexts is None else {"case_contexts": contexts}),
     }
 
     def save(step: int) -> None:
@@ -322,6 +343,8 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
                  rng_snapshot(generator))
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        if contexts is not None:
+            batch = with_context(batch, contexts)
         if kind == "cbbdm":
             return bridge_post_training_loss(model_train, autoencoder, schedule, batch, generator, opts.lambda_image,
                                              opts.lambda_lesion, opts.target, precision, opts.gradient_checkpointing,
