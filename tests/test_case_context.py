@@ -222,6 +222,7 @@ def test_post_training_adds_the_context_and_synthesis_reads_it_from_the_whole_ca
                       **COMMON)
     with pytest.raises(InputError, match="perfusion encoder"):
         post_train(plain, paper, tmp_path / "bad", steps=1, batch_size=4, case_context=True, **COMMON)
+    assert not (tmp_path / "bad").exists()  # refused before the run folder is made
 
 
 def test_the_demo_recipe_is_v8s_with_the_context():

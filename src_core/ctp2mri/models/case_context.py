@@ -23,7 +23,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ctp2mri.errors import InputError
 
@@ -53,9 +52,9 @@ def lesion_burden(encoder: torch.nn.Module, cond: torch.Tensor, threshold: float
     """Fraction of the brain where ``encoder``'s lesion head gives p > ``threshold``.
 
     ``cond``: (n, T, H, W) normalised CTP slices of **one whole case**, 0 outside the brain
-    (a subset of its slices gives another number). The head's logit is upsampled bilinearly to
-    the slice grid, as `ctp2mri.synthesis.lesion_head.lesion_probability` does. 0 for a case
-    without brain voxels.
+    (a subset of its slices gives another number), on the slice grid
+    (`PerfusionEncoder.lesion_probability`, as synthesis' lesion map). 0 for a case without
+    brain voxels.
     """
     if cond.ndim != 4:
         raise InputError(f"the case context needs a case's CTP slices shaped (slices, frames, H, W); "
@@ -65,8 +64,7 @@ def lesion_burden(encoder: torch.nn.Module, cond: torch.Tensor, threshold: float
     with torch.no_grad():
         for start in range(0, int(cond.shape[0]), max(1, int(batch_size))):
             c = cond[start:start + batch_size].to(device=device, dtype=torch.float32)
-            _, logit = encoder.heads(encoder(c))
-            p = torch.sigmoid(F.interpolate(logit.float(), size=c.shape[-2:], mode="bilinear", align_corners=False))
+            p = encoder.lesion_probability(c)
             inside = (c != 0).any(dim=1, keepdim=True)
             hits += float(((p > threshold) & inside).sum())
             brain += float(inside.sum())

@@ -203,6 +203,12 @@ class PerfusionEncoder(nn.Module):
             return h
         return torch.cat([h, self.condition_head(h), self.lesion_head(h)], dim=1)
 
+    def lesion_probability(self, c: torch.Tensor) -> torch.Tensor:
+        """The lesion head's probability for a CTP batch (B, in_channels, H, W), upsampled
+        bilinearly from the latent grid to the slice grid: (B, 1, H, W), float32."""
+        _, logit = self.heads(self(c))
+        return torch.sigmoid(F.interpolate(logit.float(), size=c.shape[-2:], mode="bilinear", align_corners=False))
+
     def heads(self, c_tilde: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ẑ_0, lesion logit) read from a c̃ that this encoder made; needs ``latent_channels > 0``."""
         if self.condition_head is None:

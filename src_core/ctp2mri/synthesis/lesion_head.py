@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ctp2mri.progress import CancelToken
 
@@ -52,7 +51,5 @@ def lesion_probability(model: Any, cond: torch.Tensor, batch_size: int = 16,
             if cancel is not None:
                 cancel.raise_if_cancelled()
             c = cond[start:start + batch_size].to(device=device, dtype=torch.float32)
-            _, logit = encoder.heads(encoder(c))
-            prob = torch.sigmoid(F.interpolate(logit.float(), size=c.shape[-2:], mode="bilinear", align_corners=False))
-            out.append(prob[:, 0].cpu().numpy())
+            out.append(encoder.lesion_probability(c)[:, 0].cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, *cond.shape[-2:]), np.float32)

@@ -249,6 +249,13 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
     normalisation = normalisation_of(base_cfg.get("normalisation"))
     # a base without the ADC window is refused before the run folder is made
     core = core_threshold(normalisation["adc_window"]) if opts.lambda_core else None
+    if opts.case_context and not getattr(nets[init], "takes_context", False):
+        # refused, like the above, before the run folder is made
+        if kind != "cldm":
+            raise InputError("the case context is a cLDM's (read by its perfusion encoder); this base is a cBBDM")
+        # one frozen copy of the base's EMA encoder (what its synthesis used) for both networks
+        source = nets["ema"].encoder
+        nets.update({n: add_case_context(nets[n], encoder=source) for n in {init, "ema"}})
     out = loop.prepare_out_dir(out, resume) if info.is_main else out
     barrier(info)
     # the data normalised as the base was trained (its ADC window and DWI bound, or the quantiles before them)
@@ -287,15 +294,9 @@ def _post_train(info: Any, data: Any, base_dir: Path, out: Path, opts: PostTrain
             raise InputError(f"{base_dir} was trained with a condition loss but its network has no condition head")
 
     contexts: dict[str, float] | None = None
-    if opts.case_context or getattr(nets[init], "takes_context", False):
-        if kind != "cldm":
-            raise InputError("the case context is a cLDM's (read by its perfusion encoder); this base is a cBBDM")
-        if not nets[init].takes_context:
-            # one frozen copy of the base's EMA encoder (what its synthesis used) for both networks
-            source = nets["ema"].encoder
-            nets.update({n: add_case_context(nets[n], encoder=source) for n in {init, "ema"}})
+    if getattr(nets[init], "takes_context", False):
         contexts = case_contexts(nets["ema"], dataset)
-        settings.update({"case_context": nets[init].case_context["threshold"], kind: nets[init].config})
+        settings["case_context"] = nets[init].case_context["threshold"]
 
     seed_everything(opts.seed)
     model = nets[init].to(dev)
